@@ -1,0 +1,113 @@
+"""LoRA adapters: the LoraConfig builder, the target-module check, and checks that an adapter fits its base.
+
+Phi-2's layers were renamed in transformers (`Wqkv`/`out_proj` -> `q_proj,k_proj,v_proj,dense`); recipes with the
+old names silently trained nothing, so a target that matches no linear layer is an error listing the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+
+from config import LoraSettings
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"
+
+
+class AdapterError(ValueError):
+    """The adapter folder is missing, unsafe, or does not fit the base model."""
+
+
+def build_lora_config(cfg: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias=cfg.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the linear layers an adapter can target (bitsandbytes layers subclass nn.Linear)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
+    return sorted(names)
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    available = linear_layer_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise AdapterError(
+            f"lora.target_modules {missing} match no linear layer of this model. Its linear layers are: "
+            f"{', '.join(available)} (Phi-2 in transformers: q_proj, k_proj, v_proj, dense, fc1, fc2; the old "
+            "remote-code names Wqkv/out_proj no longer exist)")
+
+
+def log_trainable_parameters(model) -> tuple[int, int]:
+    """Logs and returns (trainable, total); peft counts 4-bit packed weights at their real size."""
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return trainable, total
+
+
+def read_adapter_config(adapter_dir: str | Path, allow_pickle: bool = False) -> dict:
+    """The adapter's config, after checking the folder holds safetensors weights (pickle only when allowed)."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise AdapterError(f"no adapter at {str(path)!r}: train one with `python train.py --config <your config>` "
+                           "(it writes <training.output_dir>/final), or pass --inference.adapter <folder>")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"{path} has no {ADAPTER_CONFIG}: it is not a peft adapter folder "
+                           "(point --inference.adapter at <training.output_dir>/final or a checkpoint-<step>)")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        if (path / PICKLE_WEIGHTS).is_file() and not allow_pickle:
+            raise AdapterError(f"{path} holds only {PICKLE_WEIGHTS} (pickle, which can run code when loaded). "
+                               "Convert it to safetensors, or pass --allow-pickle if you trust its source")
+        if not (path / PICKLE_WEIGHTS).is_file():
+            raise AdapterError(f"{path} has no {ADAPTER_WEIGHTS}: the adapter was not saved completely")
+    return json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+
+
+def _same_base(a: str, b: str) -> bool:
+    """Hub id vs a local copy of it: compare the last path component (phi-2 == /models/phi-2)."""
+    return Path(a.rstrip("/")).name.lower() == Path(b.rstrip("/")).name.lower()
+
+
+def check_adapter_fits(adapter_dir: str | Path, base_name: str, model: torch.nn.Module,
+                       adapter_config: dict) -> None:
+    """Fail naming both sides when the adapter was trained on another base or its shapes do not fit."""
+    trained_on = adapter_config.get("base_model_name_or_path") or "?"
+    if trained_on != "?" and not _same_base(trained_on, base_name):
+        raise AdapterError(f"the adapter in {adapter_dir} was trained on {trained_on!r} but the base model is "
+                           f"{base_name!r}; load it with --model.name_or_path {trained_on}")
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            module = modules.get(name)
+            shape = f.get_slice(key).get_shape()
+            if module is None or not hasattr(module, "in_features"):
+                raise AdapterError(f"the adapter in {adapter_dir} (trained on {trained_on!r}) has weights for "
+                                   f"{name!r}, which the base {base_name!r} does not have")
+            want = module.in_features if ".lora_A." in key else module.out_features
+            got = shape[1] if ".lora_A." in key else shape[0]
+            if want != got:
+                raise AdapterError(f"the adapter in {adapter_dir} (trained on {trained_on!r}) does not fit the base "
+                                   f"{base_name!r}: {name} has {got} features in the adapter but {want} in the base")

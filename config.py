@@ -1,0 +1,395 @@
+"""Typed configuration for every entry point: YAML file + command-line overrides, validated all at once.
+
+    python train.py --config configs/phi2-oasst1.yaml --lora.r 32 --training.learning_rate 1e-4
+    python train.py --help          # every key, its default and what it trades off
+
+One dataclass per concern; each entry point asks only for the sections it needs and hands each function only its
+own section. Precedence: dataclass default < YAML file < command line. Unknown keys (in the file or on the command
+line) are errors, and `validate` collects every problem before raising once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line documentation (shown by --help and in docs/CONFIG.md)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc("microsoft/phi-2", "Hub id or local folder of the base model")
+    revision: str | None = doc(None, "Hub commit/tag to pin the base model to (reproducible runs); None = main")
+    tokenizer: str | None = doc(None, "Hub id or folder of the tokenizer; None = same as the model")
+    trust_remote_code: bool = doc(False, "run model code shipped with the checkpoint (Phi-2 is native: keep off)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc(
+        "auto", "compute dtype; auto = bf16 on GPUs that have it, fp32 on older GPUs and the CPU")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = doc(
+        "auto", "attention kernel; auto = flex_attention when packing on a bf16 GPU, else sdpa")
+
+
+@dataclass
+class QuantizationConfig:
+    mode: Literal["nf4", "fp4", "int8", "none"] = doc(
+        "nf4", "base weight storage: nf4 (QLoRA), fp4, int8, or none (plain LoRA, ~4x the weight memory)")
+    double_quant: bool = doc(True, "quantize the 4-bit scales too: ~0.4 bit/param less memory, slightly slower")
+    storage: Literal["uint8", "compute"] = doc(
+        "uint8", "dtype the packed 4-bit weights are stored in; 'compute' (= the compute dtype) lets FSDP shard them")
+
+
+@dataclass
+class LoraSettings:
+    r: int = doc(64, "adapter rank; higher learns more and costs memory linearly")
+    alpha: int = doc(16, "scaling numerator (effective scale alpha/r)")
+    dropout: float = doc(0.05, "dropout on the adapter input; 0 is faster and lets kernels fuse")
+    target_modules: list[str] = doc(
+        ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], "linear layers that get adapters (Phi-2 names)")
+    bias: Literal["none", "all", "lora_only"] = doc("none", "which biases to train")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = doc("OpenAssistant/oasst1", "Hub dataset id, or a local file/folder (parquet, jsonl, json, csv)")
+    revision: str | None = doc(None, "Hub commit/tag of the dataset")
+    languages: list[str] = doc([], "keep only these oasst1 `lang` codes; empty = all languages")
+    validation_fraction: float = doc(
+        0.05, "share of conversations held out when the data has no validation split (split by tree)")
+    max_length: int = doc(2048, "tokens per training sequence (Phi-2's context is 2048)")
+    max_train_conversations: int | None = doc(None, "cap on training conversations (quick experiments); None = all")
+    max_eval_conversations: int | None = doc(None, "cap on validation conversations; None = all")
+    seed: int = doc(42, "seed of the tree-level train/validation split")
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = doc("model", "checkpoints go to <output_dir>/checkpoint-<step>, the adapter to <output_dir>/final")
+    num_train_epochs: float = doc(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = doc(-1, "stop after this many optimizer steps; -1 = use num_train_epochs")
+    per_device_train_batch_size: int = doc(4, "sequences per micro-batch per GPU; bigger is faster until memory runs out")
+    per_device_eval_batch_size: int = doc(8, "sequences per evaluation batch")
+    gradient_accumulation_steps: int = doc(4, "micro-batches per optimizer step (effective batch = micro x accum x GPUs)")
+    learning_rate: float = doc(2e-4, "peak learning rate of the adapters")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = doc(
+        "cosine", "learning-rate schedule after warm-up")
+    warmup_ratio: float = doc(0.03, "fraction of the steps spent warming up the learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay on the adapters")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm (0 disables)")
+    optim: str = doc("auto", "optimizer name from transformers; auto = paged_adamw_8bit on GPU, adamw_torch on CPU")
+    gradient_checkpointing: bool = doc(True, "recompute activations in backward: ~30% slower, far less memory")
+    packing: bool = doc(True, "pack conversations into full sequences (no padding, no cross-attention between them)")
+    torch_compile: bool = doc(False, "compile the model (faster steps on GPU after a slow first step)")
+    logging_steps: int = doc(10, "optimizer steps between log lines")
+    eval_steps: int = doc(200, "optimizer steps between validation-loss evaluations (0 = only at the end)")
+    save_steps: int = doc(200, "optimizer steps between checkpoints")
+    save_total_limit: int | None = doc(3, "keep at most this many checkpoints (oldest deleted first); None = all")
+    report_to: list[str] = doc(["tensorboard"], "trackers for transformers' Trainer (tensorboard, wandb, none, ...)")
+    dataloader_num_workers: int = doc(0, "worker processes that collate batches")
+    seed: int = doc(42, "seed of adapter init, shuffling and dropout")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = doc(256, "upper bound on the answer length in tokens")
+    temperature: float = doc(0.7, "sampling temperature; 0 = greedy (deterministic)")
+    top_p: float = doc(0.9, "nucleus sampling: keep the smallest token set with this much probability")
+    top_k: int = doc(50, "sample only among the k most likely tokens (0 = off)")
+    repetition_penalty: float = doc(1.1, ">1 discourages repeating tokens")
+
+
+@dataclass
+class InferenceConfig:
+    adapter: str | None = doc(None, "adapter folder; None = <training.output_dir>/final")
+    dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "dtype of the merged model (fp32: 11 GB; bf16/fp16: 5.6 GB)")
+    device: Literal["auto", "cuda", "cpu"] = doc("auto", "where to run; auto = cuda when available")
+    fast: Literal["auto", "on", "off"] = doc(
+        "auto", "static KV cache + compiled decode step; auto = on for CUDA, off on CPU")
+
+
+@dataclass
+class AppConfig:
+    host: str = doc("127.0.0.1", "address to bind; anything but loopback requires --app.auth")
+    port: int = doc(7860, "port to serve on")
+    share: bool = doc(False, "create a public gradio.live link (off: the model stays on your machine)")
+    auth: str | None = doc(None, "user:password required to open the app")
+    concurrency_limit: int = doc(1, "requests generated at once; the rest wait in the queue")
+    max_queue: int = doc(32, "requests that may wait; more are turned away with a message")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "quantization": QuantizationConfig,
+    "lora": LoraSettings,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "generation": GenerationSettings,
+    "inference": InferenceConfig,
+    "app": AppConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check/convert one value against its annotation; a problem is recorded instead of raised."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        return [_coerce(v, args[0], key, problems) for v in value]
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            problems.append(f"{key}: expected an integer, got {value!r}")
+            return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            problems.append(f"{key}: expected a string, got {value!r}")
+            return value
+        return str(value)
+    return value
+
+
+def build_config(values: dict[str, dict[str, Any]], problems: list[str]) -> Config:
+    """Merge nested {section: {key: value}} onto the defaults, recording unknown keys and type errors."""
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        given = values.get(name) or {}
+        if not isinstance(given, dict):
+            problems.append(f"{name}: expected a mapping of keys, got {given!r}")
+            given = {}
+        types = _field_types(cls)
+        kwargs = {}
+        for key, value in given.items():
+            if key not in types:
+                allowed = ", ".join(sorted(types))
+                problems.append(f"{name}.{key}: unknown key (allowed in {name}: {allowed})")
+                continue
+            kwargs[key] = _coerce(value, types[key], f"{name}.{key}", problems)
+        sections[name] = cls(**kwargs)
+    for name in values:
+        if name not in SECTIONS:
+            problems.append(f"{name}: unknown section (allowed: {', '.join(SECTIONS)})")
+    return Config(**sections)
+
+
+def validate(cfg: Config, problems: list[str] | None = None) -> None:
+    """Range and consistency checks; raises ConfigError listing every problem (type errors included)."""
+    problems = list(problems or [])
+    m, q, lo, d, t, g, i, a = (cfg.model, cfg.quantization, cfg.lora, cfg.data, cfg.training, cfg.generation,
+                               cfg.inference, cfg.app)
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    def num(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    need(bool(m.name_or_path), "model.name_or_path: must name a Hub id or a local folder")
+    need(num(lo.r) and lo.r > 0, f"lora.r: must be > 0 (got {lo.r})")
+    need(num(lo.alpha) and lo.alpha > 0, f"lora.alpha: must be > 0 (got {lo.alpha})")
+    need(num(lo.dropout) and 0 <= lo.dropout < 1, f"lora.dropout: must be in [0, 1) (got {lo.dropout})")
+    need(bool(lo.target_modules), "lora.target_modules: name at least one linear layer (e.g. q_proj)")
+    need(num(d.validation_fraction) and 0 < d.validation_fraction < 1,
+         f"data.validation_fraction: must be in (0, 1) (got {d.validation_fraction})")
+    need(num(d.max_length) and d.max_length >= 16, f"data.max_length: must be >= 16 tokens (got {d.max_length})")
+    for key in ("max_train_conversations", "max_eval_conversations"):
+        v = getattr(d, key)
+        need(v is None or (num(v) and v > 0), f"data.{key}: must be > 0 or None (got {v})")
+    need(num(t.learning_rate) and t.learning_rate > 0, f"training.learning_rate: must be > 0 (got {t.learning_rate})")
+    need(num(t.num_train_epochs) and t.num_train_epochs > 0,
+         f"training.num_train_epochs: must be > 0 (got {t.num_train_epochs})")
+    need(num(t.max_steps) and (t.max_steps == -1 or t.max_steps > 0),
+         f"training.max_steps: must be -1 (use epochs) or > 0 (got {t.max_steps})")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_steps"):
+        v = getattr(t, key)
+        need(num(v) and v > 0, f"training.{key}: must be > 0 (got {v})")
+    need(num(t.eval_steps) and t.eval_steps >= 0, f"training.eval_steps: must be >= 0 (got {t.eval_steps})")
+    need(t.save_total_limit is None or (num(t.save_total_limit) and t.save_total_limit > 0),
+         f"training.save_total_limit: must be > 0 or None (got {t.save_total_limit})")
+    need(num(t.warmup_ratio) and 0 <= t.warmup_ratio < 1, f"training.warmup_ratio: must be in [0, 1) (got {t.warmup_ratio})")
+    need(num(t.weight_decay) and t.weight_decay >= 0, f"training.weight_decay: must be >= 0 (got {t.weight_decay})")
+    need(num(t.max_grad_norm) and t.max_grad_norm >= 0, f"training.max_grad_norm: must be >= 0 (got {t.max_grad_norm})")
+    need(num(t.dataloader_num_workers) and t.dataloader_num_workers >= 0,
+         f"training.dataloader_num_workers: must be >= 0 (got {t.dataloader_num_workers})")
+    need(m.dtype != "fp16",
+         "model.dtype: fp16 training is refused: Phi-2's attention overflows in fp16, and trl keeps QLoRA adapter "
+         "weights in bf16, which the fp16 grad scaler rejects. Use model.dtype: auto (bf16, or fp32 on GPUs "
+         "without bf16 such as the T4); fp16 remains available for serving via inference.dtype")
+    need(num(g.max_new_tokens) and g.max_new_tokens > 0, f"generation.max_new_tokens: must be > 0 (got {g.max_new_tokens})")
+    need(num(g.temperature) and g.temperature >= 0, f"generation.temperature: must be >= 0 (got {g.temperature})")
+    need(num(g.top_p) and 0 < g.top_p <= 1, f"generation.top_p: must be in (0, 1] (got {g.top_p})")
+    need(num(g.top_k) and g.top_k >= 0, f"generation.top_k: must be >= 0 (got {g.top_k})")
+    need(num(g.repetition_penalty) and g.repetition_penalty > 0,
+         f"generation.repetition_penalty: must be > 0 (got {g.repetition_penalty})")
+    need(num(a.port) and 0 < a.port < 65536, f"app.port: must be in 1..65535 (got {a.port})")
+    need(a.auth is None or (isinstance(a.auth, str) and ":" in a.auth and a.auth.split(":", 1)[0] != ""),
+         "app.auth: must look like user:password")
+    need(num(a.concurrency_limit) and a.concurrency_limit > 0, f"app.concurrency_limit: must be > 0 (got {a.concurrency_limit})")
+    need(num(a.max_queue) and a.max_queue > 0, f"app.max_queue: must be > 0 (got {a.max_queue})")
+    if a.host not in ("127.0.0.1", "localhost", "::1") and a.auth is None:
+        problems.append(f"app.host: binding to {a.host!r} exposes the model to the network; set --app.auth "
+                        "user:password (or keep the default 127.0.0.1)")
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(problems)
+
+
+def load_yaml(path: str | Path, problems: list[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        problems.append(f"--config: no such file {str(path)!r} (see configs/ for the presets)")
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        problems.append(f"--config {path}: not valid YAML: {e}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"--config {path}: the top level must be a mapping of sections (model:, lora:, ...)")
+        return {}
+    return data
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config plus one --section.key flag per field, documented from the dataclasses."""
+    parser.add_argument("--config", help="YAML file with the sections below (CLI flags override it)")
+    for name, cls in SECTIONS.items():
+        group = parser.add_argument_group(name)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", default=argparse.SUPPRESS,
+                               metavar="V", help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults < YAML < CLI, validated; raises ConfigError with every problem."""
+    problems: list[str] = []
+    values: dict[str, dict[str, Any]] = {}
+    if getattr(args, "config", None):
+        values = load_yaml(args.config, problems)
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            if not isinstance(values.get(section), dict):
+                values[section] = {}
+            values[section][key] = yaml.safe_load(value) if isinstance(value, str) and value[:1] in "[{" else value
+    cfg = build_config(values, problems)
+    validate(cfg, problems)
+    return cfg
+
+
+def parse_config(argv: list[str] | None = None, description: str = "",
+                 extra: typing.Callable[[argparse.ArgumentParser], None] | None = None
+                 ) -> tuple[Config, argparse.Namespace]:
+    """The one parser of every entry point. `extra` adds the entry point's own flags (e.g. --prompt)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(parser)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return cfg, args
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; `--config` on this file reproduces the run."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def reference_markdown() -> str:
+    """Every key with its default and documentation: the source of docs/CONFIG.md."""
+    lines = ["# Configuration reference", "",
+             "Generated by `python config.py > docs/CONFIG.md`; a test keeps it in sync with config.py.",
+             "Set a key in a YAML file (`section:` then `key: value`) or on the command line (`--section.key value`).",
+             ""]
+    for name, cls in SECTIONS.items():
+        lines += [f"## {name}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,0 +1,146 @@
+"""Tokenizer and model loading, and the one device/dtype decision every entry point logs at start.
+
+Loading works from a Hub id (optionally pinned to a revision) or a local folder; `trust_remote_code` stays off by
+default because Phi-2 is native in transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from accelerate import PartialState
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says how to point at a local copy."""
+
+
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str          # "cuda" or "cpu"
+    dtype: torch.dtype   # compute dtype: AMP dtype for training and the 4-bit compute dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return {v: k for k, v in DTYPE_NAMES.items()}[self.dtype]
+
+
+def decide_device_dtype(requested: str, cuda_available: bool | None = None,
+                        cuda_capability: tuple[int, int] | None = None, gpu_name: str = "") -> DeviceChoice:
+    """Device and compute dtype for training, with the reason (logged once at start).
+
+    bf16 where the GPU has it natively (Ampere, sm_80, and newer). On older GPUs (T4, V100) fp16 is not offered:
+    Phi-2's attention overflows in fp16 and trl stores QLoRA adapters in bf16, which the fp16 grad scaler refuses;
+    those GPUs compute in fp32 instead (slower, correct). The CPU computes in fp32.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if requested == "fp16":
+        raise ValueError("model.dtype fp16 is refused for training (Phi-2 overflows in fp16 and trl's bf16 QLoRA "
+                         "adapters break the fp16 grad scaler); use model.dtype auto")
+    if not cuda_available:
+        if requested == "bf16":
+            return DeviceChoice("cpu", torch.bfloat16, "bf16 on the CPU as requested (slow; fp32 is the default)")
+        return DeviceChoice("cpu", torch.float32, "no CUDA GPU: the CPU computes in fp32")
+    if cuda_capability is None:
+        cuda_capability = torch.cuda.get_device_capability()
+        gpu_name = torch.cuda.get_device_name()
+    has_bf16 = cuda_capability >= (8, 0)
+    where = f"{gpu_name or 'GPU'} (sm_{cuda_capability[0]}{cuda_capability[1]})"
+    if requested == "fp32":
+        return DeviceChoice("cuda", torch.float32, f"fp32 on {where} as requested")
+    if has_bf16:
+        return DeviceChoice("cuda", torch.bfloat16, f"{where} supports bf16")
+    if requested == "bf16":
+        raise ValueError(f"model.dtype bf16 was requested but {where} has no native bf16 (needs sm_80+, e.g. A100, "
+                         "L4, RTX 30xx); use model.dtype auto, which computes in fp32 on this GPU")
+    return DeviceChoice("cuda", torch.float32,
+                        f"{where} has no bf16 and fp16 overflows in Phi-2's attention: computing in fp32 "
+                        "(correct, ~2x slower than bf16 would be)")
+
+
+def resolve_attention(requested: str, choice: DeviceChoice, packing: bool, compiled: bool) -> str:
+    """The attention kernel: flex_attention needs CUDA for its backward; sdpa elsewhere.
+
+    Packing is safe with sdpa and flex alike: transformers builds a block-diagonal mask from the position ids that
+    the packing collator emits, so packed conversations never attend to each other.
+    """
+    if requested == "flex_attention" and choice.device != "cuda":
+        raise ValueError("model.attn_implementation flex_attention needs a CUDA GPU (its backward does not run on "
+                         "the CPU); use sdpa or auto")
+    if requested != "auto":
+        return requested
+    if choice.device == "cuda" and choice.dtype == torch.bfloat16 and packing and compiled:
+        return "flex_attention"
+    return "sdpa"
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint("tokenizer", source, e)) from e
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {source!r} has no EOS token; the template needs one to end answers")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # Phi-2 ships no pad token; padding is masked out anyway
+    return tokenizer
+
+
+def _load_hint(what: str, source: str, error: Exception) -> str:
+    return (f"could not load the {what} {source!r}: {type(error).__name__}: {error}. If this machine has no network, "
+            "set model.name_or_path to a local folder with the weights (e.g. data/tiny-phi for the smoke run)")
+
+
+def load_model_config(cfg: ModelConfig):
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                          trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint("model", cfg.name_or_path, e)) from e
+
+
+def check_context(model_config, max_length: int) -> None:
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and max_length > context:
+        raise ValueError(f"data.max_length {max_length} exceeds the model's context window of {context} tokens; "
+                         f"set data.max_length <= {context}")
+
+
+def load_model(cfg: ModelConfig, choice: DeviceChoice, bnb_config: BitsAndBytesConfig | None,
+               attn_implementation: str, dtype: torch.dtype | None = None):
+    """The base model on this process's device: quantized when bnb_config is set, else in `dtype`."""
+    state = PartialState()
+    device_map = {"": state.local_process_index} if choice.device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype or choice.dtype,
+            quantization_config=bnb_config,
+            attn_implementation=attn_implementation,
+            device_map=device_map,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint("model", cfg.name_or_path, e)) from e
+    if choice.device == "cpu" and bnb_config is not None:
+        # bitsandbytes 0.50.2 repacks 4-bit CPU weights for an inference-only kernel on the first forward in eval
+        # mode (a mid-training evaluation); the next training step then fails on that kernel's in-place bias add.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model

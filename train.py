@@ -1,0 +1,382 @@
+"""Fine-tune Phi-2 on oasst1 with QLoRA (4-bit NF4 base + LoRA adapters) through trl's SFTTrainer.
+
+    python train.py                                   # the real job: microsoft/phi-2 + OpenAssistant/oasst1 (GPU, Hub)
+    python train.py --config configs/phi2-oasst1.yaml # the same, from the preset file
+    python train.py --config configs/smoke.yaml       # offline smoke run: tiny Phi model, bundled data, CPU, ~1 min
+    python train.py --config configs/smoke.yaml --resume   # continue from the newest complete checkpoint
+    accelerate launch --num_processes 2 train.py --config ...   # data-parallel on 2 GPUs (README, 'Several GPUs')
+
+Writes <training.output_dir>/checkpoint-<step>/ during training and <training.output_dir>/final/ at the end
+(adapter, tokenizer, resolved config.yaml, data_stats.json, loss curve, model card). Ctrl-C or SIGTERM saves a
+checkpoint and exits; `--resume` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from peft import prepare_model_for_kbit_training
+from safetensors import safe_open
+from transformers import ProgressCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import SFTConfig, SFTTrainer
+
+import report_utils
+from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
+from config import Config, DataConfig, TrainingConfig, parse_config, save_config
+from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
+from model_utils import (DeviceChoice, ModelLoadError, check_context, decide_device_dtype, load_model, load_model_config,
+                         load_tokenizer, resolve_attention)
+from quantization_utils import build_bnb_config
+
+logger = logging.getLogger("train")
+
+FINAL_DIR = "final"
+
+
+def setup_logging(main_process: bool = True) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if main_process else logging.WARNING, force=True)
+    import datasets
+    import transformers
+    transformers.logging.set_verbosity_warning()
+    datasets.logging.set_verbosity_warning()
+    datasets.disable_progress_bars()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+def prepare_data(cfg: DataConfig, tokenizer):
+    """Conversations -> token ids + labels for both splits; fails before any model is loaded."""
+    data = load_conversations(cfg)
+    train = tokenize_conversations(data.splits["train"], tokenizer, cfg.max_length, "train", data.stats)
+    val = tokenize_conversations(data.splits["validation"], tokenizer, cfg.max_length, "validation", data.stats)
+    log_stats(data.stats)
+    if len(train) == 0:
+        raise DataError(f"{cfg.dataset}: every training conversation is longer than data.max_length="
+                        f"{cfg.max_length} even after cutting (counts: {data.stats['train']}); raise data.max_length")
+    return train, (val if len(val) else None), data.stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_model(cfg: Config, choice: DeviceChoice):
+    """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
+    check_context(load_model_config(cfg.model), cfg.data.max_length)
+    attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, cfg.training.torch_compile)
+    bnb = build_bnb_config(cfg.quantization, choice.dtype)
+    logger.info("base %s: quantization %s, attention %s", cfg.model.name_or_path, cfg.quantization.mode, attn)
+    model = load_model(cfg.model, choice, bnb, attn)
+    if bnb is not None:
+        # Gradient checkpointing is switched on by the Trainer (non-reentrant); here only the k-bit preparation.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    check_target_modules(model, cfg.lora.target_modules)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+def resolve_optim(name: str, choice: DeviceChoice) -> str:
+    if name == "auto":
+        return "paged_adamw_8bit" if choice.device == "cuda" else "adamw_torch"
+    if choice.device == "cpu" and ("paged" in name or "8bit" in name):
+        raise ValueError(f"training.optim {name!r} needs a CUDA GPU; use adamw_torch (or auto) on the CPU")
+    return name
+
+
+def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, has_eval: bool) -> SFTConfig:
+    eval_strategy = "steps" if has_eval and t.eval_steps > 0 else "no"
+    return SFTConfig(
+        output_dir=t.output_dir,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=resolve_optim(t.optim, choice),
+        bf16=choice.dtype == torch.bfloat16,
+        fp16=False,
+        use_cpu=choice.device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        torch_compile=t.torch_compile,
+        max_length=max_length,
+        packing=t.packing,
+        packing_strategy="bfd",
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps if eval_strategy == "steps" else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+    )
+
+
+class CompactLog(ProgressCallback):
+    """Progress bar plus one line per logging step: loss, lr, tokens/s, peak memory."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device = device
+        self.last = (time.perf_counter(), 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, tokens = time.perf_counter(), logs.get("num_tokens", self.last[1])
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("learning_rate", "lr {:.2e}"),
+                         ("grad_norm", "grad_norm {:.3f}")):
+            if key in logs:
+                parts.append(fmt.format(logs[key]))
+        if "loss" in logs and tokens > self.last[1]:
+            # num_tokens counts every non-padding token of all processes
+            parts.append(f"{(tokens - self.last[1]) / (now - self.last[0]):,.0f} tok/s")
+            self.last = (now, tokens)
+        parts.append(f"peak mem {peak_memory_gib(self.device):.2f} GiB")
+        line = " | ".join(parts)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (resident set, CPU)
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """CUDA ran out of memory; the message names the knobs."""
+
+
+class Guard(TrainerCallback):
+    """Stops on non-finite loss/weights without saving them, and turns SIGTERM/Ctrl-C into save-and-exit."""
+
+    def __init__(self):
+        self.diverged: str | None = None
+        self.interrupted: str | None = None
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.interrupted:  # a second signal: stop now, the last checkpoint stays
+                raise KeyboardInterrupt
+            self.interrupted = signal.Signals(signum).name
+            logger.warning("%s received: saving a checkpoint at the end of this step, then exiting "
+                           "(send it again to stop at once)", self.interrupted)
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _weights_finite(model) -> bool:
+        return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                self.diverged = f"{key} became {value} at step {state.global_step}"
+                control.should_training_stop, control.should_save = True, False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.interrupted:
+            control.should_save, control.should_training_stop = True, True
+        if (control.should_save or self.diverged) and model is not None and not self._weights_finite(model):
+            self.diverged = self.diverged or f"adapter weights became non-finite by step {state.global_step}"
+        if self.diverged:
+            control.should_save, control.should_training_stop = False, True
+
+
+def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: DeviceChoice) -> SFTTrainer:
+    args = build_sft_config(cfg.training, cfg.data.max_length, choice, has_eval=eval_ds is not None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=build_lora_config(cfg.lora))
+    if choice.dtype == torch.float32:
+        # trl stores QLoRA adapters in bf16 (QLoRA paper); with fp32 compute (CPU, GPUs without bf16) keep them
+        # fp32 so every matmul of the step runs in one dtype.
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactLog(choice.device))
+    trainer.add_callback(Guard())
+    if trainer.is_world_process_zero():
+        log_trainable_parameters(trainer.model)
+    world = trainer.args.world_size
+    logger.info("effective batch: %d sequences/step = %d micro-batch x %d accumulation x %d process(es)%s",
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+                args.per_device_train_batch_size, args.gradient_accumulation_steps, world,
+                " (packed sequences of up to %d tokens)" % cfg.data.max_length if cfg.training.packing else "")
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None when complete)."""
+    state = path / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json unreadable ({type(e).__name__})"
+    try:
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for truncation
+        return f"adapter_model.safetensors unreadable ({type(e).__name__}: {e})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        file = path / name
+        try:
+            with zipfile.ZipFile(file) as z:
+                if z.testzip() is not None:
+                    return f"{name} is corrupt"
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{name} unreadable ({type(e).__name__})"
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest resumable checkpoint; half-written or corrupt ones are skipped with a warning."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    candidates = []
+    for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if p.is_dir() and p.name.split("-")[-1].isdigit():
+            candidates.append((int(p.name.split("-")[-1]), p))
+    for _, path in sorted(candidates, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
+def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoice) -> Path:
+    """Adapter, tokenizer, config, data counts, loss curve and model card, swapped into place atomically."""
+    out = Path(cfg.training.output_dir)
+    final, tmp = out / FINAL_DIR, out / f"{FINAL_DIR}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.model.base_model.model.config.use_cache = True  # inference wants the cache back
+    trainer.save_model(str(tmp))
+    if not trainer.is_world_process_zero():
+        return final
+    save_config(cfg, tmp / "config.yaml")
+    (tmp / "data_stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    history = trainer.state.log_history
+    (tmp / "log_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
+    report_utils.write_loss_plot(history, tmp / "loss.png")
+    report_utils.write_model_card(tmp / "README.md", cfg, stats, history, choice.reason)
+    if final.exists():
+        old = out / f"{FINAL_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_training(trainer: SFTTrainer, resume: bool, output_dir: str) -> Guard:
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Guard))
+    guard.install_signal_handlers()
+    checkpoint = newest_complete_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
+    elif checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as e:
+        raise TrainingOutOfMemory(
+            "out of GPU memory. Lower training.per_device_train_batch_size (and raise "
+            "training.gradient_accumulation_steps to keep the effective batch), lower data.max_length, set "
+            "training.gradient_checkpointing true, or use configs/phi2-lowmem.yaml. Checkpoints already written "
+            f"in {output_dir} are intact; continue with --resume") from e
+    return guard
+
+
+# Bad input and environment problems whose messages say what to fix; anything else keeps its traceback.
+USER_ERRORS = (ValueError, ModelLoadError, TrainingOutOfMemory)
+
+
+def add_train_arguments(parser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in training.output_dir")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv, __doc__, extra=add_train_arguments)
+    from accelerate import PartialState
+    setup_logging(PartialState().is_main_process)
+    try:
+        choice = decide_device_dtype(cfg.model.dtype)
+        logger.info("compute: %s %s (%s)", choice.device, choice.name, choice.reason)
+        tokenizer = load_tokenizer(cfg.model)
+        train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
+        model = build_model(cfg, choice)
+        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice)
+        if trainer.is_world_process_zero():
+            save_config(cfg, Path(cfg.training.output_dir) / "config.yaml")
+        guard = run_training(trainer, args.resume, cfg.training.output_dir)
+    except USER_ERRORS as e:
+        logger.error("%s", e)
+        return 1
+    if guard.diverged:
+        last = newest_complete_checkpoint(cfg.training.output_dir)
+        logger.error("training stopped: %s. Likely causes: a learning rate too high for this batch size "
+                     "(try training.learning_rate %.1e) or fp16 numerics. Last good checkpoint: %s",
+                     guard.diverged, cfg.training.learning_rate / 4, last or "none")
+        return 3
+    if guard.interrupted:
+        logger.warning("stopped by %s; checkpoint saved in %s. Continue with: python %s --resume",
+                       guard.interrupted, cfg.training.output_dir, " ".join(sys.argv))
+        return 130
+    final = save_final(trainer, cfg, stats, choice)
+    if trainer.is_world_process_zero():
+        logger.info("adapter saved to %s (chat with: python inference.py --config <same config> --chat)", final)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
