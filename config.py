@@ -151,9 +151,10 @@ class Config:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     app: AppConfig = field(default_factory=AppConfig)
+    explicit: set[str] = field(default_factory=set, repr=False)  # "section.key"s set by the file or the CLI
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
 class ConfigError(ValueError):
@@ -350,6 +351,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 values[section] = {}
             values[section][key] = yaml.safe_load(value) if isinstance(value, str) and value[:1] in "[{" else value
     cfg = build_config(values, problems)
+    cfg.explicit = {f"{section}.{key}" for section, keys in values.items() if isinstance(keys, dict) for key in keys}
     validate(cfg, problems)
     return cfg
 

@@ -1,0 +1,355 @@
+"""Merge the trained adapter into the full-precision base model and chat with it.
+
+    python inference.py --config configs/smoke.yaml --prompt "What is the capital of France?"
+    python inference.py --config configs/smoke.yaml --chat          # multi-turn chat in the terminal
+    python inference.py --prompt "..." --inference.adapter model/final --inference.dtype bf16   # real Phi-2, GPU
+    python inference.py --config configs/smoke.yaml --save-merged merged/   # standalone model folder
+
+The base is loaded in fp32 (never 4-bit: merging into quantized weights loses accuracy), the adapter attached and
+merged with `merge_and_unload`; the merge is checked on a probe batch (max |logit difference| logged). The model
+can then be cast to bf16/fp16 for serving. Prompts use the training template from data_utils; generation stops at
+EOS or when the model starts a new `### Human:` turn, and returns only the answer.
+
+`ChatModel` is the API app.py and evaluate.py reuse: load once, generate many.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, GenerationConfig, StaticCache, TextIteratorStreamer
+
+from adapter_utils import AdapterError, check_adapter_fits, read_adapter_config
+from config import Config, GenerationSettings, InferenceConfig, parse_config
+from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
+from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer
+
+logger = logging.getLogger("inference")
+
+CACHE_BUCKET = 256  # static KV caches come in multiples of this many tokens, so a few compiled shapes serve all
+
+
+@dataclass
+class Reply:
+    text: str                 # the answer, prompt and stop marker removed
+    new_tokens: int           # tokens generated (including a final EOS)
+    stop: str                 # "eos", "marker" (model began a new ### Human: turn) or "length"
+    turns_dropped: int = 0    # oldest history turns dropped to fit the context window
+
+
+def adapter_dir_for(cfg: Config) -> Path:
+    return Path(cfg.inference.adapter or Path(cfg.training.output_dir) / "final")
+
+
+def split_answer(text: str, ended_with_eos: bool) -> tuple[str, str]:
+    """(answer, stop reason) from decoded new text: cut at a `### Human:` the model wrote itself."""
+    cut = text.find(HUMAN)
+    if cut >= 0:
+        return text[:cut].strip(), "marker"
+    return text.strip(), "eos" if ended_with_eos else "length"
+
+
+def _marker_prefix_len(text: str) -> int:
+    """Length of the longest tail of text that could be the start of the stop marker (held back while streaming)."""
+    for n in range(min(len(HUMAN), len(text)), 0, -1):
+        if HUMAN.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | None = None,
+                      compile: bool = False) -> GenerationConfig:
+    sample = gen.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens or gen.max_new_tokens,
+        do_sample=sample,
+        temperature=gen.temperature if sample else None,
+        top_p=gen.top_p if sample else None,
+        top_k=gen.top_k if sample else None,
+        repetition_penalty=gen.repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=[HUMAN],
+        disable_compile=not compile,
+    )
+
+
+class ChatModel:
+    """A merged model plus tokenizer that answers in the training template."""
+
+    def __init__(self, model, tokenizer, fast: bool = False):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.fast = fast
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
+        self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._lock = threading.Lock()  # one generation at a time on one model (the app queues the rest)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def prompt_ids(self, messages: list[Message], max_new_tokens: int) -> tuple[list[int], int]:
+        budget = self.context_window - max_new_tokens
+        if budget <= 0:
+            raise PromptTooLong(f"generation.max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
+                                f"{self.context_window}-token context window")
+        return encode_prompt(self.tokenizer, messages, budget)
+
+    def _cache_for(self, batch: int, length: int) -> StaticCache | None:
+        """A reused static cache (fast path): fixed shapes let the compiled decode step and CUDA graphs replay."""
+        if not self.fast:
+            return None
+        size = min(self.context_window, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
+        key = (batch, size)
+        if key not in self._caches:
+            self._caches[key] = StaticCache(config=self.model.config, max_cache_len=size)
+        cache = self._caches[key]
+        cache.reset()
+        return cache
+
+    def _inputs(self, batch_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Left-padded batch with its attention mask (left padding keeps every prompt's end next to its answer)."""
+        width = max(len(ids) for ids in batch_ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=self.device)
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def _generate_kwargs(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int) -> dict:
+        inputs = self._inputs(batch_ids)
+        config = generation_config(gen, self.tokenizer, max_new_tokens, compile=self.fast)
+        kwargs = dict(**inputs, generation_config=config, tokenizer=self.tokenizer)
+        cache = self._cache_for(len(batch_ids), inputs["input_ids"].shape[1] + max_new_tokens)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        return kwargs
+
+    def _reply(self, new_ids: list[int], dropped: int) -> Reply:
+        eos = self.tokenizer.eos_token_id
+        ended = eos in new_ids
+        if ended:
+            new_ids = new_ids[:new_ids.index(eos) + 1]
+        text, stop = split_answer(self.tokenizer.decode(new_ids, skip_special_tokens=True), ended)
+        return Reply(text=text, new_tokens=len(new_ids), stop=stop, turns_dropped=dropped)
+
+    @torch.inference_mode()
+    def generate_ids(self, batch_ids: list[list[int]], gen: GenerationSettings,
+                     max_new_tokens: int | None = None) -> list[list[int]]:
+        """New token ids per prompt (pad after EOS included); the building block of every other method."""
+        max_new = max_new_tokens or gen.max_new_tokens
+        kwargs = self._generate_kwargs(batch_ids, gen, max_new)
+        with self._lock:
+            out = self.model.generate(**kwargs)
+        width = kwargs["input_ids"].shape[1]
+        return [row[width:].tolist() for row in out]
+
+    def chat(self, messages: list[Message], gen: GenerationSettings) -> Reply:
+        ids, dropped = self.prompt_ids(messages, gen.max_new_tokens)
+        return self._reply(self.generate_ids([ids], gen)[0], dropped)
+
+    def chat_batch(self, conversations: list[list[Message]], gen: GenerationSettings, batch_size: int = 16
+                   ) -> list[Reply]:
+        """Answers for many conversations, batched with left padding (evaluate.py)."""
+        encoded = [self.prompt_ids(m, gen.max_new_tokens) for m in conversations]
+        # Sorting by length keeps padding small; results are put back in input order.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        replies: list[Reply | None] = [None] * len(encoded)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            outs = self.generate_ids([encoded[i][0] for i in idx], gen)
+            for i, new in zip(idx, outs):
+                replies[i] = self._reply(new, encoded[i][1])
+        return replies  # type: ignore[return-value]
+
+    def stream(self, messages: list[Message], gen: GenerationSettings) -> Iterator[str]:
+        """Yields the answer so far, growing token by token; a stop marker is never shown."""
+        ids, _ = self.prompt_ids(messages, gen.max_new_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        kwargs = self._generate_kwargs([ids], gen, gen.max_new_tokens)
+        error: list[BaseException] = []
+
+        def work():
+            try:
+                with self._lock, torch.inference_mode():
+                    self.model.generate(**kwargs, streamer=streamer)
+            except BaseException as e:  # re-raised in the consumer thread below
+                error.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            cut = text.find(HUMAN)
+            if cut >= 0:
+                yield text[:cut].strip()
+                break
+            shown = text[:len(text) - _marker_prefix_len(text)]
+            if shown.strip():
+                yield shown.strip()
+        else:
+            if text.strip():
+                yield text.strip()
+        thread.join()
+        if error:
+            raise error[0]
+
+    def warm_up(self) -> None:
+        """Compile the fast path's shapes once at load, so the first user does not wait for it."""
+        if self.fast:
+            gen = GenerationSettings(max_new_tokens=8, temperature=0.0)
+            self.chat([{"role": "user", "content": "Hello"}], gen)
+
+    def save_merged(self, out_dir: str | Path) -> Path:
+        """A standalone model: safetensors weights, tokenizer and a generation config with the right eos/pad."""
+        out = Path(out_dir)
+        self.model.config.use_cache = True
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id, max_new_tokens=256)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+
+def probe_ids(tokenizer) -> torch.Tensor:
+    text = turn_prompt_text("What is a good way to learn a new language?", first=True)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def merge_adapter(base, adapter_dir: str | Path, tokenizer) -> tuple[torch.nn.Module, float]:
+    """Attach + merge; returns (merged model, max |logit difference| vs the unmerged PeftModel on a probe)."""
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    peft_model.eval()
+    probe = probe_ids(tokenizer).to(base.device)
+    with torch.inference_mode():
+        before = peft_model(probe).logits.float()
+        merged = peft_model.merge_and_unload()
+        after = merged(probe).logits.float()
+    return merged, float((before - after).abs().max())
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("inference.device cuda was requested but no CUDA GPU is visible; use auto or cpu")
+    return "cuda" if requested == "auto" and torch.cuda.is_available() else ("cpu" if requested == "auto" else requested)
+
+
+def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = True) -> ChatModel:
+    """Base in fp32 -> adapter checked against it -> merged -> cast to inference.dtype on its device."""
+    icfg: InferenceConfig = cfg.inference
+    device = resolve_device(icfg.device)
+    adapter_dir = adapter_dir_for(cfg)
+    adapter_config = read_adapter_config(adapter_dir, allow_pickle=allow_pickle)
+    base_name = cfg.model.name_or_path
+    if "model.name_or_path" not in cfg.explicit and adapter_config.get("base_model_name_or_path"):
+        base_name = adapter_config["base_model_name_or_path"]  # the base it was trained on, unless told otherwise
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else None
+    tokenizer = load_tokenizer(type(cfg.model)(**{**vars(cfg.model), "name_or_path": base_name,
+                                                  "tokenizer": str(tokenizer_source or cfg.model.tokenizer or base_name)}))
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_name, revision=cfg.model.revision, dtype=torch.float32,
+                                                    trust_remote_code=cfg.model.trust_remote_code,
+                                                    use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the base model {base_name!r}: {e}. Without network access, pass "
+                             "--model.name_or_path <local folder>") from e
+    check_adapter_fits(adapter_dir, base_name, base, adapter_config)
+    merged, diff = merge_adapter(base, adapter_dir, tokenizer)
+    logger.info("merged %s into %s (fp32); max |logit diff| merged vs unmerged on a probe: %.2e",
+                adapter_dir, base_name, diff)
+    merged = merged.to(device=device, dtype=DTYPE_NAMES[icfg.dtype])
+    fast = icfg.fast == "on" or (icfg.fast == "auto" and device == "cuda")
+    model = ChatModel(merged, tokenizer, fast=fast)
+    logger.info("serving on %s in %s, fast decoding %s", device, icfg.dtype, "on" if fast else "off")
+    if warm_up:
+        model.warm_up()
+    return model
+
+
+def chat_loop(model: ChatModel, gen: GenerationSettings, read=input, write=print) -> None:
+    """Interactive multi-turn chat; /reset clears the history, /exit or Ctrl-D leaves."""
+    history: list[Message] = []
+    write("Chat with the model. /reset clears the history, /exit quits.")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = []
+            write("(history cleared)")
+            continue
+        if not line.strip():
+            write("(empty message: type a question)")
+            continue
+        messages = history + [{"role": "user", "content": line}]
+        try:
+            ids, dropped = model.prompt_ids(messages, gen.max_new_tokens)
+        except PromptTooLong as e:
+            write(f"(not sent: {e})")
+            continue
+        if dropped:
+            write(f"(the oldest {dropped} turn(s) no longer fit the context window and were left out)")
+            history = history[2 * dropped:]
+            messages = history + [{"role": "user", "content": line}]
+        answer = _stream_to(model, messages, gen, write)
+        history = messages + [{"role": "assistant", "content": answer}]
+
+
+def _stream_to(model: ChatModel, messages: list[Message], gen: GenerationSettings, write) -> str:
+    shown = ""
+    for text in model.stream(messages, gen):
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown):]) if write is print else None
+        shown = text
+    if write is print:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:
+        write(shown)
+    return shown
+
+
+def add_inference_arguments(parser) -> None:
+    parser.add_argument("--prompt", help="ask one question and print the streamed answer")
+    parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat in the terminal")
+    parser.add_argument("--save-merged", metavar="DIR", help="write the merged model as a standalone folder")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept an adapter saved only as pickle (.bin); pickle can run code when loaded")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv, __doc__, extra=add_inference_arguments)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO)
+    if not (args.prompt or args.chat or args.save_merged):
+        logger.error("nothing to do: pass --prompt \"...\", --chat or --save-merged DIR")
+        return 2
+    try:
+        model = load_chat_model(cfg, allow_pickle=args.allow_pickle, warm_up=bool(args.prompt or args.chat))
+        if args.save_merged:
+            logger.info("merged model written to %s", model.save_merged(args.save_merged))
+        if args.prompt:
+            _stream_to(model, [{"role": "user", "content": args.prompt}], cfg.generation, print)
+        if args.chat:
+            chat_loop(model, cfg.generation)
+    except (AdapterError, ModelLoadError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
