@@ -103,6 +103,7 @@ class ChatModel:
                                 f"{self.context_window}-token context window")
         return encode_prompt(self.tokenizer, messages, budget)
 
+    @torch.inference_mode()
     def _cache_for(self, batch: int, length: int) -> StaticCache | None:
         """A reused static cache (fast path): fixed shapes let the compiled decode step and CUDA graphs replay."""
         if not self.fast:
