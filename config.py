@@ -91,7 +91,8 @@ class TrainingConfig:
     optim: str = doc("auto", "optimizer name from transformers; auto = paged_adamw_8bit on GPU, adamw_torch on CPU")
     gradient_checkpointing: bool = doc(True, "recompute activations in backward: ~30% slower, far less memory")
     packing: bool = doc(True, "pack conversations into full sequences (no padding, no cross-attention between them)")
-    torch_compile: bool = doc(False, "compile the model (faster steps on GPU after a slow first step)")
+    torch_compile: Literal["auto", "on", "off"] = doc(
+        "auto", "compile the model: faster steps after a slow first one; auto = on for bf16 GPUs, off elsewhere")
     logging_steps: int = doc(10, "optimizer steps between log lines")
     eval_steps: int = doc(200, "optimizer steps between validation-loss evaluations (0 = only at the end)")
     save_steps: int = doc(200, "optimizer steps between checkpoints")

@@ -124,9 +124,12 @@ class ChatModel:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=self.device)
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    def _generate_kwargs(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int) -> dict:
+    def _generate_kwargs(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int,
+                         ignore_eos: bool = False) -> dict:
         inputs = self._inputs(batch_ids)
         config = generation_config(gen, self.tokenizer, max_new_tokens, compile=self.fast)
+        if ignore_eos:  # benchmarks: always generate max_new_tokens
+            config.min_new_tokens, config.stop_strings = max_new_tokens, None
         kwargs = dict(**inputs, generation_config=config, tokenizer=self.tokenizer)
         cache = self._cache_for(len(batch_ids), inputs["input_ids"].shape[1] + max_new_tokens)
         if cache is not None:
@@ -143,10 +146,10 @@ class ChatModel:
 
     @torch.inference_mode()
     def generate_ids(self, batch_ids: list[list[int]], gen: GenerationSettings,
-                     max_new_tokens: int | None = None) -> list[list[int]]:
+                     max_new_tokens: int | None = None, ignore_eos: bool = False) -> list[list[int]]:
         """New token ids per prompt (pad after EOS included); the building block of every other method."""
         max_new = max_new_tokens or gen.max_new_tokens
-        kwargs = self._generate_kwargs(batch_ids, gen, max_new)
+        kwargs = self._generate_kwargs(batch_ids, gen, max_new, ignore_eos)
         with self._lock:
             out = self.model.generate(**kwargs)
         width = kwargs["input_ids"].shape[1]

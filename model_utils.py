@@ -69,6 +69,25 @@ def decide_device_dtype(requested: str, cuda_available: bool | None = None,
                         "(correct, ~2x slower than bf16 would be)")
 
 
+def resolve_compile(requested: str, choice: DeviceChoice) -> bool:
+    """torch.compile for training: on by default where it pays (bf16 GPUs with Triton), never forced on the CPU."""
+    if requested == "off":
+        return False
+    try:
+        import triton  # noqa: F401  (inductor's GPU backend)
+        has_triton = True
+    except ImportError:
+        has_triton = False
+    if requested == "on":
+        if choice.device == "cuda" and not has_triton:
+            raise ValueError("training.torch_compile on needs Triton (pip install triton); use auto or off")
+        return True
+    enabled = choice.device == "cuda" and choice.dtype == torch.bfloat16 and has_triton
+    if choice.device == "cuda" and not enabled:
+        logger.info("torch.compile off: %s", "Triton is not installed" if not has_triton else "no bf16 on this GPU")
+    return enabled
+
+
 def resolve_attention(requested: str, choice: DeviceChoice, packing: bool, compiled: bool) -> str:
     """The attention kernel: flex_attention needs CUDA for its backward; sdpa elsewhere.
 

@@ -36,7 +36,7 @@ from adapter_utils import build_lora_config, check_target_modules, log_trainable
 from config import Config, DataConfig, TrainingConfig, parse_config, save_config
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
 from model_utils import (DeviceChoice, ModelLoadError, check_context, decide_device_dtype, load_model, load_model_config,
-                         load_tokenizer, resolve_attention)
+                         load_tokenizer, resolve_attention, resolve_compile)
 from quantization_utils import build_bnb_config
 
 logger = logging.getLogger("train")
@@ -77,7 +77,8 @@ def prepare_data(cfg: DataConfig, tokenizer):
 def build_model(cfg: Config, choice: DeviceChoice):
     """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
     check_context(load_model_config(cfg.model), cfg.data.max_length)
-    attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, cfg.training.torch_compile)
+    attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing,
+                             resolve_compile(cfg.training.torch_compile, choice))
     bnb = build_bnb_config(cfg.quantization, choice.dtype)
     logger.info("base %s: quantization %s, attention %s", cfg.model.name_or_path, cfg.quantization.mode, attn)
     model = load_model(cfg.model, choice, bnb, attn)
@@ -121,7 +122,7 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, h
         use_cpu=choice.device == "cpu",
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        torch_compile=t.torch_compile,
+        torch_compile=resolve_compile(t.torch_compile, choice),
         max_length=max_length,
         packing=t.packing,
         packing_strategy="bfd",

@@ -1,0 +1,388 @@
+"""Speed and memory benchmarks of the real training and generation paths, on a random-init Phi-2-shaped model.
+
+    python bench.py train                      # baseline (original repo's settings) + the presets, one table
+    python bench.py train --presets baseline speed --variant speed-b16=speed:training.per_device_train_batch_size=16
+    python bench.py generate                   # decode speed: plain generate vs the fast path, bf16 and fp32
+    python bench.py train --tiny               # the same code on a tiny model on the CPU (its test; never rots)
+
+Real Phi-2 weights cannot be downloaded here and speed does not depend on their values, so the model is randomly
+initialised with Phi-2's exact configuration and saved once, then loaded through the normal `from_pretrained` +
+bitsandbytes path. The training workload is fixed: 4000 sequences of random token ids with lengths
+lognormal(mu=ln 250, sigma=0.8) clipped to [16, 2048], numpy seed 0 (mean ~338 tokens), loss on every token.
+Tokens/s counts non-padding tokens only. Each configuration runs in its own process (clean memory, clean
+compile caches); results go to reports/bench-*.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+TINY_MODEL = ROOT / "data" / "tiny-phi"
+PHI2_CONFIG = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.4,
+                   max_position_embeddings=2048, hidden_act="gelu_new", layer_norm_eps=1e-5, tie_word_embeddings=False,
+                   resid_pdrop=0.1, embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=50256, eos_token_id=50256)
+PEAK_BF16_FLOPS = 790e12  # measured dense bf16 matmul rate of the lent H200 (device notes)
+
+# The original repo's settings: NF4 without double quant, bf16 (its fp16 crashes on current trl), batch 4 x 4,
+# max length 512, no packing, SDPA, paged_adamw_32bit, LoRA r=64 alpha=16 dropout 0.1.
+BASELINE = {
+    "quantization": {"mode": "nf4", "double_quant": False},
+    "lora": {"r": 64, "alpha": 16, "dropout": 0.1},
+    "data": {"max_length": 512},
+    "model": {"attn_implementation": "sdpa", "dtype": "bf16"},
+    "training": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "packing": False,
+                 "optim": "paged_adamw_32bit", "gradient_checkpointing": False, "torch_compile": "off"},
+}
+PRESET_FILES = {"default": "configs/phi2-oasst1.yaml", "speed": "configs/phi2-speed.yaml",
+                "lowmem": "configs/phi2-lowmem.yaml", "smoke": "configs/smoke.yaml"}
+# The benchmark's own LoRA (QLoRA NF4 r=64 alpha=16), applied on top of every preset so rows compare.
+BENCH_LORA = {"r": 64, "alpha": 16}
+
+logger = logging.getLogger("bench")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+def workload_lengths(n: int, mu: float, sigma: float, lo: int, hi: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.clip(rng.lognormal(mean=mu, sigma=sigma, size=n), lo, hi).astype(int)
+
+
+def workload(tiny: bool, vocab: int):
+    """The fixed synthetic dataset: random ids, loss on every token."""
+    from datasets import Dataset
+    if tiny:
+        lengths = workload_lengths(64, math.log(40), 0.5, 8, 128)
+    else:
+        lengths = workload_lengths(4000, math.log(250), 0.8, 16, 2048)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, vocab, size=int(n)).tolist() for n in lengths]
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def make_random_phi2(path: Path) -> Path:
+    """Phi-2's exact architecture with random weights, saved once as bf16 safetensors."""
+    from transformers import PhiConfig, PhiForCausalLM
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = PhiForCausalLM(PhiConfig(**PHI2_CONFIG)).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return path
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import bitsandbytes
+    import peft
+    import transformers
+    import trl
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "trl": trl.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "accelerate": accelerate.__version__}
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return info
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training benchmark
+# ----------------------------------------------------------------------------------------------------------------
+
+def preset_values(spec: str) -> tuple[str, dict]:
+    """'name' or 'name=preset:key=value,key=value' -> (row name, nested config values)."""
+    import yaml
+    name, _, rest = spec.partition("=")
+    preset, _, overrides = (rest or name).partition(":")
+    if preset == "baseline":
+        values = json.loads(json.dumps(BASELINE))
+    elif preset in PRESET_FILES:
+        values = yaml.safe_load((ROOT / PRESET_FILES[preset]).read_text()) or {}
+        values.setdefault("lora", {}).update(BENCH_LORA)
+    else:
+        raise SystemExit(f"unknown preset {preset!r}: use baseline or one of {', '.join(PRESET_FILES)}")
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        section, _, field = key.partition(".")
+        values.setdefault(section, {})[field] = yaml.safe_load(value)
+    return name, values
+
+
+def run_train_config(name: str, values: dict, model_path: Path, steps: int, warmup: int, tiny: bool) -> dict:
+    """One configuration through train.py's builders; returns the measured row."""
+    from transformers import TrainerCallback
+
+    import train
+    from config import ConfigError, build_config, validate
+    from model_utils import decide_device_dtype, load_tokenizer
+
+    values = json.loads(json.dumps(values))
+    values.setdefault("model", {})["name_or_path"] = str(model_path)
+    values["model"]["tokenizer"] = str(TINY_MODEL)  # ids are random; any tokenizer with an EOS/pad will do
+    t = values.setdefault("training", {})
+    t.update({"output_dir": tempfile.mkdtemp(prefix="bench-"), "max_steps": warmup + steps, "report_to": ["none"],
+              "save_steps": 10**6, "eval_steps": 0, "logging_steps": 1, "warmup_ratio": 0.0})
+    if tiny:  # what the CPU and the tiny model can run; the code path stays the same
+        values["model"].update({"dtype": "auto", "attn_implementation": "sdpa"})
+        t.update({"optim": "adamw_torch", "torch_compile": "off"})
+        values.setdefault("data", {})["max_length"] = min(values.get("data", {}).get("max_length", 128), 128)
+    problems: list[str] = []
+    cfg = build_config(values, problems)
+    try:
+        validate(cfg, problems)
+    except ConfigError as e:
+        raise SystemExit(str(e))
+    choice = decide_device_dtype(cfg.model.dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    from model_utils import load_model_config
+    dataset = workload(tiny, load_model_config(cfg.model).vocab_size)
+    if cfg.training.packing is False:
+        dataset = dataset.map(lambda ex: {k: v[:cfg.data.max_length] for k, v in ex.items()})
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model = train.build_model(cfg, choice)
+    trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice)
+
+    marks: dict[int, tuple[float, int]] = {}
+    losses: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            marks[state.global_step] = (time.perf_counter(), trainer._total_train_tokens)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    (t0, n0), (t1, n1) = marks[warmup], marks[warmup + steps]
+    row = {
+        "name": name, "tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / steps,
+        "tokens_per_step": (n1 - n0) / steps, "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                                          if torch.cuda.is_available() else float("nan")),
+        "loss_last": losses[-1] if losses else float("nan"), "first_steps_s": marks[warmup][0] - marks[1][0],
+        "attention": model.config._attn_implementation, "compiled": bool(trainer.args.torch_compile),
+        "config": values,
+    }
+    return row
+
+
+def train_table(rows: list[dict], tiny: bool) -> str:
+    base = next((r for r in rows if r["name"] == "baseline" and "error" not in r), None)
+    lines = ["| config | tokens/s | s/step | tokens/step | peak GiB | x baseline | % of physical limit | loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    flop_per_token = 4 * 2.78e9  # forward + backward through frozen weights + LoRA, as in the issue
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else "-"
+        limit = "-" if tiny else f"{100 * r['tokens_per_s'] * flop_per_token / PEAK_BF16_FLOPS:.0f}%"
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['s_per_step']:.3f} | {r['tokens_per_step']:,.0f}"
+                     f" | {r['peak_gib']:.1f} | {ratio} | {limit} | {r['loss_last']:.3f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation benchmark
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_tokens: int, batch: int,
+                 check_prompts: int) -> list[dict]:
+    """Plain generate vs the fast path (static cache + compiled step) in one dtype; agreement of greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from config import GenerationSettings
+    from inference import ChatModel
+    from model_utils import DTYPE_NAMES, load_tokenizer
+    from config import ModelConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(TINY_MODEL)))
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPE_NAMES[dtype]).to(device)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, tokenizer.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
+    gen = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
+    rows, outputs = [], {}
+    for fast in (False, True):
+        chat = ChatModel(model, tokenizer, fast=fast)
+        label = f"{dtype} {'fast' if fast else 'plain'}"
+        chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up/compile
+        chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)
+        sync()
+        t0 = time.perf_counter()
+        chat.generate_ids(prompts[:1], gen, max_new_tokens=1, ignore_eos=True)
+        sync()
+        ttft = time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            out = chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)
+            sync()
+            times.append(time.perf_counter() - t0)
+        b1 = new_tokens / sorted(times)[1]
+        outputs[fast] = [chat.generate_ids([p], gen, max_new_tokens=64, ignore_eos=True)[0]
+                         for p in prompts[:check_prompts]]
+        row = {"name": label, "batch1_tok_s": b1, "ttft_s": ttft}
+        if batch > 1:
+            chat.generate_ids(prompts, gen, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up/compile
+            sync()
+            t0 = time.perf_counter()
+            chat.generate_ids(prompts, gen, max_new_tokens=new_tokens, ignore_eos=True)
+            sync()
+            row[f"batch{batch}_tok_s"] = batch * new_tokens / (time.perf_counter() - t0)
+        rows.append(row)
+        del chat
+        gc.collect()
+    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+             for x, y in zip(outputs[False], outputs[True])]
+    rows[-1]["greedy_agreement_first64"] = agree
+    rows[-1]["max_logit_diff"] = first_step_logit_diff(model, tokenizer, prompts[:check_prompts])
+    return rows
+
+
+@torch.inference_mode()
+def first_step_logit_diff(model, tokenizer, prompts: list[list[int]]) -> float:
+    """Max |logit| difference between the compiled static-cache forward and the eager one, on the prompts."""
+    from transformers import StaticCache
+    diffs = []
+    for p in prompts:
+        ids = torch.tensor([p], device=model.device)
+        eager = model(ids).logits[0, -1].float()
+        cache = StaticCache(config=model.config, max_cache_len=len(p) + 8)
+        compiled = torch.compile(model.forward, mode="reduce-overhead") if model.device.type == "cuda" else model
+        fast = compiled(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        diffs.append(float((eager - fast).abs().max()))
+    return max(diffs)
+
+
+def gen_table(rows: list[dict], batch: int) -> str:
+    lines = [f"| path | batch-1 tok/s | time to first token (s) | batch-{batch} tok/s |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['batch1_tok_s']:,.1f} | {r['ttft_s']:.3f} | "
+                     f"{r.get(f'batch{batch}_tok_s', float('nan')):,.0f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def child(args) -> int:
+    """One configuration in this process (called by the parent through --one)."""
+    logging.basicConfig(level=logging.WARNING)
+    spec = json.loads(args.one)
+    if spec["kind"] == "train":
+        row = run_train_config(spec["name"], spec["values"], Path(spec["model"]), spec["steps"], spec["warmup"],
+                               spec["tiny"])
+        result = [row]
+    else:
+        result = run_generate(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["prompt_len"],
+                              spec["new_tokens"], spec["batch"], spec["check_prompts"])
+    Path(spec["result"]).write_text(json.dumps(result, default=str))
+    return 0
+
+
+def spawn(spec: dict, timeout: int | None) -> list[dict]:
+    result = Path(tempfile.mkstemp(suffix=".json")[1])
+    spec = {**spec, "result": str(result)}
+    cmd = [sys.executable, __file__, "--one", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return [{"name": spec.get("name", spec.get("dtype")), "error": f"timed out after {timeout}s"}]
+    if proc.returncode != 0 or not result.read_text():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        sys.stderr.write(proc.stderr[-4000:])
+        return [{"name": spec.get("name", spec.get("dtype")), "error": " / ".join(tail)}]
+    return json.loads(result.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", nargs="?", choices=["train", "generate"], default="train")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the code, not speed)")
+    parser.add_argument("--presets", nargs="+", default=["baseline", "default", "speed", "lowmem"])
+    parser.add_argument("--variant", action="append", default=[],
+                        help="extra row NAME=PRESET:section.key=value,... (e.g. speed-b16=speed:training."
+                             "per_device_train_batch_size=16)")
+    parser.add_argument("--steps", type=int, default=None, help="measured optimizer steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=None, help="optimizer steps before timing starts")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], help="generation: merged model dtypes")
+    parser.add_argument("--batch", type=int, default=64, help="generation: batch for aggregate throughput")
+    parser.add_argument("--model-dir", default=None, help="where the random Phi-2 is saved (reused if present)")
+    parser.add_argument("--out", default=None, help="JSON results file (default reports/bench-<kind>.json)")
+    parser.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
+    args = parser.parse_args(argv)
+    if args.one:
+        return child(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    model_path = TINY_MODEL if args.tiny else make_random_phi2(
+        Path(args.model_dir or Path(tempfile.gettempdir()) / "phi2-random"))
+    steps = args.steps or (3 if args.tiny else 10)
+    warmup = args.warmup or (2 if args.tiny else 5)
+    rows: list[dict] = []
+    if args.kind == "train":
+        specs = [preset_values(p) for p in args.presets] + [preset_values(v) for v in args.variant]
+        for name, values in specs:
+            logger.info("training config %s ...", name)
+            rows += spawn({"kind": "train", "name": name, "values": values, "model": str(model_path),
+                           "steps": steps, "warmup": warmup, "tiny": args.tiny}, args.timeout)
+            logger.info("  %s", {k: v for k, v in rows[-1].items() if k != "config"})
+        table = train_table(rows, args.tiny)
+    else:
+        batch = 4 if args.tiny else args.batch
+        for dtype in args.dtypes:
+            logger.info("generation %s ...", dtype)
+            rows += spawn({"kind": "generate", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
+                           "prompt_len": 16 if args.tiny else 64, "new_tokens": 16 if args.tiny else 256,
+                           "batch": batch, "check_prompts": 2 if args.tiny else 4}, args.timeout)
+        table = gen_table([r for r in rows if "error" not in r], batch)
+        table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)
+        for r in rows:
+            if "greedy_agreement_first64" in r:
+                table += (f"\n{r['name']}: greedy tokens equal to the plain path before the first difference "
+                          f"(of 64): {r['greedy_agreement_first64']}; max |logit diff| {r['max_logit_diff']:.3g}")
+    out = Path(args.out or ROOT / "reports" / f"bench-{args.kind}{'-tiny' if args.tiny else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"command": "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d"), "versions": versions(), "weights": "random init, Phi-2 config",
+              "steps": steps, "warmup": warmup, "rows": rows, "table": table}
+    out.write_text(json.dumps(record, indent=2, default=str))
+    print(table)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
