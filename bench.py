@@ -171,11 +171,19 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
 
     marks: dict[int, tuple[float, int]] = {}
     losses: list[float] = []
+    seen = [0]  # non-padding tokens handed to the collator (padding added for static shapes is not counted)
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        seen[0] += sum(len(e["input_ids"]) for e in examples)
+        return collate(examples)
+
+    trainer.data_collator = counting_collator
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             sync()
-            marks[state.global_step] = (time.perf_counter(), trainer._total_train_tokens)
+            marks[state.global_step] = (time.perf_counter(), seen[0])
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -216,7 +224,7 @@ def train_table(rows: list[dict], tiny: bool) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_tokens: int, batch: int,
-                 check_prompts: int) -> list[dict]:
+                 check_prompts: int, partial: Path | None = None) -> list[dict]:
     """Plain generate vs the fast path (static cache + compiled step) in one dtype; agreement of greedy tokens."""
     from transformers import AutoModelForCausalLM
 
@@ -231,7 +239,7 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, tokenizer.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
     gen = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
-    rows, outputs = [], {}
+    rows, outputs, logits = [], {}, {}
     for fast in (False, True):
         chat = ChatModel(model, tokenizer, fast=fast)
         label = f"{dtype} {'fast' if fast else 'plain'}"
@@ -246,13 +254,19 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
         for _ in range(3):
             sync()
             t0 = time.perf_counter()
-            out = chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)
+            chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)
             sync()
             times.append(time.perf_counter() - t0)
-        b1 = new_tokens / sorted(times)[1]
-        outputs[fast] = [chat.generate_ids([p], gen, max_new_tokens=64, ignore_eos=True)[0]
-                         for p in prompts[:check_prompts]]
-        row = {"name": label, "batch1_tok_s": b1, "ttft_s": ttft}
+        row = {"name": label, "batch1_tok_s": new_tokens / sorted(times)[1], "ttft_s": ttft}
+        if partial is not None:
+            partial.write_text(json.dumps(rows + [row], default=str))
+        outputs[fast], logits[fast] = [], []
+        for p in prompts[:check_prompts]:
+            kwargs = chat._generate_kwargs([p], gen, 64, ignore_eos=True)
+            with torch.inference_mode():
+                out = model.generate(**kwargs, output_logits=True, return_dict_in_generate=True)
+            outputs[fast].append(out.sequences[0, len(p):].tolist())
+            logits[fast].append(torch.stack(out.logits)[:, 0].float().cpu())  # (64, vocab)
         if batch > 1:
             chat.generate_ids(prompts, gen, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up/compile
             sync()
@@ -261,28 +275,17 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
             sync()
             row[f"batch{batch}_tok_s"] = batch * new_tokens / (time.perf_counter() - t0)
         rows.append(row)
+        if partial is not None:  # a configuration cut short by its timeout still reports what it measured
+            partial.write_text(json.dumps(rows, default=str))
         del chat
         gc.collect()
     agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
              for x, y in zip(outputs[False], outputs[True])]
     rows[-1]["greedy_agreement_first64"] = agree
-    rows[-1]["max_logit_diff"] = first_step_logit_diff(model, tokenizer, prompts[:check_prompts])
+    # Logits compared only up to the first differing token: after it the two paths see different inputs.
+    rows[-1]["max_logit_diff"] = max(float((a[:n + 1] - b[:n + 1]).abs().max())
+                                     for a, b, n in zip(logits[False], logits[True], agree))
     return rows
-
-
-@torch.inference_mode()
-def first_step_logit_diff(model, tokenizer, prompts: list[list[int]]) -> float:
-    """Max |logit| difference between the compiled static-cache forward and the eager one, on the prompts."""
-    from transformers import StaticCache
-    diffs = []
-    for p in prompts:
-        ids = torch.tensor([p], device=model.device)
-        eager = model(ids).logits[0, -1].float()
-        cache = StaticCache(config=model.config, max_cache_len=len(p) + 8)
-        compiled = torch.compile(model.forward, mode="reduce-overhead") if model.device.type == "cuda" else model
-        fast = compiled(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
-        diffs.append(float((eager - fast).abs().max()))
-    return max(diffs)
 
 
 def gen_table(rows: list[dict], batch: int) -> str:
@@ -307,23 +310,29 @@ def child(args) -> int:
         result = [row]
     else:
         result = run_generate(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["prompt_len"],
-                              spec["new_tokens"], spec["batch"], spec["check_prompts"])
+                              spec["new_tokens"], spec["batch"], spec["check_prompts"], Path(spec["result"]))
     Path(spec["result"]).write_text(json.dumps(result, default=str))
     return 0
 
 
 def spawn(spec: dict, timeout: int | None) -> list[dict]:
+    """Run one configuration in a child process; its output goes to <log_dir>/<name>.log."""
+    name = spec.get("name", spec.get("dtype"))
     result = Path(tempfile.mkstemp(suffix=".json")[1])
+    log = Path(spec.pop("log_dir")) / f"bench-{spec['kind']}-{name}.log"
     spec = {**spec, "result": str(result)}
     cmd = [sys.executable, __file__, "--one", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return [{"name": spec.get("name", spec.get("dtype")), "error": f"timed out after {timeout}s"}]
-    if proc.returncode != 0 or not result.read_text():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        sys.stderr.write(proc.stderr[-4000:])
-        return [{"name": spec.get("name", spec.get("dtype")), "error": " / ".join(tail)}]
+    with log.open("w") as f:
+        try:
+            proc = subprocess.run(cmd, timeout=timeout, stdout=f, stderr=subprocess.STDOUT, text=True)
+            failed = proc.returncode != 0 or not result.read_text()
+            why = f"exit code {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            failed, why = True, f"timed out after {timeout}s"
+    if failed:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip() and "it/s]" not in ln]
+        partial = json.loads(result.read_text()) if result.read_text().strip() else []
+        return partial + [{"name": name, "error": f"{why}: " + " / ".join(lines[-2:])[-400:], "log": str(log)}]
     return json.loads(result.read_text())
 
 
@@ -352,13 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.model_dir or Path(tempfile.gettempdir()) / "phi2-random"))
     steps = args.steps or (3 if args.tiny else 10)
     warmup = args.warmup or (2 if args.tiny else 5)
+    out = Path(args.out or ROOT / "reports" / f"bench-{args.kind}{'-tiny' if args.tiny else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if args.kind == "train":
         specs = [preset_values(p) for p in args.presets] + [preset_values(v) for v in args.variant]
         for name, values in specs:
             logger.info("training config %s ...", name)
             rows += spawn({"kind": "train", "name": name, "values": values, "model": str(model_path),
-                           "steps": steps, "warmup": warmup, "tiny": args.tiny}, args.timeout)
+                           "steps": steps, "warmup": warmup, "tiny": args.tiny, "log_dir": str(out.parent)},
+                          args.timeout)
             logger.info("  %s", {k: v for k, v in rows[-1].items() if k != "config"})
         table = train_table(rows, args.tiny)
     else:
@@ -367,15 +379,14 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("generation %s ...", dtype)
             rows += spawn({"kind": "generate", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
                            "prompt_len": 16 if args.tiny else 64, "new_tokens": 16 if args.tiny else 256,
-                           "batch": batch, "check_prompts": 2 if args.tiny else 4}, args.timeout)
+                           "batch": batch, "check_prompts": 2 if args.tiny else 4, "log_dir": str(out.parent)},
+                          args.timeout)
         table = gen_table([r for r in rows if "error" not in r], batch)
         table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)
         for r in rows:
             if "greedy_agreement_first64" in r:
                 table += (f"\n{r['name']}: greedy tokens equal to the plain path before the first difference "
                           f"(of 64): {r['greedy_agreement_first64']}; max |logit diff| {r['max_logit_diff']:.3g}")
-    out = Path(args.out or ROOT / "reports" / f"bench-{args.kind}{'-tiny' if args.tiny else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "versions": versions(), "weights": "random init, Phi-2 config",
               "steps": steps, "warmup": warmup, "rows": rows, "table": table}

@@ -69,8 +69,12 @@ def decide_device_dtype(requested: str, cuda_available: bool | None = None,
                         "(correct, ~2x slower than bf16 would be)")
 
 
-def resolve_compile(requested: str, choice: DeviceChoice) -> bool:
-    """torch.compile for training: on by default where it pays (bf16 GPUs with Triton), never forced on the CPU."""
+def resolve_compile(requested: str, choice: DeviceChoice, gradient_checkpointing: bool = False) -> bool:
+    """torch.compile for training: on by default where it pays (bf16 GPUs with Triton), never forced on the CPU.
+
+    auto also stays off with gradient checkpointing: on torch 2.11 (H200, 2026-11) inductor failed to partition
+    the checkpointed graph ("Node add_N was invalid, but is output"); `on` still tries it.
+    """
     if requested == "off":
         return False
     try:
@@ -82,9 +86,11 @@ def resolve_compile(requested: str, choice: DeviceChoice) -> bool:
         if choice.device == "cuda" and not has_triton:
             raise ValueError("training.torch_compile on needs Triton (pip install triton); use auto or off")
         return True
-    enabled = choice.device == "cuda" and choice.dtype == torch.bfloat16 and has_triton
+    enabled = choice.device == "cuda" and choice.dtype == torch.bfloat16 and has_triton and not gradient_checkpointing
     if choice.device == "cuda" and not enabled:
-        logger.info("torch.compile off: %s", "Triton is not installed" if not has_triton else "no bf16 on this GPU")
+        why = ("Triton is not installed" if not has_triton else "no bf16 on this GPU"
+               if choice.dtype != torch.bfloat16 else "gradient checkpointing is on")
+        logger.info("torch.compile off (auto): %s", why)
     return enabled
 
 

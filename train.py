@@ -77,8 +77,8 @@ def prepare_data(cfg: DataConfig, tokenizer):
 def build_model(cfg: Config, choice: DeviceChoice):
     """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
     check_context(load_model_config(cfg.model), cfg.data.max_length)
-    attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing,
-                             resolve_compile(cfg.training.torch_compile, choice))
+    compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
+    attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, compiled)
     bnb = build_bnb_config(cfg.quantization, choice.dtype)
     logger.info("base %s: quantization %s, attention %s", cfg.model.name_or_path, cfg.quantization.mode, attn)
     model = load_model(cfg.model, choice, bnb, attn)
@@ -104,6 +104,7 @@ def resolve_optim(name: str, choice: DeviceChoice) -> str:
 
 def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, has_eval: bool) -> SFTConfig:
     eval_strategy = "steps" if has_eval and t.eval_steps > 0 else "no"
+    compiled = resolve_compile(t.torch_compile, choice, t.gradient_checkpointing)
     return SFTConfig(
         output_dir=t.output_dir,
         num_train_epochs=t.num_train_epochs,
@@ -122,7 +123,10 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, h
         use_cpu=choice.device == "cpu",
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        torch_compile=resolve_compile(t.torch_compile, choice),
+        torch_compile=compiled,
+        # A packed micro-batch is flattened to one row whose length varies; padding it to a fixed size gives the
+        # compiled graph one shape instead of a recompile per length.
+        pad_to_multiple_of=t.per_device_train_batch_size * max_length if compiled and t.packing else None,
         max_length=max_length,
         packing=t.packing,
         packing_strategy="bfd",
