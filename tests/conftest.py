@@ -1,0 +1,57 @@
+"""Shared fixtures: the tiny Phi model, and one real smoke training run reused by the inference/eval/app tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = ROOT / "data" / "tiny-phi"
+SMOKE_DATA = ROOT / "data" / "smoke"
+
+
+def run_script(*args: str, cwd: Path = ROOT, timeout: int = 600, check: bool = True, env: dict | None = None):
+    """Run a repo entry point as a user would (a fresh interpreter), returning the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from config import ModelConfig
+    from model_utils import load_tokenizer
+    return load_tokenizer(ModelConfig(name_or_path=str(TINY)))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """The README's smoke command, once per session, into a temporary output dir; returns that dir."""
+    out = tmp_path_factory.mktemp("smoke")
+    run_script("train.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg(smoke_run):
+    from config import parse_config
+    cfg, _ = parse_config(["--config", "configs/smoke.yaml", "--training.output_dir", str(smoke_run)])
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def chat_model(smoke_cfg):
+    from inference import load_chat_model
+    return load_chat_model(smoke_cfg)

@@ -1,0 +1,109 @@
+"""config.py: YAML + CLI precedence, unknown keys, all problems reported at once, the generated reference."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+import config
+from config import ConfigError, config_from_args, parse_config, reference_markdown
+from conftest import ROOT
+
+
+def parse(argv):
+    return parse_config(argv)[0]
+
+
+def test_defaults_are_the_real_job():
+    cfg = parse([])
+    assert cfg.model.name_or_path == "microsoft/phi-2"
+    assert cfg.data.dataset == "OpenAssistant/oasst1"
+    assert (cfg.quantization.mode, cfg.quantization.double_quant) == ("nf4", True)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    assert cfg.data.max_length == 2048 and cfg.training.output_dir == "model"
+
+
+def test_yaml_then_cli_cli_wins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 8\n  alpha: 32\ntraining:\n  learning_rate: 1.0e-4\n")
+    cfg = parse(["--config", str(path), "--lora.r", "4", "--data.languages", "en,de"])
+    assert cfg.lora.r == 4            # CLI over YAML
+    assert cfg.lora.alpha == 32       # YAML over default
+    assert cfg.training.learning_rate == 1e-4
+    assert cfg.data.languages == ["en", "de"]
+    assert cfg.lora.dropout == config.LoraSettings().dropout  # default kept
+
+
+def test_unknown_key_in_file_is_an_error_naming_allowed_keys(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  rank: 8\n")
+    with pytest.raises(SystemExit) as e:
+        parse(["--config", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "lora.rank: unknown key" in err and "alpha" in err
+
+
+def test_unknown_cli_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--lora.rank", "8"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 0\n  dropout: 1.5\ntraining:\n  learning_rate: -1\n  per_device_train_batch_size: "
+                    "x\nmodel:\n  dtype: float8\nquantization:\n  mode: int3\nwhatever:\n  a: 1\n")
+    args = argparse.Namespace(config=str(path))
+    with pytest.raises(ConfigError) as e:
+        config_from_args(args)
+    text = str(e.value)
+    for expected in ("lora.r: must be > 0", "lora.dropout: must be in [0, 1)", "training.learning_rate: must be > 0",
+                     "training.per_device_train_batch_size: expected an integer", "model.dtype: 'float8' is not one",
+                     "quantization.mode: 'int3' is not one", "whatever: unknown section"):
+        assert expected in text
+    assert len(e.value.problems) >= 7
+
+
+def test_yaml_syntax_error_is_reported(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora: [r: 8\n")
+    args = argparse.Namespace(config=str(path))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config_from_args(args)
+
+
+def test_missing_config_file_is_reported(tmp_path):
+    args = argparse.Namespace(config=str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        config_from_args(args)
+
+
+def test_fp16_training_refused_with_the_fix():
+    args = argparse.Namespace(**{"model.dtype": "fp16"})
+    with pytest.raises(ConfigError, match="fp16 training is refused.*model.dtype: auto"):
+        config_from_args(args)
+
+
+def test_network_bind_requires_auth():
+    with pytest.raises(ConfigError, match="app.auth"):
+        config_from_args(argparse.Namespace(**{"app.host": "0.0.0.0"}))
+    cfg = config_from_args(argparse.Namespace(**{"app.host": "0.0.0.0", "app.auth": "me:pw"}))
+    assert cfg.app.auth == "me:pw"
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    cfg = parse(["--config", "configs/smoke.yaml", "--lora.r", "7"])
+    config.save_config(cfg, tmp_path / "config.yaml")
+    again = parse(["--config", str(tmp_path / "config.yaml")])
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_presets_are_valid():
+    for preset in sorted((ROOT / "configs").glob("*.yaml")):
+        parse(["--config", str(preset)])
+
+
+def test_config_reference_doc_is_in_sync():
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == reference_markdown()

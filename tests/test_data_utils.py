@@ -1,0 +1,307 @@
+"""data_utils.py: oasst1 trees -> conversations, every messy case counted, exact label masks, local formats."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+from datasets import Dataset
+
+import data_utils as du
+from config import DataConfig
+
+
+def m(mid, parent, role, text, rank=None, tree="t1", **kw):
+    return {"message_id": mid, "parent_id": parent, "text": text, "role": role, "lang": kw.pop("lang", "en"),
+            "rank": rank, "deleted": kw.pop("deleted", False), "review_result": kw.pop("review", True),
+            "message_tree_id": tree, "tree_state": kw.pop("state", "ready_for_export"), **kw}
+
+
+def convert(rows, languages=None):
+    counts = Counter()
+    return du.oasst_to_conversations(rows, counts, languages), counts
+
+
+def contents(conv):
+    return [(x["role"], x["content"]) for x in conv["messages"]]
+
+
+def test_top_ranked_thread_with_depth_three_and_branching():
+    rows = [
+        m("q1", None, "prompter", "Q1"),
+        m("a1b", "q1", "assistant", "A1 worse", rank=1),
+        m("a1", "q1", "assistant", "A1 best", rank=0),
+        m("q2b", "a1", "prompter", "Q2 second", rank=1),
+        m("q2", "a1", "prompter", "Q2 best", rank=0),
+        m("a2", "q2", "assistant", "A2", rank=0),
+        m("q3", "a2", "prompter", "Q3"),
+        m("a3b", "q3", "assistant", "A3 unranked"),
+        m("a3", "q3", "assistant", "A3 ranked", rank=2),
+        m("q4", "a3", "prompter", "Q4 unanswered"),
+        m("x", "a1b", "prompter", "under a worse branch"),
+    ]
+    convs, counts = convert(rows)
+    assert len(convs) == 1
+    assert contents(convs[0]) == [("user", "Q1"), ("assistant", "A1 best"), ("user", "Q2 best"), ("assistant", "A2"),
+                                  ("user", "Q3"), ("assistant", "A3 ranked")]
+    assert convs[0]["tree_id"] == "t1"
+    assert counts["messages_read"] == len(rows)
+
+
+def test_unranked_replies_used_when_nothing_is_ranked():
+    convs, _ = convert([m("q", None, "prompter", "Q"), m("a", "q", "assistant", "A", rank=float("nan"))])
+    assert contents(convs[0]) == [("user", "Q"), ("assistant", "A")]
+
+
+def test_every_messy_case_is_skipped_and_counted():
+    rows = [
+        # deleted best reply -> next-ranked reply used
+        m("q1", None, "prompter", "Q1", tree="t1"), m("a1", "q1", "assistant", "bad", rank=0, deleted=True, tree="t1"),
+        m("a1b", "q1", "assistant", "good", rank=1, tree="t1"),
+        # failed review, tree left without reply
+        m("q2", None, "prompter", "Q2", tree="t2"), m("a2", "q2", "assistant", "x", rank=0, review=False, tree="t2"),
+        # empty / whitespace text
+        m("q3", None, "prompter", "  \n", tree="t3"), m("a3", "q3", "assistant", "orphaned by empty parent", tree="t3"),
+        # orphan: parent never existed
+        m("a4", "ghost", "assistant", "nobody asked", tree="t4"),
+        # duplicate id (second dropped)
+        m("q5", None, "prompter", "Q5", tree="t5"), m("a5", "q5", "assistant", "first", rank=0, tree="t5"),
+        m("a5", "q5", "assistant", "second copy", rank=1, tree="t5"),
+        # cycle
+        m("c1", "c2", "prompter", "loop", tree="t6"), m("c2", "c1", "assistant", "loop", tree="t6"),
+        # not ready for export
+        m("q7", None, "prompter", "Q7", tree="t7", state="growing"),
+        # unknown role, wrong type
+        m("q8", None, "system", "Q8", tree="t8"), m("q9", None, "prompter", 12345, tree="t9"),
+    ]
+    convs, counts = convert(rows)
+    assert [contents(c) for c in convs] == [[("user", "Q1"), ("assistant", "good")],
+                                            [("user", "Q5"), ("assistant", "first")]]
+    assert counts["deleted"] == 1
+    assert counts["review_failed"] == 1
+    assert counts["no_assistant_reply"] == 1          # t2 (t7 was dropped as not ready)
+    assert counts["empty_text"] == 1
+    assert counts["parent_missing"] == 2             # a3 (parent dropped) and a4 (parent never existed)
+    assert counts["duplicate_id"] == 1
+    assert counts["cycle"] == 2
+    assert counts["tree_not_ready"] == 1
+    assert counts["unknown_role"] == 1
+    assert counts["bad_type"] == 1
+
+
+def test_language_filter():
+    rows = [m("q", None, "prompter", "Hallo", lang="de", tree="a"), m("a", "q", "assistant", "Hi", lang="de", tree="a"),
+            m("q2", None, "prompter", "Hello", tree="b"), m("a2", "q2", "assistant", "Hi", tree="b")]
+    convs, counts = convert(rows, languages=["en"])
+    assert [c["tree_id"] for c in convs] == ["b"]
+    assert counts["language_filtered"] == 2
+
+
+def test_labels_are_exactly_the_answers_and_eos(tokenizer):
+    messages = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."},
+                {"role": "user", "content": "And 3 plus 3?"}, {"role": "assistant", "content": "It is 6."}]
+    enc = du.encode_conversation(tokenizer, messages, max_length=512)
+    ids, labels = enc["input_ids"], enc["labels"]
+    assert enc["status"] == "ok" and len(ids) == len(labels)
+    trained = [t for t in labels if t != -100]
+    assert tokenizer.decode(trained) == " It is 4.<|endoftext|> It is 6.<|endoftext|>"
+    # every non-masked label equals its input id (no shifting here; the model shifts)
+    assert all(l == i for l, i in zip(labels, ids) if l != -100)
+    assert tokenizer.decode(ids) == du.render_text(messages, eos_token=tokenizer.eos_token)
+    assert tokenizer.decode(ids).startswith("### Human: What is 2 plus 2? ### Assistant: It is 4.")
+
+
+def test_prompt_tokens_match_training_context(tokenizer):
+    """The prompt the model sees at inference is exactly the masked context it saw in training."""
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine."}]
+    enc = du.encode_conversation(tokenizer, messages, max_length=512)
+    prompt, dropped = du.encode_prompt(tokenizer, messages[:3], max_prompt_tokens=512)
+    assert dropped == 0
+    assert enc["input_ids"][:len(prompt)] == prompt
+    assert enc["labels"][len(prompt)] != -100 and enc["labels"][len(prompt) - 1] == -100
+
+
+def test_over_long_conversations_follow_the_documented_rule(tokenizer):
+    long_answer = "word " * 200
+    messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": long_answer}]
+    enc = du.encode_conversation(tokenizer, messages, max_length=64)
+    assert enc["status"] == "ok" and enc["turns_dropped"] == 1          # later turn dropped whole
+    assert tokenizer.decode([t for t in enc["labels"] if t != -100]) == " A1<|endoftext|>"
+    enc = du.encode_conversation(tokenizer, messages[2:], max_length=64)
+    assert enc["status"] == "answer_truncated" and len(enc["input_ids"]) == 64
+    assert tokenizer.eos_token_id not in enc["input_ids"]
+    enc = du.encode_conversation(tokenizer, [{"role": "user", "content": long_answer}, {"role": "assistant",
+                                                                                        "content": "A"}], 64)
+    assert enc["status"] == "too_long" and enc["input_ids"] == []
+
+
+def test_prompt_trimming_keeps_the_newest_turns_and_the_question(tokenizer):
+    history = []
+    for i in range(10):
+        history += [{"role": "user", "content": f"question number {i}"},
+                    {"role": "assistant", "content": f"answer number {i} " * 3}]
+    messages = history + [{"role": "user", "content": "the current question"}]
+    ids, dropped = du.encode_prompt(tokenizer, messages, max_prompt_tokens=80)
+    text = tokenizer.decode(ids)
+    assert dropped > 0 and len(ids) <= 80
+    assert text.endswith("### Human: the current question ### Assistant:")
+    assert "question number 9" in text and "question number 0" not in text
+    assert text.startswith("### Human: question number")  # kept turns re-rendered from a clean first turn
+    with pytest.raises(du.PromptTooLong):
+        du.encode_prompt(tokenizer, [{"role": "user", "content": "x " * 500}], max_prompt_tokens=80)
+    with pytest.raises(ValueError, match="empty"):
+        du.encode_prompt(tokenizer, [{"role": "user", "content": "  "}], max_prompt_tokens=80)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+OASST_ROWS = [m(f"q{i}", None, "prompter", f"Question {i}?", tree=f"t{i}") for i in range(40)] + \
+             [m(f"a{i}", f"q{i}", "assistant", f"Answer {i}.", rank=0, tree=f"t{i}") for i in range(40)]
+
+
+def load(path, **kw):
+    return du.load_conversations(DataConfig(dataset=str(path), **kw))
+
+
+def test_local_oasst_jsonl_parquet_csv(tmp_path):
+    for ext in ("jsonl", "parquet", "csv"):
+        path = tmp_path / f"data.{ext}"
+        if ext == "jsonl":
+            write_jsonl(path, OASST_ROWS)
+        elif ext == "parquet":
+            Dataset.from_list(OASST_ROWS).to_parquet(str(path))
+        else:
+            Dataset.from_list(OASST_ROWS).to_csv(str(path), index=False)
+        data = load(path, validation_fraction=0.25)
+        n_train, n_val = len(data.splits["train"]), len(data.splits["validation"])
+        assert n_train + n_val == 40 and n_val > 0, ext
+        assert data.stats["train"]["format"] == "oasst"
+
+
+def test_split_is_by_tree_and_deterministic(tmp_path):
+    rows = []
+    for i in range(60):  # two conversations can never share a tree, but a tree's messages must not be split
+        rows += [m(f"q{i}", None, "prompter", f"Q{i}", tree=f"tree{i}"),
+                 m(f"a{i}", f"q{i}", "assistant", f"A{i}", rank=0, tree=f"tree{i}")]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    a, b = load(path, seed=3), load(path, seed=3)
+    train_ids, val_ids = set(a.splits["train"]["tree_id"]), set(a.splits["validation"]["tree_id"])
+    assert not train_ids & val_ids and len(train_ids | val_ids) == 60
+    assert a.splits["validation"]["tree_id"] == b.splits["validation"]["tree_id"]
+    assert load(path, seed=4).splits["validation"]["tree_id"] != a.splits["validation"]["tree_id"]
+
+
+def test_folder_with_train_and_validation_uses_that_split(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", OASST_ROWS[:20] + OASST_ROWS[40:60])
+    write_jsonl(tmp_path / "validation.jsonl", OASST_ROWS[20:40] + OASST_ROWS[60:])
+    data = load(tmp_path)
+    assert (len(data.splits["train"]), len(data.splits["validation"])) == (20, 20)
+    assert data.stats["split"] == "the source's own validation split"
+
+
+def test_chat_formats(tmp_path):
+    messages_rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                   {"role": "assistant", "content": "Hello"}]},
+                     {"messages": [{"role": "assistant", "content": "starts wrong"}]},
+                     {"messages": [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]}]
+    data = load(write_jsonl(tmp_path / "m.jsonl", messages_rows * 10), validation_fraction=0.1)
+    conv = (list(data.splits["train"]) + list(data.splits["validation"]))[0]["messages"]
+    assert conv == [{"role": "user", "content": "Be brief.\n\nHi"}, {"role": "assistant", "content": "Hello"}]
+    assert data.stats["train"]["bad_turn_order"] > 0 and data.stats["train"]["unknown_role"] > 0
+
+    pr = [{"prompt": f"P{i}", "response": f"R{i}"} for i in range(20)] + [{"prompt": "", "response": "x"}]
+    data = load(write_jsonl(tmp_path / "p.jsonl", pr))
+    assert data.stats["train"]["format"] == "prompt_response"
+    assert sum(data.stats[s]["conversations"] for s in ("train", "validation")) == 20
+
+    texts = [{"text": f"### Human: Q{i} ### Assistant: A{i}"} for i in range(20)] + [{"text": "no template"}]
+    data = load(write_jsonl(tmp_path / "t.jsonl", texts))
+    assert data.stats["train"]["unparsable_text"] == 1
+    first = (list(data.splits["train"]) + list(data.splits["validation"]))[0]["messages"]
+    assert first[0]["role"] == "user" and first[1]["role"] == "assistant"
+
+
+def test_bad_lines_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = "".join(json.dumps(r) + "\n" for r in OASST_ROWS)
+    path.write_bytes(good.encode() + b'{"message_id": "broken", \n' + b'\xff\xfe not utf8\n' + b"[1, 2]\n")
+    data = load(path)
+    assert data.stats["read"] == {"malformed_json_line": 2, "not_utf8_line": 1}
+    assert sum(data.stats[s]["conversations"] for s in ("train", "validation")) == 40
+
+
+def test_one_megabyte_message_is_handled(tmp_path, tokenizer):
+    rows = OASST_ROWS + [m("big", None, "prompter", "x " * 500_000, tree="big"),
+                         m("bigA", "big", "assistant", "ok", rank=0, tree="big")]
+    data = load(write_jsonl(tmp_path / "d.jsonl", rows), validation_fraction=0.01, seed=0)
+    train = du.tokenize_conversations(data.splits["train"], tokenizer, 128, "train", data.stats)
+    assert data.stats["train"]["too_long"] + data.stats["validation"].get("too_long", 0) <= 1
+    assert all(len(ids) <= 128 for ids in train["input_ids"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "the file is empty"),
+    ("missing_columns", "unrecognised columns"),
+    ("directory", "no data files"),
+    ("missing_path", "no such file or folder"),
+    ("bad_extension", "unsupported file type"),
+    ("all_bad", "no usable training conversations"),
+])
+def test_unusable_sources_fail_with_a_clear_message(tmp_path, case, message):
+    if case == "empty":
+        path = tmp_path / "d.jsonl"
+        path.write_text("")
+    elif case == "missing_columns":
+        path = write_jsonl(tmp_path / "d.jsonl", [{"message_id": "a", "body": "text"}])
+    elif case == "directory":
+        path = tmp_path / "folder"
+        path.mkdir()
+    elif case == "missing_path":
+        path = tmp_path / "nope.jsonl"
+    elif case == "bad_extension":
+        path = tmp_path / "d.txt"
+        path.write_text("hello")
+    else:
+        path = write_jsonl(tmp_path / "d.jsonl", [m("q", None, "prompter", "Q", deleted=True)])
+    with pytest.raises(du.DataError, match=message):
+        load(path)
+
+
+def test_hub_dataset_unreachable_says_what_to_do(monkeypatch):
+    def offline(*a, **k):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(du.datasets, "load_dataset", offline)
+    with pytest.raises(du.DataError, match="local file or folder"):
+        load("OpenAssistant/oasst1")
+
+
+def test_hub_path_uses_both_oasst_splits(monkeypatch):
+    """The real loader path: load_dataset('OpenAssistant/oasst1') -> its train and validation splits."""
+    from datasets import DatasetDict
+    extra = [{**r, "emojis": None} for r in OASST_ROWS]
+    fake = DatasetDict({"train": Dataset.from_list(extra[:20] + extra[40:60]),
+                        "validation": Dataset.from_list(extra[20:40] + extra[60:])})
+    calls = []
+    monkeypatch.setattr(du.datasets, "load_dataset", lambda name, revision=None: calls.append(name) or fake)
+    data = load("OpenAssistant/oasst1")
+    assert calls == ["OpenAssistant/oasst1"]
+    assert (len(data.splits["train"]), len(data.splits["validation"])) == (20, 20)
+
+
+def test_smoke_sample_counts(tokenizer):
+    data = du.load_conversations(DataConfig(dataset="data/smoke", max_length=128))
+    train = data.stats["train"]
+    assert train["conversations"] > 500
+    for reason in ("deleted", "review_failed", "empty_text", "parent_missing", "duplicate_id", "cycle",
+                   "no_assistant_reply", "tree_not_ready"):
+        assert train[reason] >= 1, reason
+    multi = [c for c in data.splits["train"]["messages"] if len(c) >= 4]
+    assert len(multi) > 50
+    assert not math.isnan(train["conversations"])
