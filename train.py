@@ -305,6 +305,7 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
     (tmp / "data_stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
     history = trainer.state.log_history
     (tmp / "log_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
+    (tmp / "run.json").write_text(json.dumps({"compute": choice.reason}), encoding="utf-8")
     report_utils.write_loss_plot(history, tmp / "loss.png")
     report_utils.write_model_card(tmp / "README.md", cfg, stats, history, choice.reason)
     if final.exists():

@@ -1,0 +1,218 @@
+"""Did fine-tuning work? Compare the base and the fine-tuned model on the held-out split.
+
+    python evaluate.py --config configs/smoke.yaml                  # tiny smoke model, CPU, ~1 minute
+    python evaluate.py --config configs/phi2-oasst1.yaml --num-prompts 300 --inference.dtype bf16   # real run, GPU
+    python evaluate.py --config ... --merged merged/                # a --save-merged folder instead of the adapter
+
+Reports, for both models, on the validation conversations in the training template:
+  - answer loss / perplexity: mean NLL over answer tokens + their EOS only (exactly the training mask);
+  - generation behaviour on N held-out prompts: stop rate (ended by EOS or the stop marker before max_new_tokens),
+    fake-turn rate (the model wrote a `### Human:` turn itself), mean/median answer length, empty-answer rate;
+  - side-by-side samples (prompt, reference, base answer, fine-tuned answer).
+Writes reports/eval-<name>.json and reports/eval-<name>.md, and adds the metrics to the adapter's model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+import report_utils
+from adapter_utils import AdapterError
+from config import Config, GenerationSettings, parse_config
+from data_utils import DataError, Message, load_conversations, render_text, tokenize_conversations
+from inference import ChatModel, Reply, adapter_dir_for, load_chat_model, resolve_device
+from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer
+
+logger = logging.getLogger("evaluate")
+
+
+@torch.inference_mode()
+def answer_loss(model, dataset, pad_id: int, batch_size: int = 8, desc: str = "loss") -> tuple[float, int]:
+    """Mean NLL (nats) over tokens whose label is not -100, i.e. answers + EOS; returns (loss, token count)."""
+    total, count = 0.0, 0
+    rows = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
+        batch = [dataset[i] for i in rows[start:start + batch_size]]
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.tensor([b["input_ids"] + [pad_id] * (width - len(b["input_ids"])) for b in batch])
+        labels = torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch])
+        mask = (torch.arange(width)[None] < torch.tensor([len(b["input_ids"]) for b in batch])[:, None]).long()
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        # position t predicts token t+1: (B, T-1, vocab) against (B, T-1)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(model.device),
+                                                ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((labels[:, 1:] != -100).sum())
+    return total / max(count, 1), count
+
+
+def prompts_and_references(conversations: list[list[Message]]) -> tuple[list[list[Message]], list[str]]:
+    """Each held-out conversation becomes (everything before its last answer, that answer)."""
+    prompts, refs = [], []
+    for messages in conversations:
+        prompts.append(messages[:-1])
+        refs.append(messages[-1]["content"])
+    return prompts, refs
+
+
+def generation_metrics(replies: list[Reply], max_new_tokens: int) -> dict[str, float]:
+    n = max(len(replies), 1)
+    lengths = [r.new_tokens for r in replies]
+    return {
+        "stop_rate": sum(r.stop in ("eos", "marker") and r.new_tokens <= max_new_tokens for r in replies) / n,
+        "eos_rate": sum(r.stop == "eos" for r in replies) / n,
+        "fake_turn_rate": sum(r.stop == "marker" for r in replies) / n,
+        "empty_rate": sum(not r.text for r in replies) / n,
+        "mean_answer_tokens": statistics.fmean(lengths) if lengths else 0.0,
+        "median_answer_tokens": statistics.median(lengths) if lengths else 0.0,
+    }
+
+
+def evaluate_model(model: ChatModel, dataset, prompts: list[list[Message]], gen: GenerationSettings,
+                   batch_size: int, label: str) -> tuple[dict[str, Any], list[Reply]]:
+    loss, tokens = answer_loss(model.model, dataset, model.tokenizer.pad_token_id, batch_size, f"{label}: loss")
+    replies: list[Reply] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{label}: generation", leave=False):
+        replies += model.chat_batch(prompts[start:start + batch_size], gen, batch_size)
+    metrics = {"answer_loss": loss, "perplexity": float(torch.tensor(loss).exp()), "answer_tokens": tokens,
+               "prompts": len(prompts), **generation_metrics(replies, gen.max_new_tokens)}
+    return metrics, replies
+
+
+def base_model_name(cfg: Config, merged_dir: str | None) -> str:
+    """The base the adapter was trained on (its adapter_config), unless --model.name_or_path says otherwise."""
+    if merged_dir is not None or "model.name_or_path" in cfg.explicit:
+        return cfg.model.name_or_path
+    adapter_config = json.loads((adapter_dir_for(cfg) / "adapter_config.json").read_text())
+    return adapter_config.get("base_model_name_or_path") or cfg.model.name_or_path
+
+
+def load_base(cfg: Config, tokenizer, base_name: str) -> ChatModel:
+    device = resolve_device(cfg.inference.device)
+    base = AutoModelForCausalLM.from_pretrained(base_name, revision=cfg.model.revision,
+                                                dtype=DTYPE_NAMES[cfg.inference.dtype], use_safetensors=True,
+                                                trust_remote_code=cfg.model.trust_remote_code).to(device)
+    return ChatModel(base, tokenizer, fast=False)
+
+
+def load_finetuned(cfg: Config, merged_dir: str | None, allow_pickle: bool) -> ChatModel:
+    if merged_dir is None:
+        return load_chat_model(cfg, allow_pickle=allow_pickle, warm_up=False)
+    device = resolve_device(cfg.inference.device)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=DTYPE_NAMES[cfg.inference.dtype],
+                                                 use_safetensors=True).to(device)
+    tokenizer = load_tokenizer(type(cfg.model)(name_or_path=merged_dir))
+    return ChatModel(model, tokenizer, fast=False)
+
+
+def markdown_report(name: str, result: dict[str, Any]) -> str:
+    base, tuned = result["base"], result["finetuned"]
+    lines = [f"# Evaluation: {name}", "", f"Data: `{result['data']}`, {result['conversations']} held-out "
+             f"conversations; generation on {tuned['prompts']} prompts, max_new_tokens {result['max_new_tokens']}, "
+             f"temperature {result['temperature']}.", "",
+             "| metric | base | fine-tuned | how to read it |", "| --- | --- | --- | --- |"]
+    how = {"answer_loss": "lower is better (nats per answer token)", "perplexity": "lower is better",
+           "stop_rate": "share of answers that ended on their own; want high",
+           "eos_rate": "share ended by EOS (the trained stop)", "fake_turn_rate": "share where the model wrote a "
+           "### Human: turn itself; want 0", "empty_rate": "share of empty answers; want 0",
+           "mean_answer_tokens": "length of answers", "median_answer_tokens": "length of answers",
+           "answer_tokens": "tokens scored", "prompts": "prompts generated"}
+    for key in how:
+        b, t = base.get(key, ""), tuned[key]
+        fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {key} | {fmt(b) if b != '' else '-'} | {fmt(t)} | {how[key]} |")
+    lines += ["", "## Samples", ""]
+    for s in result["samples"]:
+        lines += [f"**Prompt:** {s['prompt']}", "", f"- reference: {s['reference']}", f"- base: {s['base']}",
+                  f"- fine-tuned: {s['finetuned']}", ""]
+    return "\n".join(lines)
+
+
+def add_eval_arguments(parser) -> None:
+    parser.add_argument("--name", help="report name (default: the output dir's name)")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="held-out prompts to generate for (default 300 on GPU, 32 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help="generation/loss batch (default 32 GPU, 8 CPU)")
+    parser.add_argument("--samples", type=int, default=5, help="side-by-side samples in the report")
+    parser.add_argument("--merged", help="evaluate a --save-merged folder instead of adapter + base")
+    parser.add_argument("--no-base", action="store_true", help="skip the base model (faster)")
+    parser.add_argument("--reports-dir", default="reports", help="where eval-<name>.json/.md go")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept a pickle-only (.bin) adapter")
+
+
+def run(cfg: Config, args) -> dict[str, Any]:
+    on_gpu = resolve_device(cfg.inference.device) == "cuda"
+    n_prompts = args.num_prompts or (300 if on_gpu else 32)
+    batch_size = args.batch_size or (32 if on_gpu else 8)
+    tuned = load_finetuned(cfg, args.merged, args.allow_pickle)
+    data = load_conversations(cfg.data)
+    val = data.splits["validation"]
+    if len(val) == 0:
+        raise DataError(f"{cfg.data.dataset}: no validation conversations to evaluate on")
+    dataset = tokenize_conversations(val, tuned.tokenizer, min(cfg.data.max_length, tuned.context_window),
+                                     "validation", data.stats)
+    prompts, refs = prompts_and_references(val["messages"][:n_prompts])
+    gen = cfg.generation
+    result: dict[str, Any] = {"data": cfg.data.dataset, "conversations": len(val), "max_new_tokens": gen.max_new_tokens,
+                              "temperature": gen.temperature, "base": {}}
+    result["finetuned"], tuned_replies = evaluate_model(tuned, dataset, prompts, gen, batch_size, "fine-tuned")
+    base_replies: list[Reply | None] = [None] * len(prompts)
+    if not args.no_base:
+        base = load_base(cfg, tuned.tokenizer, base_model_name(cfg, args.merged))
+        result["base"], base_replies = evaluate_model(base, dataset, prompts, gen, batch_size, "base")
+    result["samples"] = [{"prompt": render_text(p), "reference": r, "finetuned": t.text,
+                          "base": b.text if b is not None else "-"}
+                         for p, r, t, b in list(zip(prompts, refs, tuned_replies, base_replies))[:args.samples]]
+    return result
+
+
+def write_reports(result: dict[str, Any], name: str, reports_dir: str | Path) -> tuple[Path, Path]:
+    out = Path(reports_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"eval-{name}.json", out / f"eval-{name}.md"
+    json_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    md_path.write_text(markdown_report(name, result), encoding="utf-8")
+    return json_path, md_path
+
+
+def update_model_card(cfg: Config, result: dict[str, Any]) -> None:
+    """Rewrite the adapter's README.md with the evaluation added (when the adapter has its training records)."""
+    folder = adapter_dir_for(cfg)
+    if not (folder / "data_stats.json").is_file():
+        return
+    stats = json.loads((folder / "data_stats.json").read_text())
+    history = json.loads((folder / "log_history.json").read_text()) if (folder / "log_history.json").is_file() else []
+    run_info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    report_utils.write_model_card(folder / "README.md", cfg, stats, history, run_info.get("compute", "?"),
+                                  eval_metrics=result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv, __doc__, extra=add_eval_arguments)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO)
+    name = args.name or Path(cfg.training.output_dir).name
+    try:
+        result = run(cfg, args)
+    except (AdapterError, ModelLoadError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
+    json_path, md_path = write_reports(result, name, args.reports_dir)
+    if args.merged is None:
+        update_model_card(cfg, result)
+    print(markdown_report(name, result).split("## Samples")[0])
+    logger.info("wrote %s and %s", json_path, md_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
