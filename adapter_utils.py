@@ -85,13 +85,19 @@ def _same_base(a: str, b: str) -> bool:
     return Path(a.rstrip("/")).name.lower() == Path(b.rstrip("/")).name.lower()
 
 
+def check_adapter_base(adapter_dir: str | Path, base_name: str, adapter_config: dict) -> None:
+    """Fail naming both when the adapter records another base (checked before any weights are loaded)."""
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if trained_on and not _same_base(trained_on, base_name):
+        raise AdapterError(f"the adapter in {adapter_dir} was trained on {trained_on!r} but the base model is "
+                           f"{base_name!r}; load it with --model.name_or_path {trained_on}")
+
+
 def check_adapter_fits(adapter_dir: str | Path, base_name: str, model: torch.nn.Module,
                        adapter_config: dict) -> None:
     """Fail naming both sides when the adapter was trained on another base or its shapes do not fit."""
+    check_adapter_base(adapter_dir, base_name, adapter_config)
     trained_on = adapter_config.get("base_model_name_or_path") or "?"
-    if trained_on != "?" and not _same_base(trained_on, base_name):
-        raise AdapterError(f"the adapter in {adapter_dir} was trained on {trained_on!r} but the base model is "
-                           f"{base_name!r}; load it with --model.name_or_path {trained_on}")
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights.is_file():
         return

@@ -26,7 +26,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GenerationConfig, StaticCache, TextIteratorStreamer
 
-from adapter_utils import AdapterError, check_adapter_fits, read_adapter_config
+from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
 from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer
@@ -257,6 +257,7 @@ def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = Tru
     base_name = cfg.model.name_or_path
     if "model.name_or_path" not in cfg.explicit and adapter_config.get("base_model_name_or_path"):
         base_name = adapter_config["base_model_name_or_path"]  # the base it was trained on, unless told otherwise
+    check_adapter_base(adapter_dir, base_name, adapter_config)
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else None
     tokenizer = load_tokenizer(type(cfg.model)(**{**vars(cfg.model), "name_or_path": base_name,
                                                   "tokenizer": str(tokenizer_source or cfg.model.tokenizer or base_name)}))

@@ -1,0 +1,130 @@
+"""inference.py: exact merge, standalone merged model, stop handling, streaming, history trimming, CLI errors."""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PhiForCausalLM
+
+import data_utils as du
+from config import GenerationSettings
+from inference import ChatModel, chat_loop, merge_adapter
+from conftest import TINY, run_script
+
+GREEDY = GenerationSettings(max_new_tokens=40, temperature=0.0)
+
+
+def test_merged_logits_equal_the_unmerged_adapter(smoke_run, tokenizer):
+    adapter = smoke_run / "final"
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), str(adapter)).eval()
+    merged, probe_diff = merge_adapter(AutoModelForCausalLM.from_pretrained(TINY), adapter, tokenizer)
+    assert probe_diff < 1e-3
+    ids = torch.randint(1, len(tokenizer), (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (peft_model(ids).logits - merged(ids).logits).abs().max().item()
+        base_gap = (AutoModelForCausalLM.from_pretrained(TINY)(ids).logits - merged(ids).logits).abs().max().item()
+    assert diff < 1e-3 and base_gap > 1.0  # equal to the adapter, and really different from the base
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_save_merged_round_trip(chat_model, tmp_path):
+    out = chat_model.save_merged(tmp_path / "merged")
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.generation_config.eos_token_id == chat_model.tokenizer.eos_token_id
+    assert reloaded.config.use_cache is True
+    prompts = [[{"role": "user", "content": q}] for q in ("What is the capital of Peru?", "What is 3 plus 4?")]
+    ids = [chat_model.prompt_ids(p, 40)[0] for p in prompts]
+    again = ChatModel(reloaded, chat_model.tokenizer)
+    assert chat_model.generate_ids(ids, GREEDY) == again.generate_ids(ids, GREEDY)
+
+
+def test_answer_is_the_answer_only(chat_model):
+    reply = chat_model.chat([{"role": "user", "content": "What is the capital of Peru?"}], GREEDY)
+    assert reply.text == "The capital of Peru is Lima." and reply.stop == "eos"
+    assert "###" not in reply.text and "Human" not in reply.text
+
+
+class ScriptedPhi(PhiForCausalLM):
+    """A real PhiForCausalLM whose next token follows a script, to drive transformers' generate loop."""
+
+    script: list[int] = []
+    prompt_len = 0
+
+    def forward(self, input_ids=None, past_key_values=None, **kwargs):
+        out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        step = past_key_values.get_seq_length() - self.prompt_len  # tokens generated before this one
+        forced = torch.full_like(out.logits[:, -1], -1e9)
+        forced[:, self.script[min(step, len(self.script) - 1)]] = 0
+        out.logits[:, -1] = forced
+        return out
+
+
+def scripted(tokenizer, text: str, tail: list[int] | None = None) -> tuple[ChatModel, list[dict]]:
+    model = ScriptedPhi.from_pretrained(TINY).eval()
+    model.script = tokenizer(text, add_special_tokens=False)["input_ids"] + (tail or [])
+    chat = ChatModel(model, tokenizer)
+    messages = [{"role": "user", "content": "Say something"}]
+    model.prompt_len = len(chat.prompt_ids(messages, 64)[0])
+    return chat, messages
+
+
+def test_generation_halts_at_a_human_turn_the_model_writes(tokenizer):
+    chat, messages = scripted(tokenizer, " Sure, here it is. ### Human: and now I ask myself a long question")
+    reply = chat.chat(messages, GenerationSettings(max_new_tokens=60, temperature=0.0))
+    assert reply.text == "Sure, here it is." and reply.stop == "marker"
+    assert reply.new_tokens < 30  # generation stopped at the marker, not at max_new_tokens
+    streamed = list(chat.stream(messages, GenerationSettings(max_new_tokens=60, temperature=0.0)))
+    assert streamed[-1] == "Sure, here it is." and all("#" not in s for s in streamed)
+
+
+def test_generation_halts_at_eos(tokenizer):
+    chat, messages = scripted(tokenizer, " Done.", tail=[tokenizer.eos_token_id] + [5] * 50)
+    reply = chat.chat(messages, GenerationSettings(max_new_tokens=60, temperature=0.0))
+    answer_tokens = len(tokenizer(" Done.", add_special_tokens=False)["input_ids"])
+    assert (reply.text, reply.stop, reply.new_tokens) == ("Done.", "eos", answer_tokens + 1)
+
+
+def test_streaming_grows_token_by_token(chat_model):
+    pieces = list(chat_model.stream([{"role": "user", "content": "What is the capital of Peru?"}], GREEDY))
+    assert len(pieces) >= 3 and pieces[-1] == "The capital of Peru is Lima."
+    assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
+
+
+def test_batched_generation_equals_one_by_one(chat_model):
+    questions = ["What is 2 plus 2?", "What is the capital of France? Tell me please, I want to know.", "Hello!"]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    batched = [r.text for r in chat_model.chat_batch(convs, GREEDY, batch_size=3)]
+    single = [chat_model.chat(c, GREEDY).text for c in convs]
+    assert batched == single
+
+
+def test_chat_loop_trims_history_and_says_so(chat_model, monkeypatch):
+    monkeypatch.setattr(chat_model, "context_window", 90)
+    inputs = iter(["What is 2 plus 3?", "Now add 2.", "", "Now add 1.", "What is the capital of Peru?", "/exit"])
+    said: list[str] = []
+    chat_loop(chat_model, GenerationSettings(max_new_tokens=30, temperature=0.0),
+              read=lambda prompt: next(inputs), write=said.append)
+    text = "\n".join(said)
+    assert "empty message" in text
+    notice = next(i for i, line in enumerate(said) if "no longer fit the context window" in line)
+    assert said[notice + 1] and not said[notice + 1].startswith("(")  # the question was still answered
+
+
+def test_cli_one_shot_prompt(smoke_run):
+    proc = run_script("inference.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(smoke_run),
+                      "--prompt", "What is the capital of Peru?", "--generation.temperature", "0")
+    assert proc.stdout.strip().splitlines()[-1] == "The capital of Peru is Lima."
+    assert "max |logit diff|" in proc.stderr
+
+
+def test_cli_missing_adapter_says_how_to_train(tmp_path):
+    proc = run_script("inference.py", "--config", "configs/smoke.yaml", "--inference.adapter", str(tmp_path / "x"),
+                      "--prompt", "hi", check=False)
+    assert proc.returncode == 1 and "python train.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_adapter_for_another_base_names_both(smoke_run, tmp_path):
+    proc = run_script("inference.py", "--inference.adapter", str(smoke_run / "final"), "--model.name_or_path",
+                      str(tmp_path / "phi-2"), "--prompt", "hi", check=False)
+    assert proc.returncode == 1 and "tiny-phi" in proc.stderr and "phi-2" in proc.stderr
