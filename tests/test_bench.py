@@ -1,0 +1,28 @@
+"""bench.py runs its real code paths on the tiny model on the CPU (speed is measured on GPUs, not here)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_script
+
+
+def test_training_bench_tiny(tmp_path):
+    out = tmp_path / "train.json"
+    run_script("bench.py", "train", "--tiny", "--presets", "baseline", "speed", "--out", str(out))
+    record = json.loads(out.read_text())
+    rows = {r["name"]: r for r in record["rows"]}
+    assert set(rows) == {"baseline", "speed"} and not any("error" in r for r in rows.values())
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["tokens_per_step"] > 0 and r["loss_last"] > 0
+    assert rows["baseline"]["config"]["training"]["packing"] is False
+    assert "| baseline |" in record["table"] and record["versions"]["torch"]
+
+
+def test_generation_bench_tiny(tmp_path):
+    out = tmp_path / "gen.json"
+    run_script("bench.py", "generate", "--tiny", "--dtypes", "fp32", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["fp32 plain", "fp32 fast"]
+    assert rows[1]["greedy_agreement_first64"] == [64, 64]  # the fast path decodes the same tokens (fp32)
+    assert rows[1]["max_logit_diff"] < 1e-3
