@@ -1,0 +1,138 @@
+"""Training survives faults: kill -9 + --resume, SIGTERM, corrupt checkpoints, NaN, OOM; no secrets leak."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT, run_script
+
+QUICK = ["--config", "configs/smoke.yaml", "--training.max_steps", "120", "--training.save_steps", "40",
+         "--training.eval_steps", "0", "--training.logging_steps", "20"]
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *QUICK, "--training.output_dir", str(out), *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training ended early: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_kill_9_then_resume_ends_with_the_same_adapter(tmp_path):
+    full = tmp_path / "full"
+    run_script("train.py", *QUICK, "--training.output_dir", str(full))
+    crashed = tmp_path / "crashed"
+    proc = start(crashed)
+    wait_for(lambda: (crashed / "checkpoint-40" / "trainer_state.json").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "final").exists()
+    resumed = run_script("train.py", *QUICK, "--training.output_dir", str(crashed), "--resume")
+    assert "resuming from" in resumed.stderr
+    a, b = adapter(full / "final"), adapter(crashed / "final")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, "--training.save_steps", "1000")
+    wait_for(lambda: (out / "config.yaml").is_file(), proc)
+    time.sleep(4)  # well into training
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "--resume" in err and "Traceback" not in err
+    checkpoint = train.newest_complete_checkpoint(out)
+    assert checkpoint is not None and int(checkpoint.name.split("-")[1]) < 120
+    run_script("train.py", *QUICK, "--training.output_dir", str(out), "--training.save_steps", "1000", "--resume")
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_corrupt_newest_checkpoint_is_skipped(smoke_run, tmp_path, caplog):
+    good = sorted(smoke_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    out = tmp_path / "out"
+    shutil.copytree(good, out / "checkpoint-100")
+    for name, damage in (("checkpoint-200", "adapter_model.safetensors"), ("checkpoint-300", "optimizer.pt"),
+                         ("checkpoint-400", "trainer_state.json")):
+        shutil.copytree(good, out / name)
+        path = out / name / damage
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # a crash mid-save
+    (out / "checkpoint-500").mkdir()  # created, nothing written yet
+    with caplog.at_level("WARNING"):
+        assert train.newest_complete_checkpoint(out) == out / "checkpoint-100"
+    assert sum("skipping incomplete checkpoint" in r.message for r in caplog.records) == 4
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = run_script("train.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(out),
+                      "--training.learning_rate", "1e4", "--training.max_grad_norm", "0", "--training.warmup_ratio",
+                      "0.5", "--training.save_steps", "2", "--training.logging_steps", "1", "--training.max_steps",
+                      "60", "--training.eval_steps", "0", check=False)
+    assert proc.returncode == 3
+    assert "became nan" in proc.stderr.lower() and "learning rate" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "final").exists()
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert checkpoints, "expected good checkpoints before the blow-up"
+    for cp in checkpoints:
+        assert all(torch.isfinite(t).all() for t in adapter(cp).values()), cp
+    assert str(train.newest_complete_checkpoint(out)) in proc.stderr
+
+
+def test_out_of_memory_names_the_knobs():
+    class Trainer:
+        callback_handler = type("H", (), {"callbacks": [train.Guard()]})()
+
+        def train(self, resume_from_checkpoint=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(train.TrainingOutOfMemory) as e:
+        train.run_training(Trainer(), resume=False, output_dir="model")
+    for knob in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                 "gradient_checkpointing", "phi2-lowmem.yaml", "--resume"):
+        assert knob in str(e.value)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_nothing_usable_fails_before_loading_the_model(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"message_id": "a", "parent_id": null, "text": "hi", "role": "prompter", "deleted": true}\n')
+    proc = run_script("train.py", "--config", "configs/smoke.yaml", "--data.dataset", str(bad),
+                      "--training.output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 1 and "no usable training conversations" in proc.stderr
+    assert "base data/tiny-phi" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_secrets_in_outputs(smoke_run):
+    """The token a user exports for the Hub never lands in configs, model cards or logs we write."""
+    secret = "hf_THIS_IS_A_SECRET_TOKEN"
+    out = smoke_run.parent / "secret-run"
+    proc = run_script("train.py", *QUICK, "--training.max_steps", "5", "--training.output_dir", str(out),
+                      env={"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret})
+    assert secret not in proc.stdout + proc.stderr
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".txt"):
+            assert secret not in path.read_text(errors="ignore"), path
