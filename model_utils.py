@@ -7,6 +7,7 @@ default because Phi-2 is native in transformers.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -144,11 +145,20 @@ def check_context(model_config, max_length: int) -> None:
                          f"set data.max_length <= {context}")
 
 
+def fsdp_enabled() -> bool:
+    """True under `accelerate launch` with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def load_model(cfg: ModelConfig, choice: DeviceChoice, bnb_config: BitsAndBytesConfig | None,
                attn_implementation: str, dtype: torch.dtype | None = None):
     """The base model on this process's device: quantized when bnb_config is set, else in `dtype`."""
     state = PartialState()
-    device_map = {"": state.local_process_index} if choice.device == "cuda" else {"": "cpu"}
+    if fsdp_enabled():
+        device_map = None  # FSDP loads on rank 0 and broadcasts the shards (fsdp_cpu_ram_efficient_loading)
+    else:
+        # one full 4-bit copy per process, on that process's own GPU (DDP)
+        device_map = {"": state.local_process_index} if choice.device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,

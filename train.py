@@ -35,7 +35,7 @@ import report_utils
 from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
 from config import Config, DataConfig, TrainingConfig, parse_config, save_config
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
-from model_utils import (DeviceChoice, ModelLoadError, check_context, decide_device_dtype, load_model, load_model_config,
+from model_utils import (DeviceChoice, ModelLoadError, fsdp_enabled, check_context, decide_device_dtype, load_model, load_model_config,
                          load_tokenizer, resolve_attention, resolve_compile)
 from quantization_utils import build_bnb_config
 
@@ -77,6 +77,9 @@ def prepare_data(cfg: DataConfig, tokenizer):
 def build_model(cfg: Config, choice: DeviceChoice):
     """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
     check_context(load_model_config(cfg.model), cfg.data.max_length)
+    if fsdp_enabled() and cfg.quantization.mode in ("nf4", "fp4") and cfg.quantization.storage != "compute":
+        raise ValueError("FSDP can only shard 4-bit weights stored in a float dtype: set quantization.storage: "
+                         "compute (configs/phi2-fsdp.yaml does)")
     compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
     attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, compiled)
     bnb = build_bnb_config(cfg.quantization, choice.dtype)
@@ -353,8 +356,7 @@ def add_train_arguments(parser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv, __doc__, extra=add_train_arguments)
-    from accelerate import PartialState
-    setup_logging(PartialState().is_main_process)
+    setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)  # set by accelerate launch / torchrun
     try:
         choice = decide_device_dtype(cfg.model.dtype)
         logger.info("compute: %s %s (%s)", choice.device, choice.name, choice.reason)
