@@ -166,8 +166,10 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
         dataset = dataset.map(lambda ex: {k: v[:cfg.data.max_length] for k, v in ex.items()})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model = train.build_model(cfg, choice)
-    trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice)
+    from model_utils import resolve_compile
+    compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
+    model = train.build_model(cfg, choice, compiled)
+    trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice, compiled)
 
     marks: dict[int, tuple[float, int]] = {}
     losses: list[float] = []

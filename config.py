@@ -197,23 +197,16 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, bool):
             problems.append(f"{key}: expected true/false, got {value!r}")
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            problems.append(f"{key}: expected an integer, got {value!r}")
-            return value
+    if tp in (int, float):
+        # YAML gives numbers, the command line gives strings; bools are ints in Python but never valid here.
+        accepted = (int, str) if tp is int else (int, float, str)
+        what = "an integer" if tp is int else "a number"
         try:
-            return int(value)
+            if isinstance(value, bool) or not isinstance(value, accepted):
+                raise ValueError
+            return tp(value)
         except ValueError:
-            problems.append(f"{key}: expected an integer, got {value!r}")
-            return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            problems.append(f"{key}: expected a number, got {value!r}")
-            return value
-        try:
-            return float(value)
-        except ValueError:
-            problems.append(f"{key}: expected a number, got {value!r}")
+            problems.append(f"{key}: expected {what}, got {value!r}")
             return value
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -15,6 +15,7 @@ EOS or when the model starts a new `### Human:` turn, and returns only the answe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -259,8 +260,8 @@ def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = Tru
         base_name = adapter_config["base_model_name_or_path"]  # the base it was trained on, unless told otherwise
     check_adapter_base(adapter_dir, base_name, adapter_config)
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(type(cfg.model)(**{**vars(cfg.model), "name_or_path": base_name,
-                                                  "tokenizer": str(tokenizer_source or cfg.model.tokenizer or base_name)}))
+    tokenizer = load_tokenizer(dataclasses.replace(
+        cfg.model, name_or_path=base_name, tokenizer=str(tokenizer_source or cfg.model.tokenizer or base_name)))
     try:
         base = AutoModelForCausalLM.from_pretrained(base_name, revision=cfg.model.revision, dtype=torch.float32,
                                                     trust_remote_code=cfg.model.trust_remote_code,
@@ -314,14 +315,15 @@ def chat_loop(model: ChatModel, gen: GenerationSettings, read=input, write=print
 
 
 def _stream_to(model: ChatModel, messages: list[Message], gen: GenerationSettings, write) -> str:
+    """Prints the answer as it grows when `write` is print; otherwise hands `write` the finished answer."""
     shown = ""
     for text in model.stream(messages, gen):
-        if text.startswith(shown):
-            sys.stdout.write(text[len(shown):]) if write is print else None
+        if write is print and text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
         shown = text
     if write is print:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        print()
     else:
         write(shown)
     return shown

@@ -74,13 +74,12 @@ def prepare_data(cfg: DataConfig, tokenizer):
 # Model
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_model(cfg: Config, choice: DeviceChoice):
+def build_model(cfg: Config, choice: DeviceChoice, compiled: bool):
     """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
     check_context(load_model_config(cfg.model), cfg.data.max_length)
     if fsdp_enabled() and cfg.quantization.mode in ("nf4", "fp4") and cfg.quantization.storage != "compute":
         raise ValueError("FSDP can only shard 4-bit weights stored in a float dtype: set quantization.storage: "
                          "compute (configs/phi2-fsdp.yaml does)")
-    compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
     attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, compiled)
     bnb = build_bnb_config(cfg.quantization, choice.dtype)
     logger.info("base %s: quantization %s, attention %s", cfg.model.name_or_path, cfg.quantization.mode, attn)
@@ -105,9 +104,9 @@ def resolve_optim(name: str, choice: DeviceChoice) -> str:
     return name
 
 
-def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, has_eval: bool) -> SFTConfig:
+def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, compiled: bool,
+                     has_eval: bool) -> SFTConfig:
     eval_strategy = "steps" if has_eval and t.eval_steps > 0 else "no"
-    compiled = resolve_compile(t.torch_compile, choice, t.gradient_checkpointing)
     return SFTConfig(
         output_dir=t.output_dir,
         num_train_epochs=t.num_train_epochs,
@@ -226,8 +225,9 @@ class Guard(TrainerCallback):
             control.should_save, control.should_training_stop = False, True
 
 
-def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: DeviceChoice) -> SFTTrainer:
-    args = build_sft_config(cfg.training, cfg.data.max_length, choice, has_eval=eval_ds is not None)
+def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: DeviceChoice,
+                  compiled: bool) -> SFTTrainer:
+    args = build_sft_config(cfg.training, cfg.data.max_length, choice, compiled, has_eval=eval_ds is not None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=build_lora_config(cfg.lora))
     if choice.dtype == torch.float32:
@@ -359,11 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)  # set by accelerate launch / torchrun
     try:
         choice = decide_device_dtype(cfg.model.dtype)
-        logger.info("compute: %s %s (%s)", choice.device, choice.name, choice.reason)
+        compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
+        logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
+                    "on" if compiled else "off")
         tokenizer = load_tokenizer(cfg.model)
         train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
-        model = build_model(cfg, choice)
-        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice)
+        model = build_model(cfg, choice, compiled)
+        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, compiled)
         if trainer.is_world_process_zero():
             save_config(cfg, Path(cfg.training.output_dir) / "config.yaml")
         guard = run_training(trainer, args.resume, cfg.training.output_dir)
@@ -372,13 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if guard.diverged:
         last = newest_complete_checkpoint(cfg.training.output_dir)
-        logger.error("training stopped: %s. Likely causes: a learning rate too high for this batch size "
-                     "(try training.learning_rate %.1e) or fp16 numerics. Last good checkpoint: %s",
+        logger.error("training stopped: %s. Likely cause: a learning rate too high for this batch size (try "
+                     "training.learning_rate %.1e and --resume, or start over). Last good checkpoint: %s",
                      guard.diverged, cfg.training.learning_rate / 4, last or "none")
         return 3
     if guard.interrupted:
+        command = " ".join(a for a in sys.argv if a != "--resume")
         logger.warning("stopped by %s; checkpoint saved in %s. Continue with: python %s --resume",
-                       guard.interrupted, cfg.training.output_dir, " ".join(sys.argv))
+                       guard.interrupted, cfg.training.output_dir, command)
         return 130
     final = save_final(trainer, cfg, stats, choice)
     if trainer.is_world_process_zero():
