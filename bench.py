@@ -264,11 +264,9 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
             partial.write_text(json.dumps(rows + [row], default=str))
         outputs[fast], logits[fast] = [], []
         for p in prompts[:check_prompts]:
-            kwargs = chat._generate_kwargs([p], gen, 64, ignore_eos=True)
-            with torch.inference_mode():
-                out = model.generate(**kwargs, output_logits=True, return_dict_in_generate=True)
-            outputs[fast].append(out.sequences[0, len(p):].tolist())
-            logits[fast].append(torch.stack(out.logits)[:, 0].float().cpu())  # (64, vocab)
+            ids, step_logits = chat.generate_with_logits([p], gen, 64)
+            outputs[fast].append(ids[0])
+            logits[fast].append(step_logits[0])  # (64, vocab)
         if batch > 1:
             chat.generate_ids(prompts, gen, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up/compile
             sync()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -91,7 +91,9 @@ class ChatModel:
         self.fast = fast
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         self._caches: dict[tuple[int, int], StaticCache] = {}
-        self._lock = threading.Lock()  # one generation at a time on one model (the app queues the rest)
+        # Every generate call runs on this one thread: the compiled fast path's CUDA graphs are replayed by the
+        # thread that captured them, and requests take turns on the model (the app's queue holds the rest).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     @property
     def device(self) -> torch.device:
@@ -145,16 +147,27 @@ class ChatModel:
         text, stop = split_answer(self.tokenizer.decode(new_ids, skip_special_tokens=True), ended)
         return Reply(text=text, new_tokens=len(new_ids), stop=stop, turns_dropped=dropped)
 
-    @torch.inference_mode()
+    def _submit(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int,
+                ignore_eos: bool = False, streamer=None, output_logits: bool = False) -> Future:
+        def work():
+            with torch.inference_mode():
+                kwargs = self._generate_kwargs(batch_ids, gen, max_new_tokens, ignore_eos)
+                out = self.model.generate(**kwargs, streamer=streamer, output_logits=output_logits,
+                                          return_dict_in_generate=True)
+            new_ids = out.sequences[:, kwargs["input_ids"].shape[1]:].tolist()
+            return (new_ids, torch.stack(out.logits, 1).float().cpu()) if output_logits else new_ids
+
+        return self._worker.submit(work)
+
     def generate_ids(self, batch_ids: list[list[int]], gen: GenerationSettings,
                      max_new_tokens: int | None = None, ignore_eos: bool = False) -> list[list[int]]:
         """New token ids per prompt (pad after EOS included); the building block of every other method."""
-        max_new = max_new_tokens or gen.max_new_tokens
-        kwargs = self._generate_kwargs(batch_ids, gen, max_new, ignore_eos)
-        with self._lock:
-            out = self.model.generate(**kwargs)
-        width = kwargs["input_ids"].shape[1]
-        return [row[width:].tolist() for row in out]
+        return self._submit(batch_ids, gen, max_new_tokens or gen.max_new_tokens, ignore_eos).result()
+
+    def generate_with_logits(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int
+                             ) -> tuple[list[list[int]], torch.Tensor]:
+        """New ids and the logits of each step, (batch, steps, vocab); for checking the fast path (bench.py)."""
+        return self._submit(batch_ids, gen, max_new_tokens, ignore_eos=True, output_logits=True).result()
 
     def chat(self, messages: list[Message], gen: GenerationSettings) -> Reply:
         ids, dropped = self.prompt_ids(messages, gen.max_new_tokens)
@@ -178,19 +191,8 @@ class ChatModel:
         """Yields the answer so far, growing token by token; a stop marker is never shown."""
         ids, _ = self.prompt_ids(messages, gen.max_new_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        kwargs = self._generate_kwargs([ids], gen, gen.max_new_tokens)
-        error: list[BaseException] = []
-
-        def work():
-            try:
-                with self._lock, torch.inference_mode():
-                    self.model.generate(**kwargs, streamer=streamer)
-            except BaseException as e:  # re-raised in the consumer thread below
-                error.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+        future = self._submit([ids], gen, gen.max_new_tokens, streamer=streamer)
+        future.add_done_callback(lambda f: streamer.end() if f.exception() is not None else None)
         text = ""
         for piece in streamer:
             text += piece
@@ -204,9 +206,7 @@ class ChatModel:
         else:
             if text.strip():
                 yield text.strip()
-        thread.join()
-        if error:
-            raise error[0]
+        future.result()  # re-raises an error of the generation thread here
 
     def warm_up(self) -> None:
         """Compile the fast path's shapes once at load, so the first user does not wait for it."""
