@@ -157,7 +157,7 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     try:
         validate(cfg, problems)
     except ConfigError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     choice = decide_device_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model)
     from model_utils import load_model_config

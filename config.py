@@ -242,8 +242,7 @@ def build_config(values: dict[str, dict[str, Any]], problems: list[str]) -> Conf
 def validate(cfg: Config, problems: list[str] | None = None) -> None:
     """Range and consistency checks; raises ConfigError listing every problem (type errors included)."""
     problems = list(problems or [])
-    m, q, lo, d, t, g, i, a = (cfg.model, cfg.quantization, cfg.lora, cfg.data, cfg.training, cfg.generation,
-                               cfg.inference, cfg.app)
+    m, lo, d, t, g, a = cfg.model, cfg.lora, cfg.data, cfg.training, cfg.generation, cfg.app
 
     def need(cond: bool, msg: str) -> None:
         if not cond:

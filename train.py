@@ -35,8 +35,8 @@ import report_utils
 from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
 from config import Config, DataConfig, TrainingConfig, parse_config, save_config
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
-from model_utils import (DeviceChoice, ModelLoadError, fsdp_enabled, check_context, decide_device_dtype, load_model, load_model_config,
-                         load_tokenizer, resolve_attention, resolve_compile)
+from model_utils import (DeviceChoice, ModelLoadError, check_context, decide_device_dtype, fsdp_enabled, load_model,
+                         load_model_config, load_tokenizer, resolve_attention, resolve_compile)
 from quantization_utils import build_bnb_config
 
 logger = logging.getLogger("train")

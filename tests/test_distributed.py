@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
-import data_utils as du
 from config import GenerationSettings
 from inference import ChatModel, chat_loop, merge_adapter
 from conftest import TINY, run_script

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import yaml
 from PIL import Image
@@ -14,7 +13,6 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 import data_utils as du
 from config import DataConfig, GenerationSettings
 from evaluate import answer_loss
-from inference import ChatModel
 from conftest import TINY, run_script
 
 
