@@ -106,7 +106,6 @@ class ChatModel:
                                 f"{self.context_window}-token context window")
         return encode_prompt(self.tokenizer, messages, budget)
 
-    @torch.inference_mode()
     def _cache_for(self, batch: int, length: int) -> StaticCache | None:
         """A reused static cache (fast path): fixed shapes let the compiled decode step and CUDA graphs replay."""
         if not self.fast:
@@ -208,10 +207,10 @@ class ChatModel:
                 yield text.strip()
         future.result()  # re-raises an error of the generation thread here
 
-    def warm_up(self) -> None:
-        """Compile the fast path's shapes once at load, so the first user does not wait for it."""
+    def warm_up(self, gen: GenerationSettings) -> None:
+        """Compile the fast path once at load for the usual cache size (a short prompt + max_new_tokens), so the
+        first user does not wait for it; much longer chats compile one more size when they first occur."""
         if self.fast:
-            gen = GenerationSettings(max_new_tokens=8, temperature=0.0)
             self.chat([{"role": "user", "content": "Hello"}], gen)
 
     def save_merged(self, out_dir: str | Path) -> Path:
@@ -278,7 +277,7 @@ def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = Tru
     model = ChatModel(merged, tokenizer, fast=fast)
     logger.info("serving on %s in %s, fast decoding %s", device, icfg.dtype, "on" if fast else "off")
     if warm_up:
-        model.warm_up()
+        model.warm_up(cfg.generation)
     return model
 
 
