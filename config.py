@@ -89,7 +89,7 @@ class TrainingConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay on the adapters")
     max_grad_norm: float = doc(1.0, "gradient clipping norm (0 disables)")
     optim: str = doc("auto", "optimizer name from transformers; auto = paged_adamw_8bit on GPU, adamw_torch on CPU")
-    gradient_checkpointing: bool = doc(True, "recompute activations in backward: ~30% slower, far less memory")
+    gradient_checkpointing: bool = doc(True, "recompute activations in backward: slower steps, far less activation memory")
     packing: bool = doc(True, "pack conversations into full sequences (no padding, no cross-attention between them)")
     torch_compile: Literal["auto", "on", "off"] = doc(
         "auto", "compile the model: faster steps after a slow first one; auto = on for bf16 GPUs, off elsewhere")
@@ -328,7 +328,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", default=argparse.SUPPRESS,
-                               metavar="V", help=f"{f.metadata.get('help', '')} (default: {default})")
+                               metavar="V",
+                               help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

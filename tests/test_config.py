@@ -107,3 +107,14 @@ def test_presets_are_valid():
 
 def test_config_reference_doc_is_in_sync():
     assert (ROOT / "docs" / "CONFIG.md").read_text() == reference_markdown()
+
+
+def test_help_lists_every_key_with_its_documentation(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for section, cls in config.SECTIONS.items():
+        for name in cls.__dataclass_fields__:
+            assert f"--{section}.{name}" in out
+    assert "recompute activations in backward" in out
