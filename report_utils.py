@@ -82,9 +82,13 @@ def write_model_card(path: str | Path, cfg: Config, stats: dict[str, Any], histo
     if eval_metrics:
         lines += ["", "### evaluate.py", "", "| metric | base | fine-tuned |", "| --- | --- | --- |"]
         base, tuned = eval_metrics.get("base", {}), eval_metrics.get("finetuned", {})
+
+        def fmt(v: Any) -> str:
+            return f"{v:.4f}" if isinstance(v, float) else str(v) if v is not None else "-"
+
         for key in tuned:
             if isinstance(tuned[key], (int, float)):
-                lines.append(f"| {key} | {base.get(key, '')} | {tuned[key]} |")
+                lines.append(f"| {key} | {fmt(base.get(key))} | {fmt(tuned[key])} |")
     lines += ["", "![loss curve](loss.png)", "",
               "## Intended use and limits", "",
               "A research/hobby assistant adapter. It inherits the base model's knowledge and biases and the data's "

@@ -54,4 +54,5 @@ def test_fine_tuned_beats_base_and_reports_agree(smoke_run, tmp_path):
     assert f"| stop_rate | {base['stop_rate']:.4f} | {tuned['stop_rate']:.4f} |" in md
     assert len(result["samples"]) == 5 and "**Prompt:**" in md
     card = (smoke_run / "final" / "README.md").read_text()
-    assert "### evaluate.py" in card and f"{tuned['answer_loss']}" in card and "conversations" in card
+    assert "### evaluate.py" in card and f"| answer_loss | {base['answer_loss']:.4f} | {tuned['answer_loss']:.4f} |" in card
+    assert "conversations" in card

@@ -31,5 +31,5 @@ def test_model_card_has_counts_hyperparameters_and_no_local_paths(tmp_path):
     assert "/home/alice" not in text and "phi-2" in text and "oasst1" in text
     assert "| deleted | 3 |" in text and "| cycle | 1 |" in text and "| conversations | 5 |" in text
     assert "Final train loss: 1.0000 (step 30)" in text and "Final eval loss: 1.2000 (step 30)" in text
-    assert "| answer_loss | 2.0 | 1.2 |" in text and "| learning_rate | 0.0002 |" in text
+    assert "| answer_loss | 2.0000 | 1.2000 |" in text and "| learning_rate | 0.0002 |" in text
     assert "### Human:" in text and "Intended use and limits" in text
