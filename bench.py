@@ -227,7 +227,8 @@ def train_table(rows: list[dict], tiny: bool) -> str:
 
 def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_tokens: int, batch: int,
                  check_prompts: int, partial: Path | None = None) -> list[dict]:
-    """Plain generate vs the fast path (static cache + compiled step) in one dtype; agreement of greedy tokens."""
+    """Plain generate vs the fast path (inference.FastDecoder) in one dtype; agreement of greedy tokens.
+    first_call_s: the first call of a shape, compilation included (what warm-up at load pays once)."""
     from transformers import AutoModelForCausalLM
 
     from config import GenerationSettings
@@ -245,7 +246,10 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
     for fast in (False, True):
         chat = ChatModel(model, tokenizer, fast=fast)
         label = f"{dtype} {'fast' if fast else 'plain'}"
+        t0 = time.perf_counter()
         chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up/compile
+        sync()
+        first_call = time.perf_counter() - t0
         chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)
         sync()
         t0 = time.perf_counter()
@@ -259,7 +263,8 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
             chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)
             sync()
             times.append(time.perf_counter() - t0)
-        row = {"name": label, "batch1_tok_s": new_tokens / sorted(times)[1], "ttft_s": ttft}
+        row = {"name": label, "batch1_tok_s": new_tokens / sorted(times)[1], "ttft_s": ttft,
+               "first_call_s": first_call}
         if partial is not None:
             partial.write_text(json.dumps(rows + [row], default=str))
         outputs[fast], logits[fast] = [], []
@@ -268,8 +273,10 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
             outputs[fast].append(ids[0])
             logits[fast].append(step_logits[0])  # (64, vocab)
         if batch > 1:
+            t0 = time.perf_counter()
             chat.generate_ids(prompts, gen, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up/compile
             sync()
+            row[f"batch{batch}_first_call_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             chat.generate_ids(prompts, gen, max_new_tokens=new_tokens, ignore_eos=True)
             sync()
@@ -289,10 +296,12 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
 
 
 def gen_table(rows: list[dict], batch: int) -> str:
-    lines = [f"| path | batch-1 tok/s | time to first token (s) | batch-{batch} tok/s |", "| --- | --- | --- | --- |"]
+    lines = [f"| path | batch-1 tok/s | time to first token (s) | batch-{batch} tok/s | first call (s): batch 1 / "
+             f"batch {batch} |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['batch1_tok_s']:,.1f} | {r['ttft_s']:.3f} | "
-                     f"{r.get(f'batch{batch}_tok_s', float('nan')):,.0f} |")
+                     f"{r.get(f'batch{batch}_tok_s', float('nan')):,.0f} | {r['first_call_s']:.1f} / "
+                     f"{r.get(f'batch{batch}_first_call_s', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ import report_utils
 from adapter_utils import AdapterError
 from config import Config, GenerationSettings, parse_config
 from data_utils import DataError, Message, load_conversations, render_text, tokenize_conversations
-from inference import ChatModel, Reply, adapter_dir_for, load_chat_model, resolve_device
+from inference import ChatModel, Reply, adapter_dir_for, load_chat_model, resolve_device, use_fast_path
 from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer
 
 logger = logging.getLogger("evaluate")
@@ -101,7 +101,7 @@ def load_base(cfg: Config, tokenizer, base_name: str) -> ChatModel:
     base = AutoModelForCausalLM.from_pretrained(base_name, revision=cfg.model.revision,
                                                 dtype=DTYPE_NAMES[cfg.inference.dtype], use_safetensors=True,
                                                 trust_remote_code=cfg.model.trust_remote_code).to(device)
-    return ChatModel(base, tokenizer, fast=False)
+    return ChatModel(base, tokenizer, fast=use_fast_path(cfg.inference, device))
 
 
 def load_finetuned(cfg: Config, merged_dir: str | None, allow_pickle: bool) -> ChatModel:
@@ -111,7 +111,7 @@ def load_finetuned(cfg: Config, merged_dir: str | None, allow_pickle: bool) -> C
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=DTYPE_NAMES[cfg.inference.dtype],
                                                  use_safetensors=True).to(device)
     tokenizer = load_tokenizer(type(cfg.model)(name_or_path=merged_dir))
-    return ChatModel(model, tokenizer, fast=False)
+    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device))
 
 
 def markdown_report(name: str, result: dict[str, Any]) -> str:
@@ -141,7 +141,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--name", help="report name (default: the output dir's name)")
     parser.add_argument("--num-prompts", type=int, default=None,
                         help="held-out prompts to generate for (default 300 on GPU, 32 on CPU)")
-    parser.add_argument("--batch-size", type=int, default=None, help="generation/loss batch (default 32 GPU, 8 CPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="generation/loss batch (default: what half the free GPU memory holds, at most 64; 8 CPU)")
     parser.add_argument("--samples", type=int, default=5, help="side-by-side samples in the report")
     parser.add_argument("--merged", help="evaluate a --save-merged folder instead of adapter + base")
     parser.add_argument("--no-base", action="store_true", help="skip the base model (faster)")
@@ -149,11 +150,23 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--allow-pickle", action="store_true", help="accept a pickle-only (.bin) adapter")
 
 
+def auto_batch_size(model: ChatModel) -> int:
+    """Sequences per generation batch: on a GPU, as many full-context KV caches as half the free memory holds
+    (the rest is for activations and logits), at most 64; 8 on the CPU."""
+    if model.device.type != "cuda":
+        return 8
+    config = model.model.config
+    bytes_per_token = 2 * config.num_hidden_layers * config.hidden_size * model.model.dtype.itemsize  # K and V
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(1, min(64, int(free * 0.5 // (bytes_per_token * model.context_window))))
+
+
 def run(cfg: Config, args) -> dict[str, Any]:
     on_gpu = resolve_device(cfg.inference.device) == "cuda"
     n_prompts = args.num_prompts or (300 if on_gpu else 32)
-    batch_size = args.batch_size or (32 if on_gpu else 8)
     tuned = load_finetuned(cfg, args.merged, args.allow_pickle)
+    batch_size = args.batch_size or auto_batch_size(tuned)
+    logger.info("generation batch size %d%s", batch_size, "" if args.batch_size else " (auto; --batch-size sets it)")
     data = load_conversations(cfg.data)
     val = data.splits["validation"]
     if len(val) == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PhiForCausalLM
@@ -59,17 +60,19 @@ class ScriptedPhi(PhiForCausalLM):
         return out
 
 
-def scripted(tokenizer, text: str, tail: list[int] | None = None) -> tuple[ChatModel, list[dict]]:
+def scripted(tokenizer, text: str, tail: list[int] | None = None, fast: bool = False
+             ) -> tuple[ChatModel, list[dict]]:
     model = ScriptedPhi.from_pretrained(TINY).eval()
     model.script = tokenizer(text, add_special_tokens=False)["input_ids"] + (tail or [])
-    chat = ChatModel(model, tokenizer)
+    chat = ChatModel(model, tokenizer, fast=fast)
     messages = [{"role": "user", "content": "Say something"}]
     model.prompt_len = len(chat.prompt_ids(messages, 64)[0])
     return chat, messages
 
 
-def test_generation_halts_at_a_human_turn_the_model_writes(tokenizer):
-    chat, messages = scripted(tokenizer, " Sure, here it is. ### Human: and now I ask myself a long question")
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_generation_halts_at_a_human_turn_the_model_writes(tokenizer, fast):
+    chat, messages = scripted(tokenizer, " Sure, here it is. ### Human: and now I ask myself a long question", fast=fast)
     reply = chat.chat(messages, GenerationSettings(max_new_tokens=60, temperature=0.0))
     assert reply.text == "Sure, here it is." and reply.stop == "marker"
     assert reply.new_tokens < 30  # generation stopped at the marker, not at max_new_tokens
@@ -77,8 +80,9 @@ def test_generation_halts_at_a_human_turn_the_model_writes(tokenizer):
     assert streamed[-1] == "Sure, here it is." and all("#" not in s for s in streamed)
 
 
-def test_generation_halts_at_eos(tokenizer):
-    chat, messages = scripted(tokenizer, " Done.", tail=[tokenizer.eos_token_id] + [5] * 50)
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_generation_halts_at_eos(tokenizer, fast):
+    chat, messages = scripted(tokenizer, " Done.", tail=[tokenizer.eos_token_id] + [5] * 50, fast=fast)
     reply = chat.chat(messages, GenerationSettings(max_new_tokens=60, temperature=0.0))
     answer_tokens = len(tokenizer(" Done.", add_special_tokens=False)["input_ids"])
     assert (reply.text, reply.stop, reply.new_tokens) == ("Done.", "eos", answer_tokens + 1)
@@ -87,6 +91,31 @@ def test_generation_halts_at_eos(tokenizer):
 def test_streaming_grows_token_by_token(chat_model):
     pieces = list(chat_model.stream([{"role": "user", "content": "What is the capital of Peru?"}], GREEDY))
     assert len(pieces) >= 3 and pieces[-1] == "The capital of Peru is Lima."
+    assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
+
+
+def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
+    """The compiled static-cache loop (CUDA default) against transformers' generate: same greedy tokens, batched
+    with left padding, same stops, and the same sampled tokens from the same seed."""
+    fast = ChatModel(chat_model.model, chat_model.tokenizer, fast=True)
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, len(chat_model.tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
+    assert fast.generate_ids(prompts, GREEDY, ignore_eos=True) == chat_model.generate_ids(prompts, GREEDY,
+                                                                                          ignore_eos=True)
+    ids, fast_logits = fast.generate_with_logits(prompts[:1], GREEDY, 20)
+    plain_ids, plain_logits = chat_model.generate_with_logits(prompts[:1], GREEDY, 20)
+    assert ids == plain_ids and (fast_logits - plain_logits).abs().max() < 1e-4
+    questions = ["What is the capital of Peru?", "What is 2 plus 2?", "Hello!"]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    assert [fast.chat(c, GREEDY) for c in convs] == [chat_model.chat(c, GREEDY) for c in convs]
+    assert [r.text for r in fast.chat_batch(convs, GREEDY)] == [chat_model.chat(c, GREEDY).text for c in convs]
+    sampled = GenerationSettings(max_new_tokens=40, temperature=0.9)
+    torch.manual_seed(1)
+    a = fast.generate_ids(prompts[1:2], sampled, ignore_eos=True)
+    torch.manual_seed(1)
+    assert a == chat_model.generate_ids(prompts[1:2], sampled, ignore_eos=True)
+    pieces = list(fast.stream(convs[0], GREEDY))
+    assert len(pieces) >= 2 and pieces[-1] == "The capital of Peru is Lima."
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
 
 
