@@ -40,7 +40,7 @@ from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer
 
 logger = logging.getLogger("inference")
 
-CACHE_BUCKET = 128  # static KV caches come in multiples of this many tokens, so a few compiled shapes serve all
+CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
 
 
@@ -120,11 +120,24 @@ class FastDecoder:
 
     def __init__(self, model, tokenizer, context_window: int):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
-        self.step = model.get_compiled_call(CompileConfig())
+        # Static shapes: each (batch, cache bucket) compiles once (~30 s for Phi-2 on an H200) and replays as its own
+        # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
+        self.step = model.get_compiled_call(CompileConfig(dynamic=False))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._caches: dict[tuple[int, int], StaticCache] = {}
 
+    def cache_size(self, batch: int, length: int) -> int:
+        """Static cache length for `length` tokens. Each (batch, size) compiles once (~35 s for Phi-2), so a chat
+        (batch 1) uses powers of two from 512: a growing conversation meets at most 3 sizes, the first compiled at
+        load. Batches (evaluate.py) use steps of CACHE_BUCKET: attention reads every row's whole cache each step."""
+        if batch == 1:
+            size = max(512, 1 << (length - 1).bit_length())
+        else:
+            size = -(-length // CACHE_BUCKET) * CACHE_BUCKET
+        return min(self.context_window, size)
+
     def _cache(self, batch: int, length: int) -> StaticCache:
-        size = min(self.context_window, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
+        size = self.cache_size(batch, length)
         key = (batch, size)
         if key not in self._caches:
             self._caches[key] = StaticCache(config=self.model.config, max_cache_len=size)
@@ -175,15 +188,18 @@ class FastDecoder:
         next_position = position[:, -1:] + 1  # (batch, 1)
         rows: list[list[int]] = [[] for _ in range(batch)]
         stop_at: list[int | None] = [None] * batch
-        pending: list[tuple[torch.Tensor, torch.Event | None]] = []
+        # New tokens reach the host through one pinned buffer, a chunk at a time, each chunk with its CUDA event.
+        host = torch.empty(batch, max_new_tokens, dtype=torch.long, pin_memory=device.type == "cuda")
+        pending: list[tuple[int, int, torch.cuda.Event | None]] = []
         raw_logits: list[torch.Tensor] = []
+        plain_greedy = not (sample or procs or output_logits)
         chunk_start = 0
 
         def take_oldest_chunk() -> None:
-            tokens, ready = pending.pop(0)
+            start, end, ready = pending.pop(0)
             if ready is not None:
                 ready.synchronize()
-            for b, new in enumerate(tokens.tolist()):
+            for b, new in enumerate(host[:, start:end].tolist()):
                 if stop_at[b] is not None:
                     continue
                 checked = len(rows[b])
@@ -195,24 +211,26 @@ class FastDecoder:
                         streamer.put(torch.tensor(shown))
 
         for step in range(max_new_tokens):
-            # (batch, vocab) float copy: CUDA-graph outputs are overwritten by the next replay.
-            scores = logits.to(torch.float32, copy=True)
-            if output_logits:
-                raw_logits.append(scores.clone())
-            scores = procs(seq[:, :width + step], scores)
-            token = (torch.multinomial(scores.softmax(-1), 1)[:, 0] if sample else scores.argmax(-1))  # (batch,)
+            if plain_greedy:
+                # The argmax is queued before the next replay overwrites this CUDA-graph output; bf16 -> fp32 keeps
+                # the order, so this is generate()'s token.
+                token = logits.argmax(-1)  # (batch,)
+            else:
+                scores = logits.to(torch.float32, copy=True)  # (batch, vocab); graph outputs are overwritten
+                if output_logits:
+                    raw_logits.append(scores.clone())
+                scores = procs(seq[:, :width + step], scores)
+                token = torch.multinomial(scores.softmax(-1), 1)[:, 0] if sample else scores.argmax(-1)
             seq[:, width + step] = token
             done = step + 1 == max_new_tokens
             if (step + 1) % CHECK_EVERY == 0 or done:
-                chunk = seq[:, width + chunk_start:width + step + 1]
+                host[:, chunk_start:step + 1].copy_(seq[:, width + chunk_start:width + step + 1],
+                                                    non_blocking=True)
+                ready = None
                 if device.type == "cuda":
-                    host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
-                    host.copy_(chunk, non_blocking=True)
                     ready = torch.cuda.Event()
                     ready.record()
-                    pending.append((host, ready))
-                else:
-                    pending.append((chunk.clone(), None))
+                pending.append((chunk_start, step + 1, ready))
                 chunk_start = step + 1
                 # Look at the chunk before this one: by now the GPU has finished it, so this does not stall.
                 while len(pending) > (0 if done else 1):
@@ -347,7 +365,7 @@ class ChatModel:
 
     def warm_up(self, gen: GenerationSettings) -> None:
         """Compile the fast path once at load for the usual cache size (a short prompt + max_new_tokens), so the
-        first user does not wait for it; much longer chats compile one more size when they first occur."""
+        first user does not wait for it; longer chats compile a larger size (at most 2 more) when they first occur."""
         if self.fast:
             self.chat([{"role": "user", "content": "Hello"}], gen)
 

@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 from config import GenerationSettings
-from inference import ChatModel, chat_loop, merge_adapter
+from inference import ChatModel, FastDecoder, chat_loop, merge_adapter
 from conftest import TINY, run_script
 
 GREEDY = GenerationSettings(max_new_tokens=40, temperature=0.0)
@@ -117,6 +117,15 @@ def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
     pieces = list(fast.stream(convs[0], GREEDY))
     assert len(pieces) >= 2 and pieces[-1] == "The capital of Peru is Lima."
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
+
+
+def test_a_growing_chat_meets_few_compiled_cache_sizes(chat_model):
+    """Each static cache size costs a compile (~35 s for Phi-2 on a GPU): a chat growing to Phi-2's 2048-token window
+    meets at most 3, and every size holds its prompt + answer."""
+    decoder = FastDecoder(chat_model.model, chat_model.tokenizer, context_window=2048)
+    sizes = {n: decoder.cache_size(1, n) for n in range(1, 2049)}
+    assert set(sizes.values()) == {512, 1024, 2048} and all(size >= n for n, size in sizes.items())
+    assert decoder.cache_size(32, 300) == 384  # batches: 128-token steps, less attention over empty cache
 
 
 def test_batched_generation_equals_one_by_one(chat_model):
