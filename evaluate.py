@@ -80,9 +80,7 @@ def generation_metrics(replies: list[Reply], max_new_tokens: int) -> dict[str, f
 def evaluate_model(model: ChatModel, dataset, prompts: list[list[Message]], gen: GenerationSettings,
                    batch_size: int, label: str) -> tuple[dict[str, Any], list[Reply]]:
     loss, tokens = answer_loss(model.model, dataset, model.tokenizer.pad_token_id, batch_size, f"{label}: loss")
-    replies: list[Reply] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{label}: generation", leave=False):
-        replies += model.chat_batch(prompts[start:start + batch_size], gen, batch_size)
+    replies = model.chat_batch(prompts, gen, batch_size, progress=f"{label}: generation")
     metrics = {"answer_loss": loss, "perplexity": float(torch.tensor(loss).exp()), "answer_tokens": tokens,
                "prompts": len(prompts), **generation_metrics(replies, gen.max_new_tokens)}
     return metrics, replies

@@ -29,6 +29,7 @@ from typing import Iterator
 
 import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, CompileConfig, GenerationConfig, LogitsProcessorList,
                           RepetitionPenaltyLogitsProcessor, StaticCache, SuppressTokensLogitsProcessor,
                           TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
@@ -165,13 +166,14 @@ class FastDecoder:
         return len(row) - 1
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationSettings,
-                 max_new_tokens: int, ignore_eos: bool = False, streamer=None, output_logits: bool = False
-                 ) -> tuple[list[list[int]], torch.Tensor | None]:
+                 max_new_tokens: int, ignore_eos: bool = False, streamer=None, output_logits: bool = False,
+                 cache_length: int = 0) -> tuple[list[list[int]], torch.Tensor | None]:
         """New ids per row, each cut after the token that ended it; plus the raw logits of each step
-        (batch, steps, vocab) when asked. input_ids/attention_mask: (batch, prompt) left-padded."""
+        (batch, steps, vocab) when asked. input_ids/attention_mask: (batch, prompt) left-padded. cache_length:
+        size the cache for at least this many tokens (one shape for many calls)."""
         batch, width = input_ids.shape
         device = input_ids.device
-        cache = self._cache(batch, width + max_new_tokens)
+        cache = self._cache(batch, max(width + max_new_tokens, cache_length))
         size = cache.layers[0].max_cache_len
         # One (batch, cache) mask for every call: 0 on left padding, 1 elsewhere; the causal rule hides the future.
         mask = torch.ones(batch, size, dtype=attention_mask.dtype, device=device)
@@ -303,14 +305,15 @@ class ChatModel:
         return new_ids, (torch.stack(out.logits, 1).float().cpu() if output_logits else None)
 
     def _submit(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int,
-                ignore_eos: bool = False, streamer=None, output_logits: bool = False) -> Future:
+                ignore_eos: bool = False, streamer=None, output_logits: bool = False,
+                cache_length: int = 0) -> Future:
         def work():
             with torch.inference_mode():
                 inputs = self._inputs(batch_ids)
                 if self._decoder is not None:
                     return self._decoder.generate(**inputs, gen=gen, max_new_tokens=max_new_tokens,
                                                   ignore_eos=ignore_eos, streamer=streamer,
-                                                  output_logits=output_logits)
+                                                  output_logits=output_logits, cache_length=cache_length)
                 return self._generate_plain(inputs, gen, max_new_tokens, ignore_eos, streamer, output_logits)
 
         return self._worker.submit(work)
@@ -330,16 +333,24 @@ class ChatModel:
         ids, dropped = self.prompt_ids(messages, gen.max_new_tokens)
         return self._reply(self.generate_ids([ids], gen)[0], dropped)
 
-    def chat_batch(self, conversations: list[list[Message]], gen: GenerationSettings, batch_size: int = 16
-                   ) -> list[Reply]:
-        """Answers for many conversations, batched with left padding (evaluate.py)."""
+    def chat_batch(self, conversations: list[list[Message]], gen: GenerationSettings, batch_size: int = 16,
+                   progress: str | None = None) -> list[Reply]:
+        """Answers for many conversations, batched with left padding (evaluate.py); `progress` labels a bar.
+
+        On the fast path every batch has one shape (the last is filled up with repeats, the cache sized for the
+        longest prompt), so the whole call compiles once instead of once per batch size and length."""
         encoded = [self.prompt_ids(m, gen.max_new_tokens) for m in conversations]
         # Sorting by length keeps padding small; results are put back in input order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        cache_length = max((len(ids) for ids, _ in encoded), default=0) + gen.max_new_tokens
         replies: list[Reply | None] = [None] * len(encoded)
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=progress, leave=False, disable=progress is None):
             idx = order[start:start + batch_size]
-            outs = self.generate_ids([encoded[i][0] for i in idx], gen)
+            batch = [encoded[i][0] for i in idx]
+            if self.fast:
+                batch += [batch[0]] * (min(batch_size, len(order)) - len(batch))
+            outs = self._submit(batch, gen, gen.max_new_tokens, cache_length=cache_length).result()[0]
             for i, new in zip(idx, outs):
                 replies[i] = self._reply(new, encoded[i][1])
         return replies  # type: ignore[return-value]

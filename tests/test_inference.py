@@ -128,6 +128,18 @@ def test_a_growing_chat_meets_few_compiled_cache_sizes(chat_model):
     assert decoder.cache_size(32, 300) == 384  # batches: 128-token steps, less attention over empty cache
 
 
+def test_fast_batches_share_one_compiled_shape(chat_model):
+    """evaluate.py's batches on the fast path: one (batch, cache) shape for the whole call — one compile on a GPU,
+    not one per batch — and the same answers as the plain path."""
+    fast = ChatModel(chat_model.model, chat_model.tokenizer, fast=True)
+    questions = ["Hi", "What is 2 plus 2?", "What is the capital of Peru?", "Tell me, please: what is 3 plus 4?",
+                 "What is the capital of France? I would really like to know it, if you can tell me."]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    replies = fast.chat_batch(convs, GREEDY, batch_size=2)
+    assert len(fast._decoder._caches) == 1
+    assert replies == chat_model.chat_batch(convs, GREEDY, batch_size=2)
+
+
 def test_batched_generation_equals_one_by_one(chat_model):
     questions = ["What is 2 plus 2?", "What is the capital of France? Tell me please, I want to know.", "Hello!"]
     convs = [[{"role": "user", "content": q}] for q in questions]
