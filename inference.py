@@ -89,14 +89,16 @@ def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | 
     )
 
 
-def logits_processors(gen: GenerationSettings, sample: bool, suppress: list[int]) -> LogitsProcessorList:
+def logits_processors(gen: GenerationSettings, sample: bool, suppress: list[int],
+                      device: torch.device) -> LogitsProcessorList:
     """The processors generate() applies for these settings, in its order: penalty, suppressed tokens (what its
-    min_new_tokens does to EOS), then the sampling warpers."""
+    min_new_tokens does to EOS), then the sampling warpers. None of them may copy from the host per step: a
+    blocking copy waits for the GPU, which would stall the fast loop every token."""
     procs = LogitsProcessorList()
     if gen.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
     if suppress:
-        procs.append(SuppressTokensLogitsProcessor(suppress))
+        procs.append(SuppressTokensLogitsProcessor(suppress, device=device))  # its ids live on the GPU
     if sample:
         procs.append(TemperatureLogitsWarper(gen.temperature))
         if gen.top_k > 0:
@@ -114,8 +116,9 @@ class FastDecoder:
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (bf16,
     random-init Phi-2, docs/PERFORMANCE.md): generate + static cache 240.5 tok/s at batch 1 and 7,698 at batch 64;
-    this loop 275.4 and 9,655. The compiled step alone runs at 365 tok/s: the rest of the gap to the ~860 tok/s
-    weight-bandwidth roofline is in the matrix-vector kernels, not here.
+    this loop 275.4 and 9,655 (then still with a per-token host copy in the benchmark's EOS masking, since removed).
+    The compiled step alone runs at 365 tok/s: most of the gap to the ~860 tok/s weight-bandwidth roofline is in
+    the matrix-vector kernels, not here.
 
     Pieces are transformers' own: StaticCache, the model's compiled call (`get_compiled_call`, inductor with CUDA
     graphs on CUDA), the logits processors and the text streamer. Prefill runs eagerly (one call; its shapes vary).
@@ -183,7 +186,7 @@ class FastDecoder:
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
         sample = gen.temperature > 0
         eos = self.tokenizer.eos_token_id
-        procs = logits_processors(gen, sample, suppress=[eos] if ignore_eos else [])  # ignore_eos: benchmarks
+        procs = logits_processors(gen, sample, [eos] if ignore_eos else [], device)  # ignore_eos: benchmarks
         if streamer is not None:
             streamer.put(input_ids.cpu())  # the streamer skips the prompt it is handed first
 

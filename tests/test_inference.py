@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import PeftModel
@@ -138,6 +140,29 @@ def test_fast_batches_share_one_compiled_shape(chat_model):
     replies = fast.chat_batch(convs, GREEDY, batch_size=2)
     assert len(fast._decoder._caches) == 1
     assert replies == chat_model.chat_batch(convs, GREEDY, batch_size=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_loop_does_not_wait_for_the_gpu_per_token(tokenizer):
+    """The fast path's host syncs (prefill, streaming setup) do not grow with the answer: a per-token sync would
+    leave the GPU idle between steps. New tokens come back through CUDA events, which sync-debug mode does not
+    count. (A processor that copied its ids from the host each step was such a sync.)"""
+    fast = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True)
+    prompt = [list(range(5, 25))]
+
+    def syncs(gen: GenerationSettings, new_tokens: int) -> int:
+        fast.generate_ids(prompt, gen, new_tokens, ignore_eos=True)  # compile, capture the graph
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fast.generate_ids(prompt, gen, new_tokens, ignore_eos=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    for gen in (GREEDY, GenerationSettings(max_new_tokens=40, temperature=0.8)):
+        assert syncs(gen, 32) == syncs(gen, 128)
 
 
 def test_batched_generation_equals_one_by_one(chat_model):
