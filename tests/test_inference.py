@@ -162,7 +162,7 @@ def test_fast_loop_does_not_wait_for_the_gpu_per_token(tokenizer):
         return sum("synchroniz" in str(w.message) for w in caught)
 
     for gen in (GREEDY, GenerationSettings(max_new_tokens=40, temperature=0.8)):
-        assert syncs(gen, 32) == syncs(gen, 128)
+        assert 0 < syncs(gen, 32) == syncs(gen, 128)  # > 0: the prefill's syncs are seen, so counting works
 
 
 def test_batched_generation_equals_one_by_one(chat_model):
