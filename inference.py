@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, CompileConfig, GenerationConfig, LogitsProcessorList,
                           RepetitionPenaltyLogitsProcessor, StaticCache, SuppressTokensLogitsProcessor,
                           TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
 
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
@@ -108,6 +111,63 @@ def logits_processors(gen: GenerationSettings, sample: bool, suppress: list[int]
     return procs
 
 
+def fuse_phi_layers(model) -> bool:
+    """Rewire each Phi decoder layer to read its weights with two matrix products instead of six.
+
+    A Phi layer feeds one normalized input to q, k, v and fc1, and adds dense(attention) to fc2(gelu(fc1)): so
+    [q; k; v; fc1] is one (7680 + 10240) x 2560 product and [dense | fc2] one 2560 x 12800 product. At batch 1 each
+    product is a matrix-vector pass over its weights, and small ones do not reach the GPU's bandwidth (H200, bf16:
+    q/k/v/dense ~7 us each at ~1.9 TB/s, fc1/fc2 ~16 us at ~3.4 TB/s; docs/PERFORMANCE.md). The math is the same;
+    the sums are ordered differently (fp32 CPU: logits within 1e-5 of the unfused model, tested).
+
+    In place and memory-neutral: the fused matrices take over the weights' storage and each Linear keeps a view
+    of its part, so the state dict keeps its names (ChatModel.save_merged writes the ordinary layout). Fuse after
+    the last `.to()`: moving the model afterwards would give each view its own copy. Returns False (and changes
+    nothing) for a model that is not Phi."""
+    if getattr(model.config, "model_type", None) != "phi":
+        return False
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        ins, outs = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc1], [attn.dense, mlp.fc2]
+        layer.fused_in_sizes = [m.out_features for m in ins]
+        layer.fused_in_weight = torch.cat([m.weight.detach() for m in ins])  # (q + k + v + ff, hidden)
+        layer.fused_in_bias = torch.cat([m.bias.detach() for m in ins])
+        for m, w, b in zip(ins, layer.fused_in_weight.split(layer.fused_in_sizes),
+                           layer.fused_in_bias.split(layer.fused_in_sizes)):
+            m.weight, m.bias = torch.nn.Parameter(w, requires_grad=False), torch.nn.Parameter(b, requires_grad=False)
+        layer.fused_out_weight = torch.cat([m.weight.detach() for m in outs], 1)  # (hidden, attention + ff)
+        layer.fused_out_bias = (attn.dense.bias.detach().float() + mlp.fc2.bias.detach().float()).to(
+            attn.dense.bias.dtype)
+        for m, w in zip(outs, layer.fused_out_weight.split([m.in_features for m in outs], 1)):
+            m.weight = torch.nn.Parameter(w, requires_grad=False)
+        for t in (layer.fused_in_weight, layer.fused_in_bias, layer.fused_out_weight, layer.fused_out_bias):
+            torch._dynamo.mark_static_address(t, guard=False)  # CUDA graphs read them in place, never copy them
+        layer.forward = _fused_phi_layer_forward.__get__(layer)
+    return True
+
+
+def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
+                             past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+    """PhiDecoderLayer.forward + PhiAttention.forward (transformers 5.23, eval mode) with the products fused."""
+    attn = self.self_attn
+    x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
+    q, k, v, ff = F.linear(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
+    heads = (*x.shape[:-1], -1, attn.head_dim)
+    q, k, v = q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
+    if attn.qk_layernorm:
+        q, k = attn.q_layernorm(q), attn.k_layernorm(k)
+    cos, sin = position_embeddings
+    r = attn.rotary_ndims  # partial rotary: only the first r dims of each head rotate
+    q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin)
+    q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, attn.layer_idx)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    out, _ = attend(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+    mixed = torch.cat((out.reshape(*x.shape[:-1], -1), self.mlp.activation_fn(ff)), dim=-1)
+    return F.linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
+
+
 class FastDecoder:
     """Decoding with a static KV cache and a compiled, CUDA-graphed decode step (the fast path).
 
@@ -126,6 +186,7 @@ class FastDecoder:
 
     def __init__(self, model, tokenizer, context_window: int):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
+        self.fused = fuse_phi_layers(model)
         # Static shapes: each (batch, cache bucket) compiles once (~30 s for Phi-2 on an H200) and replays as its own
         # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
         self.step = model.get_compiled_call(CompileConfig(dynamic=False))
@@ -392,7 +453,10 @@ class ChatModel:
         self.model.generation_config = GenerationConfig(
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             bos_token_id=self.tokenizer.bos_token_id, max_new_tokens=256)
-        self.model.save_pretrained(out, safe_serialization=True)
+        # Fused layers (fuse_phi_layers) keep dense/fc2 as column views of one matrix; safetensors wants each
+        # tensor contiguous, and the file keeps the ordinary layout.
+        state = {name: t.contiguous() for name, t in self.model.state_dict().items()}
+        self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         return out
 

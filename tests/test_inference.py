@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -97,9 +98,11 @@ def test_streaming_grows_token_by_token(chat_model):
 
 
 def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
-    """The compiled static-cache loop (CUDA default) against transformers' generate: same greedy tokens, batched
-    with left padding, same stops, and the same sampled tokens from the same seed."""
-    fast = ChatModel(chat_model.model, chat_model.tokenizer, fast=True)
+    """The compiled static-cache loop (CUDA default, its layers fused) against transformers' generate on the
+    unfused model: same greedy tokens, batched with left padding, same stops, and the same sampled tokens from the
+    same seed."""
+    fast = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+    assert fast._decoder.fused
     rng = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, len(chat_model.tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
     assert fast.generate_ids(prompts, GREEDY, ignore_eos=True) == chat_model.generate_ids(prompts, GREEDY,
@@ -121,10 +124,25 @@ def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
 
 
+def test_fused_layers_cost_no_memory_and_save_the_ordinary_model(chat_model, tmp_path):
+    """The fast path fuses each layer's six products into two in place: the weights take no extra memory (a copy
+    would double them), and --save-merged from a fused model writes the same model as from an unfused one."""
+    def weight_bytes(model) -> int:  # every tensor the model holds: parameters, buffers, plain attributes
+        held = [t for m in model.modules() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False),
+                                                    *(v for v in vars(m).values() if isinstance(v, torch.Tensor)))]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}.values())
+
+    fast = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+    assert weight_bytes(fast.model) <= 1.001 * weight_bytes(chat_model.model)  # + one summed bias per layer
+    reloaded = AutoModelForCausalLM.from_pretrained(fast.save_merged(tmp_path / "merged")).state_dict()
+    original = chat_model.model.state_dict()
+    assert list(reloaded) == list(original) and all(torch.equal(reloaded[k], original[k]) for k in original)
+
+
 def test_a_growing_chat_meets_few_compiled_cache_sizes(chat_model):
     """Each static cache size costs a compile (~35 s for Phi-2 on a GPU): a chat growing to Phi-2's 2048-token window
     meets at most 3, and every size holds its prompt + answer."""
-    decoder = FastDecoder(chat_model.model, chat_model.tokenizer, context_window=2048)
+    decoder = FastDecoder(copy.deepcopy(chat_model.model), chat_model.tokenizer, context_window=2048)
     sizes = {n: decoder.cache_size(1, n) for n in range(1, 2049)}
     assert set(sizes.values()) == {512, 1024, 2048} and all(size >= n for n, size in sizes.items())
     assert decoder.cache_size(32, 300) == 384  # batches: 128-token steps, less attention over empty cache
@@ -133,7 +151,7 @@ def test_a_growing_chat_meets_few_compiled_cache_sizes(chat_model):
 def test_fast_batches_share_one_compiled_shape(chat_model):
     """evaluate.py's batches on the fast path: one (batch, cache) shape for the whole call — one compile on a GPU,
     not one per batch — and the same answers as the plain path."""
-    fast = ChatModel(chat_model.model, chat_model.tokenizer, fast=True)
+    fast = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
     questions = ["Hi", "What is 2 plus 2?", "What is the capital of Peru?", "Tell me, please: what is 3 plus 4?",
                  "What is the capital of France? I would really like to know it, if you can tell me."]
     convs = [[{"role": "user", "content": q}] for q in questions]

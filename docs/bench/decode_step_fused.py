@@ -1,0 +1,73 @@
+"""The compiled decode step alone (no decode loop), before and after inference.fuse_phi_layers, on a random-init
+Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp32 at batch 1.
+
+    python docs/bench/decode_step_fused.py     # from the repo root, on a CUDA GPU
+
+Output of the 2026-11-29 H200 run: docs/bench/h200-decode-step-fused-2026-11-29.log.
+"""
+import sys, time, traceback
+sys.path.insert(0, ".")
+import torch
+from transformers import CompileConfig, PhiConfig, PhiForCausalLM, StaticCache
+from bench import PHI2_CONFIG
+from inference import fuse_phi_layers
+
+
+def random_phi2(dtype):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return PhiForCausalLM(PhiConfig(**PHI2_CONFIG)).to(dtype).eval()
+
+
+@torch.inference_mode()
+def measure(model, label, batch, size=384, width=64, profile=False):
+    torch._dynamo.reset()
+    if hasattr(model, "_compiled_call"):
+        del model._compiled_call
+    step = model.get_compiled_call(CompileConfig(dynamic=False))
+    cache = StaticCache(config=model.config, max_cache_len=size)
+    ids = torch.randint(1, 50000, (batch, width), device="cuda")
+    mask = torch.ones(batch, size, dtype=torch.long, device="cuda")
+    pos = torch.arange(width, device="cuda")[None].expand(batch, -1)
+    model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tok = torch.randint(1, 50000, (batch, 1), device="cuda")
+    p = torch.full((batch, 1), width, device="cuda")
+    def run(n):
+        for _ in range(n):
+            step(input_ids=tok, attention_mask=mask, position_ids=p, past_key_values=cache,
+                 use_cache=True).logits[:, -1].argmax(-1)
+        for l in cache.layers:
+            l.cumulative_length.fill_(width)
+    t0 = time.perf_counter(); run(3); torch.cuda.synchronize(); first = time.perf_counter() - t0
+    run(5); torch.cuda.synchronize()
+    t0 = time.perf_counter(); run(100); torch.cuda.synchronize(); ms = (time.perf_counter() - t0) * 10
+    print(f"ROW {label} b{batch}: first {first:.1f}s, {ms:.3f} ms/step -> {batch * 1e3 / ms:,.0f} tok/s", flush=True)
+    if profile:
+        from torch.profiler import profile as prof_, ProfilerActivity
+        with prof_(activities=[ProfilerActivity.CUDA]) as prof:
+            run(10); torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+
+
+def attempt(*args, **kwargs):
+    try:
+        measure(*args, **kwargs)
+    except Exception:
+        traceback.print_exc(limit=6)
+
+
+model = random_phi2(torch.bfloat16)
+attempt(model, "bf16 unfused", 1)
+attempt(model, "bf16 unfused", 64)
+fuse_phi_layers(model)
+attempt(model, "bf16 fused", 1, profile=True)
+attempt(model, "bf16 fused", 64)
+torch._inductor.config.coordinate_descent_tuning = True
+attempt(model, "bf16 fused coordinate-descent", 1)
+torch._inductor.config.coordinate_descent_tuning = False
+del model
+torch.cuda.empty_cache()
+model = random_phi2(torch.float32)
+attempt(model, "fp32 unfused", 1)
+fuse_phi_layers(model)
+attempt(model, "fp32 fused", 1)
