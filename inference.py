@@ -257,7 +257,8 @@ class FastDecoder:
         rows: list[list[int]] = [[] for _ in range(batch)]
         stop_at: list[int | None] = [None] * batch
         # New tokens reach the host through one pinned buffer, a chunk at a time, each chunk with its CUDA event.
-        host = torch.empty(batch, max_new_tokens, dtype=torch.long, pin_memory=device.type == "cuda")
+        # (steps, batch): a chunk is a contiguous block; a strided target would make the copy wait for the GPU.
+        host = torch.empty(max_new_tokens, batch, dtype=torch.long, pin_memory=device.type == "cuda")
         pending: list[tuple[int, int, torch.cuda.Event | None]] = []
         raw_logits: list[torch.Tensor] = []
         plain_greedy = not (sample or procs or output_logits)
@@ -267,7 +268,7 @@ class FastDecoder:
             start, end, ready = pending.pop(0)
             if ready is not None:
                 ready.synchronize()
-            for b, new in enumerate(host[:, start:end].tolist()):
+            for b, new in enumerate(host[start:end].T.tolist()):
                 if stop_at[b] is not None:
                     continue
                 checked = len(rows[b])
@@ -292,8 +293,8 @@ class FastDecoder:
             seq[:, width + step] = token
             done = step + 1 == max_new_tokens
             if (step + 1) % CHECK_EVERY == 0 or done:
-                host[:, chunk_start:step + 1].copy_(seq[:, width + chunk_start:width + step + 1],
-                                                    non_blocking=True)
+                host[chunk_start:step + 1].copy_(seq[:, width + chunk_start:width + step + 1].T.contiguous(),
+                                                 non_blocking=True)
                 ready = None
                 if device.type == "cuda":
                     ready = torch.cuda.Event()
