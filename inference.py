@@ -44,6 +44,11 @@ from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer
 
 logger = logging.getLogger("inference")
 
+# Every generate call of every ChatModel runs on this one thread. The fast path's CUDA graphs (inductor's
+# cudagraph trees) work only in the thread that set them up, so a second model with its own thread (evaluate.py
+# compares the base and the fine-tuned model) failed in its first step on a GPU; and requests take turns on the GPU
+# (the app's queue holds the rest).
+_GENERATION_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
 
@@ -328,9 +333,6 @@ class ChatModel:
         self.fast = fast
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         self._decoder = FastDecoder(model, tokenizer, self.context_window) if fast else None
-        # Every generate call runs on this one thread: the compiled fast path's CUDA graphs are replayed by the
-        # thread that captured them, and requests take turns on the model (the app's queue holds the rest).
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     @property
     def device(self) -> torch.device:
@@ -381,7 +383,7 @@ class ChatModel:
                                                   output_logits=output_logits, cache_length=cache_length)
                 return self._generate_plain(inputs, gen, max_new_tokens, ignore_eos, streamer, output_logits)
 
-        return self._worker.submit(work)
+        return _GENERATION_THREAD.submit(work)
 
     def generate_ids(self, batch_ids: list[list[int]], gen: GenerationSettings,
                      max_new_tokens: int | None = None, ignore_eos: bool = False) -> list[list[int]]:

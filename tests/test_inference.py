@@ -184,7 +184,19 @@ def test_fast_loop_does_not_wait_for_the_gpu_per_token(tokenizer, batch):
         return sum("synchroniz" in str(w.message) for w in caught)
 
     for gen in (GREEDY, GenerationSettings(max_new_tokens=40, temperature=0.8)):
-        assert 0 < syncs(gen, 128) <= syncs(gen, 32)  # > 0: the prefill's syncs are seen, so counting works
+        # > 0: the prefill's syncs are seen, so counting works. Runs on an H200 differed by one sync either way
+        # (a one-off); one per chunk would add 12 here, one per token 96.
+        assert 0 < syncs(gen, 128) <= syncs(gen, 32) + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_fast_models_in_one_process(tokenizer):
+    """evaluate.py holds the base and the fine-tuned model on the fast path at once: CUDA graphs work only in the
+    thread that set them up, so both must generate (a second model on its own thread failed in its first step)."""
+    models = [ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True) for _ in range(2)]
+    prompt = [list(range(5, 25))]
+    first, second = (m.generate_ids(prompt, GREEDY, 16, ignore_eos=True) for m in models)
+    assert len(first[0]) == 16 and second == first  # same weights, same tokens
 
 
 def test_batched_generation_equals_one_by_one(chat_model):
