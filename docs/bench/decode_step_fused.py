@@ -1,7 +1,8 @@
 """The compiled decode step alone (no decode loop), before and after inference.fuse_phi_layers, on a random-init
 Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp32 at batch 1.
 
-    python docs/bench/decode_step_fused.py     # from the repo root, on a CUDA GPU
+    python docs/bench/decode_step_fused.py          # from the repo root, on a CUDA GPU
+    python docs/bench/decode_step_fused.py fp32     # the fp32 step's kernels, and with TF32 matmuls
 
 Output of the 2026-11-29 H200 run: docs/bench/h200-decode-step-fused-2026-11-29.log.
 """
@@ -56,6 +57,13 @@ def attempt(*args, **kwargs):
         traceback.print_exc(limit=6)
 
 
+if sys.argv[1:] == ["fp32"]:  # where the fp32 step's time goes, and what TF32 matmuls change
+    model = random_phi2(torch.float32)
+    fuse_phi_layers(model)
+    attempt(model, "fp32 fused", 1, profile=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    attempt(model, "fp32 fused tf32", 1)
+    sys.exit()
 model = random_phi2(torch.bfloat16)
 attempt(model, "bf16 unfused", 1)
 attempt(model, "bf16 unfused", 64)
