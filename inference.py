@@ -31,9 +31,19 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, CompileConfig, GenerationConfig, LogitsProcessorList,
-                          RepetitionPenaltyLogitsProcessor, StaticCache, SuppressTokensLogitsProcessor,
-                          TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    AutoModelForCausalLM,
+    CompileConfig,
+    GenerationConfig,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StaticCache,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TextIteratorStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
 
@@ -186,27 +196,27 @@ class FastDecoder:
     Why not `generate()` with a static cache: its loop reads a GPU flag after every token (the stopping check), so
     the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
-    price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (bf16,
-    random-init Phi-2, docs/PERFORMANCE.md): generate + static cache 240.5 tok/s at batch 1 and 7,698 at batch 64;
-    this loop 275.4 and 9,655 (then still with a per-token host copy in the benchmark's EOS masking, since removed).
-    The compiled step alone runs at 365 tok/s: most of the gap to the ~860 tok/s weight-bandwidth roofline is in
-    the matrix-vector kernels, not here.
+    price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
+    Phi-2, docs/PERFORMANCE.md): 411 tok/s at batch 1 and 12,600 at batch 64 in bf16, 272 at batch 1 in fp32, against
+    40, 1,873 and 39 for generate(); the bf16 step alone (with the layers fused, fuse_phi_layers) takes 2.2 ms, 71% of
+    it reading the weights at 3.4 TB/s.
 
     Pieces are transformers' own: StaticCache, the model's compiled call (`get_compiled_call`, inductor with CUDA
     graphs on CUDA), the logits processors and the text streamer. Prefill runs eagerly (one call; its shapes vary).
+    Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
     """
 
     def __init__(self, model, tokenizer, context_window: int):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.fused = fuse_phi_layers(model)
-        # Static shapes: each (batch, cache bucket) compiles once (~30 s for Phi-2 on an H200) and replays as its own
+        # Static shapes: each (batch, cache bucket) compiles once (30-42 s for Phi-2 on an H200) and replays as its own
         # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
         self.step = model.get_compiled_call(CompileConfig(dynamic=False))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._caches: dict[tuple[int, int], StaticCache] = {}
 
     def cache_size(self, batch: int, length: int) -> int:
-        """Static cache length for `length` tokens. Each (batch, size) compiles once (~35 s for Phi-2), so a chat
+        """Static cache length for `length` tokens. Each (batch, size) compiles once (30-42 s for Phi-2), so a chat
         (batch 1) uses powers of two from 512: a growing conversation meets at most 3 sizes, the first compiled at
         load. Batches (evaluate.py) use steps of CACHE_BUCKET: attention reads every row's whole cache each step."""
         if batch == 1:
