@@ -31,19 +31,9 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    CompileConfig,
-    GenerationConfig,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    StaticCache,
-    SuppressTokensLogitsProcessor,
-    TemperatureLogitsWarper,
-    TextIteratorStreamer,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import (AutoModelForCausalLM, CompileConfig, GenerationConfig, LogitsProcessorList,
+                          RepetitionPenaltyLogitsProcessor, StaticCache, SuppressTokensLogitsProcessor,
+                          TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
 

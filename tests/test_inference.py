@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY, run_script
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 from config import GenerationSettings
 from inference import ChatModel, FastDecoder, chat_loop, merge_adapter
+from conftest import TINY, run_script
 
 GREEDY = GenerationSettings(max_new_tokens=40, temperature=0.0)
 
