@@ -23,11 +23,13 @@ import yaml
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-def doc(default: Any, help: str) -> Any:
-    """A dataclass field with its one-line documentation (shown by --help and in docs/CONFIG.md)."""
+def doc(default: Any, help: str, secret: bool = False) -> Any:
+    """A dataclass field with its one-line documentation (shown by --help and in docs/CONFIG.md). A secret field is
+    never written to a saved config (config.yaml next to checkpoints and adapters, which people share)."""
+    metadata = {"help": help, "secret": secret}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -125,9 +127,13 @@ class AppConfig:
     host: str = doc("127.0.0.1", "address to bind; anything but loopback requires --app.auth")
     port: int = doc(7860, "port to serve on")
     share: bool = doc(False, "create a public gradio.live link (off: the model stays on your machine)")
-    auth: str | None = doc(None, "user:password required to open the app")
-    concurrency_limit: int = doc(1, "requests generated at once; the rest wait in the queue")
+    auth: str | None = doc(None, "user:password required to open the app; the API takes the password as its "
+                                 "bearer key. Never saved to a config file", secret=True)
+    concurrency_limit: int = doc(1, "app requests admitted at once; all generation runs one request at a time on "
+                                    "one thread, so more than 1 only moves waiting requests out of the visible queue")
     max_queue: int = doc(32, "requests that may wait; more are turned away with a message")
+    max_messages: int = doc(64, "most messages in one conversation the app or the API accepts")
+    max_chars: int = doc(32000, "most characters in one conversation (all messages) the app or the API accepts")
 
 
 SECTIONS: dict[str, type] = {
@@ -154,8 +160,14 @@ class Config:
     app: AppConfig = field(default_factory=AppConfig)
     explicit: set[str] = field(default_factory=set, repr=False)  # "section.key"s set by the file or the CLI
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+    def to_dict(self, redact: bool = True) -> dict[str, dict[str, Any]]:
+        """Every section as plain values; secret fields (app.auth) are None unless redact=False."""
+        out = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            out[name] = {f.name: (None if redact and f.metadata.get("secret") else getattr(section, f.name))
+                         for f in dataclasses.fields(section)}
+        return out
 
 
 class ConfigError(ValueError):
@@ -181,6 +193,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, problems)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
         if value not in args:
             problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
@@ -294,6 +308,11 @@ def validate(cfg: Config, problems: list[str] | None = None) -> None:
          "app.auth: must look like user:password")
     need(num(a.concurrency_limit) and a.concurrency_limit > 0, f"app.concurrency_limit: must be > 0 (got {a.concurrency_limit})")
     need(num(a.max_queue) and a.max_queue > 0, f"app.max_queue: must be > 0 (got {a.max_queue})")
+    need(num(a.max_messages) and a.max_messages > 0, f"app.max_messages: must be > 0 (got {a.max_messages})")
+    need(num(a.max_chars) and a.max_chars > 0, f"app.max_chars: must be > 0 (got {a.max_chars})")
+    if a.share and a.auth is None:
+        problems.append("app.share: a public gradio.live link exposes the model to anyone with the link; set "
+                        "--app.auth user:password as well (or drop --app.share)")
     if a.host not in ("127.0.0.1", "localhost", "::1") and a.auth is None:
         problems.append(f"app.host: binding to {a.host!r} exposes the model to the network; set --app.auth "
                         "user:password (or keep the default 127.0.0.1)")
@@ -318,6 +337,14 @@ def load_yaml(path: str | Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"--config {path}: the top level must be a mapping of sections (model:, lora:, ...)")
         return {}
     return data
+
+
+def load_config(path: str | Path) -> Config:
+    """A saved config.yaml (next to an adapter) as a validated Config; raises ConfigError."""
+    problems: list[str] = []
+    cfg = build_config(load_yaml(path, problems), problems)
+    validate(cfg, problems)
+    return cfg
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -367,7 +394,7 @@ def parse_config(argv: list[str] | None = None, description: str = "",
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config; `--config` on this file reproduces the run."""
+    """Write the resolved config, secrets left out; `--config` on this file reproduces the run."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 

@@ -19,14 +19,28 @@ oasst1 trees -> conversations (the exact rule):
      one conversation, its top-ranked thread, ending with an assistant answer (a trailing unanswered prompt is cut).
      A tree whose root has no usable reply is counted as `no_assistant_reply`.
 
+Every message read ends in exactly one counted outcome (`messages_read` is their sum): a drop reason from step 1,
+`bad_turn_order`, `parent_missing`, `cycle`, `no_assistant_reply` (a root prompt nobody usably answered),
+`unanswered_prompt` (a trailing prompt cut from a thread), `off_top_thread` (usable, but on a lower-ranked branch),
+or `in_conversations`. For the other formats every row read (`rows_read`) ends as one skip reason or one of
+`conversations_built`. Conversations then end as `conversations` (used), `held_out` (moved to the validation split),
+or `capped` (beyond `data.max_*_conversations`).
+
 Over-long conversations (more tokens than `data.max_length`) keep their first turns whole and drop later turns
 (counted as `turns_dropped`). If even the first turn does not fit, its answer is truncated when at least 16 answer
 tokens fit after the question (`answer_truncated`; that answer has no EOS); otherwise the conversation is skipped
-(`too_long`). So an answer is never trained without its question.
+(`too_long`, and none of its turns count as dropped). So an answer is never trained without its question.
+
+Template markers inside message text (one rule, everywhere: training data, the CLI chat, the app, the HTTP API,
+evaluation prompts and the saved chat template): `### Human:` and `### Assistant:` written inside a message are
+neutralized to `### Human :` / `### Assistant :` when the turn is rendered, so text can never forge or end a turn,
+and the model is never taught to write a turn marker inside an answer. The text stays otherwise intact;
+conversations that had markers are counted as `markers_neutralized`.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -50,7 +64,11 @@ OASST_REQUIRED = ("message_id", "parent_id", "text", "role")
 ROLES = {"prompter": "user", "assistant": "assistant"}
 CHAT_ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
               "bot": "assistant", "model": "assistant"}
-DATA_EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
+DATA_EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".jsonl.gz": "jsonl",
+                   ".json.gz": "json"}
+# Columns the pipeline reads; oasst1's others (detoxify, emojis, labels: nested structs) are never materialized.
+USED_COLUMNS = (*OASST_REQUIRED, "lang", "rank", "deleted", "review_result", "message_tree_id", "tree_state",
+                "messages", "prompt", "response", "completion", "text", "id", "conversation_id")
 MIN_ANSWER_TOKENS = 16  # fewer answer tokens than this after the question teaches nothing worth the context
 
 
@@ -65,13 +83,52 @@ Message = dict[str, str]  # {"role": "user" | "assistant", "content": str}
 # The template (one source of truth)
 # ----------------------------------------------------------------------------------------------------------------
 
+# A marker loses its meaning with a space before the colon. One pass of str.replace is enough: the replacement
+# contains no "Human:"/"Assistant:", so it can never complete a new marker with the text around it.
+NEUTRALIZED = {HUMAN: "### Human :", ASSISTANT: "### Assistant :"}
+
+
+def neutralize(text: str) -> str:
+    """Message text with template markers made inert (the rule in the module docstring)."""
+    for marker, inert in NEUTRALIZED.items():
+        text = text.replace(marker, inert)
+    return text
+
+
+def has_marker(text: str) -> bool:
+    return any(marker in text for marker in NEUTRALIZED)
+
+
 def turn_prompt_text(question: str, first: bool) -> str:
     """The context segment of one turn; the answer follows as ' ' + answer so it tokenizes like a continuation."""
-    return ("" if first else " ") + f"{HUMAN} {question.strip()} {ASSISTANT}"
+    return ("" if first else " ") + f"{HUMAN} {neutralize(question.strip())} {ASSISTANT}"
 
 
 def turn_answer_text(answer: str) -> str:
-    return " " + answer.strip()
+    return " " + neutralize(answer.strip())
+
+
+# The same template for other tools (transformers' apply_chat_template, vLLM, TGI, chat UIs): saved with every
+# tokenizer the repo writes. It renders exactly what turn_prompt_text/turn_answer_text build (tested token for
+# token), with a system message put before the first question as in the `messages` data format.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', first=true) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set content = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join(' ') -%}{%- endif -%}"
+    "{%- set content = content | trim | replace('### Human:', '### Human :')"
+    " | replace('### Assistant:', '### Assistant :') -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + content + '\n\n' -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- ('' if ns.first else ' ') + '### Human: ' + ns.system + content -}}"
+    "{%- set ns.system = '' -%}{%- set ns.first = false -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{- ' ### Assistant: ' + content + eos_token -}}"
+    "{%- else -%}{{- raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ' ### Assistant:' -}}{%- endif -%}"
+)
 
 
 def render_text(messages: list[Message], eos_token: str = "") -> str:
@@ -125,7 +182,8 @@ def encode_conversation(tokenizer, messages: list[Message], max_length: int) -> 
                 status = "answer_truncated"
             else:
                 status = "too_long"
-        dropped = len(pairs) - i - (1 if status == "answer_truncated" else 0)
+        # A too-long conversation is counted once, as too_long; its turns are not also "dropped".
+        dropped = 0 if status == "too_long" else len(pairs) - i - (1 if status == "answer_truncated" else 0)
         break
     return {"input_ids": input_ids if status != "too_long" else [], "labels": labels if status != "too_long" else [],
             "status": status, "turns_dropped": dropped}
@@ -267,17 +325,30 @@ def oasst_to_conversations(rows: Iterable[dict], counts: Counter, languages: lis
         while children.get(node["message_id"]):
             node = min(children[node["message_id"]], key=_rank_key)
             thread.append(node)
-        if thread[-1]["role"] == "prompter":
-            thread = thread[:-1]
-        if not thread:
+        counts["off_top_thread"] += _subtree_size(root, children) - len(thread)
+        if len(thread) == 1:
             counts["no_assistant_reply"] += 1
             continue
+        if thread[-1]["role"] == "prompter":
+            counts["unanswered_prompt"] += 1
+            thread = thread[:-1]
+        counts["in_conversations"] += len(thread)
         messages = [{"role": ROLES[m["role"]], "content": m["text"].strip()} for m in thread]
         tree_id = root.get("message_tree_id")
         conversations.append({"messages": messages,
                               "tree_id": tree_id if isinstance(tree_id, str) and tree_id else root["message_id"],
                               "lang": root.get("lang") if isinstance(root.get("lang"), str) else ""})
+    counts["conversations_built"] += len(conversations)
     return conversations
+
+
+def _subtree_size(root: dict, children: dict[str, list[dict]]) -> int:
+    size, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        size += 1
+        stack.extend(children.get(node["message_id"], []))
+    return size
 
 
 def _in_cycle(m: dict, by_id: dict[str, dict]) -> bool:
@@ -313,35 +384,64 @@ def detect_format(columns: Iterable[str]) -> str:
         "'### Human: ... ### Assistant: ...' template")
 
 
-def _messages_row(value: Any, counts: Counter) -> list[Message] | None:
+class BadConversation(ValueError):
+    """A `messages` list that cannot be a conversation; `reason` is its count key, the message says what to fix."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _content_text(content: Any) -> Any:
+    """OpenAI-style content: a string, or a list of parts of which the text parts are kept."""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return " ".join(p["text"] for p in content)
+    return content
+
+
+def normalize_chat(value: Any, ends_with: str = "assistant") -> list[Message]:
+    """A list of {role, content} -> alternating user/assistant messages, starting with the user.
+
+    System messages have no slot in the template: they go before the first question. ends_with="assistant" (training
+    data) cuts a trailing unanswered question; ends_with="user" (a chat request) requires one. Raises
+    BadConversation naming the message at fault."""
     if not isinstance(value, list) or not value:
-        counts["bad_type"] += 1
-        return None
+        raise BadConversation("bad_type", "messages must be a non-empty list of {role, content} objects")
     out: list[Message] = []
     system = ""
-    for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            counts["bad_type"] += 1
-            return None
-        role = str(m.get("role", "")).lower()
-        if role == "system":  # the template has no system slot: it becomes the start of the first question
-            system += m["content"].strip() + "\n\n"
+    for i, m in enumerate(value):
+        content = _content_text(m.get("content")) if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise BadConversation("bad_type", f"messages[{i}] must be an object with a string role and a string "
+                                              "content (or a list of text parts)")
+        role = m["role"].lower()
+        if role == "system":
+            system += content.strip() + "\n\n"
             continue
         if role not in CHAT_ROLES:
-            counts["unknown_role"] += 1
-            return None
-        if not m["content"].strip():
-            counts["empty_text"] += 1
-            return None
-        out.append({"role": CHAT_ROLES[role], "content": m["content"].strip()})
-    if out and out[-1]["role"] == "user":
+            raise BadConversation("unknown_role", f"messages[{i}].role {m['role']!r} is not one of system, user, "
+                                                  "assistant")
+        if not content.strip():
+            raise BadConversation("empty_text", f"messages[{i}].content is empty")
+        out.append({"role": CHAT_ROLES[role], "content": content.strip()})
+    if ends_with == "assistant" and out and out[-1]["role"] == "user":
         out = out[:-1]
-    if not out or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(out)):
-        counts["bad_turn_order"] += 1
-        return None
+    if (not out or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(out))
+            or out[-1]["role"] != ends_with):
+        raise BadConversation("bad_turn_order", "messages must alternate user and assistant (system messages "
+                                                f"aside), starting with user and ending with {ends_with}")
     if system:
         out[0] = {"role": "user", "content": system + out[0]["content"]}
     return out
+
+
+def _messages_row(value: Any, counts: Counter) -> list[Message] | None:
+    try:
+        return normalize_chat(value)
+    except BadConversation as e:
+        counts[e.reason] += 1
+        return None
 
 
 def rows_to_conversations(rows: list[dict], fmt: str, counts: Counter, languages: list[str] | None = None
@@ -376,6 +476,7 @@ def rows_to_conversations(rows: list[dict], fmt: str, counts: Counter, languages
             counts["language_filtered"] += 1
             continue
         row_id = row.get("id", row.get("conversation_id"))
+        counts["conversations_built"] += 1
         conversations.append({"messages": messages, "tree_id": str(row_id) if row_id is not None else f"row-{i}",
                               "lang": row.get("lang") if isinstance(row.get("lang"), str) else ""})
     return conversations
@@ -385,10 +486,17 @@ def rows_to_conversations(rows: list[dict], fmt: str, counts: Counter, languages
 # Reading sources
 # ----------------------------------------------------------------------------------------------------------------
 
+def _extension(path: Path) -> str:
+    """'.jsonl.gz' for a compressed export, else the plain suffix (lower case)."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    return "".join(suffixes) if len(suffixes) == 2 and suffixes[1] == ".gz" else path.suffix.lower()
+
+
 def read_jsonl(path: Path, counts: Counter) -> list[dict]:
-    """JSON Lines, one bad line at a time: malformed JSON or non-UTF-8 lines are skipped and counted."""
+    """JSON Lines (optionally gzipped), one bad line at a time: malformed JSON or non-UTF-8 lines are skipped and
+    counted."""
     rows = []
-    with path.open("rb") as f:
+    with (gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")) as f:
         for line in f:
             try:
                 text = line.decode("utf-8")
@@ -409,40 +517,107 @@ def read_jsonl(path: Path, counts: Counter) -> list[dict]:
     return rows
 
 
-def read_file(path: Path, counts: Counter) -> list[dict]:
-    kind = DATA_EXTENSIONS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(DATA_EXTENSIONS)}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
-    if kind == "jsonl" or (kind == "json" and path.read_bytes()[:1] != b"["):
-        return read_jsonl(path, counts)
-    try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps parser errors in several exception types
-        raise DataError(f"{path}: could not be read as {kind}: {type(e).__name__}: {e}") from e
-    return ds.to_list()
+def flatten_trees(trees: list[dict], counts: Counter) -> list[dict]:
+    """The oasst trees export (one tree a line, each message with its `replies`) -> message rows with parent ids."""
+    rows: list[dict] = []
+    for tree in trees:
+        prompt = tree.get("prompt")
+        if not isinstance(prompt, dict):
+            counts["malformed_tree"] += 1
+            continue
+        stack: list[tuple[dict, str | None]] = [(prompt, None)]
+        while stack:
+            node, parent = stack.pop()
+            replies = node.get("replies") or []
+            row = {k: v for k, v in node.items() if k != "replies"}
+            row.setdefault("parent_id", parent)
+            row.setdefault("message_tree_id", tree.get("message_tree_id"))
+            row.setdefault("tree_state", tree.get("tree_state"))
+            rows.append(row)
+            stack.extend((r, row.get("message_id")) for r in reversed(replies) if isinstance(r, dict))
+    return rows
 
 
-def local_split_files(path: Path) -> dict[str, Path]:
-    """A file is one split; a folder holds train.* and optionally validation.* (or a single data file)."""
+def read_files(paths: list[Path], counts: Counter) -> list[dict]:
+    """Rows of one split from its files (all of one format)."""
+    kinds = {_extension(p) for p in paths}
+    unsupported = sorted(k for k in kinds if k not in DATA_EXTENSIONS)
+    if unsupported:
+        raise DataError(f"{paths[0].parent}: unsupported file type {unsupported[0]!r}; use one of "
+                        f"{', '.join(DATA_EXTENSIONS)}")
+    for p in paths:
+        if p.stat().st_size == 0:
+            raise DataError(f"{p}: the file is empty")
+    rows: list[dict] = []
+    tabular = []
+    for p in paths:
+        kind = DATA_EXTENSIONS[_extension(p)]
+        if kind == "jsonl" or (kind == "json" and _first_byte(p) != b"["):
+            file_rows = read_jsonl(p, counts)
+            if file_rows and "prompt" in file_rows[0] and "message_tree_id" in file_rows[0] \
+                    and isinstance(file_rows[0]["prompt"], dict):
+                file_rows = flatten_trees(file_rows, counts)  # the oasst trees export
+            rows += file_rows
+        else:
+            tabular.append((kind, p))
+    for kind in sorted({k for k, _ in tabular}):
+        files = [str(p) for k, p in tabular if k == kind]
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train")
+        except Exception as e:  # datasets wraps parser errors in several exception types
+            raise DataError(f"{files[0]}: could not be read as {kind}: {type(e).__name__}: {e}") from e
+        rows += ds.select_columns([c for c in ds.column_names if c in USED_COLUMNS]).to_list()
+    return rows
+
+
+def _first_byte(path: Path) -> bytes:
+    with (gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")) as f:
+        return f.read(1)
+
+
+OASST_EXPORT = re.compile(r"\.(messages|trees)\.jsonl(\.gz)?$")
+
+
+def _snapshot(path: Path) -> Path:
+    """A Hub cache repo folder (datasets--OpenAssistant--oasst1, with refs/ and snapshots/) -> its main snapshot."""
+    ref = path / "refs" / "main"
+    if (path / "snapshots").is_dir() and ref.is_file():
+        snapshot = path / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    return path
+
+
+def local_split_files(path: Path) -> dict[str, list[Path]]:
+    """A file is the train split; for a folder, datasets' own rules find the splits: `train`/`validation` in file
+    or folder names, sharded `data/train-00000-of-00003-<hash>.parquet` files as the Hugging Face CLI downloads them,
+    or the `configs` of a dataset card (README.md)."""
     if path.is_file():
-        return {"train": path}
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_EXTENSIONS)
-    if not files:
-        raise DataError(f"{path}: no data files ({', '.join(DATA_EXTENSIONS)}) in this folder")
-    splits: dict[str, Path] = {}
-    for p in files:
-        stem = p.name.split(".")[0].lower()
-        if stem in ("train", "validation", "valid", "val", "eval", "test"):
-            split = "train" if stem == "train" else ("validation" if stem != "test" else "test")
-            splits.setdefault(split, p)
+        return {"train": [path]}
+    path = _snapshot(path)
+    found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    usable = [f for f in found if _extension(Path(f)) in DATA_EXTENSIONS]
+    hint = (f"found: {', '.join(found[:12])}{' ...' if len(found) > 12 else ''}" if found else "the folder is empty")
+    if not usable:
+        raise DataError(f"{path}: no data files ({', '.join(DATA_EXTENSIONS)}) in this folder ({hint}); point "
+                        "data.dataset at a folder or file holding the data")
+    try:
+        data_files = datasets.load_dataset_builder(str(path)).config.data_files or {}
+    except Exception as e:  # datasets raises several error types for folders it cannot make sense of
+        raise DataError(f"{path}: datasets could not find the splits of this folder ({type(e).__name__}: {e}); "
+                        f"{hint}") from e
+    splits = {str(split): sorted(Path(f) for f in files if _extension(Path(f)) in DATA_EXTENSIONS)
+              for split, files in data_files.items()}
+    splits = {split: files for split, files in splits.items() if files and split in ("train", "validation")}
     if "train" not in splits:
-        if len(files) > 1:
-            raise DataError(f"{path}: several data files but none named train.*; name them train.<ext> and "
-                            "validation.<ext>, or point data.dataset at one file")
-        splits["train"] = files[0]
-    splits.pop("test", None)
+        raise DataError(f"{path}: no training split found ({hint}); name the files train.<ext> and "
+                        "validation.<ext>, or point data.dataset at one file")
+    for split, files in splits.items():
+        exports = [f.name for f in files if OASST_EXPORT.search(f.name)]
+        if len(exports) > 1 or (exports and len(files) > 1):
+            raise DataError(f"{path}: the {split} split would mix several files that are each a whole oasst "
+                            f"export ({', '.join(exports)}); point data.dataset at one of them, e.g. "
+                            f"{path / sorted(exports)[-1]}")
     return splits
 
 
@@ -451,8 +626,8 @@ def read_source(cfg: DataConfig) -> tuple[dict[str, list[dict]], Counter]:
     counts: Counter = Counter()
     path = Path(cfg.dataset).expanduser()
     if path.exists():
-        return {split: read_file(p, counts) for split, p in local_split_files(path).items()}, counts
-    if cfg.dataset.startswith((".", "/", "~")) or Path(cfg.dataset).suffix.lower() in DATA_EXTENSIONS:
+        return {split: read_files(files, counts) for split, files in local_split_files(path).items()}, counts
+    if cfg.dataset.startswith((".", "/", "~")) or _extension(Path(cfg.dataset)) in DATA_EXTENSIONS:
         raise DataError(f"data.dataset: no such file or folder {cfg.dataset!r}")
     try:
         dsd = datasets.load_dataset(cfg.dataset, revision=cfg.revision)
@@ -465,10 +640,7 @@ def read_source(cfg: DataConfig) -> tuple[dict[str, list[dict]], Counter]:
     for split in ("train", "validation"):
         if split in dsd:
             ds = dsd[split]
-            keep = [c for c in ds.column_names if c in (*OASST_REQUIRED, "lang", "rank", "deleted", "review_result",
-                                                         "message_tree_id", "tree_state", "messages", "prompt",
-                                                         "response", "completion", "id")]
-            out[split] = ds.select_columns(keep).to_list()
+            out[split] = ds.select_columns([c for c in ds.column_names if c in USED_COLUMNS]).to_list()
     if "train" not in out:
         raise DataError(f"data.dataset: {cfg.dataset!r} has no 'train' split (splits: {list(dsd)})")
     return out, counts
@@ -499,12 +671,15 @@ def load_conversations(cfg: DataConfig) -> ConversationData:
         fmt = detect_format(columns)
         counts: Counter = Counter()
         per_split[split] = rows_to_conversations(rows, fmt, counts, cfg.languages)
+        counts["markers_neutralized"] = sum(any(has_marker(m["content"]) for m in c["messages"])
+                                            for c in per_split[split])
         stats[split] = {"format": fmt, **dict(sorted(counts.items()))}
     if "validation" not in per_split:
         train, val = [], []
         for conv in per_split["train"]:
             (val if _in_validation(conv["tree_id"], cfg.seed, cfg.validation_fraction) else train).append(conv)
         per_split = {"train": train, "validation": val}
+        stats["train"]["held_out"] = len(val)
         stats["split"] = f"by tree id, {cfg.validation_fraction:.0%} held out, seed {cfg.seed}"
     else:
         stats["split"] = "the source's own validation split"
@@ -512,7 +687,8 @@ def load_conversations(cfg: DataConfig) -> ConversationData:
     for split, convs in per_split.items():
         if caps[split] is not None:
             per_split[split] = convs[:caps[split]]
-        stats.setdefault(split, {})["conversations"] = len(per_split[split])
+        stats.setdefault(split, {})["capped"] = len(convs) - len(per_split[split])
+        stats[split]["conversations"] = len(per_split[split])
     if not per_split["train"]:
         raise DataError(f"{cfg.dataset}: no usable training conversations remain (counts: {stats}); check the "
                         "format, data.languages and the skip reasons above")

@@ -3,17 +3,23 @@
     python evaluate.py --config configs/smoke.yaml                  # tiny smoke model, CPU, ~1 minute
     python evaluate.py --config configs/phi2-oasst1.yaml --num-prompts 300 --inference.dtype bf16   # real run, GPU
     python evaluate.py --config ... --merged merged/                # a --save-merged folder instead of the adapter
+    python evaluate.py --config ... --sample --seed 1               # sampled answers (generation.*), seeded
 
 Reports, for both models, on the validation conversations in the training template:
   - answer loss / perplexity: mean NLL over answer tokens + their EOS only (exactly the training mask);
   - generation behaviour on N held-out prompts: stop rate (ended by EOS or the stop marker before max_new_tokens),
     fake-turn rate (the model wrote a `### Human:` turn itself), mean/median answer length, empty-answer rate;
   - side-by-side samples (prompt, reference, base answer, fine-tuned answer).
-Writes reports/eval-<name>.json and reports/eval-<name>.md, and adds the metrics to the adapter's model card.
+Answers are greedy by default (temperature 0, the configured repetition penalty), so the same command gives the
+same metrics; `--sample` uses generation.temperature/top_p/top_k, seeded by `--seed`. The report says which.
+The models are evaluated one at a time (fine-tuned, freed, then base): evaluation needs the memory of one model.
+Writes reports/eval-<name>.json and reports/eval-<name>.md, and adds the metrics to the adapter's model card (whose
+hyper-parameters stay the training run's, read from the adapter's config.yaml).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -23,14 +29,13 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 import report_utils
 from adapter_utils import AdapterError
-from config import Config, GenerationSettings, parse_config
+from config import Config, ConfigError, GenerationSettings, load_config, parse_config
 from data_utils import DataError, Message, load_conversations, render_text, tokenize_conversations
-from inference import ChatModel, Reply, adapter_dir_for, load_chat_model, resolve_device, use_fast_path
-from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer
+from inference import ChatModel, Reply, adapter_dir_for, load_chat_model, load_model_folder, resolve_device
+from model_utils import ModelLoadError
 
 logger = logging.getLogger("evaluate")
 
@@ -78,9 +83,9 @@ def generation_metrics(replies: list[Reply], max_new_tokens: int) -> dict[str, f
 
 
 def evaluate_model(model: ChatModel, dataset, prompts: list[list[Message]], gen: GenerationSettings,
-                   batch_size: int, label: str) -> tuple[dict[str, Any], list[Reply]]:
+                   batch_size: int, label: str, seed: int | None) -> tuple[dict[str, Any], list[Reply]]:
     loss, tokens = answer_loss(model.model, dataset, model.tokenizer.pad_token_id, batch_size, f"{label}: loss")
-    replies = model.chat_batch(prompts, gen, batch_size, progress=f"{label}: generation")
+    replies = model.chat_batch(prompts, gen, batch_size, progress=f"{label}: generation", seed=seed)
     metrics = {"answer_loss": loss, "perplexity": float(torch.tensor(loss).exp()), "answer_tokens": tokens,
                "prompts": len(prompts), **generation_metrics(replies, gen.max_new_tokens)}
     return metrics, replies
@@ -95,28 +100,29 @@ def base_model_name(cfg: Config, merged_dir: str | None) -> str:
 
 
 def load_base(cfg: Config, tokenizer, base_name: str) -> ChatModel:
-    device = resolve_device(cfg.inference.device)
-    base = AutoModelForCausalLM.from_pretrained(base_name, revision=cfg.model.revision,
-                                                dtype=DTYPE_NAMES[cfg.inference.dtype], use_safetensors=True,
-                                                trust_remote_code=cfg.model.trust_remote_code).to(device)
-    return ChatModel(base, tokenizer, fast=use_fast_path(cfg.inference, device))
+    return load_model_folder(base_name, cfg, tokenizer)
 
 
 def load_finetuned(cfg: Config, merged_dir: str | None, allow_pickle: bool) -> ChatModel:
     if merged_dir is None:
         return load_chat_model(cfg, allow_pickle=allow_pickle, warm_up=False)
-    device = resolve_device(cfg.inference.device)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=DTYPE_NAMES[cfg.inference.dtype],
-                                                 use_safetensors=True).to(device)
-    tokenizer = load_tokenizer(type(cfg.model)(name_or_path=merged_dir))
-    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device))
+    return load_model_folder(merged_dir, cfg)
+
+
+def decoding(gen: GenerationSettings, sample: bool, seed: int) -> tuple[GenerationSettings, int | None, str]:
+    """The settings the metrics are generated with, the seed, and how the report names them."""
+    if not sample or gen.temperature == 0:
+        return (dataclasses.replace(gen, temperature=0.0), None,
+                f"greedy (temperature 0, repetition penalty {gen.repetition_penalty})")
+    return gen, seed, (f"sampled (temperature {gen.temperature}, top_p {gen.top_p}, top_k {gen.top_k}, repetition "
+                       f"penalty {gen.repetition_penalty}, seed {seed})")
 
 
 def markdown_report(name: str, result: dict[str, Any]) -> str:
     base, tuned = result["base"], result["finetuned"]
     lines = [f"# Evaluation: {name}", "", f"Data: `{result['data']}`, {result['conversations']} held-out "
              f"conversations; generation on {tuned['prompts']} prompts, max_new_tokens {result['max_new_tokens']}, "
-             f"temperature {result['temperature']}.", "",
+             f"decoding {result['decoding']}.", "",
              "| metric | base | fine-tuned | how to read it |", "| --- | --- | --- | --- |"]
     how = {"answer_loss": "lower is better (nats per answer token)", "perplexity": "lower is better",
            "stop_rate": "share of answers that ended on their own; want high",
@@ -146,6 +152,9 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--no-base", action="store_true", help="skip the base model (faster)")
     parser.add_argument("--reports-dir", default="reports", help="where eval-<name>.json/.md go")
     parser.add_argument("--allow-pickle", action="store_true", help="accept a pickle-only (.bin) adapter")
+    parser.add_argument("--sample", action="store_true",
+                        help="sample answers with generation.temperature/top_p/top_k (default: greedy)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample (each batch is seeded from it)")
 
 
 def auto_batch_size(model: ChatModel) -> int:
@@ -162,24 +171,29 @@ def auto_batch_size(model: ChatModel) -> int:
 def run(cfg: Config, args) -> dict[str, Any]:
     on_gpu = resolve_device(cfg.inference.device) == "cuda"
     n_prompts = args.num_prompts or (300 if on_gpu else 32)
-    tuned = load_finetuned(cfg, args.merged, args.allow_pickle)
-    batch_size = args.batch_size or auto_batch_size(tuned)
-    logger.info("generation batch size %d%s", batch_size, "" if args.batch_size else " (auto; --batch-size sets it)")
-    data = load_conversations(cfg.data)
+    data = load_conversations(cfg.data)  # bad data fails before any model is loaded
     val = data.splits["validation"]
     if len(val) == 0:
         raise DataError(f"{cfg.data.dataset}: no validation conversations to evaluate on")
-    dataset = tokenize_conversations(val, tuned.tokenizer, min(cfg.data.max_length, tuned.context_window),
-                                     "validation", data.stats)
+    gen, seed, how = decoding(cfg.generation, args.sample, args.seed)
+    logger.info("decoding for the metrics: %s", how)
+    tuned = load_finetuned(cfg, args.merged, args.allow_pickle)
+    batch_size = args.batch_size or auto_batch_size(tuned)
+    logger.info("generation batch size %d%s", batch_size, "" if args.batch_size else " (auto; --batch-size sets it)")
+    tokenizer, context_window = tuned.tokenizer, tuned.context_window
+    dataset = tokenize_conversations(val, tokenizer, min(cfg.data.max_length, context_window), "validation",
+                                     data.stats)
     prompts, refs = prompts_and_references(val["messages"][:n_prompts])
-    gen = cfg.generation
     result: dict[str, Any] = {"data": cfg.data.dataset, "conversations": len(val), "max_new_tokens": gen.max_new_tokens,
-                              "temperature": gen.temperature, "base": {}}
-    result["finetuned"], tuned_replies = evaluate_model(tuned, dataset, prompts, gen, batch_size, "fine-tuned")
+                              "decoding": how, "base": {}}
+    result["finetuned"], tuned_replies = evaluate_model(tuned, dataset, prompts, gen, batch_size, "fine-tuned", seed)
+    tuned.close()  # one model in memory at a time: a 16 GB GPU cannot hold two fp32 Phi-2 copies
+    del tuned
     base_replies: list[Reply | None] = [None] * len(prompts)
     if not args.no_base:
-        base = load_base(cfg, tuned.tokenizer, base_model_name(cfg, args.merged))
-        result["base"], base_replies = evaluate_model(base, dataset, prompts, gen, batch_size, "base")
+        base = load_base(cfg, tokenizer, base_model_name(cfg, args.merged))
+        result["base"], base_replies = evaluate_model(base, dataset, prompts, gen, batch_size, "base", seed)
+        base.close()
     result["samples"] = [{"prompt": render_text(p), "reference": r, "finetuned": t.text,
                           "base": b.text if b is not None else "-"}
                          for p, r, t, b in list(zip(prompts, refs, tuned_replies, base_replies))[:args.samples]]
@@ -196,14 +210,20 @@ def write_reports(result: dict[str, Any], name: str, reports_dir: str | Path) ->
 
 
 def update_model_card(cfg: Config, result: dict[str, Any]) -> None:
-    """Rewrite the adapter's README.md with the evaluation added (when the adapter has its training records)."""
+    """Rewrite the adapter's README.md with the evaluation added (when the adapter has its training records). The
+    card describes the training run: its settings come from the adapter's own config.yaml, not this command's."""
     folder = adapter_dir_for(cfg)
-    if not (folder / "data_stats.json").is_file():
+    if not (folder / "data_stats.json").is_file() or not (folder / "config.yaml").is_file():
+        return
+    try:
+        trained = load_config(folder / "config.yaml")
+    except ConfigError as e:
+        logger.warning("model card left as it was: %s/config.yaml does not load (%s)", folder, e)
         return
     stats = json.loads((folder / "data_stats.json").read_text())
     history = json.loads((folder / "log_history.json").read_text()) if (folder / "log_history.json").is_file() else []
     run_info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-    report_utils.write_model_card(folder / "README.md", cfg, stats, history, run_info.get("compute", "?"),
+    report_utils.write_model_card(folder / "README.md", trained, stats, history, run_info.get("compute", "?"),
                                   eval_metrics=result)
 
 

@@ -20,8 +20,10 @@ graphs, driven by a loop that never waits for the GPU between tokens.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +33,17 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, CompileConfig, GenerationConfig, LogitsProcessorList,
-                          RepetitionPenaltyLogitsProcessor, StaticCache, SuppressTokensLogitsProcessor,
-                          TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (AutoModelForCausalLM, CompileConfig, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList, StaticCache, StoppingCriteria, StoppingCriteriaList,
+                          SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TextIteratorStreamer,
+                          TopKLogitsWarper, TopPLogitsWarper)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
 
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
-from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer
+from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer, local_or_hub
 
 logger = logging.getLogger("inference")
 
@@ -51,13 +54,19 @@ logger = logging.getLogger("inference")
 _GENERATION_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
+# The merge check: merged and unmerged fp32 logits may differ only by rounding. Both compute the same sums in another
+# order (W x + B A x vs (W + B A) x); fp32 keeps ~7 significant digits, and reordering Phi-2's layers changed fp32
+# logits by 1e-5 on an H200 (docs/PERFORMANCE.md, fused vs unfused). 1e-4 of the largest |logit| leaves 10x headroom,
+# while a broken merge is far above it: bf16 rounding alone is ~4e-3, a non-finite adapter weight gives NaN.
+MERGE_TOLERANCE = 1e-4
 
 
 @dataclass
 class Reply:
     text: str                 # the answer, prompt and stop marker removed
     new_tokens: int           # tokens generated (including a final EOS)
-    stop: str                 # "eos", "marker" (model began a new ### Human: turn) or "length"
+    stop: str                 # "eos", "marker" (model began a new ### Human: turn), "stop" (a caller's stop string),
+                              # "length" or "cancelled"
     turns_dropped: int = 0    # oldest history turns dropped to fit the context window
 
 
@@ -65,20 +74,61 @@ def adapter_dir_for(cfg: Config) -> Path:
     return Path(cfg.inference.adapter or Path(cfg.training.output_dir) / "final")
 
 
-def split_answer(text: str, ended_with_eos: bool) -> tuple[str, str]:
-    """(answer, stop reason) from decoded new text: cut at a `### Human:` the model wrote itself."""
-    cut = text.find(HUMAN)
-    if cut >= 0:
-        return text[:cut].strip(), "marker"
+def first_stop(text: str, stop: tuple[str, ...] = ()) -> tuple[int, str] | None:
+    """(index, reason) of the earliest `### Human:` the model wrote itself ("marker") or caller's stop string
+    ("stop"), or None."""
+    hits = [(i, "marker") for i in [text.find(HUMAN)] if i >= 0]
+    hits += [(i, "stop") for s in stop if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def split_answer(text: str, ended_with_eos: bool, stop: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(answer, stop reason) from decoded new text: cut at a `### Human:` the model wrote itself or a stop string."""
+    hit = first_stop(text, stop)
+    if hit is not None:
+        return text[:hit[0]].strip(), hit[1]
     return text.strip(), "eos" if ended_with_eos else "length"
 
 
-def _marker_prefix_len(text: str) -> int:
-    """Length of the longest tail of text that could be the start of the stop marker (held back while streaming)."""
-    for n in range(min(len(HUMAN), len(text)), 0, -1):
-        if HUMAN.startswith(text[-n:]):
+def _held_back(text: str, stop: tuple[str, ...] = ()) -> int:
+    """Length of the longest tail of text that could be the start of the stop marker or a stop string (held back
+    while streaming, so neither is ever shown)."""
+    for n in range(min(max(len(m) for m in (HUMAN, *stop)), len(text)), 0, -1):
+        if any(m.startswith(text[-n:]) for m in (HUMAN, *stop)):
             return n
     return 0
+
+
+class AnswerRepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty, counting only the tokens this answer generated (per row), never EOS.
+
+    transformers' RepetitionPenaltyLogitsProcessor penalizes every token of input_ids, the prompt included: the EOS
+    that closes each earlier answer of a conversation and the EOS used as left padding in a batch. That penalizes
+    the one token training teaches for stopping, and by a batch-dependent amount. input_ids: (batch, prompt_width +
+    generated); scores: (batch, vocab)."""
+
+    def __init__(self, penalty: float, prompt_width: int, eos_token_id: int):
+        self.penalty, self.prompt_width, self.eos = penalty, prompt_width, eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        new = input_ids[:, self.prompt_width:]  # (batch, generated so far)
+        if new.shape[1] == 0:
+            return scores
+        picked = scores.gather(1, new)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        penalized = scores.scatter(1, new, picked)
+        penalized[:, self.eos] = scores[:, self.eos]
+        return penalized
+
+
+class Cancelled(StoppingCriteria):
+    """Stops transformers' generate once the event is set (a client left, or a stop string was seen)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | None = None) -> GenerationConfig:
@@ -89,7 +139,7 @@ def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | 
         temperature=gen.temperature if sample else None,
         top_p=gen.top_p if sample else None,
         top_k=gen.top_k if sample else None,
-        repetition_penalty=gen.repetition_penalty,
+        repetition_penalty=None,  # AnswerRepetitionPenalty (see logits_processors)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=[HUMAN],
@@ -97,16 +147,23 @@ def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | 
     )
 
 
-def logits_processors(gen: GenerationSettings, sample: bool, suppress: list[int],
-                      device: torch.device) -> LogitsProcessorList:
-    """The processors generate() applies for these settings, in its order: penalty, suppressed tokens (what its
-    min_new_tokens does to EOS), then the sampling warpers. None of them may copy from the host per step: a
-    blocking copy waits for the GPU, which would stall the fast loop every token."""
+def penalty_processors(gen: GenerationSettings, prompt_width: int, eos_token_id: int) -> LogitsProcessorList:
+    """The repetition penalty both paths apply (to generate() as its `logits_processor`, before its warpers)."""
     procs = LogitsProcessorList()
     if gen.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
+        procs.append(AnswerRepetitionPenalty(gen.repetition_penalty, prompt_width, eos_token_id))
+    return procs
+
+
+def logits_processors(gen: GenerationSettings, sample: bool, suppress: list[int], device: torch.device,
+                      prompt_width: int, eos_token_id: int) -> LogitsProcessorList:
+    """The processors generate() applies for these settings, in its order: suppressed tokens (what its
+    min_new_tokens does to EOS), the penalty, then the sampling warpers. None of them may copy from the host per
+    step: a blocking copy waits for the GPU, which would stall the fast loop every token."""
+    procs = LogitsProcessorList()
     if suppress:
         procs.append(SuppressTokensLogitsProcessor(suppress, device=device))  # its ids live on the GPU
+    procs.extend(penalty_processors(gen, prompt_width, eos_token_id))
     if sample:
         procs.append(TemperatureLogitsWarper(gen.temperature))
         if gen.top_k > 0:
@@ -227,26 +284,29 @@ class FastDecoder:
     def _stop_index(self, row: list[int], checked: int, ignore_eos: bool) -> int | None:
         """Index of the token that ends this row (EOS, or the one completing the stop marker), looking only at
         tokens from `checked` on (earlier ones were looked at before)."""
-        eos = self.tokenizer.eos_token_id
-        if not ignore_eos and eos in row[checked:]:
-            return row.index(eos, checked)
         if ignore_eos:
             return None
-        # The marker spans a few tokens: decode a tail that reaches back before this chunk.
+        eos = self.tokenizer.eos_token_id
+        at_eos = row.index(eos, checked) if eos in row[checked:] else None
+        # The marker spans a few tokens: decode a tail that reaches back before this chunk. Within a chunk the stop
+        # is whichever comes first, EOS or the marker, as in generate().
+        end_of_search = len(row) if at_eos is None else at_eos + 1
         tail_start = max(0, checked - 16)
-        if HUMAN not in self.tokenizer.decode(row[tail_start:], skip_special_tokens=True):
-            return None
-        for end in range(max(checked, 1), len(row) + 1):
+        if HUMAN not in self.tokenizer.decode(row[tail_start:end_of_search], skip_special_tokens=True):
+            return at_eos
+        for end in range(max(checked, 1), end_of_search + 1):
             if HUMAN in self.tokenizer.decode(row[tail_start:end], skip_special_tokens=True):
                 return end - 1
-        return len(row) - 1
+        return at_eos
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationSettings,
                  max_new_tokens: int, ignore_eos: bool = False, streamer=None, output_logits: bool = False,
-                 cache_length: int = 0) -> tuple[list[list[int]], torch.Tensor | None]:
+                 cache_length: int = 0, cancel: threading.Event | None = None
+                 ) -> tuple[list[list[int]], torch.Tensor | None]:
         """New ids per row, each cut after the token that ended it; plus the raw logits of each step
         (batch, steps, vocab) when asked. input_ids/attention_mask: (batch, prompt) left-padded. cache_length:
-        size the cache for at least this many tokens (one shape for many calls)."""
+        size the cache for at least this many tokens (one shape for many calls). cancel: stop at the next chunk
+        once set."""
         batch, width = input_ids.shape
         device = input_ids.device
         cache = self._cache(batch, max(width + max_new_tokens, cache_length))
@@ -259,7 +319,7 @@ class FastDecoder:
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
         sample = gen.temperature > 0
         eos = self.tokenizer.eos_token_id
-        procs = logits_processors(gen, sample, [eos] if ignore_eos else [], device)  # ignore_eos: benchmarks
+        procs = logits_processors(gen, sample, [eos] if ignore_eos else [], device, width, eos)  # ignore_eos: benchmarks
         if streamer is not None:
             streamer.put(input_ids.cpu())  # the streamer skips the prompt it is handed first
 
@@ -316,7 +376,7 @@ class FastDecoder:
                 # Look at the chunk before this one: by now the GPU has finished it, so this does not stall.
                 while len(pending) > (0 if done else 1):
                     take_oldest_chunk()
-                if all(s is not None for s in stop_at):
+                if all(s is not None for s in stop_at) or (cancel is not None and cancel.is_set()):
                     break
             if not done:
                 logits = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
@@ -360,35 +420,51 @@ class ChatModel:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=self.device)
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    def _reply(self, new_ids: list[int], dropped: int) -> Reply:
+    def _reply(self, new_ids: list[int], dropped: int, stop: tuple[str, ...] = (), cancelled: bool = False
+               ) -> Reply:
         eos = self.tokenizer.eos_token_id
         ended = eos in new_ids
         if ended:
             new_ids = new_ids[:new_ids.index(eos) + 1]
-        text, stop = split_answer(self.tokenizer.decode(new_ids, skip_special_tokens=True), ended)
-        return Reply(text=text, new_tokens=len(new_ids), stop=stop, turns_dropped=dropped)
+        text, reason = split_answer(self.tokenizer.decode(new_ids, skip_special_tokens=True), ended, stop)
+        if cancelled and reason == "length":
+            reason = "cancelled"
+        return Reply(text=text, new_tokens=len(new_ids), stop=reason, turns_dropped=dropped)
 
     def _generate_plain(self, inputs: dict[str, torch.Tensor], gen: GenerationSettings, max_new_tokens: int,
-                        ignore_eos: bool, streamer, output_logits: bool):
+                        ignore_eos: bool, streamer, output_logits: bool, cancel: threading.Event | None):
         config = generation_config(gen, self.tokenizer, max_new_tokens)
         if ignore_eos:  # benchmarks: always generate max_new_tokens
             config.min_new_tokens, config.stop_strings = max_new_tokens, None
         config.output_logits, config.return_dict_in_generate = output_logits, True
-        out = self.model.generate(**inputs, generation_config=config, tokenizer=self.tokenizer, streamer=streamer)
-        new_ids = out.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+        width = inputs["input_ids"].shape[1]
+        out = self.model.generate(
+            **inputs, generation_config=config, tokenizer=self.tokenizer, streamer=streamer,
+            logits_processor=penalty_processors(gen, width, self.tokenizer.eos_token_id),
+            stopping_criteria=StoppingCriteriaList([Cancelled(cancel)] if cancel is not None else []))
+        new_ids = out.sequences[:, width:].tolist()
         return new_ids, (torch.stack(out.logits, 1).float().cpu() if output_logits else None)
 
     def _submit(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int,
                 ignore_eos: bool = False, streamer=None, output_logits: bool = False,
-                cache_length: int = 0) -> Future:
+                cache_length: int = 0, cancel: threading.Event | None = None, seed: int | None = None) -> Future:
+        """Queue one generation on the generation thread. cancel: stop early once set (a request that is cancelled
+        before its turn does not run at all). seed: seeds sampling for this generation alone (the thread runs one
+        generation at a time)."""
         def work():
+            if cancel is not None and cancel.is_set():
+                return [[] for _ in batch_ids], None
+            if seed is not None:
+                torch.manual_seed(seed)
             with torch.inference_mode():
                 inputs = self._inputs(batch_ids)
                 if self._decoder is not None:
                     return self._decoder.generate(**inputs, gen=gen, max_new_tokens=max_new_tokens,
                                                   ignore_eos=ignore_eos, streamer=streamer,
-                                                  output_logits=output_logits, cache_length=cache_length)
-                return self._generate_plain(inputs, gen, max_new_tokens, ignore_eos, streamer, output_logits)
+                                                  output_logits=output_logits, cache_length=cache_length,
+                                                  cancel=cancel)
+                return self._generate_plain(inputs, gen, max_new_tokens, ignore_eos, streamer, output_logits,
+                                            cancel)
 
         return _GENERATION_THREAD.submit(work)
 
@@ -408,8 +484,9 @@ class ChatModel:
         return self._reply(self.generate_ids([ids], gen)[0], dropped)
 
     def chat_batch(self, conversations: list[list[Message]], gen: GenerationSettings, batch_size: int = 16,
-                   progress: str | None = None) -> list[Reply]:
-        """Answers for many conversations, batched with left padding (evaluate.py); `progress` labels a bar.
+                   progress: str | None = None, seed: int | None = None) -> list[Reply]:
+        """Answers for many conversations, batched with left padding (evaluate.py); `progress` labels a bar; `seed`
+        seeds each batch's sampling (seed + batch number), so sampled answers repeat.
 
         On the fast path every batch has one shape (the last is filled up with repeats, the cache sized for the
         longest prompt), so the whole call compiles once instead of once per batch size and length."""
@@ -419,36 +496,41 @@ class ChatModel:
         cache_length = max((len(ids) for ids, _ in encoded), default=0) + gen.max_new_tokens
         replies: list[Reply | None] = [None] * len(encoded)
         starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc=progress, leave=False, disable=progress is None):
+        for number, start in enumerate(tqdm(starts, desc=progress, leave=False, disable=progress is None)):
             idx = order[start:start + batch_size]
             batch = [encoded[i][0] for i in idx]
             if self.fast:
                 batch += [batch[0]] * (min(batch_size, len(order)) - len(batch))
-            outs = self._submit(batch, gen, gen.max_new_tokens, cache_length=cache_length).result()[0]
+            outs = self._submit(batch, gen, gen.max_new_tokens, cache_length=cache_length,
+                                seed=None if seed is None else seed + number).result()[0]
             for i, new in zip(idx, outs):
                 replies[i] = self._reply(new, encoded[i][1])
         return replies  # type: ignore[return-value]
 
+    def start(self, ids: list[int], gen: GenerationSettings, stop: tuple[str, ...] = (), seed: int | None = None,
+              turns_dropped: int = 0) -> AnswerStream:
+        """Begin generating the answer to prompt ids (from prompt_ids); iterate the result for the growing text."""
+        return AnswerStream(self, ids, gen, stop, seed, turns_dropped)
+
     def stream(self, messages: list[Message], gen: GenerationSettings) -> Iterator[str]:
-        """Yields the answer so far, growing token by token; a stop marker is never shown."""
-        ids, _ = self.prompt_ids(messages, gen.max_new_tokens)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        future = self._submit([ids], gen, gen.max_new_tokens, streamer=streamer)
-        future.add_done_callback(lambda f: streamer.end() if f.exception() is not None else None)
-        text = ""
-        for piece in streamer:
-            text += piece
-            cut = text.find(HUMAN)
-            if cut >= 0:
-                yield text[:cut].strip()
-                break
-            shown = text[:len(text) - _marker_prefix_len(text)]
-            if shown.strip():
-                yield shown.strip()
-        else:
-            if text.strip():
-                yield text.strip()
-        future.result()  # re-raises an error of the generation thread here
+        """Yields the answer so far, growing token by token; a stop marker is never shown. Closing the generator
+        early (a client that left) stops the generation within one decode chunk."""
+        ids, dropped = self.prompt_ids(messages, gen.max_new_tokens)
+        answer = self.start(ids, gen, turns_dropped=dropped)
+        try:
+            yield from answer
+        finally:
+            answer.cancel()
+
+    def close(self) -> None:
+        """Free the model now (evaluate.py loads one model at a time): weights, compiled step, caches. The
+        ChatModel cannot generate afterwards."""
+        self.model = self._decoder = None
+        if self.fast:  # compiled code and CUDA-graph trees are per thread: reset them on the generation thread
+            _GENERATION_THREAD.submit(torch._dynamo.reset).result()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def warm_up(self, gen: GenerationSettings) -> None:
         """Compile the fast path once at load for the usual cache size (a short prompt + max_new_tokens), so the
@@ -471,13 +553,61 @@ class ChatModel:
         return out
 
 
+class AnswerStream:
+    """One answer being generated on the generation thread.
+
+    Iterate it for the answer so far (growing; the stop marker and stop strings are never shown); `reply` holds the
+    finished Reply afterwards; `cancel()` stops the generation within one decode chunk (fast path) or one token
+    (plain path) and frees the GPU for the next request. A stop string ends the answer and the generation."""
+
+    def __init__(self, model: ChatModel, ids: list[int], gen: GenerationSettings, stop: tuple[str, ...],
+                 seed: int | None, turns_dropped: int):
+        self.model, self.stop, self.turns_dropped = model, tuple(s for s in stop if s), turns_dropped
+        self.prompt_tokens = len(ids)
+        self.reply: Reply | None = None
+        self._cancel = threading.Event()
+        self._streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                              timeout=600)
+        self._future = model._submit([ids], gen, gen.max_new_tokens, streamer=self._streamer, cancel=self._cancel,
+                                     seed=seed)
+        # A failed generation must end the iteration, so its error can surface below.
+        self._future.add_done_callback(lambda f: self._streamer.end() if f.exception() is not None else None)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        text = ""
+        stopped_early = False
+        for piece in self._streamer:
+            text += piece
+            hit = first_stop(text, self.stop)
+            if hit is not None:
+                self._cancel.set()  # the answer is complete; the rest would be thrown away
+                stopped_early = True
+                yield text[:hit[0]].strip()
+                break
+            shown = text[:len(text) - _held_back(text, self.stop)]
+            if shown.strip():
+                yield shown.strip()
+        else:
+            if text.strip():
+                yield text.strip()
+        new_ids = self._future.result()[0][0]  # re-raises an error of the generation thread here
+        self.reply = self.model._reply(new_ids, self.turns_dropped, self.stop,
+                                       cancelled=self._cancel.is_set() and not stopped_early)
+
+
 def probe_ids(tokenizer) -> torch.Tensor:
     text = turn_prompt_text("What is a good way to learn a new language?", first=True)
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
 def merge_adapter(base, adapter_dir: str | Path, tokenizer) -> tuple[torch.nn.Module, float]:
-    """Attach + merge; returns (merged model, max |logit difference| vs the unmerged PeftModel on a probe)."""
+    """Attach + merge; returns (merged model, max |logit difference| vs the unmerged PeftModel on a probe).
+
+    Raises AdapterError when the difference is more than rounding (MERGE_TOLERANCE of the largest |logit|) or not
+    finite: the merged model would not be the model that was trained."""
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     peft_model.eval()
     probe = probe_ids(tokenizer).to(base.device)
@@ -485,7 +615,15 @@ def merge_adapter(base, adapter_dir: str | Path, tokenizer) -> tuple[torch.nn.Mo
         before = peft_model(probe).logits.float()
         merged = peft_model.merge_and_unload()
         after = merged(probe).logits.float()
-    return merged, float((before - after).abs().max())
+    diff = float((before - after).abs().max())
+    allowed = MERGE_TOLERANCE * max(1.0, float(before.abs().max()))
+    if not diff <= allowed:  # NaN fails too
+        raise AdapterError(
+            f"merging the adapter in {adapter_dir} changed the model's output: max |logit difference| merged vs "
+            f"unmerged is {diff:.3g} on a probe, above the rounding tolerance {allowed:.3g} ({MERGE_TOLERANCE:g} of "
+            "the largest |logit|). The adapter holds non-finite or corrupt weights, or does not belong to this base. "
+            "Use an earlier checkpoint (--inference.adapter <output_dir>/checkpoint-<step>) or retrain")
+    return merged, diff
 
 
 def resolve_device(requested: str) -> str:
@@ -496,6 +634,21 @@ def resolve_device(requested: str) -> str:
 
 def use_fast_path(icfg: InferenceConfig, device: str) -> bool:
     return icfg.fast == "on" or (icfg.fast == "auto" and device == "cuda")
+
+
+def load_model_folder(name_or_path: str, cfg: Config, tokenizer=None) -> ChatModel:
+    """A whole model (a --save-merged folder, or a base alone) in inference.dtype on inference.device."""
+    device = resolve_device(cfg.inference.device)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(dataclasses.replace(cfg.model, name_or_path=name_or_path, tokenizer=None))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            local_or_hub(name_or_path), revision=cfg.model.revision, dtype=DTYPE_NAMES[cfg.inference.dtype],
+            use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code).to(device)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the model {name_or_path!r}: {e}. Without network access, pass a local "
+                             "folder") from e
+    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device))
 
 
 def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = True) -> ChatModel:
@@ -512,7 +665,8 @@ def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = Tru
     tokenizer = load_tokenizer(dataclasses.replace(
         cfg.model, name_or_path=base_name, tokenizer=str(tokenizer_source or cfg.model.tokenizer or base_name)))
     try:
-        base = AutoModelForCausalLM.from_pretrained(base_name, revision=cfg.model.revision, dtype=torch.float32,
+        base = AutoModelForCausalLM.from_pretrained(local_or_hub(base_name), revision=cfg.model.revision,
+                                                    dtype=torch.float32,
                                                     trust_remote_code=cfg.model.trust_remote_code,
                                                     use_safetensors=True)
     except (OSError, ValueError) as e:

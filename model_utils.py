@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from config import ModelConfig
+from data_utils import CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +113,17 @@ def resolve_attention(requested: str, choice: DeviceChoice, packing: bool, compi
     return "sdpa"
 
 
+def local_or_hub(name: str) -> str:
+    """An existing local folder as an absolute path, else the Hub id unchanged. The adapter records the base it was
+    loaded from, and a relative path would not resolve when inference runs from another working directory."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    source = cfg.tokenizer or cfg.name_or_path
+    """The tokenizer, with the repo's chat template: every tokenizer the repo saves (adapter, checkpoints, merged
+    model) then prompts other tools (transformers' pipeline, vLLM, TGI, chat UIs) in the training format."""
+    source = local_or_hub(cfg.tokenizer or cfg.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code)
@@ -122,6 +133,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise ValueError(f"the tokenizer of {source!r} has no EOS token; the template needs one to end answers")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # Phi-2 ships no pad token; padding is masked out anyway
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
@@ -132,7 +144,7 @@ def _load_hint(what: str, source: str, error: Exception) -> str:
 
 def load_model_config(cfg: ModelConfig):
     try:
-        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+        return AutoConfig.from_pretrained(local_or_hub(cfg.name_or_path), revision=cfg.revision,
                                           trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_load_hint("model", cfg.name_or_path, e)) from e
@@ -161,7 +173,7 @@ def load_model(cfg: ModelConfig, choice: DeviceChoice, bnb_config: BitsAndBytesC
         device_map = {"": state.local_process_index} if choice.device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
+            local_or_hub(cfg.name_or_path),
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype or choice.dtype,

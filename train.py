@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def setup_logging(main_process: bool = True) -> None:
     transformers.logging.set_verbosity_warning()
     datasets.logging.set_verbosity_warning()
     datasets.disable_progress_bars()
+    # peft 0.21.2 reads the model's old `is_gradient_checkpointing` name on every wrap; the new name is in use here.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,8 +126,8 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         bf16=choice.dtype == torch.bfloat16,
         fp16=False,
         use_cpu=choice.device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         torch_compile=compiled,
         # A packed micro-batch is flattened to one row whose length varies; padding it to a fixed size gives the
         # compiled graph one shape instead of a recompile per length.
@@ -326,6 +329,17 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
 # Run
 # ----------------------------------------------------------------------------------------------------------------
 
+def final_evaluation(trainer: SFTTrainer) -> None:
+    """Validation loss at the last step, unless the schedule already evaluated there (training.eval_steps: 0 means
+    only here). Logged like the others, so the loss curve and the model card show it."""
+    if trainer.eval_dataset is None:
+        return
+    step = trainer.state.global_step
+    if any(h.get("step") == step and "eval_loss" in h for h in trainer.state.log_history):
+        return
+    trainer.evaluate()
+
+
 def run_training(trainer: SFTTrainer, resume: bool, output_dir: str) -> Guard:
     guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Guard))
     guard.install_signal_handlers()
@@ -383,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("stopped by %s; checkpoint saved in %s. Continue with: python %s --resume",
                        guard.interrupted, cfg.training.output_dir, command)
         return 130
+    final_evaluation(trainer)
     final = save_final(trainer, cfg, stats, choice)
     if trainer.is_world_process_zero():
         logger.info("adapter saved to %s (chat with: python inference.py --config <same config> --chat)", final)
