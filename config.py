@@ -96,7 +96,8 @@ class TrainingConfig:
     torch_compile: Literal["auto", "on", "off"] = doc(
         "auto", "compile the model: faster steps after a slow first one; auto = on for bf16 GPUs, off elsewhere")
     logging_steps: int = doc(10, "optimizer steps between log lines")
-    eval_steps: int = doc(200, "optimizer steps between validation-loss evaluations (0 = only at the end)")
+    eval_steps: int = doc(200, "optimizer steps between validation-loss evaluations; the last step is always "
+                               "evaluated (0 = only there)")
     save_steps: int = doc(200, "optimizer steps between checkpoints")
     save_total_limit: int | None = doc(3, "keep at most this many checkpoints (oldest deleted first); None = all")
     report_to: list[str] = doc(["tensorboard"], "trackers for transformers' Trainer (tensorboard, wandb, none, ...)")

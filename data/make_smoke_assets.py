@@ -294,9 +294,14 @@ def write_oasst1_download(out: Path, layout: str = "hf-cli") -> Path:
 
 def _trees(rows: list[dict]) -> list[dict]:
     """Message rows -> the trees export: one line per tree, each message with its `replies`."""
-    nodes = {r["message_id"]: {**r, "replies": []} for r in rows}
-    trees = []
+    nodes: dict[str, dict] = {}
+    for r in rows:  # a tree holds each message once: a repeated id (one of the sample's messes) keeps the first
+        nodes.setdefault(r["message_id"], {**r, "replies": []})
+    trees, placed = [], set()
     for r in rows:
+        if r["message_id"] in placed:
+            continue
+        placed.add(r["message_id"])
         node = nodes[r["message_id"]]
         parent = nodes.get(r.get("parent_id"))
         if parent is not None and parent is not node:
