@@ -1,4 +1,5 @@
-"""app.py served for real on a free local port with the tiny model: streaming, bad requests, queue, browser."""
+"""app.py served for real on a free local port with the tiny model: the page in a real browser, gradio_client, the
+official openai client and raw HTTP against the OpenAI-compatible routes."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ import shutil
 import socket
 import time
 
+import httpx
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError, ValidationError
+from openai import OpenAI
 
 import app
+import inference
 from config import AppConfig, GenerationSettings
 from conftest import ROOT
+from test_inference import ScriptedPhi, endless
 
 GEN = GenerationSettings(max_new_tokens=40, temperature=0.0)
+PERU = "The capital of Peru is Lima."
 
 
 def free_port() -> int:
@@ -25,12 +31,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(model, gen: GenerationSettings = GEN, **app_settings):
+    cfg = AppConfig(port=free_port(), concurrency_limit=1, max_queue=16, **app_settings)
+    demo = app.build_app(model, gen, cfg)
+    app.launch(demo, cfg, model, gen, block=False)
+    return demo, f"http://127.0.0.1:{cfg.port}/"
+
+
 @pytest.fixture(scope="module")
 def server(chat_model):
-    cfg = AppConfig(port=free_port(), concurrency_limit=1, max_queue=16)
-    demo = app.build_app(chat_model, GEN, cfg)
-    app.launch(demo, cfg, block=False)
-    url = f"http://127.0.0.1:{cfg.port}/"
+    demo, url = serve(chat_model)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def endless_server(tokenizer):
+    """An app whose model never stops by itself (it would write 250 tokens), to see that leaving stops it."""
+    model, _ = endless(tokenizer, fast=False)
+    demo, url = serve(model, GenerationSettings(max_new_tokens=250, temperature=0.0))
     yield url
     demo.close()
 
@@ -44,52 +63,207 @@ def ask(client, message, max_new_tokens=40, temperature=0.0, top_p=0.9):
     return client.predict(message, max_new_tokens, temperature, top_p, api_name="/chat")
 
 
+def wait_until_idle(timeout: float = 30) -> None:
+    """Returns once the generation thread has finished what it was doing."""
+    inference._GENERATION_THREAD.submit(lambda: None).result(timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gradio_client's /chat
+# ----------------------------------------------------------------------------------------------------------------
+
 def test_streams_a_reply(client):
     job = client.submit("What is the capital of Peru?", 40, 0.0, 0.9, api_name="/chat")
     updates = list(job)
     assert len(updates) >= 3, updates                      # arrived in pieces, not at once
     assert all(b.startswith(a) for a, b in zip(updates, updates[1:]))
-    assert job.result() == "The capital of Peru is Lima."
+    assert job.result() == PERU
 
 
-def test_empty_message_gets_a_polite_answer(client):
-    assert ask(client, "   ") == app.EMPTY_MESSAGE
-    assert ask(client, "") == app.EMPTY_MESSAGE
-
-
-def test_over_long_message_is_refused_in_the_chat(client):
-    reply = ask(client, "word " * 2000, max_new_tokens=40)
-    assert reply.startswith("This message is too long for the model")
+def test_empty_and_over_long_messages_are_refused_with_the_reason(client):
+    for empty in ("   ", ""):
+        with pytest.raises(AppError, match="Your message is empty"):
+            ask(client, empty)
+    with pytest.raises(AppError, match="too long for the model"):
+        ask(client, "word " * 2000)
+    with pytest.raises(AppError, match="more than the 32000 allowed"):
+        ask(client, "x" * 40_000)
 
 
 def test_keeps_serving_after_a_bad_request(client):
     with pytest.raises((AppError, ValidationError)):  # the client is told the request was bad
         ask(client, "What is 2 plus 2?", max_new_tokens="many")
-    assert ask(client, "What is the capital of Peru?") == "The capital of Peru is Lima."
+    assert ask(client, "What is the capital of Peru?") == PERU
 
 
 def test_many_concurrent_requests_all_answered(server):
     questions = ["What is the capital of Peru?", "What is 2 plus 3?", "Hello! How are you?"] * 3
     with concurrent.futures.ThreadPoolExecutor(max_workers=9) as pool:
         answers = list(pool.map(lambda q: ask(Client(server, verbose=False), q), questions))
-    assert all(a for a in answers) and answers[0] == answers[3] == answers[6] == "The capital of Peru is Lima."
+    assert all(a for a in answers) and answers[0] == answers[3] == answers[6] == PERU
 
 
-def test_client_disconnecting_mid_stream_does_not_break_the_server(client, server):
-    job = client.submit("What is the capital of Peru?", 40, 0.0, 0.9, api_name="/chat")
-    for _ in job:
-        job.cancel()
-        break
-    time.sleep(0.5)
-    assert ask(Client(server, verbose=False), "What is 2 plus 3?")
+def test_cancelled_request_stops_its_generation(endless_server):
+    """A client that cancels frees the model within one decode chunk (the model would otherwise write 250 tokens)."""
+    wait_until_idle()
+    ScriptedPhi.calls = 0
+    job = Client(endless_server, verbose=False).submit("Sing", 250, 0.0, 0.9, api_name="/chat")
+    while ScriptedPhi.calls < 5:
+        time.sleep(0.05)
+    job.cancel()
+    time.sleep(1.0)
+    wait_until_idle()
+    stopped_at = ScriptedPhi.calls
+    assert stopped_at < 150, stopped_at
+    time.sleep(1.0)
+    assert ScriptedPhi.calls == stopped_at  # nothing runs on after the cancel
 
 
-def test_history_is_passed_through_the_template():
-    history = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5."},
-               {"role": "user", "content": "failed turn"}]
-    messages = app.to_messages(history, "Now add 2.")
-    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-    assert messages[-1]["content"] == "Now add 2."
+# ----------------------------------------------------------------------------------------------------------------
+# The page's conversation (what the model reads) is kept apart from the notes a person sees
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_respond(respond, message, shown, conversation):
+    outputs = list(respond(message, shown, conversation, 40, 0.0, 0.9))
+    return outputs[-1]
+
+
+def test_notes_never_reach_the_model(chat_model, monkeypatch):
+    respond = app.make_respond(chat_model, GEN, AppConfig())
+    notes: list[str] = []
+    monkeypatch.setattr(app.gr, "Warning", notes.append)
+    monkeypatch.setattr(app.gr, "Info", notes.append)
+    box, shown, conversation = run_respond(respond, "What is the capital of Peru?", [], [])
+    assert conversation == [{"role": "user", "content": "What is the capital of Peru?"},
+                            {"role": "assistant", "content": PERU}]
+    before = (list(shown), list(conversation))
+    out = run_respond(respond, "   ", shown, conversation)  # an empty message: nothing is sent or changed
+    assert all(isinstance(v, dict) and v.get("__type__") == "update" for v in out) and notes == [app.EMPTY_MESSAGE]
+    assert (shown, conversation) == before
+    monkeypatch.setattr(chat_model, "context_window", 60)  # the oldest turns no longer fit: a note, not a turn
+    _, shown, conversation = run_respond(respond, "What is 2 plus 3?", shown, conversation)
+    assert "left out" in notes[-1]
+    assert [m["role"] for m in conversation] == ["user", "assistant"] * 2
+    assert not any(note in m["content"] for m in conversation + shown for note in notes)
+
+
+def test_markup_in_a_message_is_shown_as_typed_and_read_as_typed(chat_model):
+    respond = app.make_respond(chat_model, GEN, AppConfig())
+    _, shown, conversation = run_respond(respond, "### Hello *there*", [], [])
+    assert conversation[0]["content"] == "### Hello *there*"          # the model reads the text itself
+    assert shown[0]["content"] == r"\#\#\# Hello \*there\*"            # the page shows it, not a heading
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The OpenAI-compatible API
+# ----------------------------------------------------------------------------------------------------------------
+
+def openai_client(url: str, key: str = "unused") -> OpenAI:
+    return OpenAI(base_url=url + "v1", api_key=key, max_retries=0)
+
+
+def test_openai_client_non_streaming_and_streaming(server):
+    oa = openai_client(server)
+    assert [m.id for m in oa.models.list()] == ["phi2-qlora"]
+    messages = [{"role": "user", "content": "What is the capital of Peru?"}]
+    r = oa.chat.completions.create(model="phi2-qlora", messages=messages, temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == PERU and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens > 3
+    pieces = [c.choices[0].delta.content for c in oa.chat.completions.create(
+        model="phi2-qlora", messages=messages, temperature=0, max_tokens=40, stream=True)]
+    assert "".join(p for p in pieces if p) == PERU and len([p for p in pieces if p]) >= 3
+    cut = oa.chat.completions.create(model="phi2-qlora", messages=messages, temperature=0, stop=[" is"])
+    assert cut.choices[0].message.content == "The capital of Peru" and cut.choices[0].finish_reason == "stop"
+    short = oa.chat.completions.create(model="phi2-qlora", messages=messages, temperature=0, max_tokens=2)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+
+
+def test_openai_multi_turn_system_seed_and_concurrency(server):
+    oa = openai_client(server)
+    convo = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 plus 3?"},
+             {"role": "assistant", "content": "2 plus 3 is 5."}, {"role": "user", "content": "Now add 2."}]
+    first = oa.chat.completions.create(model="m", messages=convo, temperature=1.0, seed=7, max_tokens=20)
+    again = oa.chat.completions.create(model="m", messages=convo, temperature=1.0, seed=7, max_tokens=20)
+    assert first.choices[0].message.content == again.choices[0].message.content
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda _: oa.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "What is the capital of Peru?"}], temperature=0
+        ).choices[0].message.content, range(6)))
+    assert answers == [PERU] * 6
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"messages": []}, 400, "messages must be a non-empty list"),
+    ({"messages": "hi"}, 400, "messages must be a non-empty list"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "'wizard' is not one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "string content"),
+    ({"messages": [{"role": "user", "content": "  "}]}, 400, "content is empty"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "alternate"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "ending with user"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "max_tokens must be an integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens must be an integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": -1}, 400, "top_p must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream must be true or false"),
+    ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "context"),
+    ({"messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "at most 32000 characters"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}] * 40
+      + [{"role": "user", "content": "hi"}]}, 400, "at most 64 messages"),
+    ([1, 2], 400, "must be a JSON object"),
+], ids=lambda v: v if isinstance(v, (int, str)) else None)
+def test_bad_requests_get_openai_errors(server, body, status, fragment):
+    response = httpx.post(server + "v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error" and "Traceback" not in response.text
+
+
+def test_malformed_and_oversized_bodies(server):
+    r = httpx.post(server + "v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server + "v1/chat/completions", content=b'{"messages": "' + b"x" * (2 << 20) + b'"}')
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    long = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "and now?"}]
+    r = httpx.post(server + "v1/chat/completions", json={"messages": long, "max_tokens": 400})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert openai_client(server).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "What is the capital of Peru?"}],
+        temperature=0).choices[0].message.content == PERU  # still serving
+
+
+def test_leaving_a_stream_stops_its_generation(endless_server):
+    wait_until_idle()
+    ScriptedPhi.calls = 0
+    with httpx.stream("POST", endless_server + "v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "Sing"}], "max_tokens": 250,
+                            "stream": True}) as response:
+        for line in response.iter_lines():
+            if ScriptedPhi.calls > 5 and line.startswith("data: {"):
+                break  # the client goes away mid-answer
+    time.sleep(1.0)
+    wait_until_idle()
+    stopped_at = ScriptedPhi.calls
+    assert stopped_at < 150, stopped_at
+    time.sleep(1.0)
+    assert ScriptedPhi.calls == stopped_at
+
+
+def test_auth_protects_the_page_and_the_api(chat_model):
+    demo, url = serve(chat_model, auth="me:s3cret-pw")
+    try:
+        assert httpx.get(url + "v1/models").status_code == 401
+        with pytest.raises(Exception, match="401|invalid_api_key|API key"):
+            openai_client(url, "wrong").chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}])
+        r = openai_client(url, "s3cret-pw").chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "What is the capital of Peru?"}], temperature=0)
+        assert r.choices[0].message.content == PERU
+        assert httpx.get(url + "config").status_code == 401  # the page's own routes need the login
+    finally:
+        demo.close()
 
 
 def test_network_bind_without_auth_is_refused():
@@ -98,25 +272,77 @@ def test_network_bind_without_auth_is_refused():
         parse_config(["--app.host", "0.0.0.0"])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# A real browser
+# ----------------------------------------------------------------------------------------------------------------
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+                                    reason="Debian chromium not installed (.ci/run installs it; in CI this always runs)")
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
-                    reason="Debian chromium not installed (.ci/run installs it; in CI this test always runs)")
+def browser_page(p):
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+    return browser, browser.new_page()
+
+
+def bubbles(page, role: str) -> list[str]:
+    return page.locator(f".message-row.{role}-row").all_inner_texts()
+
+
+@needs_chromium
 def test_real_browser_chat(server):
     from playwright.sync_api import sync_playwright
     shot = ROOT / "reports" / "app-screenshot.png"
     shot.parent.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page()
+        browser, page = browser_page(p)
         page.goto(server)
         box = page.get_by_role("textbox").first
+        box.press("Enter")  # empty: a warning, nothing sent
+        page.get_by_text("Your message is empty").first.wait_for(timeout=30_000)
+        assert bubbles(page, "user") == []
         box.fill("What is the capital of Peru?")
         box.press("Enter")
         page.wait_for_function("document.body.innerText.includes('Lima')", timeout=90_000)
+        box.fill("### Not a heading, *not bold*")
+        box.press("Enter")
+        page.wait_for_function("document.querySelectorAll('.message-row.user-row').length == 2", timeout=90_000)
+        wait_until_idle()
+        assert page.locator(".message-row h3, .message-row em").count() == 0  # shown as typed
+        assert bubbles(page, "user")[-1].strip() == "### Not a heading, *not bold*"
+        assert bubbles(page, "user")[0].strip() == "What is the capital of Peru?"
+        assert bubbles(page, "bot")[0].strip() == PERU and "empty" not in " ".join(bubbles(page, "bot"))
         page.screenshot(path=str(shot))
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+@needs_chromium
+def test_closing_the_page_or_pressing_stop_frees_the_model(endless_server):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser, page = browser_page(p)
+        for leave in ("stop", "close"):
+            wait_until_idle()
+            ScriptedPhi.calls = 0
+            if leave == "close":
+                page = browser.new_page()
+            page.goto(endless_server)
+            box = page.get_by_role("textbox").first
+            box.fill("Sing")
+            box.press("Enter")
+            page.wait_for_function("document.body.innerText.includes('la la')", timeout=90_000)
+            if leave == "stop":
+                page.get_by_role("button", name="Stop").click()
+            else:
+                page.close()
+            time.sleep(2.0)
+            wait_until_idle()
+            stopped_at = ScriptedPhi.calls
+            assert stopped_at < 200, (leave, stopped_at)
+            time.sleep(1.0)
+            assert ScriptedPhi.calls == stopped_at, leave
+        browser.close()

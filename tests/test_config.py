@@ -118,3 +118,34 @@ def test_help_lists_every_key_with_its_documentation(capsys):
         for name in cls.__dataclass_fields__:
             assert f"--{section}.{name}" in out
     assert "recompute activations in backward" in out
+
+
+def test_unquoted_yaml_on_off_mean_on_and_off(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  torch_compile: off\ninference:\n  fast: on\n")  # YAML 1.1 reads these as booleans
+    cfg = parse(["--config", str(path)])
+    assert (cfg.training.torch_compile, cfg.inference.fast) == ("off", "on")
+    path.write_text("training:\n  torch_compile: yes\n")
+    assert parse(["--config", str(path)]).training.torch_compile == "on"
+    path.write_text("training:\n  torch_compile: 3\n")
+    with pytest.raises(SystemExit):
+        parse(["--config", str(path)])
+
+
+def test_public_share_link_requires_auth(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--app.share", "true"])
+    err = capsys.readouterr().err
+    assert "app.share: a public gradio.live link" in err and "--app.auth user:password" in err
+    assert parse(["--app.share", "true", "--app.auth", "me:pw"]).app.share
+
+
+def test_saved_config_never_holds_the_password(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("app:\n  auth: me:hunter2-secret\n")
+    cfg = parse(["--config", str(path)])
+    assert cfg.app.auth == "me:hunter2-secret"  # in use while the program runs
+    config.save_config(cfg, tmp_path / "saved.yaml")
+    saved = (tmp_path / "saved.yaml").read_text()
+    assert "hunter2" not in saved and "auth: null" in saved
+    assert parse(["--config", str(tmp_path / "saved.yaml")]).app.auth is None  # and it still loads
