@@ -20,11 +20,22 @@ def base():
     return AutoModelForCausalLM.from_pretrained(TINY)
 
 
-def test_builder():
+def test_builder_gives_peft_the_adapters_asked_for(base):
+    """What a user depends on: adapters on exactly the named layers of every block, scaled alpha/r, with the
+    dropout asked for, and only they train."""
     cfg = build_lora_config(LoraSettings(r=8, alpha=32, dropout=0.1, target_modules=["q_proj", "fc2"]))
-    assert isinstance(cfg, LoraConfig)
-    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, set(cfg.target_modules)) == (8, 32, 0.1, {"q_proj", "fc2"})
-    assert cfg.task_type == "CAUSAL_LM"
+    assert isinstance(cfg, LoraConfig) and cfg.task_type == "CAUSAL_LM"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(TINY), cfg)
+    adapted = {name.removeprefix("base_model.model.") for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {f"model.layers.{i}.{sub}" for i in range(2) for sub in ("self_attn.q_proj", "mlp.fc2")}
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == 32 / 8 and layer.r["default"] == 8
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Dropout) and layer.lora_dropout["default"].p == 0.1
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    with torch.no_grad():  # B starts at zero: the adapted model starts as the base model
+        ids = torch.tensor([[1, 5, 9, 13]])
+        assert torch.equal(model(ids).logits, base(ids).logits)
 
 
 def test_old_phi_names_fail_listing_the_real_layers(base):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import math
+import weakref
 
 import torch
 from datasets import Dataset
@@ -56,3 +59,58 @@ def test_fine_tuned_beats_base_and_reports_agree(smoke_run, tmp_path):
     card = (smoke_run / "final" / "README.md").read_text()
     assert "### evaluate.py" in card and f"| answer_loss | {base['answer_loss']:.4f} | {tuned['answer_loss']:.4f} |" in card
     assert "conversations" in card
+
+
+def test_the_same_command_twice_gives_the_same_metrics(smoke_run, tmp_path):
+    """Greedy by default, even when the config samples (temperature 0.9 here), so a rerun repeats every number;
+    --sample is seeded and says so."""
+    common = ["evaluate.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(smoke_run),
+              "--num-prompts", "12", "--no-base", "--reports-dir", str(tmp_path), "--generation.temperature", "0.9"]
+    results = []
+    for name in ("a", "b"):
+        run_script(*common, "--name", name)
+        results.append(json.loads((tmp_path / f"eval-{name}.json").read_text()))
+    assert results[0] == results[1] and results[0]["decoding"].startswith("greedy")
+    sampled = []
+    for name in ("s1", "s2"):
+        run_script(*common, "--name", name, "--sample", "--seed", "3")
+        sampled.append(json.loads((tmp_path / f"eval-{name}.json").read_text()))
+    assert sampled[0] == sampled[1] and "seed 3" in sampled[0]["decoding"] and "temperature 0.9" in sampled[0]["decoding"]
+    assert "seed 3" in (tmp_path / "eval-s1.md").read_text()
+
+
+def test_one_model_in_memory_at_a_time(smoke_cfg, monkeypatch, tmp_path):
+    """The fine-tuned model is freed before the base loads: evaluation needs the memory of one model."""
+    loaded: list[weakref.ref] = []
+    real_finetuned, real_base = evaluate.load_finetuned, evaluate.load_base
+
+    def finetuned(*args, **kwargs):
+        model = real_finetuned(*args, **kwargs)
+        loaded.append(weakref.ref(model.model))
+        return model
+
+    def base(*args, **kwargs):
+        gc.collect()
+        assert loaded and loaded[0]() is None, "the fine-tuned model is still in memory"
+        model = real_base(*args, **kwargs)
+        loaded.append(weakref.ref(model.model))
+        return model
+
+    monkeypatch.setattr(evaluate, "load_finetuned", finetuned)
+    monkeypatch.setattr(evaluate, "load_base", base)
+    args = argparse.Namespace(num_prompts=4, batch_size=4, samples=2, merged=None, no_base=False, allow_pickle=False,
+                              sample=False, seed=0)
+    result = evaluate.run(smoke_cfg, args)
+    gc.collect()
+    assert len(loaded) == 2 and loaded[1]() is None and result["base"] and result["finetuned"]
+
+
+def test_model_card_keeps_the_training_runs_hyperparameters(smoke_run, tmp_path):
+    card = smoke_run / "final" / "README.md"
+    run_script("evaluate.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(smoke_run),
+               "--num-prompts", "4", "--no-base", "--reports-dir", str(tmp_path), "--training.learning_rate", "0.123",
+               "--lora.r", "7", "--data.max_length", "64")
+    text = card.read_text()
+    assert "### evaluate.py" in text
+    assert "| learning_rate | 0.005 |" in text and "r=32" in text and "| max_length | 128 |" in text
+    assert "0.123" not in text and "r=7" not in text

@@ -38,3 +38,18 @@ def test_real_nf4_on_cpu_quantizes_the_linear_layers_and_stays_close():
         a, b = q(ids).logits, full(ids).logits
     rel = (a - b).norm() / b.norm()
     assert 0 < rel < 0.2  # quantized, so not identical, but the same function
+
+
+def test_built_config_is_what_transformers_loads_and_records():
+    """The model loaded with the built config is 4-bit NF4 with double-quantized scales computing in the chosen
+    dtype, and its saved config records exactly that (what a later load of a checkpoint reads)."""
+    choice = decide_device_dtype("auto", cuda_available=False)
+    q = load_model(ModelConfig(name_or_path=str(TINY)), choice, build_bnb_config(QuantizationConfig(), choice.dtype),
+                   "sdpa")
+    assert q.is_loaded_in_4bit
+    state = q.model.layers[1].self_attn.q_proj.weight.quant_state
+    assert state.quant_type == "nf4" and state.nested and state.dtype == torch.float32  # double quant, fp32 compute
+    recorded = q.config.quantization_config.to_dict()
+    assert (recorded["bnb_4bit_quant_type"], recorded["bnb_4bit_use_double_quant"], recorded["load_in_4bit"]) == \
+        ("nf4", True, True)
+    assert recorded["bnb_4bit_compute_dtype"] == "float32"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -101,20 +102,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert str(train.newest_complete_checkpoint(out)) in proc.stderr
 
 
-def test_out_of_memory_names_the_knobs():
-    class Trainer:
-        callback_handler = type("H", (), {"callbacks": [train.Guard()]})()
+OOM_AFTER = """
+import os, torch, transformers
+_steps, _real = [0], transformers.Trainer.training_step
+def training_step(self, *args, **kwargs):  # the GPU runs out of memory in step N + 1, as a larger batch would
+    _steps[0] += 1
+    if _steps[0] > int(os.environ["OOM_AFTER_STEPS"]):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return _real(self, *args, **kwargs)
+transformers.Trainer.training_step = training_step
+"""
 
-        def train(self, resume_from_checkpoint=None):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    with pytest.raises(train.TrainingOutOfMemory) as e:
-        train.run_training(Trainer(), resume=False, output_dir="model")
+def test_out_of_memory_names_the_knobs_keeps_the_checkpoints_and_resumes(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(OOM_AFTER)  # runs inside train.py's own process
+    out = tmp_path / "run"
+    proc = run_script("train.py", *QUICK, "--training.output_dir", str(out), check=False,
+                      env={"PYTHONPATH": str(hook), "OOM_AFTER_STEPS": "50"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
     for knob in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                  "gradient_checkpointing", "phi2-lowmem.yaml", "--resume"):
-        assert knob in str(e.value)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert knob in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "final").exists()
+    assert train.newest_complete_checkpoint(out) == out / "checkpoint-40"  # the work so far is intact
+    resumed = run_script("train.py", *QUICK, "--training.output_dir", str(out), "--resume")
+    assert "resuming from" in resumed.stderr and "checkpoint-40" in resumed.stderr
+    assert max(h["step"] for h in json.loads((out / "final" / "log_history.json").read_text())) == 120
 
 
 def test_nothing_usable_fails_before_loading_the_model(tmp_path):
@@ -126,13 +141,22 @@ def test_nothing_usable_fails_before_loading_the_model(tmp_path):
     assert "base data/tiny-phi" not in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_no_secrets_in_outputs(smoke_run):
-    """The token a user exports for the Hub never lands in configs, model cards or logs we write."""
-    secret = "hf_THIS_IS_A_SECRET_TOKEN"
-    out = smoke_run.parent / "secret-run"
-    proc = run_script("train.py", *QUICK, "--training.max_steps", "5", "--training.output_dir", str(out),
-                      env={"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret})
-    assert secret not in proc.stdout + proc.stderr
-    for path in out.rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".txt"):
-            assert secret not in path.read_text(errors="ignore"), path
+def test_no_secrets_in_outputs(tmp_path):
+    """Neither the Hub token a user exports nor the app password in a config file lands in anything a run writes:
+    configs, run records, model card, TensorBoard event files, checkpoints, logs."""
+    token, password = "hf_THIS_IS_A_SECRET_TOKEN", "pw-THIS-IS-A-SECRET"
+    config = tmp_path / "with-auth.yaml"
+    config.write_text((ROOT / "configs" / "smoke.yaml").read_text() + f"app:\n  auth: me:{password}\n")
+    out = tmp_path / "secret-run"
+    proc = run_script("train.py", "--config", str(config), "--training.max_steps", "6", "--training.save_steps", "3",
+                      "--training.eval_steps", "3", "--training.logging_steps", "1", "--training.report_to",
+                      "tensorboard", "--training.output_dir", str(out),
+                      env={"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token})
+    run_script("evaluate.py", "--config", str(config), "--training.output_dir", str(out), "--num-prompts", "2",
+               "--no-base", "--reports-dir", str(out / "reports"))
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any("tfevents" in p.name for p in files) and (out / "final" / "config.yaml").is_file()
+    for secret in (token, password):
+        assert secret not in proc.stdout + proc.stderr
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), path

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 from PIL import Image
-from transformers import AutoModelForCausalLM
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data_utils as du
-from config import DataConfig, GenerationSettings
+import train
+from config import DataConfig, GenerationSettings, parse_config
 from evaluate import answer_loss
+from model_utils import decide_device_dtype, resolve_attention
 from conftest import TINY, run_script
 
 
@@ -52,32 +54,47 @@ def test_fine_tuned_model_learned_to_stop(chat_model):
     assert all(r.text and "###" not in r.text for r in replies)
 
 
-def test_packed_loss_equals_unpacked_loss(tokenizer):
-    """Packing (trl's padding-free collator, sdpa) never lets one conversation attend to another."""
-    model = AutoModelForCausalLM.from_pretrained(TINY, attn_implementation="sdpa").eval()
-    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in
-             [("What is 2 plus 3?", "2 plus 3 is 5."), ("What colour is snow?", "Snow is usually white."),
-              ("Hello! How are you?", "I am fine, thank you.")]]
-    examples = [du.encode_conversation(tokenizer, c, 128) for c in convs]
-    examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+@pytest.fixture(scope="module")
+def packed_trainer(tokenizer):
+    """train.py's own trainer for the smoke config (4-bit tiny model, its attention choice, trl's packing)."""
+    cfg, _ = parse_config(["--config", "configs/smoke.yaml", "--training.output_dir", "/tmp/unused",
+                           "--data.max_length", "96"])
+    choice = decide_device_dtype(cfg.model.dtype, cuda_available=False)
+    train_ds, _, _ = train.prepare_data(cfg.data, tokenizer)
+    trainer = train.build_trainer(cfg, train.build_model(cfg, choice, compiled=False), tokenizer,
+                                  train_ds.select(range(24)), None, choice, compiled=False)
+    return cfg, choice, trainer
 
-    def loss_sum(batch):
-        # use_cache=False as in training (trl sets it): with a cache transformers skips the packed-sequence mask
-        out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")},
-                    use_cache=False)
-        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+
+@pytest.mark.parametrize("attention", ["train.py's choice", "flex_attention"])
+def test_packed_loss_equals_unpacked_loss(packed_trainer, attention):
+    """A packed row from train.py's trainer (trl's bfd packing + its padding-free collator) gives the same loss as
+    its conversations one by one: packing never lets one conversation attend to another. The attention is what
+    train.py chooses here (sdpa on the CPU) and flex_attention (the bf16-GPU choice; its forward runs on the CPU)."""
+    cfg, choice, trainer = packed_trainer
+    attn = (resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, compiled=False)
+            if attention != "flex_attention" else "flex_attention")
+    model = AutoModelForCausalLM.from_pretrained(TINY, attn_implementation=attn).eval()
+    row = max(trainer.train_dataset, key=lambda r: len(r["seq_lengths"]))
+    assert len(row["seq_lengths"]) >= 3 and sum(row["seq_lengths"]) == len(row["input_ids"])  # really packed
+    batch = trainer.data_collator([row])
+    assert batch["input_ids"].shape[0] == 1
+
+    def nll(input_ids, labels, **extra):
+        # use_cache=False as in training: with a cache transformers skips the packed-sequence mask
+        logits = model(input_ids=input_ids, use_cache=False, **extra).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                                 reduction="sum")
 
     with torch.no_grad():
-        separate = sum(loss_sum(DataCollatorForLanguageModeling(pad_token_id=0)([e])) for e in examples)
-        packed_batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
-        assert packed_batch["input_ids"].shape[0] == 1  # really one packed row
-        packed = loss_sum(packed_batch)
-    assert torch.allclose(packed, separate, rtol=1e-5, atol=1e-4), (packed, separate)
-    # and without the position ids resetting, the conversations would leak into each other
-    with torch.no_grad():
-        leaky = loss_sum({"input_ids": packed_batch["input_ids"], "labels": packed_batch["labels"]})
-    assert abs(float(leaky) - float(separate)) > 1e-2
+        packed = nll(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+        separate, start = torch.zeros(()), 0
+        for n in row["seq_lengths"]:
+            separate += nll(batch["input_ids"][:, start:start + n], batch["labels"][:, start:start + n])
+            start += n
+        leaky = nll(batch["input_ids"], batch["labels"])  # without the position ids restarting
+    assert torch.allclose(packed, separate, rtol=1e-4, atol=1e-3), (packed, separate)  # fp32 sums, reordered
+    assert abs(float(leaky) - float(separate)) > 1e-1  # conversations would leak into each other
 
 
 def test_bad_config_value_fails_before_training(tmp_path):
@@ -92,3 +109,20 @@ def test_wrong_target_modules_fail_listing_the_real_layers(tmp_path):
                       "--training.output_dir", str(tmp_path), check=False)
     assert proc.returncode == 1
     assert "match no linear layer" in proc.stderr and "q_proj" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_steps_zero_evaluates_once_at_the_end(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(out),
+                      "--training.max_steps", "12", "--training.eval_steps", "0", "--training.save_steps", "100")
+    history = json.loads((out / "final" / "log_history.json").read_text())
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [12]
+    assert "Final eval loss" in (out / "final" / "README.md").read_text() and "No eval loss" not in \
+        (out / "final" / "README.md").read_text()
+    assert "FutureWarning" not in proc.stderr  # a run's log holds only what matters
+
+
+def test_checkpoints_carry_the_tokenizer_with_its_chat_template(smoke_run):
+    for folder in [smoke_run / "final", *smoke_run.glob("checkpoint-*")]:
+        assert AutoTokenizer.from_pretrained(folder).chat_template == du.CHAT_TEMPLATE, folder
