@@ -319,7 +319,8 @@ class FastDecoder:
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
         sample = gen.temperature > 0
         eos = self.tokenizer.eos_token_id
-        procs = logits_processors(gen, sample, [eos] if ignore_eos else [], device, width, eos)  # ignore_eos: benchmarks
+        suppress = [eos] if ignore_eos else []  # ignore_eos: benchmarks
+        procs = logits_processors(gen, sample, suppress, device, width, eos)
         if streamer is not None:
             streamer.put(input_ids.cpu())  # the streamer skips the prompt it is handed first
 
@@ -453,6 +454,8 @@ class ChatModel:
         generation at a time)."""
         def work():
             if cancel is not None and cancel.is_set():
+                if streamer is not None:
+                    streamer.end()  # its reader waits for the end
                 return [[] for _ in batch_ids], None
             if seed is not None:
                 torch.manual_seed(seed)

@@ -144,8 +144,8 @@ def _start(model: ChatModel, req: ChatRequest) -> AnswerStream:
         raise RequestError(str(e), param="messages", code="context_length_exceeded") from e
     if dropped:
         raise RequestError(f"the conversation does not fit the {model.context_window}-token context window with "
-                           f"max_tokens {req.gen.max_new_tokens}: drop its oldest {dropped} turn(s) or lower max_tokens",
-                           param="messages", code="context_length_exceeded")
+                           f"max_tokens {req.gen.max_new_tokens}: drop its oldest {dropped} turn(s) or lower "
+                           "max_tokens", param="messages", code="context_length_exceeded")
     return model.start(ids, req.gen, stop=req.stop, seed=req.seed)
 
 
@@ -224,7 +224,9 @@ async def _events(answer: AnswerStream, ident: str, created: int) -> AsyncIterat
                 sent = text
     except Exception as e:  # the generation failed: tell the client in-stream, the status line is already sent
         logger.exception("generation failed")
-        yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(e).__name__}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        error = {"message": f"generation failed: {type(e).__name__}", "type": "server_error", "param": None,
+                 "code": None}
+        yield f"data: {json.dumps({'error': error})}\n\n"
         return
     yield chunk({}, FINISH[answer.reply.stop], _usage(answer))
     yield "data: [DONE]\n\n"
