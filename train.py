@@ -187,6 +187,56 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (resident set, CPU)
 
 
+class PhaseClock(TrainerCallback):
+    """Where the time to the adapter goes: set-up phases, the first steps (compilation), steady steps, the end.
+
+    Marks are taken on the host; trl reads a metric back from the GPU every step, so the host is never more than
+    a step ahead. The steady rate counts the tokens trl logs (`num_tokens`, every process's non-padding tokens)
+    between the first log at or after step FIRST_STEPS and the last log."""
+
+    FIRST_STEPS = 10
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.marks: dict[str, float] = {}
+        self.logs: list[tuple[float, int, float]] = []  # (time, step, num_tokens)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mark("train_begin")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == min(self.FIRST_STEPS, state.max_steps):
+            self.mark("first_steps")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "num_tokens" in logs and "loss" in logs:
+            self.logs.append((time.perf_counter(), state.global_step, float(logs["num_tokens"])))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.mark("train_end")
+
+    def summary(self) -> dict[str, float]:
+        """Seconds per phase (they add up to total_s) and the steady tokens/s."""
+        m, t = self.marks, self.start
+        order = ["data", "model", "trainer", "train_begin", "first_steps", "train_end", "final_eval", "saved"]
+        names = {"data": "data_s", "model": "model_load_quantize_s", "trainer": "trainer_setup_s",
+                 "train_begin": "train_setup_s", "first_steps": f"first_{self.FIRST_STEPS}_steps_s",
+                 "train_end": "steady_steps_s", "final_eval": "final_eval_s", "saved": "save_s"}
+        out = {}
+        for name in order:
+            if name in m:
+                out[names[name]] = round(m[name] - t, 3)
+                t = m[name]
+        out["total_s"] = round(t - self.start, 3)
+        steady = [entry for entry in self.logs if entry[1] >= self.FIRST_STEPS]
+        if len(steady) >= 2 and steady[-1][0] > steady[0][0]:
+            out["steady_tokens_per_s"] = round((steady[-1][2] - steady[0][2]) / (steady[-1][0] - steady[0][0]), 1)
+        return out
+
+
 class TrainingOutOfMemory(RuntimeError):
     """CUDA ran out of memory; the message names the knobs."""
 
@@ -297,7 +347,8 @@ def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
-def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoice) -> Path:
+def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoice,
+               clock: PhaseClock | None = None) -> Path:
     """Adapter, tokenizer, config, data counts, loss curve and model card, swapped into place atomically."""
     out = Path(cfg.training.output_dir)
     final, tmp = out / FINAL_DIR, out / f"{FINAL_DIR}.tmp"
@@ -311,7 +362,12 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
     (tmp / "data_stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
     history = trainer.state.log_history
     (tmp / "log_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
-    (tmp / "run.json").write_text(json.dumps({"compute": choice.reason}), encoding="utf-8")
+    run = {"compute": choice.reason}
+    if clock is not None:
+        clock.mark("saved")  # the adapter and tokenizer are written; the rest is small records
+        run["timing"] = clock.summary()
+        logger.info("time to adapter: %s", json.dumps(run["timing"]))
+    (tmp / "run.json").write_text(json.dumps(run), encoding="utf-8")
     report_utils.write_loss_plot(history, tmp / "loss.png")
     report_utils.write_model_card(tmp / "README.md", cfg, stats, history, choice.reason)
     if final.exists():
@@ -371,6 +427,7 @@ def add_train_arguments(parser) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv, __doc__, extra=add_train_arguments)
     setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)  # set by accelerate launch / torchrun
+    clock = PhaseClock()
     try:
         choice = decide_device_dtype(cfg.model.dtype)
         compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
@@ -378,8 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                     "on" if compiled else "off")
         tokenizer = load_tokenizer(cfg.model)
         train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
+        clock.mark("data")
         model = build_model(cfg, choice, compiled)
+        clock.mark("model")
         trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, compiled)
+        trainer.add_callback(clock)
+        clock.mark("trainer")
         if trainer.is_world_process_zero():
             save_config(cfg, Path(cfg.training.output_dir) / "config.yaml")
         guard = run_training(trainer, args.resume, cfg.training.output_dir)
@@ -398,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                        guard.interrupted, cfg.training.output_dir, command)
         return 130
     final_evaluation(trainer)
-    final = save_final(trainer, cfg, stats, choice)
+    clock.mark("final_eval")
+    final = save_final(trainer, cfg, stats, choice, clock)
     if trainer.is_world_process_zero():
         logger.info("adapter saved to %s (chat with: python inference.py --config <same config> --chat)", final)
     return 0
