@@ -4,6 +4,8 @@
     python bench.py train --presets baseline speed --variant speed-b16=speed:training.per_device_train_batch_size=16
     python bench.py generate                   # decode speed: plain generate vs the fast path, bf16 and fp32
     python bench.py train --tiny               # the same code on a tiny model on the CPU (its test; never rots)
+    python bench.py epoch --presets speed --runs 2   # time to adapter, oasst1-sized set: cold, then warm compile cache
+    python bench.py epoch --tiny               # the same on the tiny model and a small set on the CPU
 
 Real Phi-2 weights cannot be downloaded here and speed does not depend on their values, so the model is randomly
 initialised with Phi-2's exact configuration and saved once, then loaded through the normal `from_pretrained` +
@@ -11,6 +13,16 @@ bitsandbytes path. The training workload is fixed: 4000 sequences of random toke
 lognormal(mu=ln 250, sigma=0.8) clipped to [16, 2048], numpy seed 0 (mean ~338 tokens), loss on every token.
 Tokens/s counts non-padding tokens only. Each configuration runs in its own process (clean memory, clean
 compile caches); results go to reports/bench-*.json and a markdown table on stdout.
+
+The epoch benchmark runs train.py's real entry point as a subprocess, from process start to `final/` written, on
+an oasst1-sized synthetic conversation set: 9,500 conversations (oasst1's English+other top-ranked threads number
+about 9.8k), 1-4 turns each (P = 0.55/0.25/0.12/0.08), words drawn with numpy seed 0 from a fixed vocabulary,
+question lengths lognormal(ln 40, 0.7) and answer lengths lognormal(ln 180, 0.8) words, clipped to [3, 1500];
+about 6M tokens with the repo's tiny tokenizer (the count is reported). It reports train.py's own phase timing
+(run.json: data, model load + quantization, trainer set-up, first 10 steps (mostly compilation), steady steps,
+final evaluation, save), the interpreter start + imports before them, and the steady tokens/s. `--cache` keeps
+inductor's and Triton's compile caches in a folder, so a second run reports the warm figure; by default each run
+gets an empty one (cold).
 """
 
 from __future__ import annotations
@@ -205,6 +217,84 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     return row
 
 
+WORDS = ("the of and to in is that it for you was with on as have be at this are not but or what from by an "
+         "they we can which if will one all would there their so do when your about more how who make like time "
+         "just know take people into year good some could them see other than then now look only come its over "
+         "think also back after use two work first well way even new want because any these give day most us "
+         "question answer model language learn paris water energy history music science computer data python "
+         "function example explain important different because however therefore usually often").split()
+
+
+def epoch_conversations(n: int, seed: int = 0) -> list[dict]:
+    """The oasst1-sized synthetic set (module docstring): {"messages": [...]} rows for train.py's messages format."""
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+
+    def text(mu: float, sigma: float) -> str:
+        length = int(np.clip(rng.lognormal(mu, sigma), 3, 1500))
+        return " ".join(words[rng.integers(0, len(words), size=length)])
+
+    rows = []
+    for _ in range(n):
+        turns = int(rng.choice([1, 2, 3, 4], p=[0.55, 0.25, 0.12, 0.08]))
+        messages = []
+        for _ in range(turns):
+            messages += [{"role": "user", "content": text(math.log(40), 0.7)},
+                         {"role": "assistant", "content": text(math.log(180), 0.8)}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def run_epoch(name: str, preset: str, model_path: Path, conversations: int, tiny: bool, cache: Path,
+              log_dir: Path, timeout: int | None) -> dict:
+    """train.py on the epoch set as a user runs it; time to adapter split into train.py's phases."""
+    work = Path(tempfile.mkdtemp(prefix="bench-epoch-"))
+    data = work / "conversations.jsonl"
+    with data.open("w") as f:
+        for row in epoch_conversations(conversations):
+            f.write(json.dumps(row) + "\n")
+    cold = not any(p.is_file() for p in cache.rglob("*"))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / PRESET_FILES[preset]),
+           "--model.name_or_path", str(model_path), "--model.tokenizer", str(TINY_MODEL), "--data.dataset", str(data),
+           "--training.output_dir", str(work / "out"), "--training.report_to", "none"]
+    if tiny:
+        cmd += ["--data.max_length", "128", "--training.max_steps", "30", "--training.logging_steps", "5"]
+    log = log_dir / f"bench-epoch-{name}.log"
+    start = time.perf_counter()
+    with log.open("w") as f:
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=work)
+            error = None if proc.returncode == 0 else f"exit code {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout}s"
+    wall = time.perf_counter() - start
+    if error:
+        return {"name": name, "error": error, "log": str(log)}
+    run = json.loads((work / "out" / "final" / "run.json").read_text())
+    stats = json.loads((work / "out" / "final" / "data_stats.json").read_text())
+    timing = run["timing"]
+    return {"name": name, "preset": preset, "wall_s": round(wall, 1),
+            "start_and_imports_s": round(wall - timing["total_s"], 1), **timing,
+            "train_tokens": stats["train"]["tokens"], "train_sequences": stats["train"]["sequences"],
+            "compile_cache": "cold" if cold else "warm", "log": str(log)}
+
+
+def epoch_table(rows: list[dict]) -> str:
+    done = [r for r in rows if "error" not in r]
+    keys = [k for k in done[0] if k.endswith("_s") and k not in ("wall_s", "total_s")] if done else []
+    lines = ["| run | time to adapter (s) | " + " | ".join(keys) + " | steady tok/s | train tokens |",
+             "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} (log {r['log']}) |")
+            continue
+        lines.append(f"| {r['name']} ({r['compile_cache']} cache) | {r['wall_s']:.1f} | " + " | ".join(f"{r.get(k, 0):.1f}" for k in keys)
+                     + f" | {r.get('steady_tokens_per_s', float('nan')):,.0f} | {r['train_tokens']:,} |")
+    return "\n".join(lines)
+
+
 def train_table(rows: list[dict], tiny: bool) -> str:
     base = next((r for r in rows if r["name"] == "baseline" and "error" not in r), None)
     lines = ["| config | tokens/s | s/step | tokens/step | peak GiB | x baseline | % of physical limit | loss |",
@@ -353,7 +443,7 @@ def spawn(spec: dict, timeout: int | None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", nargs="?", choices=["train", "generate"], default="train")
+    parser.add_argument("kind", nargs="?", choices=["train", "generate", "epoch"], default="train")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the code, not speed)")
     parser.add_argument("--presets", nargs="+", default=["baseline", "default", "speed", "lowmem"])
@@ -367,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default=None, help="where the random Phi-2 is saved (reused if present)")
     parser.add_argument("--out", default=None, help="JSON results file (default reports/bench-<kind>.json)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
+    parser.add_argument("--conversations", type=int, default=None, help="epoch: conversations (default 9500)")
+    parser.add_argument("--cache", default=None,
+                        help="epoch: compile-cache folder kept across runs (default: a new empty one, cold)")
+    parser.add_argument("--runs", type=int, default=1, help="epoch: runs per preset (with --cache: cold, then warm)")
     args = parser.parse_args(argv)
     if args.one:
         return child(args)
@@ -379,7 +473,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ROOT / "reports" / f"bench-{args.kind}{'-tiny' if args.tiny else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    if args.kind == "train":
+    if args.kind == "epoch":
+        presets = args.presets if args.presets != parser.get_default("presets") else ["smoke" if args.tiny else "speed"]
+        n = args.conversations or (200 if args.tiny else 9500)
+        for preset in presets:
+            # Runs of one preset share a cache (the first is cold); without --cache it starts empty.
+            cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-compile-cache-"))
+            for i in range(args.runs):
+                name = preset if args.runs == 1 else f"{preset}-run{i + 1}"
+                logger.info("epoch %s ...", name)
+                rows.append(run_epoch(name, preset, model_path, n, args.tiny, cache, out.parent, args.timeout))
+                logger.info("  %s", rows[-1])
+        table = epoch_table(rows)
+    elif args.kind == "train":
         specs = [preset_values(p) for p in args.presets] + [preset_values(v) for v in args.variant]
         for name, values in specs:
             logger.info("training config %s ...", name)

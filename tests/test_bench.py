@@ -26,3 +26,16 @@ def test_generation_bench_tiny(tmp_path):
     assert [r["name"] for r in rows] == ["fp32 plain", "fp32 fast"]
     assert rows[1]["greedy_agreement_first64"] == [64, 64]  # the fast path decodes the same tokens (fp32)
     assert rows[1]["max_logit_diff"] < 1e-3
+
+
+def test_epoch_bench_tiny(tmp_path):
+    """train.py's real entry point on the epoch set; the phases it reports add up to its time to the adapter."""
+    out = tmp_path / "epoch.json"
+    run_script("bench.py", "epoch", "--tiny", "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row
+    phases = ["start_and_imports_s", "data_s", "model_load_quantize_s", "trainer_setup_s", "train_setup_s",
+              "first_10_steps_s", "steady_steps_s", "final_eval_s", "save_s"]
+    assert all(row[p] >= 0 for p in phases) and row["steady_steps_s"] > 0
+    assert abs(sum(row[p] for p in phases) - row["wall_s"]) < 1.0  # the rest is interpreter exit
+    assert row["steady_tokens_per_s"] > 0 and row["train_tokens"] > 10_000 and row["compile_cache"] == "cold"
