@@ -95,6 +95,9 @@ class TrainingConfig:
     packing: bool = doc(True, "pack conversations into full sequences (no padding, no cross-attention between them)")
     torch_compile: Literal["auto", "on", "off"] = doc(
         "auto", "compile the model: faster steps after a slow first one; auto = on for bf16 GPUs, off elsewhere")
+    compile_scope: Literal["regions", "model"] = doc(
+        "regions", "with torch_compile: regions compiles one decoder layer and reuses it for all of them (compiles "
+                   "in a fraction of the time); model compiles the whole model as one graph")
     logging_steps: int = doc(10, "optimizer steps between log lines")
     eval_steps: int = doc(200, "optimizer steps between validation-loss evaluations; the last step is always "
                                "evaluated (0 = only there)")

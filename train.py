@@ -281,6 +281,11 @@ class Guard(TrainerCallback):
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: DeviceChoice,
                   compiled: bool) -> SFTTrainer:
     args = build_sft_config(cfg.training, cfg.data.max_length, choice, compiled, has_eval=eval_ds is not None)
+    if compiled:
+        # Regional compilation: accelerate compiles each repeated block (Phi's 32 decoder layers share one compiled
+        # graph) and the rest separately. transformers' arguments have no switch for it; accelerate reads this
+        # variable when the Trainer builds its accelerator (it is what `accelerate config` writes).
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = str(cfg.training.compile_scope == "regions")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=build_lora_config(cfg.lora))
     if choice.dtype == torch.float32:
@@ -432,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         choice = decide_device_dtype(cfg.model.dtype)
         compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
-                    "on" if compiled else "off")
+                    f"on ({cfg.training.compile_scope})" if compiled else "off")
         tokenizer = load_tokenizer(cfg.model)
         train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
         clock.mark("data")
