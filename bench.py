@@ -17,8 +17,9 @@ compile caches); results go to reports/bench-*.json and a markdown table on stdo
 The epoch benchmark runs train.py's real entry point as a subprocess, from process start to `final/` written, on
 an oasst1-sized synthetic conversation set: 9,500 conversations (oasst1's English+other top-ranked threads number
 about 9.8k), 1-4 turns each (P = 0.55/0.25/0.12/0.08), words drawn with numpy seed 0 from a fixed vocabulary,
-question lengths lognormal(ln 40, 0.7) and answer lengths lognormal(ln 180, 0.8) words, clipped to [3, 1500];
-about 6M tokens with the repo's tiny tokenizer (the count is reported). It reports train.py's own phase timing
+question lengths lognormal(ln 17, 0.7) and answer lengths lognormal(ln 75, 0.8) words, clipped to [3, 1500];
+5.8M tokens after the 2048-token cut with the repo's tiny tokenizer (the issue's oasst1-sized set: 9.5k
+conversations, 5.9M tokens; train.py's count is reported). It reports train.py's own phase timing
 (run.json: data, model load + quantization, trainer set-up, first 10 steps (mostly compilation), steady steps,
 final evaluation, save), the interpreter start + imports before them, and the steady tokens/s. `--cache` keeps
 inductor's and Triton's compile caches in a folder, so a second run reports the warm figure; by default each run
@@ -239,8 +240,8 @@ def epoch_conversations(n: int, seed: int = 0) -> list[dict]:
         turns = int(rng.choice([1, 2, 3, 4], p=[0.55, 0.25, 0.12, 0.08]))
         messages = []
         for _ in range(turns):
-            messages += [{"role": "user", "content": text(math.log(40), 0.7)},
-                         {"role": "assistant", "content": text(math.log(180), 0.8)}]
+            messages += [{"role": "user", "content": text(math.log(17), 0.7)},
+                         {"role": "assistant", "content": text(math.log(75), 0.8)}]
         rows.append({"messages": messages})
     return rows
 
