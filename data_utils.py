@@ -49,7 +49,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import datasets
 from datasets import Dataset, DatasetDict
@@ -400,7 +400,7 @@ def _content_text(content: Any) -> Any:
     return content
 
 
-def normalize_chat(value: Any, ends_with: str = "assistant") -> list[Message]:
+def normalize_chat(value: Any, ends_with: Literal["assistant", "user"] = "assistant") -> list[Message]:
     """A list of {role, content} -> alternating user/assistant messages, starting with the user.
 
     System messages have no slot in the template: they go before the first question. ends_with="assistant" (training

@@ -191,15 +191,17 @@ class PhaseClock(TrainerCallback):
     """Where the time to the adapter goes: set-up phases, the first steps (compilation), steady steps, the end.
 
     Marks are taken on the host; trl reads a metric back from the GPU every step, so the host is never more than
-    a step ahead. The steady rate counts the tokens trl logs (`num_tokens`, every process's non-padding tokens)
-    between the first log at or after step FIRST_STEPS and the last log."""
+    a step ahead. The first FIRST_STEPS steps of this process (resumed or not) hold the compilation. The steady
+    rate counts the tokens trl logs (`num_tokens`, every process's non-padding tokens) between the first log after
+    them and the last log."""
 
     FIRST_STEPS = 10
 
     def __init__(self):
         self.start = time.perf_counter()
         self.marks: dict[str, float] = {}
-        self.logs: list[tuple[float, int, float]] = []  # (time, step, num_tokens)
+        self.logs: list[tuple[float, float]] = []  # (time, num_tokens)
+        self.steps = 0
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.perf_counter()
@@ -208,12 +210,13 @@ class PhaseClock(TrainerCallback):
         self.mark("train_begin")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == min(self.FIRST_STEPS, state.max_steps):
+        self.steps += 1
+        if "first_steps" not in self.marks and (self.steps == self.FIRST_STEPS or state.global_step >= state.max_steps):
             self.mark("first_steps")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "num_tokens" in logs and "loss" in logs:
-            self.logs.append((time.perf_counter(), state.global_step, float(logs["num_tokens"])))
+            self.logs.append((time.perf_counter(), float(logs["num_tokens"])))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.mark("train_end")
@@ -231,9 +234,9 @@ class PhaseClock(TrainerCallback):
                 out[names[name]] = round(m[name] - t, 3)
                 t = m[name]
         out["total_s"] = round(t - self.start, 3)
-        steady = [entry for entry in self.logs if entry[1] >= self.FIRST_STEPS]
+        steady = [entry for entry in self.logs if entry[0] >= m.get("first_steps", float("inf"))]
         if len(steady) >= 2 and steady[-1][0] > steady[0][0]:
-            out["steady_tokens_per_s"] = round((steady[-1][2] - steady[0][2]) / (steady[-1][0] - steady[0][0]), 1)
+            out["steady_tokens_per_s"] = round((steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]), 1)
         return out
 
 
