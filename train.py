@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from peft import prepare_model_for_kbit_training
 from safetensors import safe_open
 from transformers import ProgressCallback, TrainerCallback
@@ -245,7 +246,11 @@ class TrainingOutOfMemory(RuntimeError):
 
 
 class Guard(TrainerCallback):
-    """Stops on non-finite loss/weights without saving them, and turns SIGTERM/Ctrl-C into save-and-exit."""
+    """Stops on non-finite loss/weights without saving them, and turns SIGTERM/Ctrl-C into save-and-exit.
+
+    Under several processes a signal reaches one of them (a scheduler, a user's kill), but all must stop at the same
+    step: the flag is shared with one all-reduce per optimizer step, so every process saves the same checkpoint and
+    exits, instead of the others waiting forever in the next gradient all-reduce."""
 
     def __init__(self):
         self.diverged: str | None = None
@@ -262,6 +267,15 @@ class Guard(TrainerCallback):
         signal.signal(signal.SIGINT, handler)
 
     @staticmethod
+    def _on_any_process(flag: bool) -> bool:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return flag
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        shared = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        return bool(shared.item())
+
+    @staticmethod
     def _weights_finite(model) -> bool:
         return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
@@ -273,7 +287,8 @@ class Guard(TrainerCallback):
                 control.should_training_stop, control.should_save = True, False
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.interrupted:
+        if self._on_any_process(self.interrupted is not None):
+            self.interrupted = self.interrupted or "a signal to another process"
             control.should_save, control.should_training_stop = True, True
         if (control.should_save or self.diverged) and model is not None and not self._weights_finite(model):
             self.diverged = self.diverged or f"adapter weights became non-finite by step {state.global_step}"
@@ -360,11 +375,16 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
     """Adapter, tokenizer, config, data counts, loss curve and model card, swapped into place atomically."""
     out = Path(cfg.training.output_dir)
     final, tmp = out / FINAL_DIR, out / f"{FINAL_DIR}.tmp"
-    if tmp.exists():
+    main_process = trainer.is_world_process_zero()
+    # Only the main process prepares and swaps the folder; the barriers keep another process from deleting it
+    # mid-write, and every process returns once final/ is complete.
+    if main_process and tmp.exists():
         shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
     trainer.model.base_model.model.config.use_cache = True  # inference wants the cache back
-    trainer.save_model(str(tmp))
-    if not trainer.is_world_process_zero():
+    trainer.save_model(str(tmp))  # every process takes part (FSDP gathers); the main one writes
+    if not main_process:
+        trainer.accelerator.wait_for_everyone()
         return final
     save_config(cfg, tmp / "config.yaml")
     (tmp / "data_stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
@@ -386,6 +406,7 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    trainer.accelerator.wait_for_everyone()
     return final
 
 

@@ -1,7 +1,8 @@
 """Runs train.main under `accelerate launch` and records, per rank, the token ids that rank trained on.
 
 Test helper only (tests/test_distributed.py): it wraps the trainer's collator after train.py builds it, so the
-production code stays as users run it.
+production code stays as users run it. It also records the rank's process id (to signal one rank) and the rows it
+evaluated (to see evaluation sharded, not repeated).
 """
 
 from __future__ import annotations
@@ -20,17 +21,28 @@ build_trainer = train.build_trainer
 
 def recording_build_trainer(*args, **kwargs):
     trainer = build_trainer(*args, **kwargs)
-    collate, seen = trainer.data_collator, []
+    collate, seen, evaluated, evaluating = trainer.data_collator, [], [], [False]
+    evaluate = trainer.evaluate
+
+    def recording_evaluate(*args, **kwargs):
+        evaluating[0] = True
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            evaluating[0] = False
 
     def record(examples):
-        if trainer.model.training:  # training batches only; evaluation shards are checked by the Trainer itself
-            seen.extend(e["input_ids"] for e in examples)
+        (evaluated if evaluating[0] else seen if trainer.model.training else []).extend(
+            e["input_ids"] for e in examples)
         rank = int(os.environ.get("RANK", "0"))
         out = Path(trainer.args.output_dir) / f"probe-rank{rank}.json"
-        out.write_text(json.dumps({"world_size": trainer.args.world_size, "examples": seen}))
+        out.write_text(json.dumps({"world_size": trainer.args.world_size, "pid": os.getpid(), "examples": seen,
+                                   "evaluated": evaluated,
+                                   "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset else 0}))
         return collate(examples)
 
     trainer.data_collator = record
+    trainer.evaluate = recording_evaluate
     return trainer
 
 
