@@ -92,7 +92,7 @@ def parse_request(body: Any, model: ChatModel, defaults: GenerationSettings, app
     chars = sum(len(m["content"]) for m in messages)
     if chars > app_cfg.max_chars:
         raise RequestError(f"at most {app_cfg.max_chars} characters per request (got {chars})", param="messages")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise RequestError("n must be 1: one answer per request", param="n")
     for key in ("max_completion_tokens", "max_tokens"):
         max_new = _number(body, key, 1, model.context_window - 1, integer=True)
