@@ -318,7 +318,7 @@ def train_table(rows: list[dict], tiny: bool) -> str:
 
 def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_tokens: int, batch: int,
                  check_prompts: int, partial: Path | None = None) -> list[dict]:
-    """Plain generate vs the fast path (inference.FastDecoder) in one dtype; agreement of greedy tokens.
+    """Plain generate vs the fast path (decoding.FastDecoder) in one dtype; agreement of greedy tokens.
     first_call_s: the first call of a shape, compilation included (what warm-up at load pays once)."""
     from transformers import AutoModelForCausalLM
 

@@ -11,10 +11,11 @@ can then be cast to bf16/fp16 for serving. Prompts use the training template fro
 EOS or when the model starts a new `### Human:` turn, and returns only the answer.
 
 Two decoding paths give the same tokens: the plain one is transformers' `generate` (CPU default); the fast one
-(CUDA default, `--inference.fast`) is `FastDecoder` below: a static KV cache and a decode step compiled with CUDA
-graphs, driven by a loop that never waits for the GPU between tokens.
+(CUDA default, `--inference.fast`) is decoding.py's `FastDecoder`: a static KV cache and a decode step compiled with
+CUDA graphs, driven by a loop that never waits for the GPU between tokens.
 
-`ChatModel` is the API app.py and evaluate.py reuse: load once, generate many.
+`ChatModel` is the object the CLI, app.py (UI and OpenAI-compatible API) and evaluate.py use: load once, generate
+many; `load_chat_model` (adapter + base) and `load_model_folder` (a whole model) are the ways to load one.
 """
 
 from __future__ import annotations
@@ -30,35 +31,38 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, CompileConfig, GenerationConfig, LogitsProcessor,
-                          LogitsProcessorList, StaticCache, StoppingCriteria, StoppingCriteriaList,
-                          SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TextIteratorStreamer,
-                          TopKLogitsWarper, TopPLogitsWarper)
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteriaList, TextIteratorStreamer
 
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
+from decoding import Cancelled, FastDecoder, penalty_processors
 from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer, local_or_hub
 
 logger = logging.getLogger("inference")
 
-# Every generate call of every ChatModel runs on this one thread. The fast path's CUDA graphs (inductor's
-# cudagraph trees) work only in the thread that set them up, so a second model with its own thread (evaluate.py
-# compares the base and the fine-tuned model) failed in its first step on a GPU; and requests take turns on the GPU
-# (the app's queue holds the rest).
-_GENERATION_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
-CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
+# Every generate call of every ChatModel runs on one thread. The fast path's CUDA graphs (inductor's cudagraph trees)
+# work only in the thread that set them up, so a second model with its own thread (evaluate.py compares the base and
+# the fine-tuned model) failed in its first step on a GPU; and requests take turns on the GPU (the app's queue holds
+# the rest). It is made on first use: nothing starts at import.
+_GENERATION_THREAD: ThreadPoolExecutor | None = None
+_GENERATION_THREAD_LOCK = threading.Lock()
 # The merge check: merged and unmerged fp32 logits may differ only by rounding. Both compute the same sums in another
 # order (W x + B A x vs (W + B A) x); fp32 keeps ~7 significant digits, and reordering Phi-2's layers changed fp32
 # logits by 1e-5 on an H200 (docs/PERFORMANCE.md, fused vs unfused). 1e-4 of the largest |logit| leaves 10x headroom,
 # while a broken merge is far above it: bf16 rounding alone is ~4e-3, a non-finite adapter weight gives NaN.
 MERGE_TOLERANCE = 1e-4
+
+
+def generation_thread() -> ThreadPoolExecutor:
+    """The one thread every generation runs on."""
+    global _GENERATION_THREAD
+    with _GENERATION_THREAD_LOCK:
+        if _GENERATION_THREAD is None:
+            _GENERATION_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        return _GENERATION_THREAD
 
 
 @dataclass
@@ -99,38 +103,6 @@ def _held_back(text: str, stop: tuple[str, ...] = ()) -> int:
     return 0
 
 
-class AnswerRepetitionPenalty(LogitsProcessor):
-    """transformers' repetition penalty, counting only the tokens this answer generated (per row), never EOS.
-
-    transformers' RepetitionPenaltyLogitsProcessor penalizes every token of input_ids, the prompt included: the EOS
-    that closes each earlier answer of a conversation and the EOS used as left padding in a batch. That penalizes
-    the one token training teaches for stopping, and by a batch-dependent amount. input_ids: (batch, prompt_width +
-    generated); scores: (batch, vocab)."""
-
-    def __init__(self, penalty: float, prompt_width: int, eos_token_id: int):
-        self.penalty, self.prompt_width, self.eos = penalty, prompt_width, eos_token_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        new = input_ids[:, self.prompt_width:]  # (batch, generated so far)
-        if new.shape[1] == 0:
-            return scores
-        picked = scores.gather(1, new)
-        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        penalized = scores.scatter(1, new, picked)
-        penalized[:, self.eos] = scores[:, self.eos]
-        return penalized
-
-
-class Cancelled(StoppingCriteria):
-    """Stops transformers' generate once the event is set (a client left, or a stop string was seen)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | None = None) -> GenerationConfig:
     sample = gen.temperature > 0
     return GenerationConfig(
@@ -139,257 +111,12 @@ def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | 
         temperature=gen.temperature if sample else None,
         top_p=gen.top_p if sample else None,
         top_k=gen.top_k if sample else None,
-        repetition_penalty=None,  # AnswerRepetitionPenalty (see logits_processors)
+        repetition_penalty=None,  # decoding.AnswerRepetitionPenalty, passed as a logits processor
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=[HUMAN],
         disable_compile=True,  # the compiled path is FastDecoder
     )
-
-
-def penalty_processors(gen: GenerationSettings, prompt_width: int, eos_token_id: int) -> LogitsProcessorList:
-    """The repetition penalty both paths apply (to generate() as its `logits_processor`, before its warpers)."""
-    procs = LogitsProcessorList()
-    if gen.repetition_penalty != 1.0:
-        procs.append(AnswerRepetitionPenalty(gen.repetition_penalty, prompt_width, eos_token_id))
-    return procs
-
-
-def logits_processors(gen: GenerationSettings, sample: bool, suppress: list[int], device: torch.device,
-                      prompt_width: int, eos_token_id: int) -> LogitsProcessorList:
-    """The processors generate() applies for these settings, in its order: suppressed tokens (what its
-    min_new_tokens does to EOS), the penalty, then the sampling warpers. None of them may copy from the host per
-    step: a blocking copy waits for the GPU, which would stall the fast loop every token."""
-    procs = LogitsProcessorList()
-    if suppress:
-        procs.append(SuppressTokensLogitsProcessor(suppress, device=device))  # its ids live on the GPU
-    procs.extend(penalty_processors(gen, prompt_width, eos_token_id))
-    if sample:
-        procs.append(TemperatureLogitsWarper(gen.temperature))
-        if gen.top_k > 0:
-            procs.append(TopKLogitsWarper(gen.top_k))
-        if gen.top_p < 1.0:
-            procs.append(TopPLogitsWarper(gen.top_p))
-    return procs
-
-
-def fuse_phi_layers(model) -> bool:
-    """Rewire each Phi decoder layer to read its weights with two matrix products instead of six.
-
-    A Phi layer feeds one normalized input to q, k, v and fc1, and adds dense(attention) to fc2(gelu(fc1)): so
-    [q; k; v; fc1] is one (7680 + 10240) x 2560 product and [dense | fc2] one 2560 x 12800 product. At batch 1 each
-    product is a matrix-vector pass over its weights, and small ones do not reach the GPU's bandwidth (H200, bf16:
-    q/k/v/dense ~7 us each at ~1.9 TB/s, fc1/fc2 ~16 us at ~3.4 TB/s; docs/PERFORMANCE.md). The math is the same;
-    the sums are ordered differently (fp32 CPU: logits within 1e-5 of the unfused model, tested).
-
-    In place and memory-neutral: the fused matrices take over the weights' storage and each Linear keeps a view
-    of its part, so the state dict keeps its names (ChatModel.save_merged writes the ordinary layout). Fuse after
-    the last `.to()`: moving the model afterwards would give each view its own copy. Returns False (and changes
-    nothing) for a model that is not Phi."""
-    if getattr(model.config, "model_type", None) != "phi":
-        return False
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        ins, outs = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc1], [attn.dense, mlp.fc2]
-        layer.fused_in_sizes = [m.out_features for m in ins]
-        layer.fused_in_weight = torch.cat([m.weight.detach() for m in ins])  # (q + k + v + ff, hidden)
-        layer.fused_in_bias = torch.cat([m.bias.detach() for m in ins])
-        for m, w, b in zip(ins, layer.fused_in_weight.split(layer.fused_in_sizes),
-                           layer.fused_in_bias.split(layer.fused_in_sizes)):
-            m.weight, m.bias = torch.nn.Parameter(w, requires_grad=False), torch.nn.Parameter(b, requires_grad=False)
-        layer.fused_out_weight = torch.cat([m.weight.detach() for m in outs], 1)  # (hidden, attention + ff)
-        layer.fused_out_bias = (attn.dense.bias.detach().float() + mlp.fc2.bias.detach().float()).to(
-            attn.dense.bias.dtype)
-        for m, w in zip(outs, layer.fused_out_weight.split([m.in_features for m in outs], 1)):
-            m.weight = torch.nn.Parameter(w, requires_grad=False)
-        for t in (layer.fused_in_weight, layer.fused_in_bias, layer.fused_out_weight, layer.fused_out_bias):
-            torch._dynamo.mark_static_address(t, guard=False)  # CUDA graphs read them in place, never copy them
-        layer.forward = _fused_phi_layer_forward.__get__(layer)
-    return True
-
-
-def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
-                             past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
-    """PhiDecoderLayer.forward + PhiAttention.forward (transformers 5.23, eval mode) with the products fused."""
-    attn = self.self_attn
-    x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
-    q, k, v, ff = F.linear(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
-    heads = (*x.shape[:-1], -1, attn.head_dim)
-    q, k, v = q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
-    if attn.qk_layernorm:
-        q, k = attn.q_layernorm(q), attn.k_layernorm(k)
-    cos, sin = position_embeddings
-    r = attn.rotary_ndims  # partial rotary: only the first r dims of each head rotate
-    q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin)
-    q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, attn.layer_idx)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-    if q.shape[-2] == 1 and q.dtype == torch.float32 and attention_mask is not None:
-        # A decode step in fp32: PyTorch's fp32 SDPA kernel (memory-efficient, 64 x 128 tiles for one query) took
-        # 39 us a layer on an H200, 28% of the step; two small batched products and a softmax read the cache once.
-        attend = eager_attention_forward
-        if attention_mask.dtype == torch.bool:  # SDPA's mask (True = attend); eager adds a float mask
-            attention_mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~attention_mask, torch.finfo(q.dtype).min)
-    out, _ = attend(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
-    mixed = torch.cat((out.reshape(*x.shape[:-1], -1), self.mlp.activation_fn(ff)), dim=-1)
-    return F.linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
-
-
-class FastDecoder:
-    """Decoding with a static KV cache and a compiled, CUDA-graphed decode step (the fast path).
-
-    Why not `generate()` with a static cache: its loop reads a GPU flag after every token (the stopping check), so
-    the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
-    looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
-    price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
-    Phi-2, docs/PERFORMANCE.md): 411 tok/s at batch 1 and 12,600 at batch 64 in bf16, 272 at batch 1 in fp32, against
-    40, 1,873 and 39 for generate(); the bf16 step alone (with the layers fused, fuse_phi_layers) takes 2.2 ms, 71% of
-    it reading the weights at 3.4 TB/s.
-
-    Pieces are transformers' own: StaticCache, the model's compiled call (`get_compiled_call`, inductor with CUDA
-    graphs on CUDA), the logits processors and the text streamer. Prefill runs eagerly (one call; its shapes vary).
-    Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
-    """
-
-    def __init__(self, model, tokenizer, context_window: int):
-        self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
-        self.fused = fuse_phi_layers(model)
-        # Static shapes: each (batch, cache bucket) compiles once (30-42 s for Phi-2 on an H200) and replays as its own
-        # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
-        self.step = model.get_compiled_call(CompileConfig(dynamic=False))
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._caches: dict[tuple[int, int], StaticCache] = {}
-
-    def cache_size(self, batch: int, length: int) -> int:
-        """Static cache length for `length` tokens. Each (batch, size) compiles once (30-42 s for Phi-2), so a chat
-        (batch 1) uses powers of two from 512: a growing conversation meets at most 3 sizes, the first compiled at
-        load. Batches (evaluate.py) use steps of CACHE_BUCKET: attention reads every row's whole cache each step."""
-        if batch == 1:
-            size = max(512, 1 << (length - 1).bit_length())
-        else:
-            size = -(-length // CACHE_BUCKET) * CACHE_BUCKET
-        return min(self.context_window, size)
-
-    def _cache(self, batch: int, length: int) -> StaticCache:
-        size = self.cache_size(batch, length)
-        key = (batch, size)
-        if key not in self._caches:
-            self._caches[key] = StaticCache(config=self.model.config, max_cache_len=size)
-        cache = self._caches[key]
-        cache.reset()
-        return cache
-
-    def _stop_index(self, row: list[int], checked: int, ignore_eos: bool) -> int | None:
-        """Index of the token that ends this row (EOS, or the one completing the stop marker), looking only at
-        tokens from `checked` on (earlier ones were looked at before)."""
-        if ignore_eos:
-            return None
-        eos = self.tokenizer.eos_token_id
-        at_eos = row.index(eos, checked) if eos in row[checked:] else None
-        # The marker spans a few tokens: decode a tail that reaches back before this chunk. Within a chunk the stop
-        # is whichever comes first, EOS or the marker, as in generate().
-        end_of_search = len(row) if at_eos is None else at_eos + 1
-        tail_start = max(0, checked - 16)
-        if HUMAN not in self.tokenizer.decode(row[tail_start:end_of_search], skip_special_tokens=True):
-            return at_eos
-        for end in range(max(checked, 1), end_of_search + 1):
-            if HUMAN in self.tokenizer.decode(row[tail_start:end], skip_special_tokens=True):
-                return end - 1
-        return at_eos
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationSettings,
-                 max_new_tokens: int, ignore_eos: bool = False, streamer=None, output_logits: bool = False,
-                 cache_length: int = 0, cancel: threading.Event | None = None
-                 ) -> tuple[list[list[int]], torch.Tensor | None]:
-        """New ids per row, each cut after the token that ended it; plus the raw logits of each step
-        (batch, steps, vocab) when asked. input_ids/attention_mask: (batch, prompt) left-padded. cache_length:
-        size the cache for at least this many tokens (one shape for many calls). cancel: stop at the next chunk
-        once set."""
-        batch, width = input_ids.shape
-        device = input_ids.device
-        cache = self._cache(batch, max(width + max_new_tokens, cache_length))
-        size = cache.layers[0].max_cache_len
-        # One (batch, cache) mask for every call: 0 on left padding, 1 elsewhere; the causal rule hides the future.
-        mask = torch.ones(batch, size, dtype=attention_mask.dtype, device=device)
-        mask[:, :width] = attention_mask
-        position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width): positions skip the padding
-        seq = torch.empty(batch, width + max_new_tokens, dtype=torch.long, device=device)
-        seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
-        sample = gen.temperature > 0
-        eos = self.tokenizer.eos_token_id
-        suppress = [eos] if ignore_eos else []  # ignore_eos: benchmarks
-        procs = logits_processors(gen, sample, suppress, device, width, eos)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())  # the streamer skips the prompt it is handed first
-
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_position = position[:, -1:] + 1  # (batch, 1)
-        rows: list[list[int]] = [[] for _ in range(batch)]
-        stop_at: list[int | None] = [None] * batch
-        # New tokens reach the host through one pinned buffer, a chunk at a time, each chunk with its CUDA event.
-        # (steps, batch): a chunk is a contiguous block; a strided target would make the copy wait for the GPU.
-        host = torch.empty(max_new_tokens, batch, dtype=torch.long, pin_memory=device.type == "cuda")
-        pending: list[tuple[int, int, torch.cuda.Event | None]] = []
-        raw_logits: list[torch.Tensor] = []
-        plain_greedy = not (sample or procs or output_logits)
-        chunk_start = 0
-
-        def take_oldest_chunk() -> None:
-            start, end, ready = pending.pop(0)
-            if ready is not None:
-                ready.synchronize()
-            for b, new in enumerate(host[start:end].T.tolist()):
-                if stop_at[b] is not None:
-                    continue
-                checked = len(rows[b])
-                rows[b].extend(new)
-                stop_at[b] = self._stop_index(rows[b], checked, ignore_eos)
-                if b == 0 and streamer is not None:
-                    shown = rows[0][checked:] if stop_at[0] is None else rows[0][checked:stop_at[0] + 1]
-                    if shown:
-                        streamer.put(torch.tensor(shown))
-
-        for step in range(max_new_tokens):
-            if plain_greedy:
-                # The argmax is queued before the next replay overwrites this CUDA-graph output; bf16 -> fp32 keeps
-                # the order, so this is generate()'s token.
-                token = logits.argmax(-1)  # (batch,)
-            else:
-                scores = logits.to(torch.float32, copy=True)  # (batch, vocab); graph outputs are overwritten
-                if output_logits:
-                    raw_logits.append(scores.clone())
-                scores = procs(seq[:, :width + step], scores)
-                token = torch.multinomial(scores.softmax(-1), 1)[:, 0] if sample else scores.argmax(-1)
-            seq[:, width + step] = token
-            done = step + 1 == max_new_tokens
-            if (step + 1) % CHECK_EVERY == 0 or done:
-                host[chunk_start:step + 1].copy_(seq[:, width + chunk_start:width + step + 1].T.contiguous(),
-                                                 non_blocking=True)
-                ready = None
-                if device.type == "cuda":
-                    ready = torch.cuda.Event()
-                    ready.record()
-                pending.append((chunk_start, step + 1, ready))
-                chunk_start = step + 1
-                # Look at the chunk before this one: by now the GPU has finished it, so this does not stall.
-                while len(pending) > (0 if done else 1):
-                    take_oldest_chunk()
-                if all(s is not None for s in stop_at) or (cancel is not None and cancel.is_set()):
-                    break
-            if not done:
-                logits = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                                   past_key_values=cache, use_cache=True).logits[:, -1]
-                next_position = next_position + 1
-        while pending:
-            take_oldest_chunk()
-        if streamer is not None:
-            streamer.end()
-        new_ids = [row if s is None else row[:s + 1] for row, s in zip(rows, stop_at)]
-        steps = torch.stack(raw_logits, 1).cpu() if output_logits else None
-        return new_ids, steps
 
 
 class ChatModel:
@@ -469,7 +196,7 @@ class ChatModel:
                 return self._generate_plain(inputs, gen, max_new_tokens, ignore_eos, streamer, output_logits,
                                             cancel)
 
-        return _GENERATION_THREAD.submit(work)
+        return generation_thread().submit(work)
 
     def generate_ids(self, batch_ids: list[list[int]], gen: GenerationSettings,
                      max_new_tokens: int | None = None, ignore_eos: bool = False) -> list[list[int]]:
@@ -530,7 +257,7 @@ class ChatModel:
         ChatModel cannot generate afterwards."""
         self.model = self._decoder = None
         if self.fast:  # compiled code and CUDA-graph trees are per thread: reset them on the generation thread
-            _GENERATION_THREAD.submit(torch._dynamo.reset).result()
+            generation_thread().submit(torch._dynamo.reset).result()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

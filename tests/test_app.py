@@ -65,7 +65,7 @@ def ask(client, message, max_new_tokens=40, temperature=0.0, top_p=0.9):
 
 def wait_until_idle(timeout: float = 30) -> None:
     """Returns once the generation thread has finished what it was doing."""
-    inference._GENERATION_THREAD.submit(lambda: None).result(timeout=timeout)
+    inference.generation_thread().submit(lambda: None).result(timeout=timeout)
 
 
 # ----------------------------------------------------------------------------------------------------------------

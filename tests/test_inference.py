@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
 import inference
 from config import GenerationSettings
-from inference import CHECK_EVERY, ChatModel, FastDecoder, Reply, chat_loop, merge_adapter
+from decoding import CHECK_EVERY, FastDecoder
+from inference import ChatModel, Reply, chat_loop, merge_adapter
 from conftest import ROOT, TINY, run_script
 
 GREEDY = GenerationSettings(max_new_tokens=40, temperature=0.0)
@@ -333,7 +334,7 @@ def test_closing_the_stream_frees_the_model(tokenizer):
     stream = chat.stream(messages, GenerationSettings(max_new_tokens=300, temperature=0.0))
     next(stream)
     stream.close()
-    inference._GENERATION_THREAD.submit(lambda: None).result()  # the generation thread is free again
+    inference.generation_thread().submit(lambda: None).result()  # the generation thread is free again
     assert ScriptedPhi.calls < 20
 
 

@@ -1,4 +1,4 @@
-"""The compiled decode step alone (no decode loop), before and after inference.fuse_phi_layers, on a random-init
+"""The compiled decode step alone (no decode loop), before and after decoding.fuse_phi_layers, on a random-init
 Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp32 at batch 1.
 
     python docs/bench/decode_step_fused.py          # from the repo root, on a CUDA GPU
@@ -11,7 +11,7 @@ sys.path.insert(0, ".")
 import torch
 from transformers import CompileConfig, PhiConfig, PhiForCausalLM, StaticCache
 from bench import PHI2_CONFIG
-from inference import fuse_phi_layers
+from decoding import fuse_phi_layers
 
 
 def random_phi2(dtype):
