@@ -164,14 +164,10 @@ class Config:
     app: AppConfig = field(default_factory=AppConfig)
     explicit: set[str] = field(default_factory=set, repr=False)  # "section.key"s set by the file or the CLI
 
-    def to_dict(self, redact: bool = True) -> dict[str, dict[str, Any]]:
-        """Every section as plain values; secret fields (app.auth) are None unless redact=False."""
-        out = {}
-        for name in SECTIONS:
-            section = getattr(self, name)
-            out[name] = {f.name: (None if redact and f.metadata.get("secret") else getattr(section, f.name))
-                         for f in dataclasses.fields(section)}
-        return out
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every section as plain values, secret fields (app.auth) as None: what may be saved or shown."""
+        return {name: {f.name: None if f.metadata.get("secret") else getattr(getattr(self, name), f.name)
+                       for f in dataclasses.fields(getattr(self, name))} for name in SECTIONS}
 
 
 class ConfigError(ValueError):

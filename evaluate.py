@@ -31,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 import report_utils
-from adapter_utils import AdapterError
+from adapter_utils import AdapterError, read_adapter_config
 from config import Config, ConfigError, GenerationSettings, load_config, parse_config
 from data_utils import DataError, Message, load_conversations, render_text, tokenize_conversations
-from inference import ChatModel, Reply, adapter_dir_for, load_chat_model, load_model_folder, resolve_device
+from inference import (ChatModel, Reply, adapter_dir_for, load_chat_model, load_model_folder, resolve_device,
+                       trained_base)
 from model_utils import ModelLoadError
 
 logger = logging.getLogger("evaluate")
@@ -91,12 +92,12 @@ def evaluate_model(model: ChatModel, dataset, prompts: list[list[Message]], gen:
     return metrics, replies
 
 
-def base_model_name(cfg: Config, merged_dir: str | None) -> str:
-    """The base the adapter was trained on (its adapter_config), unless --model.name_or_path says otherwise."""
-    if merged_dir is not None or "model.name_or_path" in cfg.explicit:
+def base_model_name(cfg: Config, merged_dir: str | None, allow_pickle: bool) -> str:
+    """The base to compare with: the adapter's own base (as inference.py loads it), or the configured one for a
+    --merged folder."""
+    if merged_dir is not None:
         return cfg.model.name_or_path
-    adapter_config = json.loads((adapter_dir_for(cfg) / "adapter_config.json").read_text())
-    return adapter_config.get("base_model_name_or_path") or cfg.model.name_or_path
+    return trained_base(cfg, read_adapter_config(adapter_dir_for(cfg), allow_pickle=allow_pickle))
 
 
 def load_base(cfg: Config, tokenizer, base_name: str) -> ChatModel:
@@ -191,7 +192,7 @@ def run(cfg: Config, args) -> dict[str, Any]:
     del tuned
     base_replies: list[Reply | None] = [None] * len(prompts)
     if not args.no_base:
-        base = load_base(cfg, tokenizer, base_model_name(cfg, args.merged))
+        base = load_base(cfg, tokenizer, base_model_name(cfg, args.merged, args.allow_pickle))
         result["base"], base_replies = evaluate_model(base, dataset, prompts, gen, batch_size, "base", seed)
         base.close()
     result["samples"] = [{"prompt": render_text(p), "reference": r, "finetuned": t.text,

@@ -381,15 +381,20 @@ def load_model_folder(name_or_path: str, cfg: Config, tokenizer=None) -> ChatMod
     return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device))
 
 
+def trained_base(cfg: Config, adapter_config: dict) -> str:
+    """The base the adapter was trained on (its adapter_config), unless --model.name_or_path says otherwise."""
+    if "model.name_or_path" in cfg.explicit:
+        return cfg.model.name_or_path
+    return adapter_config.get("base_model_name_or_path") or cfg.model.name_or_path
+
+
 def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = True) -> ChatModel:
     """Base in fp32 -> adapter checked against it -> merged -> cast to inference.dtype on its device."""
     icfg: InferenceConfig = cfg.inference
     device = resolve_device(icfg.device)
     adapter_dir = adapter_dir_for(cfg)
     adapter_config = read_adapter_config(adapter_dir, allow_pickle=allow_pickle)
-    base_name = cfg.model.name_or_path
-    if "model.name_or_path" not in cfg.explicit and adapter_config.get("base_model_name_or_path"):
-        base_name = adapter_config["base_model_name_or_path"]  # the base it was trained on, unless told otherwise
+    base_name = trained_base(cfg, adapter_config)
     check_adapter_base(adapter_dir, base_name, adapter_config)
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else None
     tokenizer = load_tokenizer(dataclasses.replace(

@@ -81,9 +81,7 @@ def parse_request(body: Any, model: ChatModel, defaults: GenerationSettings, app
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise RequestError("messages must be a non-empty list of {role, content} objects", param="messages")
-    if len(raw) > app_cfg.max_messages:
+    if isinstance(raw, list) and len(raw) > app_cfg.max_messages:
         raise RequestError(f"at most {app_cfg.max_messages} messages per request (got {len(raw)})", param="messages")
     try:
         messages = normalize_chat(raw, ends_with="user")
