@@ -166,11 +166,9 @@ def load_model(cfg: ModelConfig, choice: DeviceChoice, bnb_config: BitsAndBytesC
                attn_implementation: str, dtype: torch.dtype | None = None):
     """The base model on this process's device: quantized when bnb_config is set, else in `dtype`."""
     state = PartialState()
-    if fsdp_enabled():
-        device_map = None  # FSDP loads on rank 0 and broadcasts the shards (fsdp_cpu_ram_efficient_loading)
-    else:
-        # one full 4-bit copy per process, on that process's own GPU (DDP)
-        device_map = {"": state.local_process_index} if choice.device == "cuda" else {"": "cpu"}
+    # One full 4-bit copy per process, on that process's own GPU; under FSDP accelerate then shards it (2.7B in 4-bit
+    # is ~1.8 GB, and accelerate cannot load bitsandbytes weights on rank 0 only).
+    device_map = {"": state.local_process_index} if choice.device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             local_or_hub(cfg.name_or_path),

@@ -5,6 +5,7 @@
     python train.py --config configs/smoke.yaml       # offline smoke run: tiny Phi model, bundled data, CPU, ~1 min
     python train.py --config configs/smoke.yaml --resume   # continue from the newest complete checkpoint
     accelerate launch --num_processes 2 train.py --config ...   # data-parallel on 2 GPUs (README, 'Several GPUs')
+    accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml train.py --config configs/phi2-fsdp.yaml  # FSDP2
 
 Writes <training.output_dir>/checkpoint-<step>/ during training and <training.output_dir>/final/ at the end
 (adapter, tokenizer, resolved config.yaml, data_stats.json, loss curve, model card). Ctrl-C or SIGTERM saves a
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from peft import prepare_model_for_kbit_training
 from safetensors import safe_open
 from transformers import ProgressCallback, TrainerCallback
@@ -35,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 import report_utils
 from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
-from config import Config, DataConfig, TrainingConfig, parse_config, save_config
+from config import Config, DataConfig, QuantizationConfig, TrainingConfig, parse_config, save_config
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
 from model_utils import (DeviceChoice, ModelLoadError, check_context, decide_device_dtype, fsdp_enabled, load_model,
                          load_model_config, load_tokenizer, resolve_attention, resolve_compile)
@@ -78,12 +80,33 @@ def prepare_data(cfg: DataConfig, tokenizer):
 # Model
 # ----------------------------------------------------------------------------------------------------------------
 
+# Where accelerate 1.15 applies FSDP: on accelerators only (on the CPU its plugin refuses to start).
+FSDP_DEVICES = ("cuda",)
+
+
+def check_fsdp(q: QuantizationConfig, choice: DeviceChoice) -> None:
+    """Under an FSDP launch: the setup this repo runs (FSDP2 on GPUs, 4-bit weights in a float dtype), or every
+    reason it is not, before any data or model is loaded."""
+    if not fsdp_enabled():
+        return
+    problems = []
+    if choice.device not in FSDP_DEVICES:
+        problems.append("FSDP runs on CUDA GPUs only (accelerate shards on accelerators, not on the CPU); without "
+                        "GPUs launch with configs/accelerate/ddp.yaml (--multi_gpu), or drop accelerate launch")
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        problems.append("fsdp_version 1 is refused: with the pinned accelerate/peft its sharded checkpoints hold no "
+                        "adapter weights, so --resume would restart the adapter; use fsdp_version: 2 "
+                        "(configs/accelerate/fsdp_qlora.yaml)")
+    if q.mode in ("nf4", "fp4") and q.storage != "compute":
+        problems.append("FSDP can only shard 4-bit weights stored in a float dtype: set quantization.storage: "
+                        "compute (configs/phi2-fsdp.yaml does)")
+    if problems:
+        raise ValueError("FSDP: " + "; ".join(problems))
+
+
 def build_model(cfg: Config, choice: DeviceChoice, compiled: bool):
     """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
     check_context(load_model_config(cfg.model), cfg.data.max_length)
-    if fsdp_enabled() and cfg.quantization.mode in ("nf4", "fp4") and cfg.quantization.storage != "compute":
-        raise ValueError("FSDP can only shard 4-bit weights stored in a float dtype: set quantization.storage: "
-                         "compute (configs/phi2-fsdp.yaml does)")
     attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, compiled)
     bnb = build_bnb_config(cfg.quantization, choice.dtype)
     logger.info("base %s: quantization %s, attention %s", cfg.model.name_or_path, cfg.quantization.mode, attn)
@@ -315,6 +338,8 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactLog(choice.device))
     trainer.add_callback(Guard())
+    if trainer.is_fsdp_enabled:
+        trainer.add_callback(FsdpCheckpointAdapter())
     if trainer.is_world_process_zero():
         log_trainable_parameters(trainer.model)
     world = trainer.args.world_size
@@ -330,7 +355,8 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
 # ----------------------------------------------------------------------------------------------------------------
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (None when complete)."""
+    """Why a checkpoint folder cannot be resumed from (None when complete). One GPU and DDP write optimizer.pt;
+    FSDP writes the sharded model and optimizer state as torch.distributed.checkpoint folders."""
     state = path / "trainer_state.json"
     try:
         json.loads(state.read_text(encoding="utf-8"))
@@ -342,14 +368,36 @@ def checkpoint_problem(path: Path) -> str | None:
                 f.get_tensor(key)
     except Exception as e:  # safetensors raises its own error types for truncation
         return f"adapter_model.safetensors unreadable ({type(e).__name__}: {e})"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        file = path / name
-        try:
-            with zipfile.ZipFile(file) as z:
-                if z.testzip() is not None:
-                    return f"{name} is corrupt"
-        except (OSError, zipfile.BadZipFile) as e:
-            return f"{name} unreadable ({type(e).__name__})"
+    sharded = (path / "optimizer_0").is_dir()
+    for name in (("optimizer_0", "pytorch_model_fsdp_0") if sharded else ("optimizer.pt",)) + ("scheduler.pt",):
+        problem = sharded_state_problem(path / name) if name.endswith("_0") else zip_problem(path / name)
+        if problem:
+            return problem
+    return None
+
+
+def zip_problem(file: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(file) as z:
+            if z.testzip() is not None:
+                return f"{file.name} is corrupt"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"{file.name} unreadable ({type(e).__name__})"
+    return None
+
+
+def sharded_state_problem(folder: Path) -> str | None:
+    """A torch.distributed.checkpoint folder is complete when its .metadata (written last) reads and every byte
+    range it lists is on disk."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # a missing or truncated .metadata raises pickle's or the OS's errors
+        return f"{folder.name}/.metadata unreadable ({type(e).__name__})"
+    for item in (metadata.storage_data or {}).values():
+        file = folder / item.relative_path
+        if not file.is_file() or file.stat().st_size < item.offset + item.length:
+            return f"{folder.name}/{item.relative_path} is missing or truncated"
     return None
 
 
@@ -370,6 +418,27 @@ def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+def save_fsdp_adapter(model, tokenizer, folder: Path, main_process: bool) -> None:
+    """Under FSDP: the adapter and tokenizer in `folder`, gathered from the shards; every process must call it.
+
+    The Trainer writes no weights under FSDP with sharded state dicts (its checkpoints keep the shards, for
+    --resume). Only the trainable LoRA weights are gathered, to the main process's CPU, never the 4-bit base."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=True))
+    if main_process:
+        model.save_pretrained(folder, state_dict=state)
+        tokenizer.save_pretrained(folder)
+
+
+class FsdpCheckpointAdapter(TrainerCallback):
+    """Under FSDP, every checkpoint also gets the gathered adapter, as on one GPU: inference.py and evaluate.py can
+    load it, and --resume's completeness check reads it."""
+
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        save_fsdp_adapter(model, processing_class, folder, state.is_world_process_zero)
+
+
 def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoice,
                clock: PhaseClock | None = None) -> Path:
     """Adapter, tokenizer, config, data counts, loss curve and model card, swapped into place atomically."""
@@ -382,7 +451,10 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
     trainer.model.base_model.model.config.use_cache = True  # inference wants the cache back
-    trainer.save_model(str(tmp))  # every process takes part (FSDP gathers); the main one writes
+    if trainer.is_fsdp_enabled:
+        save_fsdp_adapter(trainer.model, trainer.processing_class, tmp, main_process)
+    else:
+        trainer.save_model(str(tmp))  # the main process writes
     if not main_process:
         trainer.accelerator.wait_for_everyone()
         return final
@@ -459,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = PhaseClock()
     try:
         choice = decide_device_dtype(cfg.model.dtype)
+        check_fsdp(cfg.quantization, choice)
         compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
                     f"on ({cfg.training.compile_scope})" if compiled else "off")

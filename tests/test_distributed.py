@@ -7,8 +7,11 @@ import os
 import signal
 import socket
 import subprocess
+import shutil
 import sys
 import time
+
+import torch
 
 from conftest import ROOT, run_script
 
@@ -71,3 +74,85 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
     assert int(newest.name.split("-")[1]) > 6
     assert (newest / "rng_state_0.pth").is_file() and (newest / "rng_state_1.pth").is_file()  # both ranks saved it
     assert not (out / "final").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP-QLoRA (configs/accelerate/fsdp_qlora.yaml). accelerate applies FSDP only on accelerators; fsdp_probe.py lifts
+# that gate so torch's FSDP2 runs here on 2 CPU processes over gloo (see its docstring).
+# ---------------------------------------------------------------------------------------------------------------
+
+FSDP_STEPS = ("--training.max_steps", "8", "--training.save_steps", "4", "--training.eval_steps", "4",
+              "--training.logging_steps", "1", "--training.gradient_checkpointing", "true")  # as phi2-fsdp.yaml
+
+
+def launch_fsdp(script: str, out, *args: str) -> list[str]:
+    return ["-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp_qlora.yaml",
+            "--num_processes", "2", "--main_process_port", str(free_port()), script, "--config",
+            "configs/smoke.yaml", "--quantization.storage", "compute", "--training.output_dir", str(out), *args]
+
+
+def logged(out, key: str) -> dict[int, float]:
+    history = json.loads((out / "final" / "log_history.json").read_text())
+    return {h["step"]: h[key] for h in history if key in h}
+
+
+def adapter_weights(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_fsdp_on_the_cpu_is_refused_with_the_fix(tmp_path):
+    """What a user without GPUs gets from the FSDP command: the reason and the fix, before anything loads (before,
+    accelerate's plugin raised 'no available devices' from inside the trainer, after the data and the model)."""
+    proc = run_script(*launch_fsdp("train.py", tmp_path / "out"), check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "FSDP runs on CUDA GPUs" in proc.stderr and "configs/accelerate/ddp.yaml" in proc.stderr
+    assert "]: Traceback" not in proc.stderr  # no process crashed (torchrun's own report of the exit code follows)
+    assert "data train:" not in proc.stderr  # refused before the data and the model were loaded
+
+
+def test_fsdp_trains_like_ddp_saves_resumes_and_merges(tmp_path):
+    """FSDP2 on 2 processes: the same losses as DDP step by step, a complete final/ adapter gathered from the
+    shards, checkpoints that --resume continues from with the same steps and data, and an adapter that merges."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    run_script(*launch_two(ddp, *FSDP_STEPS, "--quantization.storage", "compute")[1:], timeout=600)
+    proc = run_script(*launch_fsdp("tests/fsdp_probe.py", fsdp, *FSDP_STEPS), timeout=600)
+
+    ranks = [json.loads((fsdp / f"fsdp-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["trained"] > 0 and r["trained_dtensors"] == r["trained"] for r in ranks)
+    for key in ("loss", "grad_norm", "eval_loss"):  # sharded, the optimization is the data-parallel one
+        want, got = logged(ddp, key), logged(fsdp, key)
+        assert got.keys() == want.keys() and len(got) >= 2
+        assert all(abs(got[s] - want[s]) <= 1e-3 * max(1.0, abs(want[s])) for s in want), (key, got, want)
+
+    final = fsdp / "final"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+                 "config.yaml", "README.md"):
+        assert (final / name).is_file(), name
+    weights, reference = adapter_weights(final), adapter_weights(ddp / "final")
+    assert weights.keys() == reference.keys() and len(weights) > 0
+    assert all(torch.allclose(weights[k], reference[k], atol=1e-4) for k in weights)
+    assert proc.stderr.count("adapter saved to") == 1
+
+    # checkpoints are complete by --resume's check, and resuming gives the uninterrupted run's steps and weights
+    import train
+    assert train.newest_complete_checkpoint(fsdp).name == "checkpoint-8"
+    losses = logged(fsdp, "loss")
+    shutil.rmtree(fsdp / "checkpoint-8")
+    shutil.rmtree(final)
+    proc = run_script(*launch_fsdp("tests/fsdp_probe.py", fsdp, *FSDP_STEPS, "--resume"), timeout=600)
+    assert "resuming from" in proc.stderr and "checkpoint-4" in proc.stderr
+    resumed = logged(fsdp, "loss")
+    assert sorted(s for s in resumed if s > 4) == [5, 6, 7, 8]
+    assert all(abs(resumed[s] - losses[s]) <= 1e-4 * max(1.0, losses[s]) for s in (5, 6, 7, 8)), (resumed, losses)
+    assert all(torch.allclose(adapter_weights(final)[k], weights[k], atol=1e-5) for k in weights)
+
+    # a sharded checkpoint cut short (one process's optimizer shard) is not resumed from
+    shard = next((fsdp / "checkpoint-8" / "optimizer_0").glob("__1_*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert train.newest_complete_checkpoint(fsdp).name == "checkpoint-4"
+
+    # the gathered adapter merges into the full-precision base and answers like the data-parallel one
+    answers = [run_script("inference.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(out),
+                          "--prompt", "What is the capital of France?").stdout for out in (fsdp, ddp)]
+    assert answers[0].strip() and answers[0] == answers[1]

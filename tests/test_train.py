@@ -142,3 +142,18 @@ def test_compiled_training_keeps_the_loss(tmp_path):
         losses[mode] = [h["loss"] for h in history if "loss" in h]
     assert len(losses["on"]) == 20
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_fsdp_setups_that_cannot_work_are_refused_with_every_reason(monkeypatch):
+    from config import QuantizationConfig
+    from model_utils import DeviceChoice
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    gpu = DeviceChoice("cuda", torch.bfloat16, "test")
+    with pytest.raises(ValueError) as e:
+        train.check_fsdp(QuantizationConfig(mode="nf4", storage="uint8"), gpu)
+    assert "fsdp_version: 2" in str(e.value) and "quantization.storage: compute" in str(e.value)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    train.check_fsdp(QuantizationConfig(mode="nf4", storage="compute"), gpu)  # the supported setup passes
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    train.check_fsdp(QuantizationConfig(mode="nf4", storage="uint8"), DeviceChoice("cpu", torch.float32, "test"))
