@@ -9,10 +9,12 @@ the Gradio app, the OpenAI-compatible API and evaluate.py are layers over that C
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import (CompileConfig, LogitsProcessor, LogitsProcessorList, StaticCache, StoppingCriteria,
+from transformers import (CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache, StoppingCriteria,
                           SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
@@ -82,6 +84,23 @@ def logits_processors(gen: GenerationSettings, sample: bool, suppress: list[int]
     return procs
 
 
+def stop_index(tokenizer, row: list[int], checked: int) -> int | None:
+    """Index of the token that ends this row of new tokens (EOS, or the one completing the `### Human:` marker),
+    looking only at tokens from `checked` on (earlier ones were looked at before)."""
+    eos = tokenizer.eos_token_id
+    at_eos = row.index(eos, checked) if eos in row[checked:] else None
+    # The marker spans a few tokens: decode a tail that reaches back before this chunk. Within a chunk the stop is
+    # whichever comes first, EOS or the marker, as in generate().
+    end_of_search = len(row) if at_eos is None else at_eos + 1
+    tail_start = max(0, checked - 16)
+    if HUMAN not in tokenizer.decode(row[tail_start:end_of_search], skip_special_tokens=True):
+        return at_eos
+    for end in range(max(checked, 1), end_of_search + 1):
+        if HUMAN in tokenizer.decode(row[tail_start:end], skip_special_tokens=True):
+            return end - 1
+    return at_eos
+
+
 def fuse_phi_layers(model) -> bool:
     """Rewire each Phi decoder layer to read its weights with two matrix products instead of six.
 
@@ -98,6 +117,8 @@ def fuse_phi_layers(model) -> bool:
     if getattr(model.config, "model_type", None) != "phi":
         return False
     for layer in model.model.layers:
+        if hasattr(layer, "fused_in_weight"):  # fused already (both engines of one ChatModel ask)
+            continue
         attn, mlp = layer.self_attn, layer.mlp
         ins, outs = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc1], [attn.dense, mlp.fc2]
         layer.fused_in_sizes = [m.out_features for m in ins]
@@ -190,24 +211,6 @@ class FastDecoder:
         cache.reset()
         return cache
 
-    def _stop_index(self, row: list[int], checked: int, ignore_eos: bool) -> int | None:
-        """Index of the token that ends this row (EOS, or the one completing the stop marker), looking only at
-        tokens from `checked` on (earlier ones were looked at before)."""
-        if ignore_eos:
-            return None
-        eos = self.tokenizer.eos_token_id
-        at_eos = row.index(eos, checked) if eos in row[checked:] else None
-        # The marker spans a few tokens: decode a tail that reaches back before this chunk. Within a chunk the stop
-        # is whichever comes first, EOS or the marker, as in generate().
-        end_of_search = len(row) if at_eos is None else at_eos + 1
-        tail_start = max(0, checked - 16)
-        if HUMAN not in self.tokenizer.decode(row[tail_start:end_of_search], skip_special_tokens=True):
-            return at_eos
-        for end in range(max(checked, 1), end_of_search + 1):
-            if HUMAN in self.tokenizer.decode(row[tail_start:end], skip_special_tokens=True):
-                return end - 1
-        return at_eos
-
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationSettings,
                  max_new_tokens: int, ignore_eos: bool = False, streamer=None, output_logits: bool = False,
                  cache_length: int = 0, cancel: threading.Event | None = None
@@ -255,7 +258,7 @@ class FastDecoder:
                     continue
                 checked = len(rows[b])
                 rows[b].extend(new)
-                stop_at[b] = self._stop_index(rows[b], checked, ignore_eos)
+                stop_at[b] = None if ignore_eos else stop_index(self.tokenizer, rows[b], checked)
                 if b == 0 and streamer is not None:
                     shown = rows[0][checked:] if stop_at[0] is None else rows[0][checked:stop_at[0] + 1]
                     if shown:
@@ -299,3 +302,261 @@ class FastDecoder:
         new_ids = [row if s is None else row[:s + 1] for row, s in zip(rows, stop_at)]
         steps = torch.stack(raw_logits, 1).cpu() if output_logits else None
         return new_ids, steps
+
+
+@dataclass(eq=False)
+class _Answer:
+    """One streamed answer in BatchDecoder: what was asked, and where it stands."""
+    ids: list[int]
+    gen: GenerationSettings
+    max_new_tokens: int
+    streamer: object | None
+    cancel: threading.Event
+    generator: torch.Generator
+    future: Future = field(default_factory=Future)
+    procs: LogitsProcessorList | None = None  # None: plain greedy (one argmax for all such rows)
+    seq: torch.Tensor | None = None           # (1, prompt + max_new_tokens) on the device: what the penalty reads
+    start: int = 0                            # cache slot of its first prompt token; it occupies [start, write index)
+    new: list[int] = field(default_factory=list)
+    streamed: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.new)
+
+
+class BatchDecoder:
+    """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
+
+    A request that arrives while others are being generated joins them at the next chunk boundary (every
+    CHECK_EVERY steps when compiled, every step otherwise): its prompt is run alone (prefill) and its keys and values are copied into a free row of the
+    shared static KV cache; a finished or cancelled answer frees its row at the next boundary. Each answer still
+    streams to its own client, with its own sampling settings, stop rules and seed.
+
+    The cache layout: one write index t shared by all rows (transformers' StaticCache writes every row at the same
+    slot); each row holds its prompt and answer in the slots just before t, [start, t), and its attention mask hides
+    the slots before start. Positions (rotary) are per row, so where a row sits in the cache does not change its
+    math: a row's greedy answer is the answer it gets alone (tested exactly in fp32 on the CPU). When a new prompt
+    does not fit before t, or the answers would run past the cache end, the rows are moved together (one block copy
+    per layer) to a tighter or larger cache. The batch has two shapes: 1 row while one answer is generated (the
+    single user gets batch-1 speed) and `slots` rows once a second one joins; each (rows, cache size) shape is
+    compiled once, like FastDecoder's.
+
+    Runs on the ChatModel's generation thread (`executor().submit`); `submit` is safe from any thread.
+    """
+
+    def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor):
+        self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
+        self.slots, self.executor = slots, executor
+        if compiled:
+            fuse_phi_layers(model)
+            self.step = model.get_compiled_call(CompileConfig(dynamic=False))
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        else:
+            self.step = model
+        self.device = model.device
+        # The host looks at new tokens (and admits new answers) every CHECK_EVERY steps on the compiled path, which
+        # must not wait for the GPU each token; eager steps (the CPU) wait anyway, so there it streams every token.
+        self.check_every = CHECK_EVERY if compiled else 1
+        self._lock = threading.Lock()
+        self._waiting: list[_Answer] = []
+        self._running = False
+        self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: list[_Answer | None] = []
+        self.cache: StaticCache | None = None
+        self.t = 0
+        self.tok = self.pos = self.mask = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def submit(self, ids: list[int], gen: GenerationSettings, max_new_tokens: int, streamer=None,
+               cancel: threading.Event | None = None, seed: int | None = None) -> Future:
+        """Queue one answer; the Future gives ([new ids], None) like ChatModel._submit's."""
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        answer = _Answer(list(ids), gen, max_new_tokens, streamer, cancel or threading.Event(), generator)
+        with self._lock:
+            self._waiting.append(answer)
+            if not self._running:
+                self._running = True
+                self.executor().submit(self._serve)
+        return answer.future
+
+    def _serve(self) -> None:
+        """The batch loop: admit, decode a chunk, hand out its tokens; until no answer is left."""
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._lock:
+                        if not self._waiting and not any(self.rows):
+                            self._running = False
+                            self._reset()
+                            return
+                    self._admit()
+                    if any(self.rows):
+                        self._decode_chunk()
+        except BaseException as error:  # every waiting client must hear of it, not hang
+            with self._lock:
+                answers = [a for a in self.rows if a] + self._waiting
+                self._waiting, self._running = [], False
+                self._reset()
+            for a in answers:
+                self._finish(a, error=error)
+            raise
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _size_for(self, length: int) -> int:
+        return min(self.context_window, max(512, 1 << (max(length, 1) - 1).bit_length()))
+
+    def _cache_for(self, batch: int, size: int) -> StaticCache:
+        key = (batch, size)
+        if key not in self._caches:
+            cache = StaticCache(config=self.model.config, max_cache_len=size)
+            config = self.model.config
+            head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+            cache.early_initialization(batch, config.num_key_value_heads or config.num_attention_heads, head_dim,
+                                       self.model.dtype, self.device)
+            self._caches[key] = cache
+        return self._caches[key]
+
+    def _relayout(self, batch: int, size: int, t: int) -> None:
+        """Move the active rows to rows 0.. of the (batch, size) cache, every row shifted by the same amount so that
+        they end at write index t (one block copy per layer)."""
+        active = [(i, a) for i, a in enumerate(self.rows) if a]
+        cache = self._cache_for(batch, size)
+        shift = t - self.t
+        if active:
+            first = min(a.start for _, a in active)
+            src = torch.tensor([i for i, _ in active], device=self.device)
+            for old, new in zip(self.cache.layers, cache.layers):
+                keys, values = old.keys[src, :, first:self.t], old.values[src, :, first:self.t]  # copies
+                new.keys[:len(active), :, first + shift:t] = keys
+                new.values[:len(active), :, first + shift:t] = values
+        mask = torch.ones(batch, size, dtype=torch.long, device=self.device)  # free rows attend anywhere (finite)
+        tok = torch.full((batch, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
+        pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        for row, (i, a) in enumerate(active):
+            a.start += shift
+            mask[row, :a.start] = 0
+            tok[row], pos[row] = self.tok[i], self.pos[i]
+        self.rows = [a for _, a in active] + [None] * (batch - len(active))
+        self.cache, self.t, self.tok, self.pos, self.mask = cache, t, tok, pos, mask
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(t)
+
+    def _admit(self) -> None:
+        """Move waiting answers into free rows, prefilling each prompt alone."""
+        while True:
+            with self._lock:
+                if not self._waiting or sum(a is not None for a in self.rows) >= self.slots:
+                    return
+                answer = self._waiting.pop(0)
+            if answer.cancel.is_set():  # cancelled before its turn: it never runs
+                self._finish(answer)
+                continue
+            active = [a for a in self.rows if a]
+            length = len(answer.ids)
+            left = max([self.t - a.start for a in active] + [length])  # the smallest write index that fits all
+            need = max([a.remaining for a in active] + [answer.max_new_tokens])
+            if active and left + need > self.context_window:  # joins once earlier answers have finished
+                with self._lock:
+                    self._waiting.insert(0, answer)
+                return
+            batch = self.slots if active else 1
+            if (not active or batch != len(self.rows) or self.t < length
+                    or self.t + need > self.cache.layers[0].max_cache_len):
+                self._relayout(batch, self._size_for(left + need), left)
+            self._prefill(answer, self.rows.index(None))
+
+    def _prefill(self, answer: _Answer, row: int) -> None:
+        length = len(answer.ids)
+        ids = torch.tensor([answer.ids], device=self.device)
+        scratch = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=ids, position_ids=torch.arange(length, device=self.device)[None],
+                            past_key_values=scratch, use_cache=True, logits_to_keep=1).logits[:, -1]
+        answer.start = self.t - length
+        for source, target in zip(scratch.layers, self.cache.layers):
+            target.keys[row, :, answer.start:self.t] = source.keys[0]
+            target.values[row, :, answer.start:self.t] = source.values[0]
+        self.mask[row] = 1
+        self.mask[row, :answer.start] = 0
+        gen = answer.gen
+        sample = gen.temperature > 0
+        procs = logits_processors(gen, sample, [], self.device, length, self.tokenizer.eos_token_id)
+        if sample or procs:
+            answer.procs = procs
+            answer.seq = torch.empty(1, length + answer.max_new_tokens, dtype=torch.long, device=self.device)
+            answer.seq[0, :length] = ids[0]
+        token = self._choose(answer, logits, 0)  # (1,)
+        self.tok[row, 0], self.pos[row, 0] = token[0], length
+        self.rows[row] = answer
+        if answer.streamer is not None:
+            answer.streamer.put(ids[0].cpu())  # the streamer skips the prompt it is handed first
+        self._take(answer, [int(token[0])])
+
+    def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The next token of one answer from its logits (1, vocab), as generate() would choose it."""
+        if answer.procs is None:
+            return logits.argmax(-1)
+        width = len(answer.ids)
+        scores = answer.procs(answer.seq[:, :width + step], logits.to(torch.float32, copy=True))
+        if answer.gen.temperature > 0:
+            token = torch.multinomial(scores.softmax(-1), 1, generator=answer.generator)[:, 0]
+        else:
+            token = scores.argmax(-1)
+        answer.seq[0, width + step] = token[0]
+        return token
+
+    def _decode_chunk(self) -> None:
+        """Up to check_every steps for every row without waiting for the GPU, then the new tokens to the host."""
+        steps = min(self.check_every, max(a.remaining for a in self.rows if a))
+        chunk = torch.empty(len(self.rows), steps, dtype=torch.long, device=self.device)
+        for s in range(steps):
+            logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
+                               past_key_values=self.cache, use_cache=True).logits[:, -1]  # (batch, vocab)
+            # One argmax for every row, then the rows that sample or penalize overwrite theirs.
+            token = logits.argmax(-1)  # (batch,)
+            for row, answer in enumerate(self.rows):
+                if answer is not None and answer.procs is not None and len(answer.new) + s < answer.max_new_tokens:
+                    token[row] = self._choose(answer, logits[row:row + 1], len(answer.new) + s)[0]
+            chunk[:, s] = token
+            self.tok = token[:, None]
+            self.pos = self.pos + 1
+        self.t += steps
+        new = chunk.tolist()  # waits for the chunk
+        for row, answer in enumerate(self.rows):
+            if answer is not None:
+                self._take(answer, new[row])
+        active = [a for a in self.rows if a]
+        if len(active) == 1 and len(self.rows) > 1:  # back to the one-row shape: batch-1 speed for the last user
+            self._relayout(1, self._size_for(self.t - active[0].start + active[0].remaining), self.t)
+
+    def _take(self, answer: _Answer, tokens: list[int]) -> None:
+        """New tokens of one answer: stop rules, streaming, and the end of the answer."""
+        checked = len(answer.new)
+        answer.new.extend(tokens[:answer.remaining])
+        stop = stop_index(self.tokenizer, answer.new, checked)
+        if stop is not None:
+            answer.new = answer.new[:stop + 1]
+        if answer.streamer is not None and len(answer.new) > answer.streamed:
+            answer.streamer.put(torch.tensor(answer.new[answer.streamed:]))
+            answer.streamed = len(answer.new)
+        if stop is not None or answer.remaining <= 0 or answer.cancel.is_set():
+            self.rows[self.rows.index(answer)] = None
+            self._finish(answer)
+
+    @staticmethod
+    def _finish(answer: _Answer, error: BaseException | None = None) -> None:
+        if answer.streamer is not None:
+            answer.streamer.end()
+        if answer.future.done():
+            return
+        if error is not None:
+            answer.future.set_exception(error)
+        else:
+            answer.future.set_result(([answer.new], None))

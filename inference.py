@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteri
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
-from decoding import Cancelled, FastDecoder, penalty_processors
+from decoding import BatchDecoder, Cancelled, FastDecoder, penalty_processors
 from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer, local_or_hub
 
 logger = logging.getLogger("inference")
@@ -122,12 +122,16 @@ def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | 
 class ChatModel:
     """A merged model plus tokenizer that answers in the training template."""
 
-    def __init__(self, model, tokenizer, fast: bool = False):
+    def __init__(self, model, tokenizer, fast: bool = False, batch_slots: int = 8):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.fast = fast
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         self._decoder = FastDecoder(model, tokenizer, self.context_window) if fast else None
+        # Chat answers (CLI, app, API) of all users are decoded together; batches given at once (evaluate.py,
+        # bench.py) go to FastDecoder or generate().
+        self.batch_slots = batch_slots
+        self._batcher = BatchDecoder(model, tokenizer, self.context_window, batch_slots, fast, generation_thread)
 
     @property
     def device(self) -> torch.device:
@@ -211,7 +215,10 @@ class ChatModel:
 
     def chat(self, messages: list[Message], gen: GenerationSettings) -> Reply:
         ids, dropped = self.prompt_ids(messages, gen.max_new_tokens)
-        return self._reply(self.generate_ids([ids], gen)[0], dropped)
+        answer = self.start(ids, gen, turns_dropped=dropped)
+        for _ in answer:
+            pass
+        return answer.reply
 
     def chat_batch(self, conversations: list[list[Message]], gen: GenerationSettings, batch_size: int = 16,
                    progress: str | None = None, seed: int | None = None) -> list[Reply]:
@@ -255,7 +262,7 @@ class ChatModel:
     def close(self) -> None:
         """Free the model now (evaluate.py loads one model at a time): weights, compiled step, caches. The
         ChatModel cannot generate afterwards."""
-        self.model = self._decoder = None
+        self.model = self._decoder = self._batcher = None
         if self.fast:  # compiled code and CUDA-graph trees are per thread: reset them on the generation thread
             generation_thread().submit(torch._dynamo.reset).result()
         gc.collect()
@@ -263,10 +270,15 @@ class ChatModel:
             torch.cuda.empty_cache()
 
     def warm_up(self, gen: GenerationSettings) -> None:
-        """Compile the fast path once at load for the usual cache size (a short prompt + max_new_tokens), so the
-        first user does not wait for it; longer chats compile a larger size (at most 2 more) when they first occur."""
+        """Compile the fast path at load for the usual cache size (a short prompt + max_new_tokens), in both batch
+        shapes (one user; several at once), so the first users do not wait for it; longer chats compile a larger
+        size (at most 2 more per shape) when they first occur."""
         if self.fast:
-            self.chat([{"role": "user", "content": "Hello"}], gen)
+            ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
+            answers = [self.start(ids, gen) for _ in range(min(2, self.batch_slots))]
+            for answer in answers:
+                for _ in answer:
+                    pass
 
     def save_merged(self, out_dir: str | Path) -> Path:
         """A standalone model: safetensors weights, tokenizer and a generation config with the right eos/pad."""
@@ -298,8 +310,8 @@ class AnswerStream:
         self._cancel = threading.Event()
         self._streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                               timeout=600)
-        self._future = model._submit([ids], gen, gen.max_new_tokens, streamer=self._streamer, cancel=self._cancel,
-                                     seed=seed)
+        self._future = model._batcher.submit(ids, gen, gen.max_new_tokens, streamer=self._streamer,
+                                             cancel=self._cancel, seed=seed)
         # A failed generation must end the iteration, so its error can surface below.
         self._future.add_done_callback(lambda f: self._streamer.end() if f.exception() is not None else None)
 
@@ -378,7 +390,8 @@ def load_model_folder(name_or_path: str, cfg: Config, tokenizer=None) -> ChatMod
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model {name_or_path!r}: {e}. Without network access, pass a local "
                              "folder") from e
-    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device))
+    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device),
+                     batch_slots=cfg.inference.batch_slots)
 
 
 def trained_base(cfg: Config, adapter_config: dict) -> str:
@@ -413,7 +426,7 @@ def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = Tru
                 adapter_dir, base_name, diff)
     merged = merged.to(device=device, dtype=DTYPE_NAMES[icfg.dtype])
     fast = use_fast_path(icfg, device)
-    model = ChatModel(merged, tokenizer, fast=fast)
+    model = ChatModel(merged, tokenizer, fast=fast, batch_slots=icfg.batch_slots)
     logger.info("serving on %s in %s, fast decoding %s", device, icfg.dtype, "on" if fast else "off")
     if warm_up:
         model.warm_up(cfg.generation)
