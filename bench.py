@@ -6,6 +6,8 @@
     python bench.py train --tiny               # the same code on a tiny model on the CPU (its test; never rots)
     python bench.py epoch --presets speed --runs 2   # time to adapter, oasst1-sized set: cold, then warm compile cache
     python bench.py epoch --tiny               # the same on the tiny model and a small set on the CPU
+    python bench.py serve --dtypes bf16 --clients 1 8   # concurrent streaming clients of the OpenAI-compatible API
+    python bench.py serve --tiny               # the same on the tiny model on the CPU
 
 Real Phi-2 weights cannot be downloaded here and speed does not depend on their values, so the model is randomly
 initialised with Phi-2's exact configuration and saved once, then loaded through the normal `from_pretrained` +
@@ -24,6 +26,13 @@ conversations, 5.9M tokens; train.py's count is reported). It reports train.py's
 final evaluation, save), the interpreter start + imports before them, and the steady tokens/s. `--cache` keeps
 inductor's and Triton's compile caches in a folder, so a second run reports the warm figure; by default each run
 gets an empty one (cold).
+
+The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves
+openai_api's routes (the app's OpenAI-compatible endpoint, without the Gradio page) with uvicorn, and sends N
+streaming greedy requests at once over HTTP, each with its own question (random words from a fixed vocabulary,
+numpy seed 0, about prompt-len tokens) and max_tokens new-tokens. It reports the aggregate tokens/s (completion
+tokens of all clients over the time from sending to the last answer), the time to first token (median and worst),
+the most answers decoded together, and how many clients got the same text as when they were alone.
 """
 
 from __future__ import annotations
@@ -94,12 +103,15 @@ def workload(tiny: bool, vocab: int):
 def make_random_phi2(path: Path) -> Path:
     """Phi-2's exact architecture with random weights, saved once as bf16 safetensors."""
     from transformers import PhiConfig, PhiForCausalLM
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
         return path
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = PhiForCausalLM(PhiConfig(**PHI2_CONFIG)).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
+    from config import ModelConfig
+    from model_utils import load_tokenizer
+    load_tokenizer(ModelConfig(name_or_path=str(TINY_MODEL))).save_pretrained(path)  # a whole model folder
     del model
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -320,16 +332,11 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
                  check_prompts: int, partial: Path | None = None) -> list[dict]:
     """Plain generate vs the fast path (decoding.FastDecoder) in one dtype; agreement of greedy tokens.
     first_call_s: the first call of a shape, compilation included (what warm-up at load pays once)."""
-    from transformers import AutoModelForCausalLM
-
     from config import GenerationSettings
-    from inference import ChatModel
-    from model_utils import DTYPE_NAMES, load_tokenizer
-    from config import ModelConfig
+    from inference import ChatModel, load_model_folder
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(TINY_MODEL)))
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPE_NAMES[dtype]).to(device)
+    loaded = load_model_folder(str(model_path), serving_config(dtype, fast=False))  # the app's loading path
+    model, tokenizer = loaded.model, loaded.tokenizer
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, tokenizer.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
     gen = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
@@ -392,6 +399,114 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
     return rows
 
 
+def serving_config(dtype: str, fast: bool, extra: tuple[str, ...] = ()):
+    from config import parse_config
+    return parse_config(["--inference.dtype", dtype, "--inference.fast", "on" if fast else "off",
+                         "--generation.temperature", "0", "--generation.repetition_penalty", "1.0", *extra])[0]
+
+
+def questions(n: int, words: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    vocab = np.array(WORDS)
+    return [" ".join(vocab[rng.integers(0, len(vocab), size=words)]) + "?" for _ in range(n)]
+
+
+def stream_completion(port: int, question: str, max_tokens: int) -> dict:
+    """One streaming request as an OpenAI client sends it; times the first content token and the end."""
+    import http.client
+    body = json.dumps({"model": "phi2-qlora", "messages": [{"role": "user", "content": question}],
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    start = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    text, first, usage = "", None, None
+    for line in response:
+        line = line.decode().strip()
+        if not line.startswith("data: {"):
+            continue
+        event = json.loads(line[6:])
+        if "error" in event:
+            raise RuntimeError(event["error"]["message"])
+        content = event["choices"][0]["delta"].get("content")
+        if content and first is None:
+            first = time.perf_counter() - start
+        text += content or ""
+        usage = event.get("usage") or usage
+    connection.close()
+    return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start,
+            "tokens": usage["completion_tokens"] if usage else 0}
+
+
+def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
+              partial: Path | None = None) -> list[dict]:
+    """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    import openai_api
+    from config import AppConfig
+    from inference import load_model_folder
+
+    cfg = serving_config(dtype, torch.cuda.is_available(), ("--inference.batch_slots", str(max(clients)),
+                                                            "--generation.max_new_tokens", str(new_tokens)))
+    t0 = time.perf_counter()
+    chat = load_model_folder(str(model_path), cfg)
+    chat.warm_up(cfg.generation)
+    load_s = time.perf_counter() - t0
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(FastAPI(routes=openai_api.routes(chat, cfg.generation, AppConfig())),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    asked = questions(max(clients), prompt_words)
+    alone = [stream_completion(port, q, new_tokens) for q in asked]  # one at a time; also warms every shape used
+    rows = []
+    for n in clients:
+        stream_completion(port, asked[0], 8)  # idle again
+        chat._batcher.most_rows = 0
+        start = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            got = list(pool.map(lambda q: stream_completion(port, q, new_tokens), asked[:n]))
+        wall = time.perf_counter() - start
+        ttfts = sorted(g["ttft_s"] for g in got if g["ttft_s"] is not None)
+        rows.append({"name": f"{dtype} {n} client(s)", "clients": n, "aggregate_tok_s": sum(g["tokens"] for g in got) / wall,
+                     "per_client_tok_s": float(np.median([g["tokens"] / g["end_s"] for g in got])),
+                     "ttft_median_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
+                     "completion_tokens": [g["tokens"] for g in got], "most_rows": chat._batcher.most_rows,
+                     "same_text_as_alone": sum(g["text"] == a["text"] for g, a in zip(got, alone)),
+                     "load_and_warm_up_s": load_s})
+        if partial is not None:
+            partial.write_text(json.dumps(rows, default=str))
+    base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
+    for r in rows:
+        r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base else None
+    server.should_exit = True
+    return rows
+
+
+def serve_table(rows: list[dict]) -> str:
+    lines = ["| clients | aggregate tok/s | x one client | per-client tok/s | first token median / max (s) | "
+             "decoded together | same text as alone |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['aggregate_tok_s']:,.0f} | {r['speedup_vs_1'] or float('nan'):.2f} | "
+                     f"{r['per_client_tok_s']:,.0f} | {r['ttft_median_s']:.3f} / {r['ttft_max_s']:.3f} | "
+                     f"{r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} |")
+    return "\n".join(lines)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def gen_table(rows: list[dict], batch: int) -> str:
     lines = [f"| path | batch-1 tok/s | time to first token (s) | batch-{batch} tok/s | first call (s): batch 1 / "
              f"batch {batch} |", "| --- | --- | --- | --- | --- |"]
@@ -414,6 +529,9 @@ def child(args) -> int:
         row = run_train_config(spec["name"], spec["values"], Path(spec["model"]), spec["steps"], spec["warmup"],
                                spec["tiny"])
         result = [row]
+    elif spec["kind"] == "serve":
+        result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
+                           spec["new_tokens"], Path(spec["result"]))
     else:
         result = run_generate(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["prompt_len"],
                               spec["new_tokens"], spec["batch"], spec["check_prompts"], Path(spec["result"]))
@@ -444,7 +562,7 @@ def spawn(spec: dict, timeout: int | None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", nargs="?", choices=["train", "generate", "epoch"], default="train")
+    parser.add_argument("kind", nargs="?", choices=["train", "generate", "epoch", "serve"], default="train")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the code, not speed)")
     parser.add_argument("--presets", nargs="+", default=["baseline", "default", "speed", "lowmem"])
@@ -455,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="optimizer steps before timing starts")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], help="generation: merged model dtypes")
     parser.add_argument("--batch", type=int, default=64, help="generation: batch for aggregate throughput")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="serve: concurrent clients per run")
     parser.add_argument("--model-dir", default=None, help="where the random Phi-2 is saved (reused if present)")
     parser.add_argument("--out", default=None, help="JSON results file (default reports/bench-<kind>.json)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
@@ -495,6 +614,14 @@ def main(argv: list[str] | None = None) -> int:
                           args.timeout)
             logger.info("  %s", {k: v for k, v in rows[-1].items() if k != "config"})
         table = train_table(rows, args.tiny)
+    elif args.kind == "serve":
+        for dtype in args.dtypes if args.dtypes != parser.get_default("dtypes") else ["fp32" if args.tiny else "bf16"]:
+            logger.info("serving %s ...", dtype)
+            rows += spawn({"kind": "serve", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
+                           "clients": args.clients, "prompt_words": 12 if args.tiny else 40,
+                           "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent)}, args.timeout)
+        table = serve_table([r for r in rows if "error" not in r])
+        table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)
     else:
         batch = 4 if args.tiny else args.batch
         for dtype in args.dtypes:

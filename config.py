@@ -120,6 +120,8 @@ class GenerationSettings:
 @dataclass
 class InferenceConfig:
     adapter: str | None = doc(None, "adapter folder; None = <training.output_dir>/final")
+    model: str | None = doc(None, "a whole model folder to serve as it is (e.g. from --save-merged) instead of "
+                                  "merging the adapter into its base")
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "dtype of the merged model (fp32: 11 GB; bf16/fp16: 5.6 GB)")
     device: Literal["auto", "cuda", "cpu"] = doc("auto", "where to run; auto = cuda when available")
     fast: Literal["auto", "on", "off"] = doc(

@@ -362,6 +362,7 @@ class BatchDecoder:
         self._waiting: list[_Answer] = []
         self._running = False
         self._caches: dict[tuple[int, int], StaticCache] = {}
+        self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         self._reset()
 
     def _reset(self) -> None:
@@ -495,6 +496,7 @@ class BatchDecoder:
         token = self._choose(answer, logits, 0)  # (1,)
         self.tok[row, 0], self.pos[row, 0] = token[0], length
         self.rows[row] = answer
+        self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         if answer.streamer is not None:
             answer.streamer.put(ids[0].cpu())  # the streamer skips the prompt it is handed first
         self._take(answer, [int(token[0])])

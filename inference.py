@@ -4,6 +4,7 @@
     python inference.py --config configs/smoke.yaml --chat          # multi-turn chat in the terminal
     python inference.py --prompt "..." --inference.adapter model/final --inference.dtype bf16   # real Phi-2, GPU
     python inference.py --config configs/smoke.yaml --save-merged merged/   # standalone model folder
+    python inference.py --inference.model merged/ --chat               # chat with a merged folder as it is
 
 The base is loaded in fp32 (never 4-bit: merging into quantized weights loses accuracy), the adapter attached and
 merged with `merge_and_unload`; the merge is checked on a probe batch (max |logit difference| logged). The model
@@ -402,9 +403,23 @@ def trained_base(cfg: Config, adapter_config: dict) -> str:
 
 
 def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = True) -> ChatModel:
-    """Base in fp32 -> adapter checked against it -> merged -> cast to inference.dtype on its device."""
+    """The model to chat with (CLI, app, evaluate.py): a merged folder as it is (inference.model, e.g. from
+    --save-merged), or base in fp32 -> adapter checked against it -> merged; in inference.dtype on its device."""
     icfg: InferenceConfig = cfg.inference
     device = resolve_device(icfg.device)
+    if icfg.model:
+        model = load_model_folder(icfg.model, cfg)
+    else:
+        model = _merge_for_chat(cfg, allow_pickle, device)
+    logger.info("serving on %s in %s, fast decoding %s, %d answers decoded together at most", device, icfg.dtype,
+                "on" if model.fast else "off", icfg.batch_slots)
+    if warm_up:
+        model.warm_up(cfg.generation)
+    return model
+
+
+def _merge_for_chat(cfg: Config, allow_pickle: bool, device: str) -> ChatModel:
+    icfg = cfg.inference
     adapter_dir = adapter_dir_for(cfg)
     adapter_config = read_adapter_config(adapter_dir, allow_pickle=allow_pickle)
     base_name = trained_base(cfg, adapter_config)
@@ -425,12 +440,7 @@ def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = Tru
     logger.info("merged %s into %s (fp32); max |logit diff| merged vs unmerged on a probe: %.2e",
                 adapter_dir, base_name, diff)
     merged = merged.to(device=device, dtype=DTYPE_NAMES[icfg.dtype])
-    fast = use_fast_path(icfg, device)
-    model = ChatModel(merged, tokenizer, fast=fast, batch_slots=icfg.batch_slots)
-    logger.info("serving on %s in %s, fast decoding %s", device, icfg.dtype, "on" if fast else "off")
-    if warm_up:
-        model.warm_up(cfg.generation)
-    return model
+    return ChatModel(merged, tokenizer, fast=use_fast_path(icfg, device), batch_slots=icfg.batch_slots)
 
 
 def chat_loop(model: ChatModel, gen: GenerationSettings, read=input, write=print) -> None:

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def serve(model, gen: GenerationSettings = GEN, **app_settings):
-    cfg = AppConfig(port=free_port(), concurrency_limit=1, max_queue=16, **app_settings)
+    cfg = AppConfig(port=free_port(), max_queue=16, **app_settings)
     demo = app.build_app(model, gen, cfg)
     app.launch(demo, cfg, model, gen, block=False)
     return demo, f"http://127.0.0.1:{cfg.port}/"
@@ -96,11 +96,25 @@ def test_keeps_serving_after_a_bad_request(client):
     assert ask(client, "What is the capital of Peru?") == PERU
 
 
-def test_many_concurrent_requests_all_answered(server):
+def test_concurrent_clients_are_answered_together_each_as_if_alone(server, chat_model):
     questions = ["What is the capital of Peru?", "What is 2 plus 3?", "Hello! How are you?"] * 3
+    alone = {q: ask(Client(server, verbose=False), q) for q in questions}
+    chat_model._batcher.most_rows = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=9) as pool:
         answers = list(pool.map(lambda q: ask(Client(server, verbose=False), q), questions))
-    assert all(a for a in answers) and answers[0] == answers[3] == answers[6] == PERU
+    assert answers == [alone[q] for q in questions] and answers[0] == PERU
+    assert chat_model._batcher.most_rows >= 3  # decoded together, not one after another
+
+
+def test_a_cancelled_client_does_not_disturb_the_others(endless_server):
+    wait_until_idle()
+    jobs = [Client(endless_server, verbose=False).submit("Sing", 60, 0.0, 0.9, api_name="/chat") for _ in range(3)]
+    deadline = time.time() + 60
+    while not jobs[1].outputs():  # it is being written
+        assert time.time() < deadline
+        time.sleep(0.05)
+    jobs[1].cancel()
+    assert [jobs[0].result(timeout=60), jobs[2].result(timeout=60)] == ["la" + " la" * 59] * 2
 
 
 def test_cancelled_request_stops_its_generation(endless_server):

@@ -39,3 +39,15 @@ def test_epoch_bench_tiny(tmp_path):
     assert all(row[p] >= 0 for p in phases) and row["steady_steps_s"] > 0
     assert abs(sum(row[p] for p in phases) - row["wall_s"]) < 1.0  # the rest is interpreter exit
     assert row["steady_tokens_per_s"] > 0 and row["train_tokens"] > 10_000 and row["compile_cache"] == "cold"
+
+
+def test_serving_bench_tiny(tmp_path):
+    """Concurrent streaming clients over HTTP against the OpenAI-compatible routes: decoded together, each client's
+    greedy text the same as alone (fp32)."""
+    out = tmp_path / "serve.json"
+    run_script("bench.py", "serve", "--tiny", "--clients", "1", "4", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["clients"] for r in rows] == [1, 4] and not any("error" in r for r in rows)
+    assert rows[1]["most_rows"] == 4 and rows[1]["same_text_as_alone"] == 4 and rows[0]["same_text_as_alone"] == 1
+    assert all(r["aggregate_tok_s"] > 0 and r["ttft_median_s"] > 0 for r in rows)
+    assert all(t > 0 for r in rows for t in r["completion_tokens"])
