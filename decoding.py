@@ -317,12 +317,19 @@ class _Answer:
     procs: LogitsProcessorList | None = None  # None: plain greedy (one argmax for all such rows)
     seq: torch.Tensor | None = None           # (1, prompt + max_new_tokens) on the device: what the penalty reads
     start: int = 0                            # cache slot of its first prompt token; it occupies [start, write index)
-    new: list[int] = field(default_factory=list)
+    new: list[int] = field(default_factory=list)  # tokens the host has seen
+    queued: int = 0                           # decode steps queued on the device (the host sees them a chunk later)
     streamed: int = 0
 
     @property
     def remaining(self) -> int:
+        """Tokens still allowed, by what the host has seen."""
         return self.max_new_tokens - len(self.new)
+
+    @property
+    def to_queue(self) -> int:
+        """Decode steps still to queue: the first token comes from the prefill, each step gives one more."""
+        return self.max_new_tokens - 1 - self.queued
 
 
 class BatchDecoder:
@@ -370,6 +377,7 @@ class BatchDecoder:
         self.cache: StaticCache | None = None
         self.t = 0
         self.tok = self.pos = self.mask = None
+        self._pending = None  # the last queued chunk: (host tokens, ready event, its rows), not yet looked at
 
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, ids: list[int], gen: GenerationSettings, max_new_tokens: int, streamer=None,
@@ -394,13 +402,18 @@ class BatchDecoder:
             with torch.inference_mode():
                 while True:
                     with self._lock:
-                        if not self._waiting and not any(self.rows):
+                        if not self._waiting and not any(self.rows) and self._pending is None:
                             self._running = False
                             self._reset()
                             return
-                    self._admit()
-                    if any(self.rows):
+                        joining = bool(self._waiting) and sum(a is not None for a in self.rows) < self.slots
+                    if joining:
+                        self._flush()  # the layout may change: every queued token must be seen first
+                        self._admit()
+                    if any(a is not None and a.to_queue > 0 for a in self.rows):
                         self._decode_chunk()
+                    else:
+                        self._flush()
         except BaseException as error:  # every waiting client must hear of it, not hang
             with self._lock:
                 answers = [a for a in self.rows if a] + self._waiting
@@ -463,7 +476,7 @@ class BatchDecoder:
             active = [a for a in self.rows if a]
             length = len(answer.ids)
             left = max([self.t - a.start for a in active] + [length])  # the smallest write index that fits all
-            need = max([a.remaining for a in active] + [answer.max_new_tokens])
+            need = max([a.to_queue for a in active] + [answer.max_new_tokens])
             if active and left + need > self.context_window:  # joins once earlier answers have finished
                 with self._lock:
                     self._waiting.insert(0, answer)
@@ -515,28 +528,56 @@ class BatchDecoder:
         return token
 
     def _decode_chunk(self) -> None:
-        """Up to check_every steps for every row without waiting for the GPU, then the new tokens to the host."""
-        steps = min(self.check_every, max(a.remaining for a in self.rows if a))
-        chunk = torch.empty(len(self.rows), steps, dtype=torch.long, device=self.device)
+        """Queue up to check_every steps for every row without waiting for the GPU; then look at the chunk queued
+        before this one (the GPU has finished it by now, so the host never stalls it)."""
+        rows = list(self.rows)
+        steps = min(self.check_every, max(a.to_queue for a in rows if a))
+        chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)
         for s in range(steps):
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True).logits[:, -1]  # (batch, vocab)
             # One argmax for every row, then the rows that sample or penalize overwrite theirs.
             token = logits.argmax(-1)  # (batch,)
-            for row, answer in enumerate(self.rows):
-                if answer is not None and answer.procs is not None and len(answer.new) + s < answer.max_new_tokens:
-                    token[row] = self._choose(answer, logits[row:row + 1], len(answer.new) + s)[0]
+            for row, answer in enumerate(rows):
+                made = 1 + answer.queued + s if answer is not None else 0  # tokens before this one
+                if answer is not None and answer.procs is not None and made < answer.max_new_tokens:
+                    token[row] = self._choose(answer, logits[row:row + 1], made)[0]
             chunk[:, s] = token
             self.tok = token[:, None]
             self.pos = self.pos + 1
-        self.t += steps
-        new = chunk.tolist()  # waits for the chunk
-        for row, answer in enumerate(self.rows):
+        for answer in rows:
             if answer is not None:
-                self._take(answer, new[row])
+                answer.queued += steps
+        self.t += steps
+        host = torch.empty(chunk.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        host.copy_(chunk, non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        previous, self._pending = self._pending, (host, ready, rows)
+        if previous is not None:
+            self._look(previous)
         active = [a for a in self.rows if a]
         if len(active) == 1 and len(self.rows) > 1:  # back to the one-row shape: batch-1 speed for the last user
-            self._relayout(1, self._size_for(self.t - active[0].start + active[0].remaining), self.t)
+            self._flush()
+            if active[0] in self.rows:
+                answer = active[0]
+                self._relayout(1, self._size_for(self.t - answer.start + answer.to_queue), self.t)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._look(pending)
+
+    def _look(self, pending) -> None:
+        host, ready, rows = pending
+        if ready is not None:
+            ready.synchronize()
+        new = host.tolist()
+        for row, answer in enumerate(rows):
+            if answer is not None and not answer.future.done():
+                self._take(answer, new[row])
 
     def _take(self, answer: _Answer, tokens: list[int]) -> None:
         """New tokens of one answer: stop rules, streaming, and the end of the answer."""
@@ -549,7 +590,8 @@ class BatchDecoder:
             answer.streamer.put(torch.tensor(answer.new[answer.streamed:]))
             answer.streamed = len(answer.new)
         if stop is not None or answer.remaining <= 0 or answer.cancel.is_set():
-            self.rows[self.rows.index(answer)] = None
+            if answer in self.rows:
+                self.rows[self.rows.index(answer)] = None
             self._finish(answer)
 
     @staticmethod
