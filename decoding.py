@@ -1,9 +1,11 @@
-"""The decoding engine: the repetition penalty and stopping rules both paths share, and the fast path.
+"""The decoding engine: the repetition penalty and stopping rules every path shares, and two decoders.
 
-The fast path is `FastDecoder`: a static KV cache and a decode step compiled with CUDA graphs (each Phi layer's six
-weight products fused into two, `fuse_phi_layers`), driven by a loop that never waits for the GPU between tokens.
-inference.py's ChatModel runs it (or transformers' `generate`, the plain path) on its generation thread; the CLI,
-the Gradio app, the OpenAI-compatible API and evaluate.py are layers over that ChatModel. Nothing here runs at import.
+`BatchDecoder` answers chats: every user's streamed answer decoded together, joining and leaving as they come
+(continuous batching). `FastDecoder` decodes a batch given at once (evaluate.py, bench.py). Both use a static KV
+cache and, on CUDA, a decode step compiled with CUDA graphs (each Phi layer's six weight products fused into two,
+`fuse_phi_layers`), driven by a loop that never waits for the GPU between tokens. inference.py's ChatModel runs them
+(or transformers' `generate`, the plain path for batches on the CPU) on its generation thread; the CLI, the Gradio
+app, the OpenAI-compatible API and evaluate.py are layers over that ChatModel. Nothing here runs at import.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import (CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache, StoppingCriteria,
-                          SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache,
+                          StoppingCriteria, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
 
@@ -336,9 +339,11 @@ class BatchDecoder:
     """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
 
     A request that arrives while others are being generated joins them at the next chunk boundary (every
-    CHECK_EVERY steps when compiled, every step otherwise): its prompt is run alone (prefill) and its keys and values are copied into a free row of the
-    shared static KV cache; a finished or cancelled answer frees its row at the next boundary. Each answer still
-    streams to its own client, with its own sampling settings, stop rules and seed.
+    CHECK_EVERY steps when compiled, every step otherwise): its prompt is run alone (prefill) and its keys and values
+    are copied into a free row of the shared static KV cache; a finished or cancelled answer frees its row at the
+    next boundary. Each answer still streams to its own client, with its own sampling settings, stop rules and seed.
+    The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as FastDecoder), so
+    a finished answer costs up to one chunk of wasted steps; a joining answer first waits for the queued chunk.
 
     The cache layout: one write index t shared by all rows (transformers' StaticCache writes every row at the same
     slot); each row holds its prompt and answer in the slots just before t, [start, t), and its attention mask hides

@@ -276,10 +276,12 @@ class ChatModel:
         size (at most 2 more per shape) when they first occur."""
         if self.fast:
             ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
-            answers = [self.start(ids, gen) for _ in range(min(2, self.batch_slots))]
-            for answer in answers:
-                for _ in answer:
-                    pass
+            # one answer alone (the one-row shape), then two at once (the batch_slots-row shape)
+            for together in ([1, 2] if self.batch_slots > 1 else [1]):
+                answers = [self.start(ids, gen) for _ in range(together)]
+                for answer in answers:
+                    for _ in answer:
+                        pass
 
     def save_merged(self, out_dir: str | Path) -> Path:
         """A standalone model: safetensors weights, tokenizer and a generation config with the right eos/pad."""

@@ -371,7 +371,8 @@ def test_typed_turn_markers_cannot_forge_turns(chat_model, server, monkeypatch, 
     seen: list[list[int]] = []
     # prompts reach the model through the chat batcher (CLI, app, API) or as a batch (evaluate.py)
     batched, submit = chat_model._batcher.submit, chat_model._submit
-    monkeypatch.setattr(chat_model._batcher, "submit", lambda ids, *a, **k: seen.append(ids) or batched(ids, *a, **k))
+    monkeypatch.setattr(chat_model._batcher, "submit",
+                        lambda ids, *a, **k: seen.append(ids) or batched(ids, *a, **k))
     monkeypatch.setattr(chat_model, "_submit", lambda ids, *a, **k: seen.append(ids[0]) or submit(ids, *a, **k))
     if entry == "page":
         run_respond(app.make_respond(chat_model, GEN, AppConfig()), FORGED, [], [])
