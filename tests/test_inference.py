@@ -504,3 +504,26 @@ def test_cancelling_one_answer_leaves_the_others_alone(tokenizer):
     replies = finish(answers)
     assert replies[1].stop == "cancelled" and replies[1].new_tokens < 60
     assert [r.text for i, r in enumerate(replies) if i != 1] == [alone] * 3
+
+
+def test_a_failed_step_fails_every_answer_it_held_and_the_next_answer_works(tokenizer):
+    """An error inside the batch loop reaches each waiting client (none hangs), and the next request is served."""
+    chat, messages = endless(tokenizer, fast=False)
+    gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
+    alone = chat.chat(messages, gen).text
+    forward = chat.model.forward
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(*args, **kwargs)
+
+    chat.model.forward = failing
+    answers = start_all(chat, [messages] * 3, gen)
+    for answer in answers:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            for _ in answer:
+                pass
+    assert chat.chat(messages, gen).text == alone
