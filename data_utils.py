@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import datasets
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
 from config import DataConfig
@@ -157,20 +158,48 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _turn_texts(messages: list[Message]) -> list[str]:
+    """[prompt 0, answer 0, prompt 1, answer 1, ...] as rendered for training (EOS is added as an id)."""
+    texts = []
+    for i, (q, a) in enumerate(_pairs(messages)):
+        texts += [turn_prompt_text(q, first=i == 0), turn_answer_text(a)]
+    return texts
+
+
 def encode_conversation(tokenizer, messages: list[Message], max_length: int) -> dict[str, Any]:
     """Token ids and labels (-100 outside answers+EOS), cut to max_length by the rule in the module docstring.
 
     Returns {"input_ids", "labels", "status", "turns_dropped"}; status is "ok", "answer_truncated" or "too_long"
     (then input_ids is empty).
     """
-    eos = tokenizer.eos_token_id
+    texts = _turn_texts(messages)
+    return _cut(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [], tokenizer.eos_token_id,
+                max_length)
+
+
+def _encode_batch(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
+    """encode_conversation for a batch of conversations, with one tokenizer call for all their turns (the fast
+    tokenizer encodes a list in parallel; each text is encoded on its own, so the ids are the same)."""
+    texts = [_turn_texts(messages) for messages in batch["messages"]]
+    flat = tokenizer([t for conversation in texts for t in conversation], add_special_tokens=False)["input_ids"]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "turns_dropped": []}
+    start = 0
+    for conversation in texts:
+        encoded = _cut(flat[start:start + len(conversation)], tokenizer.eos_token_id, max_length)
+        start += len(conversation)
+        for key in out:
+            out[key].append(encoded[key])
+    return out
+
+
+def _cut(turn_ids: list[list[int]], eos: int, max_length: int) -> dict[str, Any]:
+    """Whole turns while they fit; a first turn alone that does not fit keeps its answer's start."""
     input_ids: list[int] = []
     labels: list[int] = []
-    pairs = _pairs(messages)
+    pairs = len(turn_ids) // 2
     status, dropped = "ok", 0
-    for i, (q, a) in enumerate(pairs):
-        prompt = _ids(tokenizer, turn_prompt_text(q, first=i == 0))
-        answer = _ids(tokenizer, turn_answer_text(a)) + [eos]
+    for i in range(pairs):
+        prompt, answer = turn_ids[2 * i], turn_ids[2 * i + 1] + [eos]
         if len(input_ids) + len(prompt) + len(answer) <= max_length:
             input_ids += prompt + answer
             labels += [-100] * len(prompt) + answer
@@ -183,7 +212,7 @@ def encode_conversation(tokenizer, messages: list[Message], max_length: int) -> 
             else:
                 status = "too_long"
         # A too-long conversation is counted once, as too_long; its turns are not also "dropped".
-        dropped = 0 if status == "too_long" else len(pairs) - i - (1 if status == "answer_truncated" else 0)
+        dropped = 0 if status == "too_long" else pairs - i - (1 if status == "answer_truncated" else 0)
         break
     return {"input_ids": input_ids if status != "too_long" else [], "labels": labels if status != "too_long" else [],
             "status": status, "turns_dropped": dropped}
@@ -702,18 +731,21 @@ def tokenize_conversations(ds: Dataset, tokenizer, max_length: int, split: str, 
     """input_ids + labels per conversation (rule in the module docstring); length outcomes are added to stats."""
     if len(ds) == 0:
         return Dataset.from_dict({"input_ids": [], "labels": []})
-    encoded = ds.map(lambda ex: encode_conversation(tokenizer, ex["messages"], max_length),
-                     remove_columns=ds.column_names, desc=f"Tokenizing {split}")
-    status = Counter(encoded["status"])
+    encoded = ds.map(_encode_batch, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, batched=True,
+                     batch_size=1000, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
+    # Counted in Arrow, without turning millions of token ids into Python ints; too_long rows hold no tokens.
+    table = encoded.data.table
+    status = {str(v["values"]): v["counts"] for v in pc.value_counts(table.column("status")).to_pylist()}
     split_stats = stats.setdefault(split, {})
     split_stats["answer_truncated"] = status.get("answer_truncated", 0)
     split_stats["too_long"] = status.get("too_long", 0)
-    split_stats["turns_dropped"] = int(sum(encoded["turns_dropped"]))
-    encoded = encoded.filter(lambda ex: ex["status"] != "too_long").remove_columns(["status", "turns_dropped"])
-    split_stats["sequences"] = len(encoded)
-    split_stats["answer_tokens"] = int(sum(sum(1 for t in lab if t != -100) for lab in encoded["labels"]))
-    split_stats["tokens"] = int(sum(len(ids) for ids in encoded["input_ids"]))
-    return encoded
+    split_stats["turns_dropped"] = int(pc.sum(table.column("turns_dropped")).as_py() or 0)
+    split_stats["sequences"] = len(encoded) - split_stats["too_long"]
+    split_stats["answer_tokens"] = int(pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), -100)
+                                              ).as_py() or 0)
+    split_stats["tokens"] = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+    encoded = encoded.filter(lambda status: status != "too_long", input_columns="status")
+    return encoded.remove_columns(["status", "turns_dropped"])
 
 
 def log_stats(stats: dict[str, Any]) -> None:

@@ -146,6 +146,28 @@ def test_over_long_conversations_follow_the_documented_rule(tokenizer):
     assert enc["status"] == "too_long" and enc["input_ids"] == []
 
 
+def test_the_whole_split_is_tokenized_like_each_conversation_alone(tokenizer):
+    """tokenize_conversations encodes many conversations per tokenizer call and counts in Arrow: the same ids, labels
+    and counts as encode_conversation one by one, cut cases included."""
+    data = du.load_conversations(DataConfig(dataset=str(ROOT / "data" / "smoke"), max_length=48))
+    conversations = list(data.splits["train"]["messages"])
+    long = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "A"}]
+    conversations.append([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "word " * 60}])
+    ds = Dataset.from_dict({"messages": conversations + [long]})
+    stats: dict = {}
+    encoded = du.tokenize_conversations(ds, tokenizer, 48, "train", stats)
+    alone = [du.encode_conversation(tokenizer, m, 48) for m in conversations + [long]]
+    kept = [e for e in alone if e["status"] != "too_long"]
+    assert encoded["input_ids"] == [e["input_ids"] for e in kept] and encoded["labels"] == [e["labels"] for e in kept]
+    status = Counter(e["status"] for e in alone)
+    assert stats["train"] == {
+        "answer_truncated": status["answer_truncated"], "too_long": status["too_long"],
+        "turns_dropped": sum(e["turns_dropped"] for e in alone), "sequences": len(kept),
+        "answer_tokens": sum(t != -100 for e in kept for t in e["labels"]),
+        "tokens": sum(len(e["input_ids"]) for e in kept)}
+    assert status["too_long"] == 1 and status["answer_truncated"] > 0 and stats["train"]["turns_dropped"] > 0
+
+
 def test_prompt_trimming_keeps_the_newest_turns_and_the_question(tokenizer):
     history = []
     for i in range(10):
