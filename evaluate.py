@@ -3,6 +3,7 @@
     python evaluate.py --config configs/smoke.yaml                  # tiny smoke model, CPU, ~1 minute
     python evaluate.py --config configs/phi2-oasst1.yaml --num-prompts 300 --inference.dtype bf16   # real run, GPU
     python evaluate.py --config ... --merged merged/                # a --save-merged folder instead of the adapter
+                                                                    # (--inference.model merged/ is the same)
     python evaluate.py --config ... --sample --seed 1               # sampled answers (generation.*), seeded
 
 Reports, for both models, on the validation conversations in the training template:
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO)
     name = args.name or Path(cfg.training.output_dir).name
+    args.merged = args.merged or cfg.inference.model  # a whole model folder, however it was named
     try:
         result = run(cfg, args)
     except (AdapterError, ModelLoadError, ValueError) as e:

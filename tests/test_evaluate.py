@@ -114,3 +114,18 @@ def test_model_card_keeps_the_training_runs_hyperparameters(smoke_run, tmp_path)
     assert "### evaluate.py" in text
     assert "| learning_rate | 0.005 |" in text and "r=32" in text and "| max_length | 128 |" in text
     assert "0.123" not in text and "r=7" not in text
+
+
+def test_a_merged_folder_is_evaluated_by_either_name(chat_model, smoke_run, tmp_path):
+    """--merged DIR and --inference.model DIR (what inference.py and app.py take) evaluate the same folder, and
+    neither writes that folder's scores into the adapter's model card."""
+    merged = chat_model.save_merged(tmp_path / "merged")
+    card = (smoke_run / "final" / "README.md").read_text()
+    reports = []
+    for flag in ("--merged", "--inference.model"):
+        out = tmp_path / flag.strip("-").replace(".", "_")
+        run_script("evaluate.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(smoke_run),
+                   flag, str(merged), "--num-prompts", "4", "--no-base", "--reports-dir", str(out))
+        reports.append(json.loads(next(out.glob("*.json")).read_text()))
+    assert reports[0]["finetuned"] == reports[1]["finetuned"] and reports[0]["finetuned"]["answer_loss"] > 0
+    assert (smoke_run / "final" / "README.md").read_text() == card
