@@ -29,8 +29,8 @@ gets an empty one (cold).
 
 The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves
 openai_api's routes (the app's OpenAI-compatible endpoint, without the Gradio page) with uvicorn, and sends N
-streaming greedy requests at once over HTTP, each with its own question (random words from a fixed vocabulary,
-numpy seed 0, about prompt-len tokens) and max_tokens new-tokens. It reports the aggregate tokens/s (completion
+streaming greedy requests at once over HTTP from N client processes, each with its own question (40 random words
+from a fixed vocabulary, numpy seed 0: about 60 tokens) and max_tokens 256. It reports the aggregate tokens/s (completion
 tokens of all clients over the time from sending to the last answer), the time to first token (median and worst),
 the most answers decoded together, and how many clients got the same text as when they were alone.
 """
