@@ -9,7 +9,8 @@ conversation the model reads (a gr.State). Notes for the person (an empty messag
 too long, an empty answer) are shown as notifications and never enter the conversation; a user's message is shown as
 typed (markdown in it is not rendered). History is rendered through the training template and trimmed to the context
 window (oldest turns first). Stop, a closed page or a cancelled API call stops the generation within one decode
-chunk. Requests wait in a bounded queue and generate one at a time on the model's one generation thread.
+chunk. Concurrent requests (page, gradio_client and API) are decoded together, up to inference.batch_slots at once
+(decoding.BatchDecoder); more wait in a bounded queue.
 `POST /v1/chat/completions` and `GET /v1/models` (openai_api.py) are served on the same host and port. Nothing is
 shared publicly unless --app.share (which requires --app.auth) is given.
 """
