@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import (CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache,
-                          StoppingCriteria, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                          SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
@@ -49,16 +49,6 @@ class AnswerRepetitionPenalty(LogitsProcessor):
         penalized = scores.scatter(1, new, picked)
         penalized[:, self.eos] = scores[:, self.eos]
         return penalized
-
-
-class Cancelled(StoppingCriteria):
-    """Stops transformers' generate once the event is set (a client left, or a stop string was seen)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def penalty_processors(gen: GenerationSettings, prompt_width: int, eos_token_id: int) -> LogitsProcessorList:
@@ -182,7 +172,7 @@ class FastDecoder:
     it reading the weights at 3.4 TB/s.
 
     Pieces are transformers' own: StaticCache, the model's compiled call (`get_compiled_call`, inductor with CUDA
-    graphs on CUDA), the logits processors and the text streamer. Prefill runs eagerly (one call; its shapes vary).
+    graphs on CUDA) and the logits processors. Prefill runs eagerly (one call; its shapes vary).
     Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
     """
 
@@ -215,13 +205,11 @@ class FastDecoder:
         return cache
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationSettings,
-                 max_new_tokens: int, ignore_eos: bool = False, streamer=None, output_logits: bool = False,
-                 cache_length: int = 0, cancel: threading.Event | None = None
-                 ) -> tuple[list[list[int]], torch.Tensor | None]:
+                 max_new_tokens: int, ignore_eos: bool = False, output_logits: bool = False,
+                 cache_length: int = 0) -> tuple[list[list[int]], torch.Tensor | None]:
         """New ids per row, each cut after the token that ended it; plus the raw logits of each step
         (batch, steps, vocab) when asked. input_ids/attention_mask: (batch, prompt) left-padded. cache_length:
-        size the cache for at least this many tokens (one shape for many calls). cancel: stop at the next chunk
-        once set."""
+        size the cache for at least this many tokens (one shape for many calls)."""
         batch, width = input_ids.shape
         device = input_ids.device
         cache = self._cache(batch, max(width + max_new_tokens, cache_length))
@@ -236,9 +224,6 @@ class FastDecoder:
         eos = self.tokenizer.eos_token_id
         suppress = [eos] if ignore_eos else []  # ignore_eos: benchmarks
         procs = logits_processors(gen, sample, suppress, device, width, eos)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())  # the streamer skips the prompt it is handed first
-
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_position = position[:, -1:] + 1  # (batch, 1)
@@ -262,10 +247,6 @@ class FastDecoder:
                 checked = len(rows[b])
                 rows[b].extend(new)
                 stop_at[b] = None if ignore_eos else stop_index(self.tokenizer, rows[b], checked)
-                if b == 0 and streamer is not None:
-                    shown = rows[0][checked:] if stop_at[0] is None else rows[0][checked:stop_at[0] + 1]
-                    if shown:
-                        streamer.put(torch.tensor(shown))
 
         for step in range(max_new_tokens):
             if plain_greedy:
@@ -292,7 +273,7 @@ class FastDecoder:
                 # Look at the chunk before this one: by now the GPU has finished it, so this does not stall.
                 while len(pending) > (0 if done else 1):
                     take_oldest_chunk()
-                if all(s is not None for s in stop_at) or (cancel is not None and cancel.is_set()):
+                if all(s is not None for s in stop_at):
                     break
             if not done:
                 logits = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
@@ -300,8 +281,6 @@ class FastDecoder:
                 next_position = next_position + 1
         while pending:
             take_oldest_chunk()
-        if streamer is not None:
-            streamer.end()
         new_ids = [row if s is None else row[:s + 1] for row, s in zip(rows, stop_at)]
         steps = torch.stack(raw_logits, 1).cpu() if output_logits else None
         return new_ids, steps

@@ -11,12 +11,15 @@ merged with `merge_and_unload`; the merge is checked on a probe batch (max |logi
 can then be cast to bf16/fp16 for serving. Prompts use the training template from data_utils; generation stops at
 EOS or when the model starts a new `### Human:` turn, and returns only the answer.
 
-Two decoding paths give the same tokens: the plain one is transformers' `generate` (CPU default); the fast one
-(CUDA default, `--inference.fast`) is decoding.py's `FastDecoder`: a static KV cache and a decode step compiled with
-CUDA graphs, driven by a loop that never waits for the GPU between tokens.
+Chat answers (CLI, app, API) go through decoding.py's `BatchDecoder`, which decodes every user's answer together;
+batches given at once (evaluate.py, bench.py) go through transformers' `generate` (the plain path, CPU default) or
+decoding.py's `FastDecoder` (CUDA default, `--inference.fast`). All give the same greedy tokens in fp32. On CUDA both
+decoders use a static KV cache and a decode step compiled with CUDA graphs, driven by a loop that never waits for
+the GPU between tokens.
 
 `ChatModel` is the object the CLI, app.py (UI and OpenAI-compatible API) and evaluate.py use: load once, generate
-many; `load_chat_model` (adapter + base) and `load_model_folder` (a whole model) are the ways to load one.
+many; `load_chat_model` (adapter + base, or a merged folder) and `load_model_folder` (a whole model) are the ways
+to load one.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from typing import Iterator
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteriaList, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, GenerationConfig, TextIteratorStreamer
 
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
-from decoding import BatchDecoder, Cancelled, FastDecoder, penalty_processors
+from decoding import BatchDecoder, FastDecoder, penalty_processors
 from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer, local_or_hub
 
 logger = logging.getLogger("inference")
@@ -165,41 +168,33 @@ class ChatModel:
         return Reply(text=text, new_tokens=len(new_ids), stop=reason, turns_dropped=dropped)
 
     def _generate_plain(self, inputs: dict[str, torch.Tensor], gen: GenerationSettings, max_new_tokens: int,
-                        ignore_eos: bool, streamer, output_logits: bool, cancel: threading.Event | None):
+                        ignore_eos: bool, output_logits: bool):
         config = generation_config(gen, self.tokenizer, max_new_tokens)
         if ignore_eos:  # benchmarks: always generate max_new_tokens
             config.min_new_tokens, config.stop_strings = max_new_tokens, None
         config.output_logits, config.return_dict_in_generate = output_logits, True
         width = inputs["input_ids"].shape[1]
         out = self.model.generate(
-            **inputs, generation_config=config, tokenizer=self.tokenizer, streamer=streamer,
-            logits_processor=penalty_processors(gen, width, self.tokenizer.eos_token_id),
-            stopping_criteria=StoppingCriteriaList([Cancelled(cancel)] if cancel is not None else []))
+            **inputs, generation_config=config, tokenizer=self.tokenizer,
+            logits_processor=penalty_processors(gen, width, self.tokenizer.eos_token_id))
         new_ids = out.sequences[:, width:].tolist()
         return new_ids, (torch.stack(out.logits, 1).float().cpu() if output_logits else None)
 
     def _submit(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int,
-                ignore_eos: bool = False, streamer=None, output_logits: bool = False,
-                cache_length: int = 0, cancel: threading.Event | None = None, seed: int | None = None) -> Future:
-        """Queue one generation on the generation thread. cancel: stop early once set (a request that is cancelled
-        before its turn does not run at all). seed: seeds sampling for this generation alone (the thread runs one
-        generation at a time)."""
+                ignore_eos: bool = False, output_logits: bool = False, cache_length: int = 0,
+                seed: int | None = None) -> Future:
+        """Queue one batch generation on the generation thread. seed: seeds sampling for this generation alone (the
+        thread runs one generation at a time)."""
         def work():
-            if cancel is not None and cancel.is_set():
-                if streamer is not None:
-                    streamer.end()  # its reader waits for the end
-                return [[] for _ in batch_ids], None
             if seed is not None:
                 torch.manual_seed(seed)
             with torch.inference_mode():
                 inputs = self._inputs(batch_ids)
                 if self._decoder is not None:
                     return self._decoder.generate(**inputs, gen=gen, max_new_tokens=max_new_tokens,
-                                                  ignore_eos=ignore_eos, streamer=streamer,
-                                                  output_logits=output_logits, cache_length=cache_length,
-                                                  cancel=cancel)
-                return self._generate_plain(inputs, gen, max_new_tokens, ignore_eos, streamer, output_logits,
-                                            cancel)
+                                                  ignore_eos=ignore_eos, output_logits=output_logits,
+                                                  cache_length=cache_length)
+                return self._generate_plain(inputs, gen, max_new_tokens, ignore_eos, output_logits)
 
         return generation_thread().submit(work)
 
@@ -302,8 +297,8 @@ class AnswerStream:
     """One answer being generated on the generation thread.
 
     Iterate it for the answer so far (growing; the stop marker and stop strings are never shown); `reply` holds the
-    finished Reply afterwards; `cancel()` stops the generation within one decode chunk (fast path) or one token
-    (plain path) and frees the GPU for the next request. A stop string ends the answer and the generation."""
+    finished Reply afterwards; `cancel()` stops the generation within one decode chunk (compiled path) or one token
+    (eager, the CPU) and frees its row for the next request. A stop string ends the answer and the generation."""
 
     def __init__(self, model: ChatModel, ids: list[int], gen: GenerationSettings, stop: tuple[str, ...],
                  seed: int | None, turns_dropped: int):
