@@ -158,8 +158,36 @@ def preset_values(spec: str) -> tuple[str, dict]:
     return name, values
 
 
-def run_train_config(name: str, values: dict, model_path: Path, steps: int, warmup: int, tiny: bool) -> dict:
-    """One configuration through train.py's builders; returns the measured row."""
+KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "flex")),
+    ("nf4 dequantize", ("dequantize", "kDequantize")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "splitK")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("inductor fused", ("triton_",)),
+    ("copies", ("Memcpy", "Memset", "copy_", "CatArrayBatched")),
+)
+
+
+def kernel_summary(prof, steps: int, wall_s: float) -> str:
+    """GPU time per step by kind of kernel, from a torch.profiler run over `steps` steps that took `wall_s`."""
+    groups: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0.0)
+        if us <= 0:
+            continue
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in event.key for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + us / 1e3 / steps
+    busy = sum(groups.values())
+    lines = [f"wall {1e3 * wall_s / steps:.1f} ms/step, GPU busy {busy:.1f} ms/step "
+             f"({100 * busy / (1e3 * wall_s / steps):.0f}%)", "| kernels | ms/step | share of GPU time |", "| --- | --- | --- |"]
+    lines += [f"| {g} | {ms:.1f} | {100 * ms / busy:.0f}% |" for g, ms in sorted(groups.items(), key=lambda x: -x[1])]
+    return "\n".join(lines)
+
+
+def run_train_config(name: str, values: dict, model_path: Path, steps: int, warmup: int, tiny: bool,
+                     profile: Path | None = None) -> dict:
+    """One configuration through train.py's builders; returns the measured row. With `profile`, the two steps after
+    the timed ones run under torch.profiler: a kernel table and a per-kind summary go to that file."""
     from transformers import TrainerCallback
 
     import train
@@ -170,7 +198,8 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     values.setdefault("model", {})["name_or_path"] = str(model_path)
     values["model"]["tokenizer"] = str(TINY_MODEL)  # ids are random; any tokenizer with an EOS/pad will do
     t = values.setdefault("training", {})
-    t.update({"output_dir": tempfile.mkdtemp(prefix="bench-"), "max_steps": warmup + steps, "report_to": ["none"],
+    t.update({"output_dir": tempfile.mkdtemp(prefix="bench-"), "max_steps": warmup + steps + (2 if profile else 0),
+              "report_to": ["none"],
               "save_steps": 10**6, "eval_steps": 0, "logging_steps": 1, "warmup_ratio": 0.0})
     if tiny:  # what the CPU and the tiny model can run; the code path stays the same
         values["model"].update({"dtype": "auto", "attn_implementation": "sdpa"})
@@ -207,6 +236,9 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     trainer.data_collator = counting_collator
 
     class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks[0] = (time.perf_counter(), 0)
+
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             marks[state.global_step] = (time.perf_counter(), seen[0])
@@ -215,14 +247,38 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
+    class Profile(TrainerCallback):
+        """Profiles the 2 steps after the timed ones (so the timing is never disturbed)."""
+        prof, start = None, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup + steps and self.prof is None:
+                sync()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == warmup + steps + 2:
+                sync()
+                wall = time.perf_counter() - self.start
+                self.prof.__exit__(None, None, None)
+                table = self.prof.key_averages().table(sort_by="self_device_time_total" if torch.cuda.is_available()
+                                                       else "self_cpu_time_total", row_limit=45, max_name_column_width=90)
+                profile.write_text(kernel_summary(self.prof, 2, wall) + "\n\n" + table)
+
     trainer.add_callback(Timer())
+    if profile is not None:
+        trainer.add_callback(Profile())
     trainer.train()
     (t0, n0), (t1, n1) = marks[warmup], marks[warmup + steps]
     row = {
         "name": name, "tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / steps,
         "tokens_per_step": (n1 - n0) / steps, "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
                                                           if torch.cuda.is_available() else float("nan")),
-        "loss_last": losses[-1] if losses else float("nan"), "first_steps_s": marks[warmup][0] - marks[1][0],
+        "loss_last": losses[-1] if losses else float("nan"), "first_step_s": marks[1][0] - marks[0][0],
+        "first_steps_s": marks[warmup][0] - marks[1][0],
         "attention": model.config._attn_implementation, "compiled": bool(trainer.args.torch_compile),
         "config": values,
     }
@@ -536,7 +592,7 @@ def child(args) -> int:
     spec = json.loads(args.one)
     if spec["kind"] == "train":
         row = run_train_config(spec["name"], spec["values"], Path(spec["model"]), spec["steps"], spec["warmup"],
-                               spec["tiny"])
+                               spec["tiny"], Path(spec["profile"]) if spec.get("profile") else None)
         result = [row]
     elif spec["kind"] == "serve":
         result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
@@ -589,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conversations", type=int, default=None, help="epoch: conversations (default 9500)")
     parser.add_argument("--cache", default=None,
                         help="epoch: compile-cache folder kept across runs (default: a new empty one, cold)")
+    parser.add_argument("--profile", action="store_true",
+                        help="train: profile 2 steps after the timed ones (reports/bench-train-<name>-profile.md)")
     parser.add_argument("--runs", type=int, default=1, help="epoch: runs per preset (with --cache: cold, then warm)")
     args = parser.parse_args(argv)
     if args.one:
@@ -619,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, values in specs:
             logger.info("training config %s ...", name)
             rows += spawn({"kind": "train", "name": name, "values": values, "model": str(model_path),
-                           "steps": steps, "warmup": warmup, "tiny": args.tiny, "log_dir": str(out.parent)},
+                           "steps": steps, "warmup": warmup, "tiny": args.tiny, "log_dir": str(out.parent),
+                           "profile": str(out.parent / f"bench-train-{name}-profile.md") if args.profile else None},
                           args.timeout)
             logger.info("  %s", {k: v for k, v in rows[-1].items() if k != "config"})
         table = train_table(rows, args.tiny)

@@ -40,8 +40,9 @@ class ModelConfig:
     trust_remote_code: bool = doc(False, "run model code shipped with the checkpoint (Phi-2 is native: keep off)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc(
         "auto", "compute dtype; auto = bf16 on GPUs that have it, fp32 on older GPUs and the CPU")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = doc(
-        "auto", "attention kernel; auto = flex_attention when packing on a bf16 GPU, else sdpa")
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flex_attention"] = doc(
+        "auto", "attention kernel; auto = varlen (FlashAttention-2 within packed conversations) when packing on a "
+                "bf16 GPU, else sdpa")
 
 
 @dataclass

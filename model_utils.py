@@ -6,6 +6,7 @@ default because Phi-2 is native in transformers.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -98,19 +99,102 @@ def resolve_compile(requested: str, choice: DeviceChoice, gradient_checkpointing
 
 
 def resolve_attention(requested: str, choice: DeviceChoice, packing: bool, compiled: bool) -> str:
-    """The attention kernel: flex_attention needs CUDA for its backward; sdpa elsewhere.
+    """The attention kernel. Packed rows on a bf16/fp16 GPU: varlen (FlashAttention-2 inside PyTorch, nothing to
+    compile); elsewhere sdpa. flex_attention stays available on request.
 
-    Packing is safe with sdpa and flex alike: transformers builds a block-diagonal mask from the position ids that
-    the packing collator emits, so packed conversations never attend to each other.
+    Packing is safe with every choice: varlen attends within the packed conversations' boundaries, and sdpa and
+    flex get a block-diagonal mask that transformers builds from the position ids the packing collator emits.
     """
     if requested == "flex_attention" and choice.device != "cuda":
         raise ValueError("model.attn_implementation flex_attention needs a CUDA GPU (its backward does not run on "
                          "the CPU); use sdpa or auto")
+    if requested == VARLEN and choice.device == "cuda" and choice.dtype == torch.float32:
+        raise ValueError("model.attn_implementation varlen needs bf16 compute on the GPU (FlashAttention has no fp32 "
+                         "kernel); use auto, which picks sdpa for fp32")
     if requested != "auto":
         return requested
-    if choice.device == "cuda" and choice.dtype == torch.bfloat16 and packing and compiled:
-        return "flex_attention"
+    if choice.device == "cuda" and choice.dtype == torch.bfloat16 and packing:
+        return VARLEN
     return "sdpa"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed-sequence attention
+# ----------------------------------------------------------------------------------------------------------------
+
+VARLEN = "varlen"  # the name this repo registers with transformers' AttentionInterface
+
+
+def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                             position_ids: torch.Tensor | None = None, **kwargs):
+    """Attention over a padding-free packed row: each conversation attends causally to itself only.
+
+    query/key/value: (1, heads, total tokens, head dim); returns ((1, total tokens, heads, head dim), None) as
+    transformers' attention functions do. trl's padding-free collator passes the conversations' boundaries
+    (`cu_seq_lens_q`, (conversations + 1,) int32, and the longest length `max_length_q`), computed on the host, so no
+    step waits on the GPU for them. On a GPU the kernel is PyTorch's own FlashAttention-2 varlen kernel
+    (torch.nn.attention.varlen): no mask is built (sdpa needs a (tokens x tokens) one for a packed row) and nothing
+    is compiled (flex attention's Triton kernels took ~210 s to compile on an H200). On the CPU (tests) each
+    conversation goes through sdpa on its own: the same result, slowly. Rows that are not packed (padded batches,
+    generation with a cache) take transformers' sdpa path unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    packed_row = query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1 and attention_mask is None
+    if packed_row and cu_seq_lens_q is None and position_ids is not None:
+        # Packed by someone other than trl's collator: the boundaries from the restarting position ids (a host sync)
+        from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+        (cu_seq_lens_q, _), (max_length_q, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+        max_length_q = int(max_length_q)
+    if not packed_row or cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise ValueError("varlen attention has no attention dropout; set attention_dropout 0 (Phi-2's is 0) or "
+                         "use model.attn_implementation sdpa")
+    device = query.device.type
+    # Under autocast the rotary part of q/k can come out in fp32 while v is bf16; the kernel wants one 16-bit dtype.
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (tokens, heads, head dim)
+    if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        out = _flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, int(max_length_q),
+                            scaling)
+    else:
+        out = torch.empty_like(q)
+        bounds = cu_seq_lens_q.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            # (heads, n, head dim) each; one conversation attends causally to itself
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+                is_causal=True, scale=scaling).transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _flash_varlen(q, k, v, cu_seq_lens: torch.Tensor, max_length: int, scale: float | None) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    # torch 2.13 spells causal as window_size=(-1, 0); torch 2.10/2.11 (the lent GPU's image) as is_causal=True.
+    causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters \
+        else {"is_causal": True}
+    return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **causal)
+
+
+def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """The mask transformers builds for varlen: none for a padding-free row (its boundaries come with the batch),
+    sdpa's padding mask for a padded batch."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen_attention() -> None:
+    """Make `attn_implementation="varlen"` known to transformers (idempotent; called before loading a model)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, varlen_mask)
 
 
 def local_or_hub(name: str) -> str:
@@ -169,6 +253,8 @@ def load_model(cfg: ModelConfig, choice: DeviceChoice, bnb_config: BitsAndBytesC
     # One full 4-bit copy per process, on that process's own GPU; under FSDP accelerate then shards it (2.7B in 4-bit
     # is ~1.8 GB, and accelerate cannot load bitsandbytes weights on rank 0 only).
     device_map = {"": state.local_process_index} if choice.device == "cuda" else {"": "cpu"}
+    if attn_implementation == VARLEN:
+        register_varlen_attention()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             local_or_hub(cfg.name_or_path),

@@ -40,10 +40,17 @@ def test_attention_choice():
     cpu = decide_device_dtype("auto", cuda_available=False)
     gpu = decide_device_dtype("auto", cuda_available=True, cuda_capability=(9, 0))
     assert resolve_attention("auto", cpu, packing=True, compiled=False) == "sdpa"
-    assert resolve_attention("auto", gpu, packing=True, compiled=True) == "flex_attention"
-    assert resolve_attention("auto", gpu, packing=True, compiled=False) == "sdpa"
+    t4 = decide_device_dtype("auto", cuda_available=True, cuda_capability=(7, 5))
+    # packed rows on a bf16 GPU: the varlen kernel, compiled or not; no packing or no bf16: sdpa
+    assert resolve_attention("auto", gpu, packing=True, compiled=True) == "varlen"
+    assert resolve_attention("auto", gpu, packing=True, compiled=False) == "varlen"
+    assert resolve_attention("auto", gpu, packing=False, compiled=True) == "sdpa"
+    assert resolve_attention("auto", t4, packing=True, compiled=False) == "sdpa"
+    assert resolve_attention("flex_attention", gpu, packing=True, compiled=True) == "flex_attention"
     with pytest.raises(ValueError, match="flex_attention needs a CUDA GPU"):
         resolve_attention("flex_attention", cpu, packing=True, compiled=False)
+    with pytest.raises(ValueError, match="varlen needs bf16"):
+        resolve_attention("varlen", t4, packing=True, compiled=False)
 
 
 def test_compile_choice():
@@ -68,3 +75,38 @@ def test_tokenizer_gets_a_pad_token():
 def test_missing_model_says_how_to_work_offline(tmp_path):
     with pytest.raises(ModelLoadError, match="local folder"):
         load_model_config(ModelConfig(name_or_path=str(tmp_path / "missing")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention's varlen kernel)")
+def test_varlen_kernel_matches_separate_conversations_on_gpu():
+    """On a GPU, varlen runs PyTorch's FlashAttention-2 kernel: a packed row of three conversations gives the loss
+    and the gradients of the three run one by one (bf16: within bf16 rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    from model_utils import VARLEN, register_varlen_attention
+    register_varlen_attention()
+    lengths = [37, 120, 64]
+    ids = torch.randint(5, 500, (1, sum(lengths)), generator=torch.Generator().manual_seed(0)).cuda()
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    cu = torch.tensor([0, 37, 157, 221], dtype=torch.int32, device="cuda")
+
+    labels = torch.cat([ids[:, 1:], ids[:, :1]], 1)  # the next token; none after a conversation's last one
+    labels[:, cu[1:].long() - 1] = -100
+
+    def run(attn: str, packed: bool):
+        model = AutoModelForCausalLM.from_pretrained(TINY, attn_implementation=attn, dtype=torch.bfloat16).cuda()
+        loss = 0.0
+        parts = [(0, ids.shape[1])] if packed else list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+        for a, b in parts:
+            extra = dict(position_ids=positions, cu_seq_lens_q=cu, max_length_q=max(lengths)) if packed else {}
+            logits = model(input_ids=ids[:, a:b], use_cache=False, **extra).logits.float()
+            loss = loss + torch.nn.functional.cross_entropy(logits[0], labels[0, a:b], ignore_index=-100,
+                                                            reduction="sum")
+        loss.backward()
+        return float(loss.detach()), model.model.layers[0].self_attn.q_proj.weight.grad.float()
+
+    packed_loss, packed_grad = run(VARLEN, packed=True)
+    alone_loss, alone_grad = run("sdpa", packed=False)
+    assert abs(packed_loss - alone_loss) / alone_loss < 1e-2, (packed_loss, alone_loss)
+    cosine = torch.nn.functional.cosine_similarity(packed_grad.flatten(), alone_grad.flatten(), dim=0)
+    assert cosine > 0.99, float(cosine)

@@ -14,7 +14,7 @@ import data_utils as du
 import train
 from config import DataConfig, GenerationSettings, parse_config
 from evaluate import answer_loss
-from model_utils import decide_device_dtype, resolve_attention
+from model_utils import VARLEN, decide_device_dtype, register_varlen_attention, resolve_attention
 from conftest import TINY, run_script
 
 
@@ -66,14 +66,17 @@ def packed_trainer(tokenizer):
     return cfg, choice, trainer
 
 
-@pytest.mark.parametrize("attention", ["train.py's choice", "flex_attention"])
+@pytest.mark.parametrize("attention", ["train.py's choice", "varlen", "flex_attention"])
 def test_packed_loss_equals_unpacked_loss(packed_trainer, attention):
     """A packed row from train.py's trainer (trl's bfd packing + its padding-free collator) gives the same loss as
     its conversations one by one: packing never lets one conversation attend to another. The attention is what
-    train.py chooses here (sdpa on the CPU) and flex_attention (the bf16-GPU choice; its forward runs on the CPU)."""
+    train.py chooses here (sdpa on the CPU), varlen (the bf16-GPU choice; on the CPU its reference path, with the
+    boundaries the collator sends) and flex_attention (its forward runs on the CPU)."""
     cfg, choice, trainer = packed_trainer
     attn = (resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, compiled=False)
-            if attention != "flex_attention" else "flex_attention")
+            if attention == "train.py's choice" else attention)
+    if attn == VARLEN:
+        register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(TINY, attn_implementation=attn).eval()
     row = max(trainer.train_dataset, key=lambda r: len(r["seq_lengths"]))
     assert len(row["seq_lengths"]) >= 3 and sum(row["seq_lengths"]) == len(row["input_ids"])  # really packed
@@ -87,7 +90,7 @@ def test_packed_loss_equals_unpacked_loss(packed_trainer, attention):
                                                  reduction="sum")
 
     with torch.no_grad():
-        packed = nll(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+        packed = nll(**batch)  # what the trainer passes: position ids and the boundaries (cu_seq_lens_q, ...)
         separate, start = torch.zeros(()), 0
         for n in row["seq_lengths"]:
             separate += nll(batch["input_ids"][:, start:start + n], batch["labels"][:, start:start + n])
