@@ -211,18 +211,24 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
         validate(cfg, problems)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
+    cfg.explicit = {f"{section}.{key}" for section, keys in values.items() for key in keys}
     choice = decide_device_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model)
     from model_utils import load_model_config
-    dataset = workload(tiny, load_model_config(cfg.model).vocab_size)
+    model_config = load_model_config(cfg.model)
+    if choice.device == "cuda":  # as train.py decides: the memory plan fills what the preset leaves unset
+        cfg.training = train.plan_memory(cfg.training, cfg.lora, cfg.explicit, cfg.data.max_length, model_config,
+                                         choice, *train.memory_budget_gib(cfg.training))
+    dataset = workload(tiny, model_config.vocab_size)
     if cfg.training.packing is False:
         dataset = dataset.map(lambda ex: {k: v[:cfg.data.max_length] for k, v in ex.items()})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     from model_utils import resolve_compile
     compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
-    model = train.build_model(cfg, choice, compiled)
-    trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice, compiled)
+    autocast = train.resolve_autocast(cfg.training.autocast, choice)
+    model = train.build_model(cfg, choice, compiled, autocast)
+    trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice, compiled, autocast)
 
     marks: dict[int, tuple[float, int]] = {}
     losses: list[float] = []
@@ -280,6 +286,9 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
         "loss_last": losses[-1] if losses else float("nan"), "first_step_s": marks[1][0] - marks[0][0],
         "first_steps_s": marks[warmup][0] - marks[1][0],
         "attention": model.config._attn_implementation, "compiled": bool(trainer.args.torch_compile),
+        "autocast": autocast, "micro_batch": cfg.training.per_device_train_batch_size,
+        "accumulation": cfg.training.gradient_accumulation_steps,
+        "checkpointing": cfg.training.gradient_checkpointing,
         "config": values,
     }
     return row

@@ -82,6 +82,13 @@ class TrainingConfig:
     output_dir: str = doc("model", "checkpoints go to <output_dir>/checkpoint-<step>, the adapter to <output_dir>/final")
     num_train_epochs: float = doc(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = doc(-1, "stop after this many optimizer steps; -1 = use num_train_epochs")
+    memory_plan: Literal["auto", "off"] = doc(
+        "auto", "auto: on a CUDA GPU, micro-batch, accumulation and gradient checkpointing that the config file and "
+                "command line leave unset are chosen from the GPU's free memory, keeping micro-batch x accumulation "
+                "(logged with the estimate); off: the values below as they are")
+    memory_budget_gib: float | None = doc(
+        None, "GPU memory this run may use: the plan sizes for it and the process is capped to it (a shared GPU); "
+              "None = the GPU's free memory at start")
     per_device_train_batch_size: int = doc(4, "sequences per micro-batch per GPU; bigger is faster until memory runs out")
     per_device_eval_batch_size: int = doc(8, "sequences per evaluation batch")
     gradient_accumulation_steps: int = doc(4, "micro-batches per optimizer step (effective batch = micro x accum x GPUs)")
@@ -96,6 +103,10 @@ class TrainingConfig:
     packing: bool = doc(True, "pack conversations into full sequences (no padding, no cross-attention between them)")
     torch_compile: Literal["auto", "on", "off"] = doc(
         "auto", "compile the model: faster steps after a slow first one; auto = on for bf16 GPUs, off elsewhere")
+    autocast: Literal["auto", "on", "off"] = doc(
+        "auto", "bf16 compute only. on: autocast, with layer norms, embeddings, lm_head and the residual stream in "
+                "fp32 (peft's k-bit preparation); off: every weight and activation in bf16 (torchtune's recipe): "
+                "faster steps, less activation memory; auto = off, on under FSDP")
     compile_scope: Literal["regions", "model"] = doc(
         "regions", "with torch_compile: regions compiles one decoder layer and reuses it for all of them (compiles "
                    "in a fraction of the time); model compiles the whole model as one graph")
@@ -291,6 +302,8 @@ def validate(cfg: Config, problems: list[str] | None = None) -> None:
         v = getattr(t, key)
         need(num(v) and v > 0, f"training.{key}: must be > 0 (got {v})")
     need(num(t.eval_steps) and t.eval_steps >= 0, f"training.eval_steps: must be >= 0 (got {t.eval_steps})")
+    need(t.memory_budget_gib is None or (num(t.memory_budget_gib) and t.memory_budget_gib > 0),
+         f"training.memory_budget_gib: must be > 0 or None (got {t.memory_budget_gib})")
     need(t.save_total_limit is None or (num(t.save_total_limit) and t.save_total_limit > 0),
          f"training.save_total_limit: must be > 0 or None (got {t.save_total_limit})")
     need(num(t.warmup_ratio) and 0 <= t.warmup_ratio < 1, f"training.warmup_ratio: must be in [0, 1) (got {t.warmup_ratio})")

@@ -14,6 +14,7 @@ checkpoint and exits; `--resume` continues from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from trl import SFTConfig, SFTTrainer
 
 import report_utils
 from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
-from config import Config, DataConfig, QuantizationConfig, TrainingConfig, parse_config, save_config
+from config import Config, DataConfig, LoraSettings, QuantizationConfig, TrainingConfig, parse_config, save_config
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
 from model_utils import (DeviceChoice, ModelLoadError, check_context, decide_device_dtype, fsdp_enabled, load_model,
                          load_model_config, load_tokenizer, resolve_attention, resolve_compile)
@@ -104,19 +105,123 @@ def check_fsdp(q: QuantizationConfig, choice: DeviceChoice) -> None:
         raise ValueError("FSDP: " + "; ".join(problems))
 
 
-def build_model(cfg: Config, choice: DeviceChoice, compiled: bool):
+def resolve_autocast(requested: str, choice: DeviceChoice) -> bool:
+    """Whether bf16 training runs under autocast (fp32 layer norms, embeddings, lm_head, residual stream) or in
+    plain bf16. Plain bf16 is the default: autocast runs every layer norm in fp32, so the 4-bit layers after it
+    return fp32 and the fc1/gelu activations are saved in fp32 (issue 17's profile on an H200). FSDP keeps autocast:
+    its sharding was measured that way and mixes the fp32 norms into its bf16 all-gathers."""
+    if choice.dtype != torch.bfloat16:
+        return False  # fp32 compute: nothing to cast
+    if requested == "auto":
+        return fsdp_enabled()
+    return requested == "on"
+
+
+def build_model(cfg: Config, choice: DeviceChoice, compiled: bool, autocast: bool = False):
     """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
     check_context(load_model_config(cfg.model), cfg.data.max_length)
     attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, compiled)
     bnb = build_bnb_config(cfg.quantization, choice.dtype)
-    logger.info("base %s: quantization %s, attention %s", cfg.model.name_or_path, cfg.quantization.mode, attn)
+    logger.info("base %s: quantization %s, attention %s, %s", cfg.model.name_or_path, cfg.quantization.mode, attn,
+                "bf16 autocast (fp32 norms, embeddings, residual)" if autocast else f"{choice.name} throughout")
     model = load_model(cfg.model, choice, bnb, attn)
-    if bnb is not None:
-        # Gradient checkpointing is switched on by the Trainer (non-reentrant); here only the k-bit preparation.
+    if bnb is not None and (autocast or choice.dtype == torch.float32):
+        # Gradient checkpointing is switched on by the Trainer (non-reentrant); here only the k-bit preparation:
+        # frozen base, every weight that is not 4-bit in fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():
+            # bitsandbytes casts a 4-bit layer's bias to the compute dtype in its first forward by assigning
+            # `.data`, which torch.compile cannot trace (a graph break and a recompile per layer shape): cast first.
+            if getattr(getattr(module, "weight", None), "quant_state", None) is not None and module.bias is not None:
+                module.bias.data = module.bias.data.to(choice.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)  # the base is frozen; peft adds the trainable adapters
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     check_target_modules(model, cfg.lora.target_modules)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory plan
+# ----------------------------------------------------------------------------------------------------------------
+
+# Peak allocated memory of Phi-2 QLoRA (NF4, LoRA r=64 on all six projections, varlen attention, bf16 autocast) on
+# an H200, per packed 2048-token row of the micro-batch, and what does not grow with it (4-bit weights, adapters,
+# optimizer, CUDA context): micro-batch 8 61.7 GiB and 16 120.9 GiB without checkpointing, micro-batch 4 with
+# checkpointing 8.0 GiB (docs/PERFORMANCE.md). Scaled by tokens, width x depth and bytes per activation.
+PHI2_ROW_GIB = {False: 7.4, True: 1.38}  # gradient checkpointing off/on
+PHI2_FIXED_GIB = 2.5
+PHI2_WIDTH_DEPTH = 2560 * 32
+MAX_MICRO_TOKENS = 8 * 2048  # larger micro-batches measured no faster (16 x 2048 rows: 16k tok/s vs 35k at 8)
+PLAN_HEADROOM = 0.8          # the estimate must fit in this share of the budget (allocator slack, evaluation)
+PLANNED = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
+
+
+def estimate_peak_gib(model_config, lora: LoraSettings, max_length: int, micro_batch: int, checkpointing: bool,
+                      activation_bytes: int = 2) -> float:
+    """Estimated peak GPU memory of one training process, from the measured Phi-2 figures above.
+
+    Adapter dropout (measured figures: none) adds what backward keeps of each adapted layer's dropped-out input:
+    the values and a byte of mask per element, for every layer unless checkpointing recomputes them."""
+    scale = model_config.hidden_size * model_config.num_hidden_layers / PHI2_WIDTH_DEPTH
+    row = PHI2_ROW_GIB[checkpointing] * scale * max_length / 2048 * activation_bytes / 2
+    if lora.dropout > 0 and not checkpointing:
+        widths = sum(model_config.intermediate_size if name == "fc2" else model_config.hidden_size
+                     for name in lora.target_modules)
+        row += widths * (activation_bytes + 1) * model_config.num_hidden_layers * max_length / 2**30
+    return PHI2_FIXED_GIB * scale + micro_batch * row
+
+
+def memory_budget_gib(t: TrainingConfig) -> tuple[float, str]:
+    """What this process may use on its GPU, and where the figure comes from. A per-process cap already set
+    (torch.cuda.set_per_process_memory_fraction) counts; memory_budget_gib sets one."""
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    free, total = (x / 2**30 for x in torch.cuda.mem_get_info(device))
+    if t.memory_budget_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, t.memory_budget_gib / total), device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total
+    budget = min(free, cap)
+    source = (f"training.memory_budget_gib {t.memory_budget_gib:g}" if t.memory_budget_gib is not None
+              else f"per-process cap {cap:.1f} GiB" if cap < free else f"free {free:.1f} of {total:.1f} GiB")
+    return budget, source
+
+
+def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_length: int, model_config,
+                choice: DeviceChoice, budget_gib: float, source: str) -> TrainingConfig:
+    """Micro-batch, accumulation and gradient checkpointing for this GPU, where the config leaves them unset.
+
+    Keeps micro-batch x accumulation (the optimizer's batch). Prefers no checkpointing (30-40% faster steps, and
+    torch.compile then switches on) with the largest micro-batch up to 16k tokens that fits; else checkpointing with
+    the largest that fits. Logged once with the estimate and the budget it was sized for."""
+    free_keys = [k for k in PLANNED if f"training.{k}" not in explicit]
+    if t.memory_plan == "off" or choice.device != "cuda" or not free_keys:
+        return t
+    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    micro_fixed = {"per_device_train_batch_size", "gradient_accumulation_steps"} - set(free_keys)
+    sizes = [t.per_device_train_batch_size] if micro_fixed else \
+        [m for m in (16, 8, 4, 2, 1) if effective % m == 0 and m * max_length <= MAX_MICRO_TOKENS] or [1]
+    modes = [t.gradient_checkpointing] if "gradient_checkpointing" not in free_keys else [False, True]
+    activation_bytes = 2 if choice.dtype == torch.bfloat16 else 4
+    room = PLAN_HEADROOM * budget_gib
+    options = [(ckpt, m) for ckpt in modes for m in sizes]
+    fits = [(ckpt, m) for ckpt, m in options
+            if estimate_peak_gib(model_config, lora, max_length, m, ckpt, activation_bytes) <= room]
+    ckpt, micro = fits[0] if fits else options[-1]
+    peak = estimate_peak_gib(model_config, lora, max_length, micro, ckpt, activation_bytes)
+    planned = dataclasses.replace(t, per_device_train_batch_size=micro,
+                                  gradient_accumulation_steps=max(1, effective // micro) if not micro_fixed
+                                  else t.gradient_accumulation_steps, gradient_checkpointing=ckpt)
+    line = (f"memory plan: micro-batch {planned.per_device_train_batch_size} x accumulation "
+            f"{planned.gradient_accumulation_steps}, gradient checkpointing {'on' if ckpt else 'off'}: estimated "
+            f"peak {peak:.1f} GiB for a budget of {budget_gib:.1f} GiB ({source}; the plan keeps "
+            f"{100 * (1 - PLAN_HEADROOM):.0f}% spare); set {', '.join('training.' + k for k in free_keys)} to "
+            "override")
+    if fits:
+        logger.info("%s", line)
+    else:
+        logger.warning("%s. Even this is estimated not to fit: expect running out of memory; lower data.max_length "
+                       "or use configs/phi2-lowmem.yaml", line)
+    return planned
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,7 +237,7 @@ def resolve_optim(name: str, choice: DeviceChoice) -> str:
 
 
 def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, compiled: bool,
-                     has_eval: bool) -> SFTConfig:
+                     has_eval: bool, autocast: bool = False) -> SFTConfig:
     eval_strategy = "steps" if has_eval and t.eval_steps > 0 else "no"
     return SFTConfig(
         output_dir=t.output_dir,
@@ -147,7 +252,7 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=resolve_optim(t.optim, choice),
-        bf16=choice.dtype == torch.bfloat16,
+        bf16=autocast,  # accelerate's bf16 mixed precision is autocast; plain bf16 needs none
         fp16=False,
         use_cpu=choice.device == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
@@ -320,8 +425,9 @@ class Guard(TrainerCallback):
 
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: DeviceChoice,
-                  compiled: bool) -> SFTTrainer:
-    args = build_sft_config(cfg.training, cfg.data.max_length, choice, compiled, has_eval=eval_ds is not None)
+                  compiled: bool, autocast: bool = False) -> SFTTrainer:
+    args = build_sft_config(cfg.training, cfg.data.max_length, choice, compiled, has_eval=eval_ds is not None,
+                            autocast=autocast)
     if compiled:
         # Regional compilation: accelerate compiles each repeated block (Phi's 32 decoder layers share one compiled
         # graph) and the rest separately. transformers' arguments have no switch for it; accelerate reads this
@@ -532,15 +638,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         choice = decide_device_dtype(cfg.model.dtype)
         check_fsdp(cfg.quantization, choice)
+        if choice.device == "cuda":
+            cfg.training = plan_memory(cfg.training, cfg.lora, cfg.explicit, cfg.data.max_length,
+                                       load_model_config(cfg.model), choice, *memory_budget_gib(cfg.training))
         compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
+        autocast = resolve_autocast(cfg.training.autocast, choice)
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
                     f"on ({cfg.training.compile_scope})" if compiled else "off")
         tokenizer = load_tokenizer(cfg.model)
         train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
         clock.mark("data")
-        model = build_model(cfg, choice, compiled)
+        model = build_model(cfg, choice, compiled, autocast)
         clock.mark("model")
-        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, compiled)
+        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, compiled, autocast)
         trainer.add_callback(clock)
         clock.mark("trainer")
         if trainer.is_world_process_zero():
