@@ -160,10 +160,10 @@ def preset_values(spec: str) -> tuple[str, dict]:
 
 KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
     ("attention", ("flash", "fmha", "attention", "flex")),
+    ("inductor fused", ("triton_",)),
     ("nf4 dequantize", ("dequantize", "kDequantize")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "splitK")),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("inductor fused", ("triton_",)),
+    ("optimizer", ("adam", "Adam", "Optimizer", "multi_tensor", "foreach")),
     ("copies", ("Memcpy", "Memset", "copy_", "CatArrayBatched")),
 )
 
@@ -173,8 +173,8 @@ def kernel_summary(prof, steps: int, wall_s: float) -> str:
     groups: dict[str, float] = {}
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", 0.0)
-        if us <= 0:
-            continue
+        if us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # the kernels themselves, not the operators that launched them (counted twice otherwise)
         group = next((g for g, keys in KERNEL_GROUPS if any(k in event.key for k in keys)), "other")
         groups[group] = groups.get(group, 0.0) + us / 1e3 / steps
     busy = sum(groups.values())
@@ -216,9 +216,10 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     tokenizer = load_tokenizer(cfg.model)
     from model_utils import load_model_config
     model_config = load_model_config(cfg.model)
+    autocast = train.resolve_autocast(cfg.training.autocast, choice)
     if choice.device == "cuda":  # as train.py decides: the memory plan fills what the preset leaves unset
         cfg.training = train.plan_memory(cfg.training, cfg.lora, cfg.explicit, cfg.data.max_length, model_config,
-                                         choice, *train.memory_budget_gib(cfg.training))
+                                         choice, *train.memory_budget_gib(cfg.training), autocast=autocast)
     dataset = workload(tiny, model_config.vocab_size)
     if cfg.training.packing is False:
         dataset = dataset.map(lambda ex: {k: v[:cfg.data.max_length] for k, v in ex.items()})
@@ -226,7 +227,6 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
         torch.cuda.reset_peak_memory_stats()
     from model_utils import resolve_compile
     compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
-    autocast = train.resolve_autocast(cfg.training.autocast, choice)
     model = train.build_model(cfg, choice, compiled, autocast)
     trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice, compiled, autocast)
 
@@ -360,7 +360,8 @@ def run_epoch(name: str, preset: str, model_path: Path, conversations: int, tiny
 
 def epoch_table(rows: list[dict]) -> str:
     done = [r for r in rows if "error" not in r]
-    keys = [k for k in done[0] if k.endswith("_s") and k not in ("wall_s", "total_s")] if done else []
+    keys = [k for k in done[0] if k.endswith("_s") and not k.endswith("per_s") and k not in ("wall_s", "total_s")] \
+        if done else []
     lines = ["| run | time to adapter (s) | " + " | ".join(keys) + " | steady tok/s | train tokens |",
              "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
     for r in rows:

@@ -145,30 +145,35 @@ def build_model(cfg: Config, choice: DeviceChoice, compiled: bool, autocast: boo
 # Memory plan
 # ----------------------------------------------------------------------------------------------------------------
 
-# Peak allocated memory of Phi-2 QLoRA (NF4, LoRA r=64 on all six projections, varlen attention, bf16 autocast) on
-# an H200, per packed 2048-token row of the micro-batch, and what does not grow with it (4-bit weights, adapters,
-# optimizer, CUDA context): micro-batch 8 61.7 GiB and 16 120.9 GiB without checkpointing, micro-batch 4 with
-# checkpointing 8.0 GiB (docs/PERFORMANCE.md). Scaled by tokens, width x depth and bytes per activation.
-PHI2_ROW_GIB = {False: 7.4, True: 1.38}  # gradient checkpointing off/on
+# Peak allocated memory of Phi-2 QLoRA (NF4, LoRA r=64 on all six projections, no adapter dropout, varlen attention)
+# on an H200, per packed 2048-token row of the micro-batch (docs/PERFORMANCE.md, issue 17): plain bf16 40.9 GiB at
+# micro-batch 8 without checkpointing, 5.1 GiB at 4 with it; bf16 autocast 61.7 GiB at 8 and 120.9 at 16 without,
+# 8.0 GiB at 4 with. What does not grow with the micro-batch (4-bit weights, adapters, optimizer, CUDA context) is the
+# 2.5 GiB the autocast pair gives. Other shapes scale by tokens and width x depth.
+PHI2_ROW_GIB = {(False, False): 4.8, (True, False): 0.65,   # (checkpointing, autocast)
+                (False, True): 7.4, (True, True): 1.38}
 PHI2_FIXED_GIB = 2.5
 PHI2_WIDTH_DEPTH = 2560 * 32
 MAX_MICRO_TOKENS = 8 * 2048  # larger micro-batches measured no faster (16 x 2048 rows: 16k tok/s vs 35k at 8)
-PLAN_HEADROOM = 0.8          # the estimate must fit in this share of the budget (allocator slack, evaluation)
+PLAN_HEADROOM = 0.85         # the estimate must fit in this share of the budget (allocator slack, evaluation)
 PLANNED = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
 
 
 def estimate_peak_gib(model_config, lora: LoraSettings, max_length: int, micro_batch: int, checkpointing: bool,
-                      activation_bytes: int = 2) -> float:
-    """Estimated peak GPU memory of one training process, from the measured Phi-2 figures above.
+                      autocast: bool = False, fp32: bool = False) -> float:
+    """Estimated peak GPU memory of one training process, from the measured Phi-2 figures above (fp32 compute:
+    activations twice the bf16 size).
 
-    Adapter dropout (measured figures: none) adds what backward keeps of each adapted layer's dropped-out input:
-    the values and a byte of mask per element, for every layer unless checkpointing recomputes them."""
+    Adapter dropout adds what backward keeps of each adapted layer's dropped-out input, for every layer unless
+    checkpointing recomputes it (measured with dropout 0.05, plain bf16, micro-batch 8: 62.4 GiB, 2.7 GiB a row more
+    than without; this formula gives 2.8)."""
     scale = model_config.hidden_size * model_config.num_hidden_layers / PHI2_WIDTH_DEPTH
-    row = PHI2_ROW_GIB[checkpointing] * scale * max_length / 2048 * activation_bytes / 2
+    row = PHI2_ROW_GIB[checkpointing, autocast and not fp32] * scale * max_length / 2048 * (2 if fp32 else 1)
     if lora.dropout > 0 and not checkpointing:
         widths = sum(model_config.intermediate_size if name == "fc2" else model_config.hidden_size
                      for name in lora.target_modules)
-        row += widths * (activation_bytes + 1) * model_config.num_hidden_layers * max_length / 2**30
+        value_bytes = 4 if (fp32 or autocast) else 2  # under autocast the adapters' input is the fp32 norm output
+        row += widths * value_bytes * model_config.num_hidden_layers * max_length / 2**30
     return PHI2_FIXED_GIB * scale + micro_batch * row
 
 
@@ -187,7 +192,7 @@ def memory_budget_gib(t: TrainingConfig) -> tuple[float, str]:
 
 
 def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_length: int, model_config,
-                choice: DeviceChoice, budget_gib: float, source: str) -> TrainingConfig:
+                choice: DeviceChoice, budget_gib: float, source: str, autocast: bool = False) -> TrainingConfig:
     """Micro-batch, accumulation and gradient checkpointing for this GPU, where the config leaves them unset.
 
     Keeps micro-batch x accumulation (the optimizer's batch). Prefers no checkpointing (30-40% faster steps, and
@@ -201,13 +206,13 @@ def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_l
     sizes = [t.per_device_train_batch_size] if micro_fixed else \
         [m for m in (16, 8, 4, 2, 1) if effective % m == 0 and m * max_length <= MAX_MICRO_TOKENS] or [1]
     modes = [t.gradient_checkpointing] if "gradient_checkpointing" not in free_keys else [False, True]
-    activation_bytes = 2 if choice.dtype == torch.bfloat16 else 4
+    fp32 = choice.dtype == torch.float32
     room = PLAN_HEADROOM * budget_gib
     options = [(ckpt, m) for ckpt in modes for m in sizes]
     fits = [(ckpt, m) for ckpt, m in options
-            if estimate_peak_gib(model_config, lora, max_length, m, ckpt, activation_bytes) <= room]
+            if estimate_peak_gib(model_config, lora, max_length, m, ckpt, autocast, fp32) <= room]
     ckpt, micro = fits[0] if fits else options[-1]
-    peak = estimate_peak_gib(model_config, lora, max_length, micro, ckpt, activation_bytes)
+    peak = estimate_peak_gib(model_config, lora, max_length, micro, ckpt, autocast, fp32)
     planned = dataclasses.replace(t, per_device_train_batch_size=micro,
                                   gradient_accumulation_steps=max(1, effective // micro) if not micro_fixed
                                   else t.gradient_accumulation_steps, gradient_checkpointing=ckpt)
@@ -228,9 +233,14 @@ def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_l
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
 
-def resolve_optim(name: str, choice: DeviceChoice) -> str:
+def resolve_optim(name: str, choice: DeviceChoice, checkpointing: bool = True) -> str:
+    """auto: on a GPU with memory to spare (no checkpointing needed), fused AdamW; where memory is short, paged 8-bit
+    AdamW (a quarter of the state, pageable to the host). The paged 8-bit step took 47 ms a step on an H200 against
+    1.7 ms for the fused one (2 x 47M LoRA weights of Phi-2: 0.75 GB of fp32 state either way is small)."""
     if name == "auto":
-        return "paged_adamw_8bit" if choice.device == "cuda" else "adamw_torch"
+        if choice.device != "cuda":
+            return "adamw_torch"
+        return "paged_adamw_8bit" if checkpointing else "adamw_torch_fused"
     if choice.device == "cpu" and ("paged" in name or "8bit" in name):
         raise ValueError(f"training.optim {name!r} needs a CUDA GPU; use adamw_torch (or auto) on the CPU")
     return name
@@ -251,7 +261,7 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=resolve_optim(t.optim, choice),
+        optim=resolve_optim(t.optim, choice, t.gradient_checkpointing),
         bf16=autocast,  # accelerate's bf16 mixed precision is autocast; plain bf16 needs none
         fp16=False,
         use_cpu=choice.device == "cpu",
@@ -638,11 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         choice = decide_device_dtype(cfg.model.dtype)
         check_fsdp(cfg.quantization, choice)
+        autocast = resolve_autocast(cfg.training.autocast, choice)
         if choice.device == "cuda":
             cfg.training = plan_memory(cfg.training, cfg.lora, cfg.explicit, cfg.data.max_length,
-                                       load_model_config(cfg.model), choice, *memory_budget_gib(cfg.training))
+                                       load_model_config(cfg.model), choice, *memory_budget_gib(cfg.training),
+                                       autocast=autocast)
         compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
-        autocast = resolve_autocast(cfg.training.autocast, choice)
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
                     f"on ({cfg.training.compile_scope})" if compiled else "off")
         tokenizer = load_tokenizer(cfg.model)

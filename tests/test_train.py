@@ -169,19 +169,19 @@ def _phi2_shape():
     return PhiConfig(**bench.PHI2_CONFIG)
 
 
-@pytest.mark.parametrize("budget, dropout, expected", [
-    (79.0, 0.0, (8, 2, False)),    # an 80 GB GPU, the speed preset's adapter: the speed preset's shape
-    (79.0, 0.05, (4, 4, False)),   # the default adapter dropout keeps each adapted layer's input: half the rows
-    (15.0, 0.05, (4, 4, True)),    # a 16 GB T4-class budget: checkpointing, the default split
-    (15.0, 0.0, (1, 16, False)),
-    (6.0, 0.05, (1, 16, True)),
+@pytest.mark.parametrize("budget, dropout, dtype, expected", [
+    (79.0, 0.05, torch.bfloat16, (8, 2, False)),  # an 80 GB GPU: the speed preset's micro-batch, no checkpointing
+    (40.0, 0.05, torch.bfloat16, (4, 4, False)),  # a 40-48 GB GPU: half the rows
+    (15.0, 0.05, torch.bfloat16, (1, 16, False)),  # a 16 GB bf16 GPU: one row, still no checkpointing
+    (15.0, 0.05, torch.float32, (4, 4, True)),    # a 16 GB T4 (fp32 compute): checkpointing, the old default
+    (6.0, 0.05, torch.bfloat16, (4, 4, True)),
 ])
-def test_memory_plan_fills_unset_values_from_the_budget(budget, dropout, expected, caplog):
+def test_memory_plan_fills_unset_values_from_the_budget(budget, dropout, dtype, expected, caplog):
     """`python train.py` on a GPU: micro-batch, accumulation and checkpointing come from the memory budget, the
     optimizer's batch (micro x accumulation = 16 rows) stays, and the choice is logged with its estimate."""
     from config import LoraSettings, TrainingConfig
     from model_utils import DeviceChoice
-    gpu = DeviceChoice("cuda", torch.bfloat16, "test")
+    gpu = DeviceChoice("cuda", dtype, "test")
     with caplog.at_level("INFO", logger="train"):
         t = train.plan_memory(TrainingConfig(), LoraSettings(dropout=dropout), set(), 2048, _phi2_shape(), gpu,
                               budget, "test budget")
@@ -189,7 +189,8 @@ def test_memory_plan_fills_unset_values_from_the_budget(budget, dropout, expecte
     assert got == expected
     assert got[0] * got[1] == 16
     assert f"micro-batch {got[0]} x accumulation {got[1]}" in caplog.text and "test budget" in caplog.text
-    peak = train.estimate_peak_gib(_phi2_shape(), LoraSettings(dropout=dropout), 2048, got[0], got[2])
+    peak = train.estimate_peak_gib(_phi2_shape(), LoraSettings(dropout=dropout), 2048, got[0], got[2],
+                                   fp32=dtype == torch.float32)
     assert peak <= train.PLAN_HEADROOM * budget
 
 
@@ -235,3 +236,14 @@ def test_plain_bf16_training_keeps_the_loss(tmp_path):
     assert len(losses["off"]) == 10
     assert losses["off"] == pytest.approx(losses["on"], rel=2e-2)
     assert losses["off"][-1] < 0.8 * losses["off"][0]
+
+
+def test_optimizer_follows_the_memory_plan():
+    """optim auto: fused AdamW where the plan found memory to spare, paged 8-bit AdamW where it had to checkpoint,
+    plain AdamW on the CPU; an explicit choice stays."""
+    from model_utils import DeviceChoice
+    gpu = DeviceChoice("cuda", torch.bfloat16, "test")
+    assert train.resolve_optim("auto", gpu, checkpointing=False) == "adamw_torch_fused"
+    assert train.resolve_optim("auto", gpu, checkpointing=True) == "paged_adamw_8bit"
+    assert train.resolve_optim("auto", decide_device_dtype("auto", cuda_available=False)) == "adamw_torch"
+    assert train.resolve_optim("paged_adamw_32bit", gpu, checkpointing=False) == "paged_adamw_32bit"
