@@ -89,9 +89,11 @@ class TrainingConfig:
     memory_budget_gib: float | None = doc(
         None, "GPU memory this run may use: the plan sizes for it and the process is capped to it (a shared GPU); "
               "None = the GPU's free memory at start")
-    per_device_train_batch_size: int = doc(4, "sequences per micro-batch per GPU; bigger is faster until memory runs out")
+    per_device_train_batch_size: int = doc(
+        4, "sequences per micro-batch per GPU; bigger is faster until memory runs out (on a GPU: the memory plan's)")
     per_device_eval_batch_size: int = doc(8, "sequences per evaluation batch")
-    gradient_accumulation_steps: int = doc(4, "micro-batches per optimizer step (effective batch = micro x accum x GPUs)")
+    gradient_accumulation_steps: int = doc(
+        4, "micro-batches per optimizer step (effective batch = micro x accum x GPUs; on a GPU: the memory plan's)")
     learning_rate: float = doc(2e-4, "peak learning rate of the adapters")
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = doc(
         "cosine", "learning-rate schedule after warm-up")
@@ -99,7 +101,8 @@ class TrainingConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay on the adapters")
     max_grad_norm: float = doc(1.0, "gradient clipping norm (0 disables)")
     optim: str = doc("auto", "optimizer name from transformers; auto = paged_adamw_8bit on GPU, adamw_torch on CPU")
-    gradient_checkpointing: bool = doc(True, "recompute activations in backward: slower steps, far less activation memory")
+    gradient_checkpointing: bool = doc(
+        True, "recompute activations in backward: slower steps, far less activation memory (on a GPU: the plan's)")
     packing: bool = doc(True, "pack conversations into full sequences (no padding, no cross-attention between them)")
     torch_compile: Literal["auto", "on", "off"] = doc(
         "auto", "compile the model: faster steps after a slow first one; auto = on for bf16 GPUs, off elsewhere")

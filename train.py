@@ -155,6 +155,10 @@ PHI2_ROW_GIB = {(False, False): 4.8, (True, False): 0.65,   # (checkpointing, au
 PHI2_FIXED_GIB = 2.5
 PHI2_WIDTH_DEPTH = 2560 * 32
 MAX_MICRO_TOKENS = 8 * 2048  # larger micro-batches measured no faster (16 x 2048 rows: 16k tok/s vs 35k at 8)
+# Without checkpointing a micro-batch needs this many tokens to beat checkpointing's larger ones: on the H200 under a
+# 16 GiB cap, 1 x 2048 uncheckpointed (compiled) ran 9.9k tok/s, 8 x 2048 checkpointed 15.8k; 4 x 2048 uncheckpointed
+# measured 28.4k (bf16 autocast, flex attention; first session).
+MIN_UNCHECKPOINTED_TOKENS = 4 * 2048
 PLAN_HEADROOM = 0.85         # the estimate must fit in this share of the budget (allocator slack, evaluation)
 PLANNED = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
 
@@ -195,9 +199,10 @@ def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_l
                 choice: DeviceChoice, budget_gib: float, source: str, autocast: bool = False) -> TrainingConfig:
     """Micro-batch, accumulation and gradient checkpointing for this GPU, where the config leaves them unset.
 
-    Keeps micro-batch x accumulation (the optimizer's batch). Prefers no checkpointing (30-40% faster steps, and
-    torch.compile then switches on) with the largest micro-batch up to 16k tokens that fits; else checkpointing with
-    the largest that fits. Logged once with the estimate and the budget it was sized for."""
+    Keeps micro-batch x accumulation (the optimizer's batch). Prefers no checkpointing (torch.compile then switches
+    on; 2x the tokens/s on an H200) with the largest micro-batch up to 16k tokens that fits, as long as it holds at
+    least 8k tokens; else checkpointing with the largest that fits. Logged once with the estimate and the budget it
+    was sized for."""
     free_keys = [k for k in PLANNED if f"training.{k}" not in explicit]
     if t.memory_plan == "off" or choice.device != "cuda" or not free_keys:
         return t
@@ -208,7 +213,8 @@ def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_l
     modes = [t.gradient_checkpointing] if "gradient_checkpointing" not in free_keys else [False, True]
     fp32 = choice.dtype == torch.float32
     room = PLAN_HEADROOM * budget_gib
-    options = [(ckpt, m) for ckpt in modes for m in sizes]
+    options = [(ckpt, m) for ckpt in modes for m in sizes
+               if ckpt or micro_fixed or len(modes) == 1 or m * max_length >= MIN_UNCHECKPOINTED_TOKENS]
     fits = [(ckpt, m) for ckpt, m in options
             if estimate_peak_gib(model_config, lora, max_length, m, ckpt, autocast, fp32) <= room]
     ckpt, micro = fits[0] if fits else options[-1]
@@ -233,14 +239,9 @@ def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_l
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
 
-def resolve_optim(name: str, choice: DeviceChoice, checkpointing: bool = True) -> str:
-    """auto: on a GPU with memory to spare (no checkpointing needed), fused AdamW; where memory is short, paged 8-bit
-    AdamW (a quarter of the state, pageable to the host). The paged 8-bit step took 47 ms a step on an H200 against
-    1.7 ms for the fused one (2 x 47M LoRA weights of Phi-2: 0.75 GB of fp32 state either way is small)."""
+def resolve_optim(name: str, choice: DeviceChoice) -> str:
     if name == "auto":
-        if choice.device != "cuda":
-            return "adamw_torch"
-        return "paged_adamw_8bit" if checkpointing else "adamw_torch_fused"
+        return "paged_adamw_8bit" if choice.device == "cuda" else "adamw_torch"
     if choice.device == "cpu" and ("paged" in name or "8bit" in name):
         raise ValueError(f"training.optim {name!r} needs a CUDA GPU; use adamw_torch (or auto) on the CPU")
     return name
@@ -261,7 +262,7 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=resolve_optim(t.optim, choice, t.gradient_checkpointing),
+        optim=resolve_optim(t.optim, choice),
         bf16=autocast,  # accelerate's bf16 mixed precision is autocast; plain bf16 needs none
         fp16=False,
         use_cpu=choice.device == "cpu",
@@ -379,6 +380,20 @@ class PhaseClock(TrainerCallback):
         return out
 
 
+class TrainModeAfterEvaluation(TrainerCallback):
+    """Puts the model trl reads back in training mode after an evaluation.
+
+    With torch.compile (accelerate's regional compilation) the Trainer trains a shallow copy of the model object
+    that shares its layers: `.train()` on the copy reaches every layer but not the original's own flag, which an
+    evaluation had set to eval. trl reads that flag to tell training from evaluation, so without this every later
+    training log carried eval_* metrics and the token count stopped. The layers themselves (dropout) were in
+    training mode either way."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and not model.training:
+            model.train()
+
+
 class TrainingOutOfMemory(RuntimeError):
     """CUDA ran out of memory; the message names the knobs."""
 
@@ -454,6 +469,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactLog(choice.device))
     trainer.add_callback(Guard())
+    trainer.add_callback(TrainModeAfterEvaluation())
     if trainer.is_fsdp_enabled:
         trainer.add_callback(FsdpCheckpointAdapter())
     if trainer.is_world_process_zero():

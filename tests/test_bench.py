@@ -37,7 +37,9 @@ def test_epoch_bench_tiny(tmp_path):
     phases = ["start_and_imports_s", "data_s", "model_load_quantize_s", "trainer_setup_s", "train_setup_s",
               "first_10_steps_s", "steady_steps_s", "final_eval_s", "save_s"]
     assert all(row[p] >= 0 for p in phases) and row["steady_steps_s"] > 0
-    assert abs(sum(row[p] for p in phases) - row["wall_s"]) < 1.0  # the rest is interpreter exit
+    # time to adapter = process start to final/ written; the process exits after it
+    assert row["total_s"] < row["to_final_s"] <= row["wall_s"]
+    assert abs(sum(row[p] for p in phases) - row["to_final_s"]) < 0.5
     assert row["steady_tokens_per_s"] > 0 and row["train_tokens"] > 10_000 and row["compile_cache"] == "cold"
 
 
