@@ -99,7 +99,7 @@ def resolve_compile(requested: str, choice: DeviceChoice, gradient_checkpointing
 
 
 def resolve_attention(requested: str, choice: DeviceChoice, packing: bool, compiled: bool) -> str:
-    """The attention kernel. Packed rows on a bf16/fp16 GPU: varlen (FlashAttention-2 inside PyTorch, nothing to
+    """The attention kernel. Packed rows on a bf16 GPU: varlen (FlashAttention-2 inside PyTorch, nothing to
     compile); elsewhere sdpa. flex_attention stays available on request.
 
     Packing is safe with every choice: varlen attends within the packed conversations' boundaries, and sdpa and

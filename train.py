@@ -38,7 +38,8 @@ from trl import SFTConfig, SFTTrainer
 
 import report_utils
 from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
-from config import Config, DataConfig, LoraSettings, QuantizationConfig, TrainingConfig, parse_config, save_config
+from config import (Config, ConfigError, DataConfig, LoraSettings, QuantizationConfig, TrainingConfig, load_config,
+                    parse_config, save_config)
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
 from model_utils import (DeviceChoice, ModelLoadError, check_context, decide_device_dtype, fsdp_enabled, load_model,
                          load_model_config, load_tokenizer, resolve_attention, resolve_compile)
@@ -233,6 +234,25 @@ def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_l
         logger.warning("%s. Even this is estimated not to fit: expect running out of memory; lower data.max_length "
                        "or use configs/phi2-lowmem.yaml", line)
     return planned
+
+
+def resumed_plan(t: TrainingConfig, explicit: set[str]) -> TrainingConfig | None:
+    """On --resume: the micro-batch, accumulation and checkpointing the interrupted run used (its config.yaml in
+    output_dir), for the keys the user leaves to the plan. The Trainer skips the batches already seen by counting
+    micro-batches, so a plan that chose differently this time (another job now on the GPU) would resume at the wrong
+    conversation. None when there is no readable saved config (a fresh plan is made)."""
+    path = Path(t.output_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = load_config(path).training
+    except ConfigError as e:
+        logger.warning("--resume: %s unreadable (%s); planning memory afresh", path, e)
+        return None
+    keep = {k: getattr(saved, k) for k in PLANNED if f"training.{k}" not in explicit}
+    logger.info("memory plan: resuming with the interrupted run's %s (from %s)",
+                ", ".join(f"{k} {v}" for k, v in keep.items()), path)
+    return dataclasses.replace(t, **keep)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -666,9 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         check_fsdp(cfg.quantization, choice)
         autocast = resolve_autocast(cfg.training.autocast, choice)
         if choice.device == "cuda":
-            cfg.training = plan_memory(cfg.training, cfg.lora, cfg.explicit, cfg.data.max_length,
-                                       load_model_config(cfg.model), choice, *memory_budget_gib(cfg.training),
-                                       autocast=autocast)
+            budget = memory_budget_gib(cfg.training)
+            cfg.training = (args.resume and resumed_plan(cfg.training, cfg.explicit)) or plan_memory(
+                cfg.training, cfg.lora, cfg.explicit, cfg.data.max_length, load_model_config(cfg.model), choice,
+                *budget, autocast=autocast)
         compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
                     f"on ({cfg.training.compile_scope})" if compiled else "off")

@@ -54,16 +54,18 @@ def test_unknown_cli_flag_is_an_error(capsys):
 def test_every_problem_reported_at_once(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  r: 0\n  dropout: 1.5\ntraining:\n  learning_rate: -1\n  per_device_train_batch_size: "
-                    "x\nmodel:\n  dtype: float8\nquantization:\n  mode: int3\nwhatever:\n  a: 1\n")
+                    "x\n  memory_budget_gib: 0\n  autocast: maybe\nmodel:\n  dtype: float8\nquantization:\n  mode: int3\n"
+                    "whatever:\n  a: 1\n")
     args = argparse.Namespace(config=str(path))
     with pytest.raises(ConfigError) as e:
         config_from_args(args)
     text = str(e.value)
     for expected in ("lora.r: must be > 0", "lora.dropout: must be in [0, 1)", "training.learning_rate: must be > 0",
                      "training.per_device_train_batch_size: expected an integer", "model.dtype: 'float8' is not one",
-                     "quantization.mode: 'int3' is not one", "whatever: unknown section"):
+                     "quantization.mode: 'int3' is not one", "whatever: unknown section",
+                     "training.memory_budget_gib: must be > 0", "training.autocast: 'maybe' is not one"):
         assert expected in text
-    assert len(e.value.problems) >= 7
+    assert len(e.value.problems) >= 9
 
 
 def test_yaml_syntax_error_is_reported(tmp_path):

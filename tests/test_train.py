@@ -252,3 +252,19 @@ def test_training_metrics_stay_training_metrics_after_a_compiled_evaluation(tmp_
     assert all("mean_token_accuracy" in h and not any(k.startswith("eval_") for k in h) for h in train_logs)
     tokens = [h["num_tokens"] for h in train_logs]
     assert tokens[0] < tokens[1] < tokens[2]
+
+
+def test_resume_keeps_the_interrupted_runs_plan(tmp_path):
+    """--resume on a GPU reuses the micro-batch, accumulation and checkpointing of the run it continues (its saved
+    config.yaml), not a new plan from today's free memory: the Trainer finds its place in the data by counting
+    micro-batches. What the user sets still wins; without a saved config there is nothing to keep."""
+    from config import Config, TrainingConfig, save_config
+    saved = Config(training=TrainingConfig(output_dir=str(tmp_path), per_device_train_batch_size=8,
+                                           gradient_accumulation_steps=2, gradient_checkpointing=False))
+    save_config(saved, tmp_path / "config.yaml")
+    t = train.resumed_plan(TrainingConfig(output_dir=str(tmp_path)), set())
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing) == (8, 2, False)
+    t = train.resumed_plan(TrainingConfig(output_dir=str(tmp_path), gradient_checkpointing=True),
+                           {"training.gradient_checkpointing"})
+    assert (t.per_device_train_batch_size, t.gradient_checkpointing) == (8, True)
+    assert train.resumed_plan(TrainingConfig(output_dir=str(tmp_path / "new")), set()) is None
