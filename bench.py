@@ -2,6 +2,7 @@
 
     python bench.py train                      # baseline (original repo's settings) + the presets, one table
     python bench.py train --presets baseline speed --variant speed-b16=speed:training.per_device_train_batch_size=16
+    python bench.py train --presets speed --profile   # + kernel time of 2 more steps, by kind (torch.profiler)
     python bench.py generate                   # decode speed: plain generate vs the fast path, bf16 and fp32
     python bench.py train --tiny               # the same code on a tiny model on the CPU (its test; never rots)
     python bench.py epoch --presets speed --runs 2   # time to adapter, oasst1-sized set: cold, then warm compile cache
@@ -23,7 +24,8 @@ question lengths lognormal(ln 17, 0.7) and answer lengths lognormal(ln 75, 0.8) 
 5.8M tokens after the 2048-token cut with the repo's tiny tokenizer (the issue's oasst1-sized set: 9.5k
 conversations, 5.9M tokens; train.py's count is reported). It reports train.py's own phase timing
 (run.json: data, model load + quantization, trainer set-up, first 10 steps (mostly compilation), steady steps,
-final evaluation, save), the interpreter start + imports before them, and the steady tokens/s. `--cache` keeps
+final evaluation, save), the interpreter start + imports before them, and the steady tokens/s. The time to adapter
+is process start to the last file of `final/` written (the process exit after it is reported apart). `--cache` keeps
 inductor's and Triton's compile caches in a folder, so a second run reports the warm figure; by default each run
 gets an empty one (cold).
 
@@ -661,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=None,
                         help="epoch: compile-cache folder kept across runs (default: a new empty one, cold)")
     parser.add_argument("--profile", action="store_true",
-                        help="train: profile 2 steps after the timed ones (reports/bench-train-<name>-profile.md)")
+                        help="train: profile 2 steps after the timed ones (bench-train-<name>-profile.md beside --out)")
     parser.add_argument("--runs", type=int, default=1, help="epoch: runs per preset (with --cache: cold, then warm)")
     args = parser.parse_args(argv)
     if args.one:

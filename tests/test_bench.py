@@ -9,7 +9,7 @@ from conftest import run_script
 
 def test_training_bench_tiny(tmp_path):
     out = tmp_path / "train.json"
-    run_script("bench.py", "train", "--tiny", "--presets", "baseline", "speed", "--out", str(out))
+    run_script("bench.py", "train", "--tiny", "--presets", "baseline", "speed", "--profile", "--out", str(out))
     record = json.loads(out.read_text())
     rows = {r["name"]: r for r in record["rows"]}
     assert set(rows) == {"baseline", "speed"} and not any("error" in r for r in rows.values())
@@ -17,6 +17,8 @@ def test_training_bench_tiny(tmp_path):
         assert r["tokens_per_s"] > 0 and r["tokens_per_step"] > 0 and r["loss_last"] > 0
     assert rows["baseline"]["config"]["training"]["packing"] is False
     assert "| baseline |" in record["table"] and record["versions"]["torch"]
+    profile = (tmp_path / "bench-train-speed-profile.md").read_text()  # 2 steps after the timed ones, profiled
+    assert profile.startswith("wall ") and "aten::mm" in profile
 
 
 def test_generation_bench_tiny(tmp_path):
