@@ -96,7 +96,10 @@ def test_packed_loss_equals_unpacked_loss(packed_trainer, attention):
             separate += nll(batch["input_ids"][:, start:start + n], batch["labels"][:, start:start + n])
             start += n
         leaky = nll(batch["input_ids"], batch["labels"])  # without the position ids restarting
+        # packed by another tool: position ids only, the boundaries found from them
+        positions_only = nll(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
     assert torch.allclose(packed, separate, rtol=1e-4, atol=1e-3), (packed, separate)  # fp32 sums, reordered
+    assert torch.allclose(positions_only, separate, rtol=1e-4, atol=1e-3), (positions_only, separate)
     assert abs(float(leaky) - float(separate)) > 1e-1  # conversations would leak into each other
 
 
