@@ -207,6 +207,10 @@ def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_l
     free_keys = [k for k in PLANNED if f"training.{k}" not in explicit]
     if t.memory_plan == "off" or choice.device != "cuda" or not free_keys:
         return t
+    if fsdp_enabled():
+        # The estimates are for one unsharded process; FSDP was measured with configs/phi2-fsdp.yaml's values.
+        logger.info("memory plan: off under FSDP; the config's micro-batch, accumulation and checkpointing apply")
+        return t
     effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
     micro_fixed = {"per_device_train_batch_size", "gradient_accumulation_steps"} - set(free_keys)
     sizes = [t.per_device_train_batch_size] if micro_fixed else \

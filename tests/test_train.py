@@ -214,6 +214,17 @@ def test_memory_plan_keeps_what_the_user_set():
                              "test") == TrainingConfig()
 
 
+def test_memory_plan_stays_out_of_fsdp(monkeypatch):
+    """Under FSDP the plan's one-process estimates do not apply: the config's values stay (FSDP was measured with
+    configs/phi2-fsdp.yaml's)."""
+    from config import LoraSettings, TrainingConfig
+    from model_utils import DeviceChoice
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    gpu = DeviceChoice("cuda", torch.bfloat16, "test")
+    assert train.plan_memory(TrainingConfig(), LoraSettings(), set(), 2048, _phi2_shape(), gpu, 79.0,
+                             "test") == TrainingConfig()
+
+
 def test_too_small_a_budget_warns_with_the_fix(caplog):
     from config import LoraSettings, TrainingConfig
     from model_utils import DeviceChoice
