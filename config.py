@@ -83,9 +83,9 @@ class TrainingConfig:
     num_train_epochs: float = doc(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = doc(-1, "stop after this many optimizer steps; -1 = use num_train_epochs")
     memory_plan: Literal["auto", "off"] = doc(
-        "auto", "auto: on a CUDA GPU, micro-batch, accumulation and gradient checkpointing that the config file and "
-                "command line leave unset are chosen from the GPU's free memory, keeping micro-batch x accumulation "
-                "(logged with the estimate); off: the values below as they are")
+        "auto", "auto: on a CUDA GPU (not under FSDP), micro-batch, accumulation and gradient checkpointing that the "
+                "config file and command line leave unset are chosen from the GPU's free memory, keeping micro-batch "
+                "x accumulation (logged with the estimate); off: the values below as they are")
     memory_budget_gib: float | None = doc(
         None, "GPU memory this run may use: the plan sizes for it and the process is capped to it (a shared GPU); "
               "None = the GPU's free memory at start")
