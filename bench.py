@@ -218,18 +218,12 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     choice = decide_device_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model)
     from model_utils import load_model_config
-    model_config = load_model_config(cfg.model)
-    autocast = train.resolve_autocast(cfg.training.autocast, choice)
-    if choice.device == "cuda":  # as train.py decides: the memory plan fills what the preset leaves unset
-        cfg.training = train.plan_memory(cfg.training, cfg.lora, cfg.explicit, cfg.data.max_length, model_config,
-                                         choice, *train.memory_budget_gib(cfg.training), autocast=autocast)
-    dataset = workload(tiny, model_config.vocab_size)
+    cfg.training, compiled, autocast = train.decide_training(cfg, choice)  # as train.py decides
+    dataset = workload(tiny, load_model_config(cfg.model).vocab_size)
     if cfg.training.packing is False:
         dataset = dataset.map(lambda ex: {k: v[:cfg.data.max_length] for k, v in ex.items()})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    from model_utils import resolve_compile
-    compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
     model = train.build_model(cfg, choice, compiled, autocast)
     trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice, compiled, autocast)
 

@@ -6,6 +6,7 @@ default because Phi-2 is native in transformers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -174,10 +175,15 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
 def _flash_varlen(q, k, v, cu_seq_lens: torch.Tensor, max_length: int, scale: float | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
     cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
-    # torch 2.13 spells causal as window_size=(-1, 0); torch 2.10/2.11 (the lent GPU's image) as is_causal=True.
-    causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters \
+    return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **_varlen_causal())
+
+
+@functools.cache
+def _varlen_causal() -> dict:
+    """torch 2.13 spells causal as window_size=(-1, 0); torch 2.10/2.11 (the lent GPU's image) as is_causal=True."""
+    from torch.nn.attention.varlen import varlen_attn
+    return {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters \
         else {"is_causal": True}
-    return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **causal)
 
 
 def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):

@@ -259,6 +259,19 @@ def resumed_plan(t: TrainingConfig, explicit: set[str]) -> TrainingConfig | None
     return dataclasses.replace(t, **keep)
 
 
+def decide_training(cfg: Config, choice: DeviceChoice, resume: bool = False) -> tuple[TrainingConfig, bool, bool]:
+    """The training settings this GPU gets, decided once: precision, the memory plan (on --resume the interrupted
+    run's), then compilation, which follows from checkpointing. Returns (training config, compiled, autocast)."""
+    t = cfg.training
+    autocast = resolve_autocast(t.autocast, choice)
+    if choice.device == "cuda":
+        budget = memory_budget_gib(t)
+        t = (resume and resumed_plan(t, cfg.explicit)) or plan_memory(
+            t, cfg.lora, cfg.explicit, cfg.data.max_length, load_model_config(cfg.model), choice, *budget,
+            autocast=autocast)
+    return t, resolve_compile(t.torch_compile, choice, t.gradient_checkpointing), autocast
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
@@ -688,13 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         choice = decide_device_dtype(cfg.model.dtype)
         check_fsdp(cfg.quantization, choice)
-        autocast = resolve_autocast(cfg.training.autocast, choice)
-        if choice.device == "cuda":
-            budget = memory_budget_gib(cfg.training)
-            cfg.training = (args.resume and resumed_plan(cfg.training, cfg.explicit)) or plan_memory(
-                cfg.training, cfg.lora, cfg.explicit, cfg.data.max_length, load_model_config(cfg.model), choice,
-                *budget, autocast=autocast)
-        compiled = resolve_compile(cfg.training.torch_compile, choice, cfg.training.gradient_checkpointing)
+        cfg.training, compiled, autocast = decide_training(cfg, choice, resume=args.resume)
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
                     f"on ({cfg.training.compile_scope})" if compiled else "off")
         tokenizer = load_tokenizer(cfg.model)
