@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import (CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache,
                           SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
 
@@ -127,13 +128,16 @@ def fuse_phi_layers(model) -> bool:
             m.weight = torch.nn.Parameter(w, requires_grad=False)
         for t in (layer.fused_in_weight, layer.fused_in_bias, layer.fused_out_weight, layer.fused_out_bias):
             torch._dynamo.mark_static_address(t, guard=False)  # CUDA graphs read them in place, never copy them
+        layer.flash_decode = flash_decode_supported(layer.fused_in_weight.device, layer.fused_in_weight.dtype)
         layer.forward = _fused_phi_layer_forward.__get__(layer)
     return True
 
 
 def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
-                             past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
-    """PhiDecoderLayer.forward + PhiAttention.forward (transformers 5.23, eval mode) with the products fused."""
+                             past_key_values=None, use_cache=False, position_embeddings=None,
+                             kv_offsets: torch.Tensor | None = None, **kwargs):
+    """PhiDecoderLayer.forward + PhiAttention.forward (transformers 5.23, eval mode) with the products fused.
+    kv_offsets: the decoders' cache layout for a decode step (decode_offsets); without it, transformers' attention."""
     attn = self.self_attn
     x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
     q, k, v, ff = F.linear(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
@@ -147,17 +151,94 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, attn.layer_idx)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-    if q.shape[-2] == 1 and q.dtype == torch.float32 and attention_mask is not None:
-        # A decode step in fp32: PyTorch's fp32 SDPA kernel (memory-efficient, 64 x 128 tiles for one query) took
-        # 39 us a layer on an H200, 28% of the step; two small batched products and a softmax read the cache once.
-        attend = eager_attention_forward
-        if attention_mask.dtype == torch.bool:  # SDPA's mask (True = attend); eager adds a float mask
-            attention_mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~attention_mask, torch.finfo(q.dtype).min)
-    out, _ = attend(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
-    mixed = torch.cat((out.reshape(*x.shape[:-1], -1), self.mlp.activation_fn(ff)), dim=-1)
+    if kv_offsets is not None and q.shape[-2] == 1 and isinstance(past_key_values, DecodeCache):
+        # (batch, 1, heads * head dim): each row attends to its own slots only (position + 1 of them)
+        out = decode_attention(q, past_key_values.layers[attn.layer_idx], kv_offsets, position_ids[:, -1] + 1,
+                               attn.scaling, flash=self.flash_decode)
+    else:
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        out, _ = attend(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+        out = out.reshape(*x.shape[:-1], -1)
+    mixed = torch.cat((out, self.mlp.activation_fn(ff)), dim=-1)
     return F.linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
+
+
+class _TokenMajorLayer(StaticLayer):
+    """transformers' StaticLayer with its keys and values stored token-major, (batch, cache, heads, head dim), and
+    shown as the usual (batch, heads, cache, head dim) views: transformers' attention, its cache writes and the
+    decoders' row copies go through the views, and FlashAttention's varlen kernel reads the storage itself
+    (decode_attention), where one row's slots are one contiguous block."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads, size, _ = self.keys.shape
+        storage = dict(dtype=self.dtype, device=self.device)
+        self.keys = torch.zeros(batch, size, heads, self.k_head_dim, **storage).transpose(1, 2)
+        self.values = torch.zeros(batch, size, heads, self.v_head_dim, **storage).transpose(1, 2)
+        if not torch.compiler.is_compiling():  # as StaticLayer: CUDA graphs read the cache in place
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+
+
+class DecodeCache(StaticCache):
+    """The decoders' static KV cache: StaticCache with token-major storage (_TokenMajorLayer)."""
+
+    def __init__(self, config, max_cache_len: int):
+        Cache.__init__(self, layers=[_TokenMajorLayer(max_cache_len=max_cache_len)
+                                     for _ in range(config.num_hidden_layers)])
+
+
+def decode_offsets(starts: torch.Tensor, size: int) -> torch.Tensor:
+    """Where each row's tokens begin in the flattened (batch * cache) slots of a DecodeCache, plus the end: (batch
+    + 1,) int32. The decoders keep a row's tokens in the contiguous slots [start, t] up to the shared write index t
+    (left padding or an earlier answer before start), and count its positions from 0, so a decode step's row i
+    reads position_i + 1 slots from offsets[i]; FlashAttention's varlen kernel takes exactly this (cu_seqlens_k
+    with seqused_k), and no step reads the unused rest of the cache."""
+    batch = starts.shape[0]
+    offsets = torch.arange(batch + 1, device=starts.device, dtype=torch.int32) * size
+    offsets[:-1] += starts.to(torch.int32)
+    return offsets
+
+
+def decode_attention(q: torch.Tensor, layer: StaticLayer, offsets: torch.Tensor, used: torch.Tensor,
+                     scale: float, flash: bool) -> torch.Tensor:
+    """One query per row (q: (batch, heads, 1, head dim)) against that row's `used` slots from `offsets`
+    (decode_offsets) of a token-major cache layer; returns (batch, 1, heads * head dim).
+
+    flash (flash_decode_supported: bf16/fp16 on GPUs of compute capability 8.0 and up): FlashAttention's varlen
+    kernel reads each row's used slots only. The cache is sized for the longest answer, so attention over the whole
+    cache read on average about twice the keys and values needed, which at batch 64 outweighs the weights.
+    Elsewhere (fp32, the CPU): two small batched products and a softmax over the rows' slots, masked the same way
+    (PyTorch's fp32 SDPA kernel took 39 us a layer for one query on an H200: 28% of the fp32 step)."""
+    batch, heads, _, dim = q.shape
+    keys, values = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)  # (batch, cache, heads, dim) storage
+    size = keys.shape[1]
+    used = used.to(torch.int32)
+    if flash:
+        rows = torch.arange(batch + 1, device=q.device, dtype=torch.int32)  # one query per row
+        out = torch.ops.aten._flash_attention_forward(
+            q.reshape(batch, heads, dim), keys.reshape(batch * size, heads, dim),
+            values.reshape(batch * size, heads, dim), rows, offsets, 1, size, 0.0, False, False, scale=scale,
+            seqused_k=used)[0]
+        return out.reshape(batch, 1, heads * dim)
+    slot = torch.arange(size, device=q.device)[None]  # (1, cache)
+    start = (offsets[:-1] - torch.arange(batch, device=q.device, dtype=torch.int32) * size)[:, None]
+    hidden = (slot < start) | (slot >= start + used[:, None])  # (batch, cache)
+    scores = torch.matmul(q, layer.keys.transpose(2, 3)) * scale  # (batch, heads, 1, cache)
+    scores = scores.masked_fill(hidden[:, None, None], torch.finfo(scores.dtype).min)
+    weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # as transformers' eager attention
+    out = torch.matmul(weights, layer.values)  # (batch, heads, 1, dim)
+    return out.transpose(1, 2).reshape(batch, 1, heads * dim)
+
+
+def flash_decode_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode_attention can use FlashAttention-2 (PyTorch's own): bf16/fp16 on compute capability 8.0+,
+    a PyTorch whose kernel takes seqused_k. Decided once per layer when fusing, outside compiled code."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    schema = torch.ops.aten._flash_attention_forward.default._schema
+    return torch.cuda.get_device_capability(device) >= (8, 0) and any(
+        a.name == "seqused_k" for a in schema.arguments)
 
 
 class FastDecoder:
@@ -183,7 +264,7 @@ class FastDecoder:
         # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
         self.step = model.get_compiled_call(CompileConfig(dynamic=False))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._caches: dict[tuple[int, int], DecodeCache] = {}
 
     def cache_size(self, batch: int, length: int) -> int:
         """Static cache length for `length` tokens. Each (batch, size) compiles once (30-42 s for Phi-2), so a chat
@@ -195,11 +276,11 @@ class FastDecoder:
             size = -(-length // CACHE_BUCKET) * CACHE_BUCKET
         return min(self.context_window, size)
 
-    def _cache(self, batch: int, length: int) -> StaticCache:
+    def _cache(self, batch: int, length: int) -> DecodeCache:
         size = self.cache_size(batch, length)
         key = (batch, size)
         if key not in self._caches:
-            self._caches[key] = StaticCache(config=self.model.config, max_cache_len=size)
+            self._caches[key] = DecodeCache(self.model.config, max_cache_len=size)
         cache = self._caches[key]
         cache.reset()
         return cache
@@ -218,6 +299,8 @@ class FastDecoder:
         mask = torch.ones(batch, size, dtype=attention_mask.dtype, device=device)
         mask[:, :width] = attention_mask
         position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width): positions skip the padding
+        # Each row's tokens follow its left padding: slots [padding, t] of its cache row (decode_offsets).
+        step_kwargs = {"kv_offsets": decode_offsets(width - attention_mask.sum(-1), size)} if self.fused else {}
         seq = torch.empty(batch, width + max_new_tokens, dtype=torch.long, device=device)
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
         sample = gen.temperature > 0
@@ -277,7 +360,7 @@ class FastDecoder:
                     break
             if not done:
                 logits = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                                   past_key_values=cache, use_cache=True).logits[:, -1]
+                                   past_key_values=cache, use_cache=True, **step_kwargs).logits[:, -1]
                 next_position = next_position + 1
         while pending:
             take_oldest_chunk()
@@ -339,8 +422,8 @@ class BatchDecoder:
     def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.slots, self.executor = slots, executor
+        self.fused = compiled and fuse_phi_layers(model)
         if compiled:
-            fuse_phi_layers(model)
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         else:
@@ -352,15 +435,15 @@ class BatchDecoder:
         self._lock = threading.Lock()
         self._waiting: list[_Answer] = []
         self._running = False
-        self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._caches: dict[tuple[int, int], DecodeCache] = {}
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         self._reset()
 
     def _reset(self) -> None:
         self.rows: list[_Answer | None] = []
-        self.cache: StaticCache | None = None
+        self.cache: DecodeCache | None = None
         self.t = 0
-        self.tok = self.pos = self.mask = None
+        self.tok = self.pos = self.mask = self.offsets = None
         self._pending = None  # the last queued chunk: (host tokens, ready event, its rows), not yet looked at
 
     # ------------------------------------------------------------------------------------------------------------
@@ -411,10 +494,10 @@ class BatchDecoder:
     def _size_for(self, length: int) -> int:
         return min(self.context_window, max(512, 1 << (max(length, 1) - 1).bit_length()))
 
-    def _cache_for(self, batch: int, size: int) -> StaticCache:
+    def _cache_for(self, batch: int, size: int) -> DecodeCache:
         key = (batch, size)
         if key not in self._caches:
-            cache = StaticCache(config=self.model.config, max_cache_len=size)
+            cache = DecodeCache(self.model.config, max_cache_len=size)
             config = self.model.config
             head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
             cache.early_initialization(batch, config.num_key_value_heads or config.num_attention_heads, head_dim,
@@ -444,8 +527,15 @@ class BatchDecoder:
             tok[row], pos[row] = self.tok[i], self.pos[i]
         self.rows = [a for _, a in active] + [None] * (batch - len(active))
         self.cache, self.t, self.tok, self.pos, self.mask = cache, t, tok, pos, mask
+        self._place_rows()
         for layer in cache.layers:
             layer.cumulative_length.fill_(t)
+
+    def _place_rows(self) -> None:
+        """The decode step's view of where the rows sit (decode_offsets): a row's tokens are the slots [start, t];
+        a free row reads its first slot (its output is thrown away)."""
+        starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
+        self.offsets = decode_offsets(starts, self.cache.layers[0].max_cache_len)
 
     def _admit(self) -> None:
         """Move waiting answers into free rows, prefilling each prompt alone."""
@@ -483,6 +573,8 @@ class BatchDecoder:
             target.values[row, :, answer.start:self.t] = source.values[0]
         self.mask[row] = 1
         self.mask[row, :answer.start] = 0
+        self.rows[row] = answer
+        self._place_rows()
         gen = answer.gen
         sample = gen.temperature > 0
         procs = logits_processors(gen, sample, [], self.device, length, self.tokenizer.eos_token_id)
@@ -492,7 +584,6 @@ class BatchDecoder:
             answer.seq[0, :length] = ids[0]
         token = self._choose(answer, logits, 0)  # (1,)
         self.tok[row, 0], self.pos[row, 0] = token[0], length
-        self.rows[row] = answer
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         if answer.streamer is not None:
             answer.streamer.put(ids[0].cpu())  # the streamer skips the prompt it is handed first
@@ -518,8 +609,9 @@ class BatchDecoder:
         steps = min(self.check_every, max(a.to_queue for a in rows if a))
         chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)
         for s in range(steps):
+            placed = {"kv_offsets": self.offsets} if self.fused else {}
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
-                               past_key_values=self.cache, use_cache=True).logits[:, -1]  # (batch, vocab)
+                               past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
             # One argmax for every row, then the rows that sample or penalize overwrite theirs.
             token = logits.argmax(-1)  # (batch,)
             for row, answer in enumerate(rows):

@@ -1,17 +1,18 @@
 """The compiled decode step alone (no decode loop), before and after decoding.fuse_phi_layers, on a random-init
 Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp32 at batch 1.
 
-    python docs/bench/decode_step_fused.py          # from the repo root, on a CUDA GPU
-    python docs/bench/decode_step_fused.py fp32     # the fp32 step's kernels, and with TF32 matmuls
+    python docs/bench/decode_step_fused.py            # from the repo root, on a CUDA GPU
+    python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
+    python docs/bench/decode_step_fused.py attention  # attention over the whole cache vs each row's own slots
 
-Output of the 2026-11-29 H200 run: docs/bench/h200-decode-step-fused-2026-11-29.log.
+Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log (and -fp32-, -attention-).
 """
 import sys, time, traceback
 sys.path.insert(0, ".")
 import torch
 from transformers import CompileConfig, PhiConfig, PhiForCausalLM, StaticCache
 from bench import PHI2_CONFIG
-from decoding import fuse_phi_layers
+from decoding import DecodeCache, decode_offsets, fuse_phi_layers
 
 
 def random_phi2(dtype):
@@ -21,12 +22,15 @@ def random_phi2(dtype):
 
 
 @torch.inference_mode()
-def measure(model, label, batch, size=384, width=64, profile=False):
+def measure(model, label, batch, size=384, width=64, profile=False, own_slots=False):
+    """own_slots: the decoders' DecodeCache, each row attending to its own slots (decoding.decode_attention);
+    otherwise transformers' StaticCache and attention over the whole cache (the step before that change)."""
     torch._dynamo.reset()
     if hasattr(model, "_compiled_call"):
         del model._compiled_call
     step = model.get_compiled_call(CompileConfig(dynamic=False))
-    cache = StaticCache(config=model.config, max_cache_len=size)
+    cache = (DecodeCache if own_slots else StaticCache)(config=model.config, max_cache_len=size)
+    placed = {"kv_offsets": decode_offsets(torch.zeros(batch, device="cuda"), size)} if own_slots else {}
     ids = torch.randint(1, 50000, (batch, width), device="cuda")
     mask = torch.ones(batch, size, dtype=torch.long, device="cuda")
     pos = torch.arange(width, device="cuda")[None].expand(batch, -1)
@@ -36,7 +40,7 @@ def measure(model, label, batch, size=384, width=64, profile=False):
     def run(n):
         for _ in range(n):
             step(input_ids=tok, attention_mask=mask, position_ids=p, past_key_values=cache,
-                 use_cache=True).logits[:, -1].argmax(-1)
+                 use_cache=True, **placed).logits[:, -1].argmax(-1)
         for l in cache.layers:
             l.cumulative_length.fill_(width)
     t0 = time.perf_counter(); run(3); torch.cuda.synchronize(); first = time.perf_counter() - t0
@@ -57,6 +61,13 @@ def attempt(*args, **kwargs):
         traceback.print_exc(limit=6)
 
 
+if sys.argv[1:] == ["attention"]:  # the prompt's 64 slots + 1 of a 384-slot cache, as early in a 256-token answer
+    model = random_phi2(torch.bfloat16)
+    fuse_phi_layers(model)
+    for batch in (1, 64):
+        attempt(model, "bf16 fused, whole cache", batch)
+        attempt(model, "bf16 fused, own slots", batch, profile=True, own_slots=True)
+    sys.exit()
 if sys.argv[1:] == ["fp32"]:  # where the fp32 step's time goes, and what TF32 matmuls change
     model = random_phi2(torch.float32)
     fuse_phi_layers(model)

@@ -1,0 +1,92 @@
+"""Batch-1 weight products of the fused Phi-2 layer: cuBLAS (what F.linear runs) against a plain Triton GEMV.
+
+At batch 1 a decode step is 32 x two matrix-vector products ([q; k; v; fc1]: 17920 x 2560, [dense | fc2]:
+2560 x 12800) plus lm_head, and cuBLAS reads those weights at ~3.5 TB/s of the H200's 4.8
+(docs/PERFORMANCE.md). This measures whether a simple Triton kernel (each program: a block of rows, the whole
+input, fp32 sums) reads them faster. As in the real step, 32 different weight matrices are read in turn (no L2
+reuse: 92 MB each), the calls captured in one CUDA graph (no launch gaps), bf16.
+
+    python docs/bench/gemv_triton.py      # from the repo root, on a CUDA GPU
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LAYERS = 32
+
+
+@triton.jit
+def gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
+                    other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+        acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+    y = tl.sum(acc, axis=1) + tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+def gemv(w, x, b, y, block_n, block_k, warps, stages):
+    n, k = w.shape
+    gemv_kernel[(triton.cdiv(n, block_n),)](w, x, b, y, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
+                                           num_warps=warps, num_stages=stages)
+
+
+def timed(fn, reps=20) -> float:
+    """Microseconds per product, from a CUDA graph of one product per layer."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps / LAYERS * 1e6
+
+
+def main():
+    torch.manual_seed(0)
+    configs = [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3), (4, 1024, 4, 3),
+               (8, 1024, 8, 2), (2, 2048, 4, 2), (16, 1024, 8, 2)]
+    for name, n, k in (("[q; k; v; fc1]", 17920, 2560), ("[dense | fc2]", 2560, 12800), ("lm_head", 51200, 2560)):
+        layers = LAYERS if name != "lm_head" else 8
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+        bs = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        mb = n * k * 2 / 1e6
+        ref = F.linear(x, ws[0], bs[0])
+
+        def cublas():
+            for w, b in zip(ws, bs):
+                y.copy_(F.linear(x, w, b))
+        us = timed(cublas) * LAYERS / layers
+        print(f"ROW {name} {n}x{k} ({mb:.0f} MB): cuBLAS {us:.1f} us = {mb / us:.2f} TB/s", flush=True)
+        for cfg in configs:
+            try:
+                gemv(ws[0], x, bs[0], y, *cfg)
+                err = float((y.float() - ref.float()).abs().max())
+
+                def tri():
+                    for w, b in zip(ws, bs):
+                        gemv(w, x, b, y, *cfg)
+                us = timed(tri) * LAYERS / layers
+                print(f"ROW {name}: triton {cfg} {us:.1f} us = {mb / us:.2f} TB/s (max diff {err:.3g})", flush=True)
+            except Exception as e:  # a configuration that does not compile or fit: skip it
+                print(f"ROW {name}: triton {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        ws = bs = None  # free this shape's weights before the next
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
