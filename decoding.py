@@ -10,6 +10,8 @@ app, the OpenAI-compatible API and evaluate.py are layers over that ChatModel. N
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -129,18 +131,23 @@ def fuse_phi_layers(model) -> bool:
         for t in (layer.fused_in_weight, layer.fused_in_bias, layer.fused_out_weight, layer.fused_out_bias):
             torch._dynamo.mark_static_address(t, guard=False)  # CUDA graphs read them in place, never copy them
         layer.flash_decode = flash_decode_supported(layer.fused_in_weight.device, layer.fused_in_weight.dtype)
+        layer.gemv = triton_gemv() if gemv_supported(layer.fused_in_weight.device, layer.fused_in_weight.dtype) \
+            else None
         layer.forward = _fused_phi_layer_forward.__get__(layer)
     return True
 
 
 def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                              past_key_values=None, use_cache=False, position_embeddings=None,
-                             kv_offsets: torch.Tensor | None = None, **kwargs):
+                             kv_layout: torch.Tensor | None = None, **kwargs):
     """PhiDecoderLayer.forward + PhiAttention.forward (transformers 5.23, eval mode) with the products fused.
-    kv_offsets: the decoders' cache layout for a decode step (decode_offsets); without it, transformers' attention."""
+    kv_layout: where a decode step's rows sit in the decoders' DecodeCache (decode_layout); without it,
+    transformers' attention over the whole cache."""
     attn = self.self_attn
     x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
-    q, k, v, ff = F.linear(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
+    # one token (a batch-1 decode step): a matrix-vector product, where triton_gemv reads the weights faster
+    linear = self.gemv if self.gemv is not None and x.shape[0] * x.shape[1] == 1 else F.linear
+    q, k, v, ff = linear(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
     heads = (*x.shape[:-1], -1, attn.head_dim)
     q, k, v = q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
     if attn.qk_layernorm:
@@ -151,33 +158,96 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, attn.layer_idx)
-    if kv_offsets is not None and q.shape[-2] == 1 and isinstance(past_key_values, DecodeCache):
-        # (batch, 1, heads * head dim): each row attends to its own slots only (position + 1 of them)
-        out = decode_attention(q, past_key_values.layers[attn.layer_idx], kv_offsets, position_ids[:, -1] + 1,
-                               attn.scaling, flash=self.flash_decode)
+    if kv_layout is not None and q.shape[-2] == 1 and isinstance(past_key_values, DecodeCache):
+        layer = past_key_values.layers[attn.layer_idx]
+        out = decode_attention(q, layer.token_keys, layer.token_values, kv_layout, attn.scaling,
+                               flash=self.flash_decode)  # (batch, 1, heads * head dim)
     else:
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         out, _ = attend(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
         out = out.reshape(*x.shape[:-1], -1)
     mixed = torch.cat((out, self.mlp.activation_fn(ff)), dim=-1)
-    return F.linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
+    return linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
+
+
+def gemv_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused layers use triton_gemv at batch 1: bf16/fp16 on a GPU of compute capability 8.0+ with
+    Triton (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside compiled code."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@functools.cache
+def triton_gemv():
+    """y = x W^T + b for one row x (1, 1, in): a plain Triton matrix-vector kernel (each program: a block of output
+    rows over the whole input, fp32 sums), registered as a PyTorch op so that inductor and CUDA graphs take it in.
+
+    Why not cuBLAS (F.linear): at batch 1 a decode step is reading weights, and cuBLAS read the fused layer's
+    matrices at 3.0-3.3 TB/s on an H200 against this kernel's 3.6-3.9 (docs/bench/gemv_triton.py, 32 different
+    matrices in turn as in the step, no L2 reuse): [q; k; v; fc1] 28.1 -> 23.5 us, [dense | fc2] 22.0 -> 18.3 us.
+    Inductor's own generated reductions were slower than cuBLAS (docs/PERFORMANCE.md). Block sizes: the fastest
+    measured for each shape, by the input width."""
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def kernel(w_ptr, x_ptr, b_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
+                        mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+            acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+        y = tl.sum(acc, axis=1) + tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    @triton_op("phi2_qlora::gemv", mutates_args={})
+    def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        n, k = weight.shape
+        y = x.new_empty(*x.shape[:-1], n)
+        block_n, block_k, warps, stages = (8, 1024, 8, 2) if k >= 8192 else (2, 2048, 4, 2)
+        wrap_triton(kernel)[(triton.cdiv(n, block_n),)](weight, x.contiguous(), bias, y, n, k, BLOCK_N=block_n,
+                                                        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        return y
+
+    return gemv
 
 
 class _TokenMajorLayer(StaticLayer):
-    """transformers' StaticLayer with its keys and values stored token-major, (batch, cache, heads, head dim), and
-    shown as the usual (batch, heads, cache, head dim) views: transformers' attention, its cache writes and the
-    decoders' row copies go through the views, and FlashAttention's varlen kernel reads the storage itself
-    (decode_attention), where one row's slots are one contiguous block."""
+    """transformers' StaticLayer with its keys and values stored token-major, (batch, cache, heads, head dim), so that
+    one row's slots are one contiguous block that FlashAttention's varlen kernel reads in place (decode_attention).
+    `keys`/`values` are (batch, heads, cache, head dim) views of that storage for eager code (the decoders' row
+    copies, reset); compiled code touches only `token_keys`/`token_values` (a view of a mutated graph input made
+    inductor copy the whole cache every layer: 4.8k instead of 12.6k tok/s at batch 64 on an H200)."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        batch, heads, size, _ = self.keys.shape
-        storage = dict(dtype=self.dtype, device=self.device)
-        self.keys = torch.zeros(batch, size, heads, self.k_head_dim, **storage).transpose(1, 2)
-        self.values = torch.zeros(batch, size, heads, self.v_head_dim, **storage).transpose(1, 2)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        rows = (self.batch_size, self.max_cache_len, self.num_heads)
+        self.token_keys = torch.zeros(*rows, self.k_head_dim, dtype=self.dtype, device=self.device)
+        self.token_values = torch.zeros(*rows, self.v_head_dim, dtype=self.dtype, device=self.device)
+        self.keys, self.values = self.token_keys.transpose(1, 2), self.token_values.transpose(1, 2)
+        self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():  # as StaticLayer: CUDA graphs read the cache in place
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
+            for t in (self.token_keys, self.token_values, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write (batch, heads, new, head dim) at the next slots; return the (batch, heads, cache, head dim) views."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        slots = torch.arange(new, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(new)
+        self.token_keys.index_copy_(1, slots, key_states.transpose(1, 2))
+        self.token_values.index_copy_(1, slots, value_states.transpose(1, 2))
+        return self.token_keys.transpose(1, 2), self.token_values.transpose(1, 2)
 
 
 class DecodeCache(StaticCache):
@@ -188,22 +258,26 @@ class DecodeCache(StaticCache):
                                      for _ in range(config.num_hidden_layers)])
 
 
-def decode_offsets(starts: torch.Tensor, size: int) -> torch.Tensor:
-    """Where each row's tokens begin in the flattened (batch * cache) slots of a DecodeCache, plus the end: (batch
-    + 1,) int32. The decoders keep a row's tokens in the contiguous slots [start, t] up to the shared write index t
-    (left padding or an earlier answer before start), and count its positions from 0, so a decode step's row i
-    reads position_i + 1 slots from offsets[i]; FlashAttention's varlen kernel takes exactly this (cu_seqlens_k
-    with seqused_k), and no step reads the unused rest of the cache."""
+def decode_layout(starts: torch.Tensor, used: torch.Tensor, size: int) -> torch.Tensor:
+    """Where a decode step's rows sit in a DecodeCache of `size` slots a row: (3, batch + 1) int32 of query offsets
+    (one query a row), each row's first slot in the flattened (batch * cache) slots (plus the end), and how many
+    slots each row reads (last column unused). The decoders keep a row's tokens in the contiguous slots [start, t]
+    up to the shared write index t (left padding or an earlier answer before start), so a step reads t + 1 - start
+    slots of row i, and the decoders add 1 to that count after each step. This is FlashAttention's varlen layout
+    (cu_seqlens_q, cu_seqlens_k, seqused_k): no step reads the unused rest of the cache."""
     batch = starts.shape[0]
-    offsets = torch.arange(batch + 1, device=starts.device, dtype=torch.int32) * size
-    offsets[:-1] += starts.to(torch.int32)
-    return offsets
+    layout = torch.zeros(3, batch + 1, dtype=torch.int32, device=starts.device)
+    layout[0] = torch.arange(batch + 1, device=starts.device)
+    layout[1] = layout[0] * size
+    layout[1, :-1] += starts.to(torch.int32)
+    layout[2, :-1] = used.to(torch.int32)
+    return layout
 
 
-def decode_attention(q: torch.Tensor, layer: StaticLayer, offsets: torch.Tensor, used: torch.Tensor,
-                     scale: float, flash: bool) -> torch.Tensor:
-    """One query per row (q: (batch, heads, 1, head dim)) against that row's `used` slots from `offsets`
-    (decode_offsets) of a token-major cache layer; returns (batch, 1, heads * head dim).
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
+                     flash: bool) -> torch.Tensor:
+    """One query per row, q: (batch, heads, 1, head dim), against that row's slots (decode_layout) of a
+    token-major cache, keys/values: (batch, cache, heads, head dim); returns (batch, 1, heads * head dim).
 
     flash (flash_decode_supported: bf16/fp16 on GPUs of compute capability 8.0 and up): FlashAttention's varlen
     kernel reads each row's used slots only. The cache is sized for the longest answer, so attention over the whole
@@ -211,23 +285,19 @@ def decode_attention(q: torch.Tensor, layer: StaticLayer, offsets: torch.Tensor,
     Elsewhere (fp32, the CPU): two small batched products and a softmax over the rows' slots, masked the same way
     (PyTorch's fp32 SDPA kernel took 39 us a layer for one query on an H200: 28% of the fp32 step)."""
     batch, heads, _, dim = q.shape
-    keys, values = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)  # (batch, cache, heads, dim) storage
     size = keys.shape[1]
-    used = used.to(torch.int32)
     if flash:
-        rows = torch.arange(batch + 1, device=q.device, dtype=torch.int32)  # one query per row
         out = torch.ops.aten._flash_attention_forward(
-            q.reshape(batch, heads, dim), keys.reshape(batch * size, heads, dim),
-            values.reshape(batch * size, heads, dim), rows, offsets, 1, size, 0.0, False, False, scale=scale,
-            seqused_k=used)[0]
+            q.reshape(batch, heads, dim), keys.view(batch * size, heads, dim), values.view(batch * size, heads, dim),
+            layout[0], layout[1], 1, size, 0.0, False, False, scale=scale, seqused_k=layout[2, :-1])[0]
         return out.reshape(batch, 1, heads * dim)
     slot = torch.arange(size, device=q.device)[None]  # (1, cache)
-    start = (offsets[:-1] - torch.arange(batch, device=q.device, dtype=torch.int32) * size)[:, None]
-    hidden = (slot < start) | (slot >= start + used[:, None])  # (batch, cache)
-    scores = torch.matmul(q, layer.keys.transpose(2, 3)) * scale  # (batch, heads, 1, cache)
+    start = (layout[1, :-1] - layout[0, :-1] * size)[:, None]  # (batch, 1)
+    hidden = (slot < start) | (slot >= start + layout[2, :-1, None])  # (batch, cache)
+    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scale  # (batch, heads, 1, cache)
     scores = scores.masked_fill(hidden[:, None, None], torch.finfo(scores.dtype).min)
     weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # as transformers' eager attention
-    out = torch.matmul(weights, layer.values)  # (batch, heads, 1, dim)
+    out = torch.matmul(weights, values.transpose(1, 2))  # (batch, heads, 1, dim)
     return out.transpose(1, 2).reshape(batch, 1, heads * dim)
 
 
@@ -299,8 +369,9 @@ class FastDecoder:
         mask = torch.ones(batch, size, dtype=attention_mask.dtype, device=device)
         mask[:, :width] = attention_mask
         position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width): positions skip the padding
-        # Each row's tokens follow its left padding: slots [padding, t] of its cache row (decode_offsets).
-        step_kwargs = {"kv_offsets": decode_offsets(width - attention_mask.sum(-1), size)} if self.fused else {}
+        # A row's tokens follow its left padding: slots [padding, t] of its cache row (decode_layout).
+        layout = decode_layout(width - attention_mask.sum(-1), position[:, -1] + 2, size)
+        step_kwargs = {"kv_layout": layout} if self.fused else {}
         seq = torch.empty(batch, width + max_new_tokens, dtype=torch.long, device=device)
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
         sample = gen.temperature > 0
@@ -362,6 +433,7 @@ class FastDecoder:
                 logits = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                                    past_key_values=cache, use_cache=True, **step_kwargs).logits[:, -1]
                 next_position = next_position + 1
+                layout[2].add_(1)
         while pending:
             take_oldest_chunk()
         new_ids = [row if s is None else row[:s + 1] for row, s in zip(rows, stop_at)]
@@ -443,7 +515,7 @@ class BatchDecoder:
         self.rows: list[_Answer | None] = []
         self.cache: DecodeCache | None = None
         self.t = 0
-        self.tok = self.pos = self.mask = self.offsets = None
+        self.tok = self.pos = self.mask = self.layout = None
         self._pending = None  # the last queued chunk: (host tokens, ready event, its rows), not yet looked at
 
     # ------------------------------------------------------------------------------------------------------------
@@ -532,10 +604,10 @@ class BatchDecoder:
             layer.cumulative_length.fill_(t)
 
     def _place_rows(self) -> None:
-        """The decode step's view of where the rows sit (decode_offsets): a row's tokens are the slots [start, t];
-        a free row reads its first slot (its output is thrown away)."""
+        """Where the next decode step's rows sit (decode_layout): a row's tokens are the slots [start, t], its next
+        token (position pos) goes to slot t; a free row reads its first slot (its output is thrown away)."""
         starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
-        self.offsets = decode_offsets(starts, self.cache.layers[0].max_cache_len)
+        self.layout = decode_layout(starts, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
 
     def _admit(self) -> None:
         """Move waiting answers into free rows, prefilling each prompt alone."""
@@ -573,8 +645,6 @@ class BatchDecoder:
             target.values[row, :, answer.start:self.t] = source.values[0]
         self.mask[row] = 1
         self.mask[row, :answer.start] = 0
-        self.rows[row] = answer
-        self._place_rows()
         gen = answer.gen
         sample = gen.temperature > 0
         procs = logits_processors(gen, sample, [], self.device, length, self.tokenizer.eos_token_id)
@@ -584,6 +654,8 @@ class BatchDecoder:
             answer.seq[0, :length] = ids[0]
         token = self._choose(answer, logits, 0)  # (1,)
         self.tok[row, 0], self.pos[row, 0] = token[0], length
+        self.rows[row] = answer
+        self._place_rows()
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         if answer.streamer is not None:
             answer.streamer.put(ids[0].cpu())  # the streamer skips the prompt it is handed first
@@ -609,7 +681,7 @@ class BatchDecoder:
         steps = min(self.check_every, max(a.to_queue for a in rows if a))
         chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)
         for s in range(steps):
-            placed = {"kv_offsets": self.offsets} if self.fused else {}
+            placed = {"kv_layout": self.layout} if self.fused else {}
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
             # One argmax for every row, then the rows that sample or penalize overwrite theirs.
@@ -621,6 +693,8 @@ class BatchDecoder:
             chunk[:, s] = token
             self.tok = token[:, None]
             self.pos = self.pos + 1
+            if self.fused:
+                self.layout[2].add_(1)
         for answer in rows:
             if answer is not None:
                 answer.queued += steps

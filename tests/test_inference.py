@@ -7,7 +7,6 @@ import dataclasses
 import json
 import shutil
 import time
-import types
 import warnings
 
 import pytest
@@ -19,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
 import inference
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, DecodeCache, FastDecoder, decode_attention, decode_offsets,
-                      flash_decode_supported)
+from decoding import (CHECK_EVERY, FastDecoder, decode_attention, decode_layout, flash_decode_supported,
+                      gemv_supported, triton_gemv)
 from inference import ChatModel, Reply, chat_loop, merge_adapter
 from conftest import ROOT, TINY, run_script
 
@@ -209,32 +208,42 @@ def test_decode_attention_kernel_reads_each_rows_own_slots_on_gpu(batch):
     """The FlashAttention decode kernel (bf16) against the reference products (fp32) on the same token-major cache,
     rows at different places: each row sees only its slots [start, start + used); the slots around them hold
     large values that would show in the output if read. Tolerance: bf16 rounding of q, k, v and the output."""
-    from transformers import PhiConfig
-    config = PhiConfig(num_hidden_layers=1, num_attention_heads=32, hidden_size=2560)  # Phi-2's heads: 32 x 80
-    size, heads, dim = 384, 32, 80
-    cache = DecodeCache(config, max_cache_len=size)
-    cache.early_initialization(batch, heads, dim, torch.bfloat16, torch.device("cuda"))
-    layer = cache.layers[0]
+    size, heads, dim = 384, 32, 80  # Phi-2's heads
     gen = torch.Generator(device="cuda").manual_seed(0)
-    layer.keys.copy_(torch.randn(layer.keys.shape, generator=gen, device="cuda") * 30)  # out-of-row slots: loud
-    layer.values.copy_(torch.randn(layer.values.shape, generator=gen, device="cuda") * 30)
+    keys, values = (torch.randn(batch, size, heads, dim, generator=gen, device="cuda") * 30 for _ in range(2))
     starts = torch.tensor([37, 17, 200, 5, 100][:batch], device="cuda")
     used = torch.tensor([300, 9, 184, 1, 250][:batch], device="cuda")
     slot = torch.arange(size, device="cuda")[None]
-    inside = ((slot >= starts[:, None]) & (slot < (starts + used)[:, None]))[:, None, :, None]  # (b, 1, cache, 1)
-    layer.keys.mul_(torch.where(inside, 1 / 30, 1.0))
-    q = torch.randn(batch, heads, 1, dim, generator=gen, device="cuda").bfloat16()
-    offsets = decode_offsets(starts, size)
-    if not flash_decode_supported(q.device, q.dtype):
+    inside = ((slot >= starts[:, None]) & (slot < (starts + used)[:, None]))[:, :, None, None]  # (b, cache, 1, 1)
+    keys = torch.where(inside, keys / 30, keys)  # out-of-row slots stay loud
+    q = torch.randn(batch, heads, 1, dim, generator=gen, device="cuda")
+    layout = decode_layout(starts, used, size)
+    if not flash_decode_supported(q.device, torch.bfloat16):
         pytest.skip("FlashAttention needs compute capability 8.0 or later")
-    kernel = decode_attention(q, layer, offsets, used, dim ** -0.5, flash=True)
-    in_fp32 = types.SimpleNamespace(keys=layer.keys.float(), values=layer.values.float())
-    reference = decode_attention(q.float(), in_fp32, offsets, used, dim ** -0.5, flash=False)
+    kernel = decode_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), layout, dim ** -0.5, flash=True)
+    reference = decode_attention(q, keys, values, layout, dim ** -0.5, flash=False)
     assert kernel.dtype == torch.bfloat16 and kernel.shape == (batch, 1, heads * dim)
     assert (kernel.float() - reference).abs().max() < 0.05 * reference.abs().max()
-    wrong = decode_attention(q.float(), in_fp32, decode_offsets(torch.zeros_like(starts), size), used + starts,
+    wrong = decode_attention(q, keys, values, decode_layout(torch.zeros_like(starts), starts + used, size),
                              dim ** -0.5, flash=False)
     assert (wrong - reference).abs().max() > 0.2 * reference.abs().max()  # reading other slots shows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_gemv_is_the_linear_product_on_gpu():
+    """The batch-1 products of the fused layers (decoding.triton_gemv) against fp32 F.linear, both of Phi-2's fused
+    shapes and a ragged one, in the compiled step too (inductor takes the op in). Tolerance: bf16 inputs and output."""
+    if not gemv_supported(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+    gemv = triton_gemv()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n, k in ((17920, 2560), (2560, 12800), (1000, 333)):
+        w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).bfloat16()
+        b, x = torch.randn(n, generator=gen, device="cuda").bfloat16(), torch.randn(1, 1, k, device="cuda").bfloat16()
+        expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        for y in (gemv(x, w, b), torch.compile(gemv)(x, w, b)):
+            assert y.shape == (1, 1, n) and y.dtype == torch.bfloat16
+            assert (y.float() - expected).abs().max() < 0.02 * expected.abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

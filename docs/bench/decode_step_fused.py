@@ -3,7 +3,7 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
 
     python docs/bench/decode_step_fused.py            # from the repo root, on a CUDA GPU
     python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
-    python docs/bench/decode_step_fused.py attention  # attention over the whole cache vs each row's own slots
+    python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
 
 Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log (and -fp32-, -attention-).
 """
@@ -12,7 +12,7 @@ sys.path.insert(0, ".")
 import torch
 from transformers import CompileConfig, PhiConfig, PhiForCausalLM, StaticCache
 from bench import PHI2_CONFIG
-from decoding import DecodeCache, decode_offsets, fuse_phi_layers
+from decoding import DecodeCache, decode_layout, fuse_phi_layers
 
 
 def random_phi2(dtype):
@@ -30,7 +30,9 @@ def measure(model, label, batch, size=384, width=64, profile=False, own_slots=Fa
         del model._compiled_call
     step = model.get_compiled_call(CompileConfig(dynamic=False))
     cache = (DecodeCache if own_slots else StaticCache)(config=model.config, max_cache_len=size)
-    placed = {"kv_offsets": decode_offsets(torch.zeros(batch, device="cuda"), size)} if own_slots else {}
+    # own slots: each row reads the prompt's slots and the new one, as a step early in an answer would
+    starts, used = torch.zeros(batch, device="cuda"), torch.full((batch,), width + 1, device="cuda")
+    placed = {"kv_layout": decode_layout(starts, used, size)} if own_slots else {}
     ids = torch.randint(1, 50000, (batch, width), device="cuda")
     mask = torch.ones(batch, size, dtype=torch.long, device="cuda")
     pos = torch.arange(width, device="cuda")[None].expand(batch, -1)
@@ -61,12 +63,20 @@ def attempt(*args, **kwargs):
         traceback.print_exc(limit=6)
 
 
-if sys.argv[1:] == ["attention"]:  # the prompt's 64 slots + 1 of a 384-slot cache, as early in a 256-token answer
+if sys.argv[1:2] == ["attention"]:  # the prompt's 64 slots + 1 of a 384-slot cache, as early in a 256-token answer
     model = random_phi2(torch.bfloat16)
     fuse_phi_layers(model)
-    for batch in (1, 64):
-        attempt(model, "bf16 fused, whole cache", batch)
-        attempt(model, "bf16 fused, own slots", batch, profile=True, own_slots=True)
+    gemv = model.model.layers[0].gemv
+    for layer in model.model.layers:  # cuBLAS first; then decoding.triton_gemv, the default, at batch 1
+        layer.gemv = None
+    if "--all" in sys.argv:  # the rows before each change (each row compiles for ~35 s)
+        attempt(model, "bf16 fused, whole cache", 1)
+        attempt(model, "bf16 fused, whole cache", 64)
+    attempt(model, "bf16 fused, own slots", 1, own_slots=True)
+    for layer in model.model.layers:
+        layer.gemv = gemv
+    attempt(model, "bf16 fused, own slots, triton gemv", 1, profile=True, own_slots=True)
+    attempt(model, "bf16 fused, own slots", 64, profile=True, own_slots=True)
     sys.exit()
 if sys.argv[1:] == ["fp32"]:  # where the fp32 step's time goes, and what TF32 matmuls change
     model = random_phi2(torch.float32)
