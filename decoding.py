@@ -130,9 +130,9 @@ def fuse_phi_layers(model) -> bool:
             m.weight = torch.nn.Parameter(w, requires_grad=False)
         for t in (layer.fused_in_weight, layer.fused_in_bias, layer.fused_out_weight, layer.fused_out_bias):
             torch._dynamo.mark_static_address(t, guard=False)  # CUDA graphs read them in place, never copy them
-        layer.flash_decode = flash_decode_supported(layer.fused_in_weight.device, layer.fused_in_weight.dtype)
-        layer.gemv = triton_gemv() if gemv_supported(layer.fused_in_weight.device, layer.fused_in_weight.dtype) \
-            else None
+        device, dtype = layer.fused_in_weight.device, layer.fused_in_weight.dtype
+        layer.decode_kernel = decode_kernel(device, dtype)
+        layer.gemv = triton_gemv() if triton_supported(device, dtype) else None
         layer.forward = _fused_phi_layer_forward.__get__(layer)
     return True
 
@@ -161,7 +161,7 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     if kv_layout is not None and q.shape[-2] == 1 and isinstance(past_key_values, DecodeCache):
         layer = past_key_values.layers[attn.layer_idx]
         out = decode_attention(q, layer.token_keys, layer.token_values, kv_layout, attn.scaling,
-                               flash=self.flash_decode)  # (batch, 1, heads * head dim)
+                               self.decode_kernel)  # (batch, 1, heads * head dim)
     else:
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         out, _ = attend(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
@@ -170,9 +170,10 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     return linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
 
 
-def gemv_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused layers use triton_gemv at batch 1: bf16/fp16 on a GPU of compute capability 8.0+ with
-    Triton (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside compiled code."""
+def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the decode step uses this module's Triton kernels (triton_gemv, triton_decode_attention): bf16/fp16 on
+    a GPU of compute capability 8.0+ with Triton (PyTorch's CUDA builds ship it). Decided once per layer when fusing,
+    outside compiled code."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
     return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (8, 0)
@@ -275,18 +276,22 @@ def decode_layout(starts: torch.Tensor, used: torch.Tensor, size: int) -> torch.
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                     flash: bool) -> torch.Tensor:
+                     kernel: str) -> torch.Tensor:
     """One query per row, q: (batch, heads, 1, head dim), against that row's slots (decode_layout) of a
     token-major cache, keys/values: (batch, cache, heads, head dim); returns (batch, 1, heads * head dim).
 
-    flash (flash_decode_supported: bf16/fp16 on GPUs of compute capability 8.0 and up): FlashAttention's varlen
-    kernel reads each row's used slots only. The cache is sized for the longest answer, so attention over the whole
-    cache read on average about twice the keys and values needed, which at batch 64 outweighs the weights.
-    Elsewhere (fp32, the CPU): two small batched products and a softmax over the rows' slots, masked the same way
-    (PyTorch's fp32 SDPA kernel took 39 us a layer for one query on an H200: 28% of the fp32 step)."""
+    The cache is sized for the longest answer, so attention over the whole cache read on average about twice the
+    keys and values needed, which at batch 64 outweighs the weights. kernel (decode_kernel decides it):
+    - "triton": triton_decode_attention, reads each row's used slots once;
+    - "flash": FlashAttention-2's varlen kernel (cu_seqlens_k + seqused_k), also only the used slots, but its
+      one-query tiles waste most of the work: 61 us a layer at batch 64 for 65 slots on an H200;
+    - "products" (fp32, the CPU): two small batched products and a softmax over the rows' slots, masked
+      (PyTorch's fp32 SDPA kernel took 39 us a layer for one query on an H200: 28% of the fp32 step)."""
     batch, heads, _, dim = q.shape
     size = keys.shape[1]
-    if flash:
+    if kernel == "triton":
+        return triton_decode_attention()(q, keys, values, layout, scale).view(batch, 1, heads * dim)
+    if kernel == "flash":
         out = torch.ops.aten._flash_attention_forward(
             q.reshape(batch, heads, dim), keys.view(batch * size, heads, dim), values.view(batch * size, heads, dim),
             layout[0], layout[1], 1, size, 0.0, False, False, scale=scale, seqused_k=layout[2, :-1])[0]
@@ -301,14 +306,67 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.transpose(1, 2).reshape(batch, 1, heads * dim)
 
 
-def flash_decode_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decode_attention can use FlashAttention-2 (PyTorch's own): bf16/fp16 on compute capability 8.0+,
-    a PyTorch whose kernel takes seqused_k. Decided once per layer when fusing, outside compiled code."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    schema = torch.ops.aten._flash_attention_forward.default._schema
-    return torch.cuda.get_device_capability(device) >= (8, 0) and any(
-        a.name == "seqused_k" for a in schema.arguments)
+def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """decode_attention's kernel for a model's device and dtype: "triton" where triton_supported, else "flash"
+    (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a PyTorch whose kernel takes seqused_k),
+    else "products". Decided once per layer when fusing, outside compiled code."""
+    if triton_supported(device, dtype):
+        return "triton"
+    flash_args = {a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and "seqused_k" in flash_args \
+            and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "flash"
+    return "products"
+
+
+@functools.cache
+def triton_decode_attention():
+    """Decode attention over the token-major cache (decode_attention's "triton"): one program per (head, row) walks
+    the row's used slots in blocks of 64 with an online softmax (FlashAttention's recurrence, in fp32), reading each
+    key and value once. Head dim 80 is padded to 128 lanes, masked. Registered as a PyTorch op so that inductor and
+    CUDA graphs take it in. q: (batch, heads, 1, dim); keys/values: (batch, cache, heads, dim)."""
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def kernel(q_ptr, k_ptr, v_ptr, o_ptr, layout_ptr, scale, B: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        h, b = tl.program_id(0), tl.program_id(1)
+        first = tl.load(layout_ptr + (B + 1) + b)  # the row's first slot in the flattened (batch * cache) slots
+        used = tl.load(layout_ptr + 2 * (B + 1) + b)
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + (b * H + h) * D + d, mask=d < D, other=0.0).to(tl.float32) * scale
+        top = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # running max of the scores
+        total = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)  # running sum of exp(score - top)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            inside = s < used
+            at = (first + s)[:, None] * (H * D) + h * D + d[None, :]  # (BLOCK_S, BLOCK_D)
+            both = inside[:, None] & (d[None, :] < D)
+            k = tl.load(k_ptr + at, mask=both, other=0.0).to(tl.float32)
+            scores = tl.where(inside, tl.sum(k * q[None, :], 1), float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, 0))
+            shrink = tl.exp(top - new_top)
+            p = tl.exp(scores - new_top)
+            v = tl.load(v_ptr + at, mask=both, other=0.0).to(tl.float32)
+            total = total * shrink + tl.sum(p, 0)
+            acc = acc * shrink + tl.sum(p[:, None] * v, 0)
+            top = new_top
+        tl.store(o_ptr + (b * H + h) * D + d, (acc / total).to(o_ptr.dtype.element_ty), mask=d < D)
+
+    @triton_op("phi2_qlora::decode_attention", mutates_args={})
+    def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        batch, heads, _, dim = q.shape
+        out = q.new_empty(batch, heads, dim)
+        wrap_triton(kernel)[(heads, batch)](q.contiguous(), keys, values, out, layout.contiguous(), scale, B=batch,
+                                            H=heads, D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=64,
+                                            num_warps=4)
+        return out
+
+    return attend
 
 
 class FastDecoder:

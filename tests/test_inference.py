@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
 import inference
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, FastDecoder, decode_attention, decode_layout, flash_decode_supported,
-                      gemv_supported, triton_gemv)
+from decoding import (CHECK_EVERY, FastDecoder, decode_attention, decode_kernel, decode_layout, triton_gemv,
+                      triton_supported)
 from inference import ChatModel, Reply, chat_loop, merge_adapter
 from conftest import ROOT, TINY, run_script
 
@@ -203,9 +203,10 @@ def test_fast_loop_does_not_wait_for_the_gpu_per_token(tokenizer, batch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["triton", "flash"])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_decode_attention_kernel_reads_each_rows_own_slots_on_gpu(batch):
-    """The FlashAttention decode kernel (bf16) against the reference products (fp32) on the same token-major cache,
+def test_decode_attention_kernels_read_each_rows_own_slots_on_gpu(batch, kernel):
+    """The decode attention kernels (bf16) against the reference products (fp32) on the same token-major cache,
     rows at different places: each row sees only its slots [start, start + used); the slots around them hold
     large values that would show in the output if read. Tolerance: bf16 rounding of q, k, v and the output."""
     size, heads, dim = 384, 32, 80  # Phi-2's heads
@@ -218,14 +219,14 @@ def test_decode_attention_kernel_reads_each_rows_own_slots_on_gpu(batch):
     keys = torch.where(inside, keys / 30, keys)  # out-of-row slots stay loud
     q = torch.randn(batch, heads, 1, dim, generator=gen, device="cuda")
     layout = decode_layout(starts, used, size)
-    if not flash_decode_supported(q.device, torch.bfloat16):
-        pytest.skip("FlashAttention needs compute capability 8.0 or later")
-    kernel = decode_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), layout, dim ** -0.5, flash=True)
-    reference = decode_attention(q, keys, values, layout, dim ** -0.5, flash=False)
-    assert kernel.dtype == torch.bfloat16 and kernel.shape == (batch, 1, heads * dim)
-    assert (kernel.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    if decode_kernel(q.device, torch.bfloat16) != "triton":
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+    out = decode_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), layout, dim ** -0.5, kernel)
+    reference = decode_attention(q, keys, values, layout, dim ** -0.5, "products")
+    assert out.dtype == torch.bfloat16 and out.shape == (batch, 1, heads * dim)
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
     wrong = decode_attention(q, keys, values, decode_layout(torch.zeros_like(starts), starts + used, size),
-                             dim ** -0.5, flash=False)
+                             dim ** -0.5, "products")
     assert (wrong - reference).abs().max() > 0.2 * reference.abs().max()  # reading other slots shows
 
 
@@ -233,7 +234,7 @@ def test_decode_attention_kernel_reads_each_rows_own_slots_on_gpu(batch):
 def test_triton_gemv_is_the_linear_product_on_gpu():
     """The batch-1 products of the fused layers (decoding.triton_gemv) against fp32 F.linear, both of Phi-2's fused
     shapes and a ragged one, in the compiled step too (inductor takes the op in). Tolerance: bf16 inputs and output."""
-    if not gemv_supported(torch.device("cuda"), torch.bfloat16):
+    if not triton_supported(torch.device("cuda"), torch.bfloat16):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     gemv = triton_gemv()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -244,6 +245,24 @@ def test_triton_gemv_is_the_linear_product_on_gpu():
         for y in (gemv(x, w, b), torch.compile(gemv)(x, w, b)):
             assert y.shape == (1, 1, n) and y.dtype == torch.bfloat16
             assert (y.float() - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_fast_path_with_its_gpu_kernels_decodes_the_plain_paths_tokens(tokenizer):
+    """The fast path in bf16 on a GPU (Triton GEMV, Triton decode attention, compiled with CUDA graphs) against
+    transformers' generate in bf16: the greedy tokens agree, batched with left padding and alone; logits within
+    bf16 rounding. (fp32 on the CPU is checked exactly by test_fast_path_decodes_the_plain_paths_tokens.)"""
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16).cuda()
+    plain = ChatModel(model, tokenizer, fast=False)
+    prompts = [list(range(5, 25)), list(range(40, 47)), list(range(100, 131))]
+    expected = plain.generate_ids(prompts, GREEDY, 24, ignore_eos=True)
+    plain_ids, plain_logits = plain.generate_with_logits(prompts[:1], GREEDY, 24)
+    fast = ChatModel(copy.deepcopy(model), tokenizer, fast=True)
+    if fast.model.model.layers[0].decode_kernel != "triton":
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+    assert fast.generate_ids(prompts, GREEDY, 24, ignore_eos=True) == expected
+    ids, logits = fast.generate_with_logits(prompts[:1], GREEDY, 24)
+    assert ids == plain_ids and (logits - plain_logits).abs().max() < 0.02 * plain_logits.abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
