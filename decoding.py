@@ -336,7 +336,8 @@ def triton_decode_attention():
         first = tl.load(layout_ptr + (B + 1) + b)  # the row's first slot in the flattened (batch * cache) slots
         used = tl.load(layout_ptr + 2 * (B + 1) + b)
         d = tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + (b * H + h) * D + d, mask=d < D, other=0.0).to(tl.float32) * scale
+        # inductor passes a float argument as fp64: the product is cast back, or the loop's sums would turn fp64
+        q = (tl.load(q_ptr + (b * H + h) * D + d, mask=d < D, other=0.0).to(tl.float32) * scale).to(tl.float32)
         top = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # running max of the scores
         total = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)  # running sum of exp(score - top)
         acc = tl.zeros([BLOCK_D], tl.float32)

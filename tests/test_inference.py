@@ -222,6 +222,9 @@ def test_decode_attention_kernels_read_each_rows_own_slots_on_gpu(batch, kernel)
     if decode_kernel(q.device, torch.bfloat16) != "triton":
         pytest.skip("needs Triton and compute capability 8.0 or later")
     out = decode_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), layout, dim ** -0.5, kernel)
+    compiled = torch.compile(decode_attention)(q.bfloat16(), keys.bfloat16(), values.bfloat16(), layout, dim ** -0.5,
+                                               kernel)  # as in the decode step: inductor calls the kernel
+    assert torch.equal(compiled, out)
     reference = decode_attention(q, keys, values, layout, dim ** -0.5, "products")
     assert out.dtype == torch.bfloat16 and out.shape == (batch, 1, heads * dim)
     assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
