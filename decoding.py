@@ -289,8 +289,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
       (PyTorch's fp32 SDPA kernel took 39 us a layer for one query on an H200: 28% of the fp32 step)."""
     batch, heads, _, dim = q.shape
     size = keys.shape[1]
-    if kernel == "triton":
-        return triton_decode_attention()(q, keys, values, layout, scale).view(batch, 1, heads * dim)
+    if kernel == "triton":  # registered by decode_kernel; a call to the factory in compiled code breaks the graph
+        return torch.ops.phi2_qlora.decode_attention(q, keys, values, layout, scale).view(batch, 1, heads * dim)
     if kernel == "flash":
         out = torch.ops.aten._flash_attention_forward(
             q.reshape(batch, heads, dim), keys.view(batch * size, heads, dim), values.view(batch * size, heads, dim),
@@ -311,6 +311,7 @@ def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
     (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a PyTorch whose kernel takes seqused_k),
     else "products". Decided once per layer when fusing, outside compiled code."""
     if triton_supported(device, dtype):
+        triton_decode_attention()  # registers torch.ops.phi2_qlora.decode_attention
         return "triton"
     flash_args = {a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and "seqused_k" in flash_args \
