@@ -141,7 +141,7 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
                              past_key_values=None, use_cache=False, position_embeddings=None,
                              kv_layout: torch.Tensor | None = None, **kwargs):
     """PhiDecoderLayer.forward + PhiAttention.forward (transformers 5.23, eval mode) with the products fused.
-    kv_layout: where a decode step's rows sit in the decoders' DecodeCache (decode_layout); without it,
+    kv_layout: where a batch-1 decode step's row sits in the decoders' DecodeCache (decode_layout); without it,
     transformers' attention over the whole cache."""
     attn = self.self_attn
     x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
@@ -164,6 +164,14 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
                                self.decode_kernel)  # (batch, 1, heads * head dim)
     else:
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        if q.shape[-2] == 1 and q.dtype == torch.float32 and attention_mask is not None:
+            # A batched decode step in fp32: PyTorch's fp32 SDPA kernel (memory-efficient, 64 x 128 tiles for one
+            # query) took 39 us a layer on an H200, 28% of the step; two small batched products and a softmax read
+            # the cache once.
+            attend = eager_attention_forward
+            if attention_mask.dtype == torch.bool:  # SDPA's mask (True = attend); eager adds a float mask
+                attention_mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                    ~attention_mask, torch.finfo(q.dtype).min)
         out, _ = attend(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
         out = out.reshape(*x.shape[:-1], -1)
     mixed = torch.cat((out, self.mlp.activation_fn(ff)), dim=-1)
@@ -171,9 +179,8 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the decode step uses this module's Triton kernels (triton_gemv, triton_decode_attention): bf16/fp16 on
-    a GPU of compute capability 8.0+ with Triton (PyTorch's CUDA builds ship it). Decided once per layer when fusing,
-    outside compiled code."""
+    """Whether batch-1 decode steps use triton_gemv: bf16/fp16 on a GPU of compute capability 8.0+ with Triton
+    (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside compiled code."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
     return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (8, 0)
@@ -279,18 +286,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      kernel: str) -> torch.Tensor:
     """One query per row, q: (batch, heads, 1, head dim), against that row's slots (decode_layout) of a
     token-major cache, keys/values: (batch, cache, heads, head dim); returns (batch, 1, heads * head dim).
-
-    The cache is sized for the longest answer, so attention over the whole cache read on average about twice the
-    keys and values needed, which at batch 64 outweighs the weights. kernel (decode_kernel decides it):
-    - "triton": triton_decode_attention, reads each row's used slots once;
-    - "flash": FlashAttention-2's varlen kernel (cu_seqlens_k + seqused_k), also only the used slots, but its
-      one-query tiles waste most of the work: 61 us a layer at batch 64 for 65 slots on an H200;
-    - "products" (fp32, the CPU): two small batched products and a softmax over the rows' slots, masked
-      (PyTorch's fp32 SDPA kernel took 39 us a layer for one query on an H200: 28% of the fp32 step)."""
+    kernel (decode_kernel decides it):
+    - "flash": FlashAttention-2's varlen kernel (cu_seqlens_k + seqused_k) reads only the row's used slots: 7.2 us
+      a layer at batch 1 on an H200, against 8.4 us for cuDNN over the whole cache. At batch 64 its one-query tiles
+      made it slower than cuDNN (61 us a layer for 65 slots), so batches keep transformers' attention;
+    - "products" (the CPU): two small batched products and a softmax over the row's slots, masked."""
     batch, heads, _, dim = q.shape
     size = keys.shape[1]
-    if kernel == "triton":  # registered by decode_kernel; a call to the factory in compiled code breaks the graph
-        return torch.ops.phi2_qlora.decode_attention(q, keys, values, layout, scale).view(batch, 1, heads * dim)
     if kernel == "flash":
         out = torch.ops.aten._flash_attention_forward(
             q.reshape(batch, heads, dim), keys.view(batch * size, heads, dim), values.view(batch * size, heads, dim),
@@ -306,69 +308,21 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.transpose(1, 2).reshape(batch, 1, heads * dim)
 
 
-def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """decode_attention's kernel for a model's device and dtype: "triton" where triton_supported, else "flash"
-    (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a PyTorch whose kernel takes seqused_k),
-    else "products". Decided once per layer when fusing, outside compiled code."""
-    if triton_supported(device, dtype):
-        triton_decode_attention()  # registers torch.ops.phi2_qlora.decode_attention
-        return "triton"
+def decode_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """decode_attention's kernel for batch-1 steps on a model's device and dtype, decided once per layer when fusing
+    (outside compiled code): "flash" (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a PyTorch
+    whose kernel takes seqused_k); "products" on the CPU; None elsewhere (fp32 or older GPUs), where the step keeps
+    transformers' attention over the whole cache, as measured (fp32: 272 tok/s on an H200)."""
     flash_args = {a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and "seqused_k" in flash_args \
             and torch.cuda.get_device_capability(device) >= (8, 0):
         return "flash"
-    return "products"
+    return "products" if device.type == "cpu" else None
 
 
-@functools.cache
-def triton_decode_attention():
-    """Decode attention over the token-major cache (decode_attention's "triton"): one program per (head, row) walks
-    the row's used slots in blocks of 64 with an online softmax (FlashAttention's recurrence, in fp32), reading each
-    key and value once. Head dim 80 is padded to 128 lanes, masked. Registered as a PyTorch op so that inductor and
-    CUDA graphs take it in. q: (batch, heads, 1, dim); keys/values: (batch, cache, heads, dim)."""
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-
-    @triton.jit
-    def kernel(q_ptr, k_ptr, v_ptr, o_ptr, layout_ptr, scale, B: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        h, b = tl.program_id(0), tl.program_id(1)
-        first = tl.load(layout_ptr + (B + 1) + b)  # the row's first slot in the flattened (batch * cache) slots
-        used = tl.load(layout_ptr + 2 * (B + 1) + b)
-        d = tl.arange(0, BLOCK_D)
-        # inductor passes a float argument as fp64: the product is cast back, or the loop's sums would turn fp64
-        q = (tl.load(q_ptr + (b * H + h) * D + d, mask=d < D, other=0.0).to(tl.float32) * scale).to(tl.float32)
-        top = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # running max of the scores
-        total = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)  # running sum of exp(score - top)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for s0 in range(0, used, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            inside = s < used
-            at = (first + s)[:, None] * (H * D) + h * D + d[None, :]  # (BLOCK_S, BLOCK_D)
-            both = inside[:, None] & (d[None, :] < D)
-            k = tl.load(k_ptr + at, mask=both, other=0.0).to(tl.float32)
-            scores = tl.where(inside, tl.sum(k * q[None, :], 1), float("-inf"))
-            new_top = tl.maximum(top, tl.max(scores, 0))
-            shrink = tl.exp(top - new_top)
-            p = tl.exp(scores - new_top)
-            v = tl.load(v_ptr + at, mask=both, other=0.0).to(tl.float32)
-            total = total * shrink + tl.sum(p, 0)
-            acc = acc * shrink + tl.sum(p[:, None] * v, 0)
-            top = new_top
-        tl.store(o_ptr + (b * H + h) * D + d, (acc / total).to(o_ptr.dtype.element_ty), mask=d < D)
-
-    @triton_op("phi2_qlora::decode_attention", mutates_args={})
-    def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        batch, heads, _, dim = q.shape
-        out = q.new_empty(batch, heads, dim)
-        wrap_triton(kernel)[(heads, batch)](q.contiguous(), keys, values, out, layout.contiguous(), scale, B=batch,
-                                            H=heads, D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=64,
-                                            num_warps=4)
-        return out
-
-    return attend
+def reads_own_slots(model) -> bool:
+    """Whether a fused model's batch-1 decode steps attend through decode_attention (DecodeCache + decode_layout)."""
+    return getattr(model.model.layers[0], "decode_kernel", None) is not None
 
 
 class FastDecoder:
@@ -378,23 +332,25 @@ class FastDecoder:
     the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
-    Phi-2, docs/PERFORMANCE.md): 411 tok/s at batch 1 and 12,600 at batch 64 in bf16, 272 at batch 1 in fp32, against
-    40, 1,873 and 39 for generate(); the bf16 step alone (with the layers fused, fuse_phi_layers) takes 2.2 ms, 71% of
-    it reading the weights at 3.4 TB/s.
+    Phi-2, docs/PERFORMANCE.md): 461 tok/s at batch 1 and 12,600 at batch 64 in bf16, 272 at batch 1 in fp32, against
+    40-55, 1,873 and 39 for generate(). At batch 1 in bf16 the step (1.98 ms alone) reads the fused layers' weights
+    with triton_gemv and attends over the row's used slots only (DecodeCache, decode_attention).
 
-    Pieces are transformers' own: StaticCache, the model's compiled call (`get_compiled_call`, inductor with CUDA
-    graphs on CUDA) and the logits processors. Prefill runs eagerly (one call; its shapes vary).
+    Pieces are transformers' own where they suffice: StaticCache (DecodeCache for batch 1), the model's compiled call
+    (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill runs eagerly (one
+    call; its shapes vary).
     Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
     """
 
     def __init__(self, model, tokenizer, context_window: int):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.fused = fuse_phi_layers(model)
+        self.own_slots = self.fused and reads_own_slots(model)  # batch 1: decode_attention over its used slots
         # Static shapes: each (batch, cache bucket) compiles once (30-42 s for Phi-2 on an H200) and replays as its own
         # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
         self.step = model.get_compiled_call(CompileConfig(dynamic=False))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._caches: dict[tuple[int, int], DecodeCache] = {}
+        self._caches: dict[tuple[int, int], StaticCache] = {}
 
     def cache_size(self, batch: int, length: int) -> int:
         """Static cache length for `length` tokens. Each (batch, size) compiles once (30-42 s for Phi-2), so a chat
@@ -406,11 +362,12 @@ class FastDecoder:
             size = -(-length // CACHE_BUCKET) * CACHE_BUCKET
         return min(self.context_window, size)
 
-    def _cache(self, batch: int, length: int) -> DecodeCache:
+    def _cache(self, batch: int, length: int) -> StaticCache:
         size = self.cache_size(batch, length)
         key = (batch, size)
         if key not in self._caches:
-            self._caches[key] = DecodeCache(self.model.config, max_cache_len=size)
+            own = self.own_slots and batch == 1
+            self._caches[key] = (DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size)
         cache = self._caches[key]
         cache.reset()
         return cache
@@ -429,9 +386,10 @@ class FastDecoder:
         mask = torch.ones(batch, size, dtype=attention_mask.dtype, device=device)
         mask[:, :width] = attention_mask
         position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width): positions skip the padding
-        # A row's tokens follow its left padding: slots [padding, t] of its cache row (decode_layout).
-        layout = decode_layout(width - attention_mask.sum(-1), position[:, -1] + 2, size)
-        step_kwargs = {"kv_layout": layout} if self.fused else {}
+        # Batch 1: its decode attention reads the row's used slots [padding, t] (decode_layout).
+        layout = decode_layout(width - attention_mask.sum(-1), position[:, -1] + 2, size) \
+            if self.own_slots and batch == 1 else None
+        step_kwargs = {} if layout is None else {"kv_layout": layout}
         seq = torch.empty(batch, width + max_new_tokens, dtype=torch.long, device=device)
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
         sample = gen.temperature > 0
@@ -493,7 +451,8 @@ class FastDecoder:
                 logits = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                                    past_key_values=cache, use_cache=True, **step_kwargs).logits[:, -1]
                 next_position = next_position + 1
-                layout[2].add_(1)
+                if layout is not None:
+                    layout[2].add_(1)
         while pending:
             take_oldest_chunk()
         new_ids = [row if s is None else row[:s + 1] for row, s in zip(rows, stop_at)]
@@ -545,8 +504,9 @@ class BatchDecoder:
     math: a row's greedy answer is the answer it gets alone (tested exactly in fp32 on the CPU). When a new prompt
     does not fit before t, or the answers would run past the cache end, the rows are moved together (one block copy
     per layer) to a tighter or larger cache. The batch has two shapes: 1 row while one answer is generated (the
-    single user gets batch-1 speed) and `slots` rows once a second one joins; each (rows, cache size) shape is
-    compiled once, like FastDecoder's.
+    single user gets batch-1 speed: FastDecoder's DecodeCache and attention over its own slots, the row moved to
+    the cache's start) and `slots` rows once a second one joins; each (rows, cache size) shape is compiled once,
+    like FastDecoder's.
 
     Runs on the ChatModel's generation thread (`executor().submit`); `submit` is safe from any thread.
     """
@@ -554,7 +514,7 @@ class BatchDecoder:
     def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.slots, self.executor = slots, executor
-        self.fused = compiled and fuse_phi_layers(model)
+        self.own_slots = compiled and fuse_phi_layers(model) and reads_own_slots(model)  # one-row shape
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -567,13 +527,13 @@ class BatchDecoder:
         self._lock = threading.Lock()
         self._waiting: list[_Answer] = []
         self._running = False
-        self._caches: dict[tuple[int, int], DecodeCache] = {}
+        self._caches: dict[tuple[int, int], StaticCache] = {}
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         self._reset()
 
     def _reset(self) -> None:
         self.rows: list[_Answer | None] = []
-        self.cache: DecodeCache | None = None
+        self.cache: StaticCache | None = None
         self.t = 0
         self.tok = self.pos = self.mask = self.layout = None
         self._pending = None  # the last queued chunk: (host tokens, ready event, its rows), not yet looked at
@@ -626,10 +586,11 @@ class BatchDecoder:
     def _size_for(self, length: int) -> int:
         return min(self.context_window, max(512, 1 << (max(length, 1) - 1).bit_length()))
 
-    def _cache_for(self, batch: int, size: int) -> DecodeCache:
+    def _cache_for(self, batch: int, size: int) -> StaticCache:
         key = (batch, size)
         if key not in self._caches:
-            cache = DecodeCache(self.model.config, max_cache_len=size)
+            cache = (DecodeCache if self.own_slots and batch == 1 else StaticCache)(self.model.config,
+                                                                                 max_cache_len=size)
             config = self.model.config
             head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
             cache.early_initialization(batch, config.num_key_value_heads or config.num_attention_heads, head_dim,
@@ -664,10 +625,12 @@ class BatchDecoder:
             layer.cumulative_length.fill_(t)
 
     def _place_rows(self) -> None:
-        """Where the next decode step's rows sit (decode_layout): a row's tokens are the slots [start, t], its next
-        token (position pos) goes to slot t; a free row reads its first slot (its output is thrown away)."""
-        starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
-        self.layout = decode_layout(starts, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
+        """Where the next decode step's row sits, for the one-row shape (decode_layout): its tokens are the slots
+        [start, t], its next token (position pos) goes to slot t. Batches attend with the mask."""
+        self.layout = None
+        if self.own_slots and len(self.rows) == 1:
+            start = torch.tensor([self.rows[0].start if self.rows[0] else 0], device=self.device)
+            self.layout = decode_layout(start, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
 
     def _admit(self) -> None:
         """Move waiting answers into free rows, prefilling each prompt alone."""
@@ -741,7 +704,7 @@ class BatchDecoder:
         steps = min(self.check_every, max(a.to_queue for a in rows if a))
         chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)
         for s in range(steps):
-            placed = {"kv_layout": self.layout} if self.fused else {}
+            placed = {} if self.layout is None else {"kv_layout": self.layout}
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
             # One argmax for every row, then the rows that sample or penalize overwrite theirs.
@@ -753,7 +716,7 @@ class BatchDecoder:
             chunk[:, s] = token
             self.tok = token[:, None]
             self.pos = self.pos + 1
-            if self.fused:
+            if self.layout is not None:
                 self.layout[2].add_(1)
         for answer in rows:
             if answer is not None:
@@ -772,8 +735,9 @@ class BatchDecoder:
         if len(active) == 1 and len(self.rows) > 1:  # back to the one-row shape: batch-1 speed for the last user
             self._flush()
             if active[0] in self.rows:
-                answer = active[0]
-                self._relayout(1, self._size_for(self.t - answer.start + answer.to_queue), self.t)
+                # its slots move to the start of the one-row cache, which is sized for them and what is still to come
+                held = self.t - active[0].start
+                self._relayout(1, self._size_for(held + active[0].to_queue), held)
 
     def _flush(self) -> None:
         if self._pending is not None:

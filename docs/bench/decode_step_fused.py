@@ -3,7 +3,7 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
 
     python docs/bench/decode_step_fused.py            # from the repo root, on a CUDA GPU
     python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
-    python docs/bench/decode_step_fused.py attention [--all]  # own slots, Triton kernels (--all: the steps before)
+    python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
 
 Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log (and -fp32-, -attention-).
 """
@@ -66,24 +66,17 @@ def attempt(*args, **kwargs):
 if sys.argv[1:2] == ["attention"]:  # the prompt's 64 slots + 1 of a 384-slot cache, as early in a 256-token answer
     model = random_phi2(torch.bfloat16)
     fuse_phi_layers(model)
-    layers = model.model.layers
-    gemv, kernel = layers[0].gemv, layers[0].decode_kernel
-
-    def use(gemv_op, attention):
-        for layer in layers:
-            layer.gemv, layer.decode_kernel = gemv_op, attention
-    if "--all" in sys.argv:  # the steps before each change (each row compiles for ~35 s)
-        use(None, kernel)
+    gemv = model.model.layers[0].gemv
+    for layer in model.model.layers:  # cuBLAS first, then decoding.triton_gemv (the default at batch 1)
+        layer.gemv = None
+    if "--all" in sys.argv:  # the step before (each row compiles for ~35 s)
         attempt(model, "bf16 fused, whole cache", 1)
         attempt(model, "bf16 fused, whole cache", 64)
-        use(None, "flash")
-        attempt(model, "bf16 fused, own slots (flash)", 1, own_slots=True)
-        attempt(model, "bf16 fused, own slots (flash)", 64, own_slots=True)
-        use(gemv, "flash")
-        attempt(model, "bf16 fused, own slots (flash), triton gemv", 1, own_slots=True)
-    use(gemv, kernel)  # the default: Triton GEMV at batch 1, Triton decode attention
-    attempt(model, f"bf16 fused, own slots ({kernel}), triton gemv", 1, profile=True, own_slots=True)
-    attempt(model, f"bf16 fused, own slots ({kernel})", 64, profile=True, own_slots=True)
+    attempt(model, "bf16 fused, own slots", 1, own_slots=True)
+    for layer in model.model.layers:
+        layer.gemv = gemv
+    attempt(model, "bf16 fused, own slots, triton gemv", 1, profile=True, own_slots=True)
+    attempt(model, "bf16 fused, own slots", 64, profile=True, own_slots=True)
     sys.exit()
 if sys.argv[1:] == ["fp32"]:  # where the fp32 step's time goes, and what TF32 matmuls change
     model = random_phi2(torch.float32)
