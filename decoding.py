@@ -187,18 +187,11 @@ def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def triton_gemv():
-    """y = x W^T + b for one row x (1, 1, in): a plain Triton matrix-vector kernel (each program: a block of output
-    rows over the whole input, fp32 sums), registered as a PyTorch op so that inductor and CUDA graphs take it in.
-
-    Why not cuBLAS (F.linear): at batch 1 a decode step is reading weights, and cuBLAS read the fused layer's
-    matrices at 3.0-3.3 TB/s on an H200 against this kernel's 3.6-3.9 (docs/bench/gemv_triton.py, 32 different
-    matrices in turn as in the step, no L2 reuse): [q; k; v; fc1] 28.1 -> 23.5 us, [dense | fc2] 22.0 -> 18.3 us.
-    Inductor's own generated reductions were slower than cuBLAS (docs/PERFORMANCE.md). Block sizes: the fastest
-    measured for each shape, by the input width."""
+def gemv_kernel():
+    """The Triton kernel of triton_gemv: y[n] = sum_k w[n, k] x[k] + b[n], each program BLOCK_N rows of w over the
+    whole input, fp32 sums (docs/bench/gemv_triton.py times it against cuBLAS)."""
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
     @triton.jit
     def kernel(w_ptr, x_ptr, b_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -212,6 +205,23 @@ def triton_gemv():
             acc += w.to(tl.float32) * x[None, :].to(tl.float32)
         y = tl.sum(acc, axis=1) + tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    return kernel
+
+
+@functools.cache
+def triton_gemv():
+    """y = x W^T + b for one row x (1, 1, in) with gemv_kernel, registered as a PyTorch op so that inductor and CUDA
+    graphs take it in.
+
+    Why not cuBLAS (F.linear): at batch 1 a decode step is reading weights, and cuBLAS read the fused layer's
+    matrices at 3.0-3.3 TB/s on an H200 against this kernel's 3.6-3.9 (docs/bench/gemv_triton.py, 32 different
+    matrices in turn as in the step, no L2 reuse): [q; k; v; fc1] 28.1 -> 23.5 us, [dense | fc2] 22.0 -> 18.3 us.
+    Inductor's own generated reductions were slower than cuBLAS (docs/PERFORMANCE.md). Block sizes: the fastest
+    of 8 measured for each shape, by the input width."""
+    import triton
+    from torch.library import triton_op, wrap_triton
+    kernel = gemv_kernel()
 
     @triton_op("phi2_qlora::gemv", mutates_args={})
     def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -518,8 +518,8 @@ def finish(answers):
 def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch, fast):
     """Six users at once (the last with a longer, multi-turn prompt that joins later): each greedy answer is the one
     it gets alone and the one generate() gives, exactly (fp32); and they were decoded together, in far fewer model
-    steps than tokens. fast: the compiled step with fused layers, whose attention reads each row's own cache slots
-    (decoding.decode_attention), rows sitting at different places in the shared cache."""
+    steps than tokens. fast: the compiled step with fused layers; when one answer is left, it goes on in the one-row
+    shape, whose attention reads its own cache slots (decoding.decode_attention)."""
     if fast:
         chat_model = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
         assert chat_model._batcher.own_slots

@@ -5,7 +5,8 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
     python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
     python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
 
-Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log (and -fp32-, -attention-).
+Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log and -fp32- (both before the
+Triton GEMV, which fused layers now use at batch 1), docs/bench/h200-decode-step-own-slots-2026-11-29.log.
 """
 import sys, time, traceback
 sys.path.insert(0, ".")

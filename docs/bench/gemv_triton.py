@@ -1,4 +1,4 @@
-"""Batch-1 weight products of the fused Phi-2 layer: cuBLAS (what F.linear runs) against a plain Triton GEMV.
+"""Batch-1 weight products of the fused Phi-2 layer: cuBLAS (what F.linear runs) against decoding.gemv_kernel.
 
 At batch 1 a decode step is 32 x two matrix-vector products ([q; k; v; fc1]: 17920 x 2560, [dense | fc2]:
 2560 x 12800) plus lm_head, and cuBLAS reads those weights at ~3.5 TB/s of the H200's 4.8
@@ -8,34 +8,23 @@ reuse: 92 MB each), the calls captured in one CUDA graph (no launch gaps), bf16.
 
     python docs/bench/gemv_triton.py      # from the repo root, on a CUDA GPU
 """
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
+
+sys.path.insert(0, ".")
+from decoding import gemv_kernel  # noqa: E402
 
 LAYERS = 32
 
 
-@triton.jit
-def gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
-                    other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-        acc += w.to(tl.float32) * x[None, :].to(tl.float32)
-    y = tl.sum(acc, axis=1) + tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-
-
 def gemv(w, x, b, y, block_n, block_k, warps, stages):
     n, k = w.shape
-    gemv_kernel[(triton.cdiv(n, block_n),)](w, x, b, y, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
-                                           num_warps=warps, num_stages=stages)
+    gemv_kernel()[(triton.cdiv(n, block_n),)](w, x, b, y, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
+                                             num_warps=warps, num_stages=stages)
 
 
 def timed(fn, reps=20) -> float:
