@@ -178,12 +178,16 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     return linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
 
 
+def _half_on_ampere_or_later(device: torch.device, dtype: torch.dtype) -> bool:
+    """bf16/fp16 on a GPU of compute capability 8.0+: where this module's batch-1 kernels run."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and \
+        torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether batch-1 decode steps use triton_gemv: bf16/fp16 on a GPU of compute capability 8.0+ with Triton
     (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside compiled code."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (8, 0)
+    return _half_on_ampere_or_later(device, dtype) and importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -324,8 +328,7 @@ def decode_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
     whose kernel takes seqused_k); "products" on the CPU; None elsewhere (fp32 or older GPUs), where the step keeps
     transformers' attention over the whole cache, as measured (fp32: 272 tok/s on an H200)."""
     flash_args = {a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and "seqused_k" in flash_args \
-            and torch.cuda.get_device_capability(device) >= (8, 0):
+    if _half_on_ampere_or_later(device, dtype) and "seqused_k" in flash_args:
         return "flash"
     return "products" if device.type == "cpu" else None
 
