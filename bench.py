@@ -34,7 +34,9 @@ openai_api's routes (the app's OpenAI-compatible endpoint, without the Gradio pa
 streaming greedy requests at once over HTTP from N client processes, each with its own question (40 random words
 from a fixed vocabulary, numpy seed 0: about 60 tokens) and max_tokens 256. It reports the aggregate tokens/s (completion
 tokens of all clients over the time from sending to the last answer), the time to first token (median and worst),
-the most answers decoded together, and how many clients got the same text as when they were alone.
+the most answers decoded together, how many clients got the same text as when they were alone, and where the
+decoder's time went: prefill passes (prompts), seconds spent admitting answers (prefill, cache moves, first tokens)
+and the mean number of answers in a decode step.
 """
 
 from __future__ import annotations
@@ -543,10 +545,12 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         pool.map(time.sleep, [0.01] * max(clients))  # started and imported before any timing
         for n in clients:
             chat._batcher.most_rows = 0
+            chat._batcher.record.clear()
             start = time.perf_counter()
             got = pool.starmap(stream_completion, [(port, q, new_tokens) for q in asked[:n]], chunksize=1)
             wall = time.perf_counter() - start
-            rows.append(serve_row(dtype, n, got, alone, wall, chat._batcher.most_rows, load_s))
+            rows.append(serve_row(dtype, n, got, alone, wall, chat._batcher.most_rows, load_s)
+                        | {"decoder": dict(chat._batcher.record)})
             if partial is not None:
                 partial.write_text(json.dumps(rows, default=str))
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
@@ -568,11 +572,15 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
 
 def serve_table(rows: list[dict]) -> str:
     lines = ["| clients | aggregate tok/s | x one client | per-client tok/s | first token median / max (s) | "
-             "decoded together | same text as alone |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "decoded together | same text as alone | prefill passes (prompts) | admitting (s) | answers a step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        d = r.get("decoder", {})
         lines.append(f"| {r['name']} | {r['aggregate_tok_s']:,.0f} | {r['speedup_vs_1'] or float('nan'):.2f} | "
                      f"{r['per_client_tok_s']:,.0f} | {r['ttft_median_s']:.3f} / {r['ttft_max_s']:.3f} | "
-                     f"{r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} |")
+                     f"{r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} | "
+                     f"{d.get('prefill_passes', 0)} ({d.get('prompts', 0)}) | {d.get('admit_s', 0.0):.3f} | "
+                     f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} |")
     return "\n".join(lines)
 
 

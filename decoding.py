@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import threading
+import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ from data_utils import HUMAN
 
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
+PREFILL_TOKENS = 4096  # BatchDecoder prefills prompts that wait together in passes of up to this many (padded) tokens
 
 
 class AnswerRepetitionPenalty(LogitsProcessor):
@@ -145,9 +148,13 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     transformers' attention over the whole cache."""
     attn = self.self_attn
     x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
-    # one token (a batch-1 decode step): a matrix-vector product, where triton_gemv reads the weights faster
-    linear = self.gemv if self.gemv is not None and x.shape[0] * x.shape[1] == 1 else F.linear
-    q, k, v, ff = linear(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
+    # A decode step of one row, or of a few users' rows: matrix-vector products, where triton_gemv reads the weights
+    # faster than cuBLAS; for 2-8 rows only [q; k; v; fc1] (docs/bench/gemv_rows_triton.py: its rows kernel took
+    # 25.5 us against 28.8 at 8 rows on an H200, but 29.4 against 22.1 on the 2560-row [dense | fc2]).
+    few = self.gemv is not None and x.shape[1] == 1 and x.shape[0] <= FEW_ROWS
+    linear_in = self.gemv if few else F.linear
+    linear_out = self.gemv if few and x.shape[0] == 1 else F.linear
+    q, k, v, ff = linear_in(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
     heads = (*x.shape[:-1], -1, attn.head_dim)
     q, k, v = q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
     if attn.qk_layernorm:
@@ -175,7 +182,7 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
         out, _ = attend(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
         out = out.reshape(*x.shape[:-1], -1)
     mixed = torch.cat((out, self.mlp.activation_fn(ff)), dim=-1)
-    return linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
+    return linear_out(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
 
 
 def _half_on_ampere_or_later(device: torch.device, dtype: torch.dtype) -> bool:
@@ -214,9 +221,45 @@ def gemv_kernel():
 
 
 @functools.cache
+def rows_kernel():
+    """The Triton kernel of triton_gemv for 2 to FEW_ROWS rows x: y[m, n] = sum_k x[m, k] w[n, k] + b[n], each
+    program BLOCK_N rows of w over the whole input, read once for every row of x: one tensor-core product a block
+    (x padded to 16 rows, the smallest it takes), fp32 sums (docs/bench/gemv_triton.py rows)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(w_ptr, x_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = tl.arange(0, 16)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
+                        mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K),
+                        other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(ms[:, None] < M) & (rows[None, :] < N))
+
+    return kernel
+
+
+# Decode steps of up to this many rows (BatchDecoder's 8 users, small batches) read the fused layers' weights with
+# triton_gemv and attend over each row's own cache slots (DecodeCache, decode_attention); bigger batches use cuBLAS and
+# cuDNN over the whole cache. On an H200 (bf16, docs/bench/decode_step_fused.py rows) an 8-row step took 2.511 ms
+# with cuBLAS and whole-cache attention, 2.456 with the rows kernel, 2.314 with own slots too; at 64 rows own slots
+# ran slower end to end (11,513 against 12,600 tok/s: FlashAttention's one-query tiles).
+FEW_ROWS = 8
+ROWS_BLOCKS = (64, 128, 4, 4)  # rows_kernel's BLOCK_N, BLOCK_K, warps, stages: the fastest of 8 for [q; k; v; fc1]
+
+
+@functools.cache
 def triton_gemv():
-    """y = x W^T + b for one row x (1, 1, in) with gemv_kernel, registered as a PyTorch op so that inductor and CUDA
-    graphs take it in.
+    """y = x W^T + b for a few rows x (batch, 1, in), batch <= FEW_ROWS, with gemv_kernel (one row) or rows_kernel,
+    registered as a PyTorch op so that inductor and CUDA graphs take it in.
 
     Why not cuBLAS (F.linear): at batch 1 a decode step is reading weights, and cuBLAS read the fused layer's
     matrices at 3.0-3.3 TB/s on an H200 against this kernel's 3.6-3.9 (docs/bench/gemv_triton.py, 32 different
@@ -225,15 +268,22 @@ def triton_gemv():
     of 8 measured for each shape, by the input width."""
     import triton
     from torch.library import triton_op, wrap_triton
-    kernel = gemv_kernel()
+    one, few = gemv_kernel(), rows_kernel()
 
     @triton_op("phi2_qlora::gemv", mutates_args={})
     def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         n, k = weight.shape
         y = x.new_empty(*x.shape[:-1], n)
-        block_n, block_k, warps, stages = (8, 1024, 8, 2) if k >= 8192 else (2, 2048, 4, 2)
-        wrap_triton(kernel)[(triton.cdiv(n, block_n),)](weight, x.contiguous(), bias, y, n, k, BLOCK_N=block_n,
-                                                        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        rows = x.numel() // k
+        if rows == 1:
+            block_n, block_k, warps, stages = (8, 1024, 8, 2) if k >= 8192 else (2, 2048, 4, 2)
+            wrap_triton(one)[(triton.cdiv(n, block_n),)](weight, x.contiguous(), bias, y, n, k, BLOCK_N=block_n,
+                                                         BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        else:
+            block_n, block_k, warps, stages = ROWS_BLOCKS
+            wrap_triton(few)[(triton.cdiv(n, block_n),)](weight, x.contiguous(), bias, y, rows, n, k,
+                                                         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                                                         num_stages=stages)
         return y
 
     return gemv
@@ -349,16 +399,17 @@ class FastDecoder:
     40-55, 1,873 and 39 for generate(). At batch 1 in bf16 the step (1.98 ms alone) reads the fused layers' weights
     with triton_gemv and attends over the row's used slots only (DecodeCache, decode_attention).
 
-    Pieces are transformers' own where they suffice: StaticCache (DecodeCache for batch 1), the model's compiled call
-    (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill runs eagerly (one
-    call; its shapes vary).
+    Pieces are transformers' own where they suffice: StaticCache (DecodeCache up to FEW_ROWS rows), the model's
+    compiled call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill runs
+    eagerly (one call; its shapes vary). Batches of up to FEW_ROWS rows read the weights with triton_gemv and attend
+    over each row's used slots, as batch 1 does.
     Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
     """
 
     def __init__(self, model, tokenizer, context_window: int):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.fused = fuse_phi_layers(model)
-        self.own_slots = self.fused and reads_own_slots(model)  # batch 1: decode_attention over its used slots
+        self.own_slots = self.fused and reads_own_slots(model)  # batches <= FEW_ROWS: decode_attention
         # Static shapes: each (batch, cache bucket) compiles once (30-42 s for Phi-2 on an H200) and replays as its own
         # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
         self.step = model.get_compiled_call(CompileConfig(dynamic=False))
@@ -379,7 +430,7 @@ class FastDecoder:
         size = self.cache_size(batch, length)
         key = (batch, size)
         if key not in self._caches:
-            own = self.own_slots and batch == 1
+            own = self.own_slots and batch <= FEW_ROWS
             self._caches[key] = (DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size)
         cache = self._caches[key]
         cache.reset()
@@ -399,9 +450,9 @@ class FastDecoder:
         mask = torch.ones(batch, size, dtype=attention_mask.dtype, device=device)
         mask[:, :width] = attention_mask
         position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width): positions skip the padding
-        # Batch 1: its decode attention reads the row's used slots [padding, t] (decode_layout).
+        # A few rows: each row's decode attention reads its used slots [padding, t] (decode_layout).
         layout = decode_layout(width - attention_mask.sum(-1), position[:, -1] + 2, size) \
-            if self.own_slots and batch == 1 else None
+            if self.own_slots and batch <= FEW_ROWS else None
         step_kwargs = {} if layout is None else {"kv_layout": layout}
         seq = torch.empty(batch, width + max_new_tokens, dtype=torch.long, device=device)
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
@@ -505,9 +556,10 @@ class BatchDecoder:
     """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
 
     A request that arrives while others are being generated joins them at the next chunk boundary (every
-    CHECK_EVERY steps when compiled, every step otherwise): its prompt is run alone (prefill) and its keys and values
-    are copied into a free row of the shared static KV cache; a finished or cancelled answer frees its row at the
-    next boundary. Each answer still streams to its own client, with its own sampling settings, stop rules and seed.
+    CHECK_EVERY steps when compiled, every step otherwise): its prompt is run (prefill; the prompts waiting at one
+    boundary in one forward pass) and its keys and values are copied into a free row of the shared static KV cache;
+    a finished or cancelled answer frees its row at the next boundary. Each answer still streams to its own client,
+    with its own sampling settings, stop rules and seed.
     The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as FastDecoder), so
     a finished answer costs up to one chunk of wasted steps; a joining answer first waits for the queued chunk.
 
@@ -517,9 +569,9 @@ class BatchDecoder:
     math: a row's greedy answer is the answer it gets alone (tested exactly in fp32 on the CPU). When a new prompt
     does not fit before t, or the answers would run past the cache end, the rows are moved together (one block copy
     per layer) to a tighter or larger cache. The batch has two shapes: 1 row while one answer is generated (the
-    single user gets batch-1 speed: FastDecoder's DecodeCache and attention over its own slots, the row moved to
-    the cache's start) and `slots` rows once a second one joins; each (rows, cache size) shape is compiled once,
-    like FastDecoder's.
+    single user gets batch-1 speed, the row moved to the cache's start) and `slots` rows once a second one joins;
+    each (rows, cache size) shape is compiled once, like FastDecoder's. Up to FEW_ROWS rows (the default 8 slots
+    included) the cache is a DecodeCache and each row attends over its own slots [start, t] (decode_layout).
 
     Runs on the ChatModel's generation thread (`executor().submit`); `submit` is safe from any thread.
     """
@@ -527,7 +579,7 @@ class BatchDecoder:
     def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.slots, self.executor = slots, executor
-        self.own_slots = compiled and fuse_phi_layers(model) and reads_own_slots(model)  # one-row shape
+        self.own_slots = compiled and fuse_phi_layers(model) and reads_own_slots(model)  # rows <= FEW_ROWS
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -542,6 +594,10 @@ class BatchDecoder:
         self._running = False
         self._caches: dict[tuple[int, int], StaticCache] = {}
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
+        # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (prefill,
+        # cache moves, first tokens), decode steps queued, answers in those steps (answer_steps / steps = rows), and
+        # steps by compiled shape
+        self.record = Counter()
         self._reset()
 
     def _reset(self) -> None:
@@ -581,7 +637,9 @@ class BatchDecoder:
                         joining = bool(self._waiting) and sum(a is not None for a in self.rows) < self.slots
                     if joining:
                         self._flush()  # the layout may change: every queued token must be seen first
+                        begun = time.perf_counter()
                         self._admit()
+                        self.record["admit_s"] += time.perf_counter() - begun
                     if any(a is not None and a.to_queue > 0 for a in self.rows):
                         self._decode_chunk()
                     else:
@@ -602,7 +660,7 @@ class BatchDecoder:
     def _cache_for(self, batch: int, size: int) -> StaticCache:
         key = (batch, size)
         if key not in self._caches:
-            cache = (DecodeCache if self.own_slots and batch == 1 else StaticCache)(self.model.config,
+            cache = (DecodeCache if self.own_slots and batch <= FEW_ROWS else StaticCache)(self.model.config,
                                                                                  max_cache_len=size)
             config = self.model.config
             head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
@@ -638,64 +696,89 @@ class BatchDecoder:
             layer.cumulative_length.fill_(t)
 
     def _place_rows(self) -> None:
-        """Where the next decode step's row sits, for the one-row shape (decode_layout): its tokens are the slots
-        [start, t], its next token (position pos) goes to slot t. Batches attend with the mask."""
+        """Where the next decode step's rows sit (decode_layout), up to FEW_ROWS rows: an answer's tokens are the
+        slots [start, t], its next token (position pos) goes to slot t; a free row reads [0, pos] (pos < t: a
+        finished answer's count goes on growing with t, a row never used since the last move starts at 0). Larger
+        batches attend with the mask."""
         self.layout = None
-        if self.own_slots and len(self.rows) == 1:
-            start = torch.tensor([self.rows[0].start if self.rows[0] else 0], device=self.device)
-            self.layout = decode_layout(start, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
+        if self.own_slots and len(self.rows) <= FEW_ROWS:
+            starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
+            self.layout = decode_layout(starts, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
 
     def _admit(self) -> None:
-        """Move waiting answers into free rows, prefilling each prompt alone."""
+        """Move waiting answers into free rows. The answers waiting at one chunk boundary are prefilled together,
+        one forward pass for their prompts (up to PREFILL_TOKENS padded tokens a pass), so the last of several
+        users who arrive at once does not wait behind the others' prefills for its first token."""
         while True:
+            group, cancelled = [], []
             with self._lock:
-                if not self._waiting or sum(a is not None for a in self.rows) >= self.slots:
-                    return
-                answer = self._waiting.pop(0)
-            if answer.cancel.is_set():  # cancelled before its turn: it never runs
+                active = [a for a in self.rows if a]
+                left = max([self.t - a.start for a in active], default=0)  # the smallest write index that fits all
+                need = max([a.to_queue for a in active], default=0)
+                while self._waiting and len(active) + len(group) < self.slots:
+                    answer = self._waiting[0]
+                    if answer.cancel.is_set():  # cancelled before its turn: it never runs
+                        cancelled.append(self._waiting.pop(0))
+                        continue
+                    length = len(answer.ids)
+                    wider, longer = max(left, length), max(need, answer.max_new_tokens)
+                    if (active or group) and wider + longer > self.context_window:
+                        break  # joins once earlier answers have finished
+                    if group and (len(group) + 1) * max(length, *(len(a.ids) for a in group)) > PREFILL_TOKENS:
+                        break  # the next pass takes it
+                    group.append(self._waiting.pop(0))
+                    left, need = wider, longer
+            for answer in cancelled:
                 self._finish(answer)
-                continue
-            active = [a for a in self.rows if a]
-            length = len(answer.ids)
-            left = max([self.t - a.start for a in active] + [length])  # the smallest write index that fits all
-            need = max([a.to_queue for a in active] + [answer.max_new_tokens])
-            if active and left + need > self.context_window:  # joins once earlier answers have finished
-                with self._lock:
-                    self._waiting.insert(0, answer)
+            if not group:
                 return
-            batch = self.slots if active else 1
-            if (not active or batch != len(self.rows) or self.t < length
+            batch = self.slots if active or len(group) > 1 else 1
+            if (not active or batch != len(self.rows) or self.t < left
                     or self.t + need > self.cache.layers[0].max_cache_len):
                 self._relayout(batch, self._size_for(left + need), left)
-            self._prefill(answer, self.rows.index(None))
+            self._prefill(group)
 
-    def _prefill(self, answer: _Answer, row: int) -> None:
-        length = len(answer.ids)
-        ids = torch.tensor([answer.ids], device=self.device)
+    def _prefill(self, group: list[_Answer]) -> None:
+        """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
+        prompt's tokens from seeing the padding after them, so each row computes what it computes alone), copy each
+        one's keys and values into a free row of the shared cache, ending at the write index, and choose its first
+        token."""
+        lengths = [len(a.ids) for a in group]
+        ids = torch.full((len(group), max(lengths)), self.tokenizer.eos_token_id, dtype=torch.long)
+        for i, answer in enumerate(group):
+            ids[i, :lengths[i]] = torch.tensor(answer.ids)
+        ids = ids.to(self.device)
+        last = torch.tensor(lengths, device=self.device)[:, None] - 1  # (prompts, 1): each prompt's last position
         scratch = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=ids, position_ids=torch.arange(length, device=self.device)[None],
-                            past_key_values=scratch, use_cache=True, logits_to_keep=1).logits[:, -1]
-        answer.start = self.t - length
+        logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device)[None],
+                            past_key_values=scratch, use_cache=True, logits_to_keep=last).logits[:, -1]
+        rows = [i for i, a in enumerate(self.rows) if a is None][:len(group)]
+        for answer, length in zip(group, lengths):
+            answer.start = self.t - length
         for source, target in zip(scratch.layers, self.cache.layers):
-            target.keys[row, :, answer.start:self.t] = source.keys[0]
-            target.values[row, :, answer.start:self.t] = source.values[0]
-        self.mask[row] = 1
-        self.mask[row, :answer.start] = 0
-        gen = answer.gen
-        sample = gen.temperature > 0
-        procs = logits_processors(gen, sample, [], self.device, length, self.tokenizer.eos_token_id)
-        if sample or procs:
-            answer.procs = procs
-            answer.seq = torch.empty(1, length + answer.max_new_tokens, dtype=torch.long, device=self.device)
-            answer.seq[0, :length] = ids[0]
-        token = self._choose(answer, logits, 0)  # (1,)
-        self.tok[row, 0], self.pos[row, 0] = token[0], length
-        self.rows[row] = answer
+            for i, (row, answer) in enumerate(zip(rows, group)):
+                target.keys[row, :, answer.start:self.t] = source.keys[i, :, :lengths[i]]
+                target.values[row, :, answer.start:self.t] = source.values[i, :, :lengths[i]]
+        for i, (row, answer) in enumerate(zip(rows, group)):
+            self.mask[row] = 1
+            self.mask[row, :answer.start] = 0
+            gen = answer.gen
+            sample = gen.temperature > 0
+            procs = logits_processors(gen, sample, [], self.device, lengths[i], self.tokenizer.eos_token_id)
+            if sample or procs:
+                answer.procs = procs
+                answer.seq = torch.empty(1, lengths[i] + answer.max_new_tokens, dtype=torch.long, device=self.device)
+                answer.seq[0, :lengths[i]] = ids[i, :lengths[i]]
+            self.tok[row, 0], self.pos[row, 0] = self._choose(answer, logits[i:i + 1], 0)[0], lengths[i]
+            self.rows[row] = answer
         self._place_rows()
+        self.record.update(prefill_passes=1, prompts=len(group))
+        first = self.tok[rows, 0].tolist()  # one wait for the GPU for the whole group
+        for answer, token in zip(group, first):
+            if answer.streamer is not None:
+                answer.streamer.put(torch.tensor(answer.ids))  # the streamer skips the prompt it is handed first
+            self._take(answer, [token])
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
-        if answer.streamer is not None:
-            answer.streamer.put(ids[0].cpu())  # the streamer skips the prompt it is handed first
-        self._take(answer, [int(token[0])])
 
     def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> torch.Tensor:
         """The next token of one answer from its logits (1, vocab), as generate() would choose it."""
@@ -734,6 +817,8 @@ class BatchDecoder:
         for answer in rows:
             if answer is not None:
                 answer.queued += steps
+        self.record.update(steps=steps, answer_steps=steps * sum(a is not None for a in rows))
+        self.record[f"steps at {len(rows)} rows x {self.cache.layers[0].max_cache_len} slots"] += steps
         self.t += steps
         host = torch.empty(chunk.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
         host.copy_(chunk, non_blocking=True)

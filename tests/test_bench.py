@@ -57,3 +57,6 @@ def test_serving_bench_tiny(tmp_path):
     assert rows[1]["most_rows"] >= 2 and rows[1]["same_text_as_alone"] == 4 and rows[0]["same_text_as_alone"] == 1
     assert all(r["aggregate_tok_s"] > 0 and r["ttft_median_s"] > 0 for r in rows)
     assert all(t > 0 for r in rows for t in r["completion_tokens"])
+    # where the decoder's time went: every client's prompt prefilled, the decode steps counted
+    assert all(r["decoder"]["prompts"] == r["clients"] and r["decoder"]["steps"] > 0 for r in rows)
+    assert rows[1]["decoder"]["answer_steps"] > rows[1]["decoder"]["steps"]  # steps held several answers

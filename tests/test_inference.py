@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import shutil
+import threading
 import time
 import warnings
 
@@ -18,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
 import inference
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, FastDecoder, decode_attention, decode_kernel, decode_layout, triton_gemv,
-                      triton_supported)
+from decoding import (CHECK_EVERY, FEW_ROWS, FastDecoder, decode_attention, decode_kernel, decode_layout,
+                      triton_gemv, triton_supported)
 from inference import ChatModel, Reply, chat_loop, merge_adapter
 from conftest import ROOT, TINY, run_script
 
@@ -232,20 +233,23 @@ def test_decode_attention_kernel_reads_each_rows_own_slots_on_gpu(batch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_triton_gemv_is_the_linear_product_on_gpu():
-    """The batch-1 products of the fused layers (decoding.triton_gemv) against fp32 F.linear, both of Phi-2's fused
-    shapes and a ragged one, in the compiled step too (inductor takes the op in). Tolerance: bf16 inputs and output."""
+@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS])
+def test_triton_gemv_is_the_linear_product_on_gpu(rows):
+    """The decode-step products of the fused layers (decoding.triton_gemv: one row, and a few users' rows) against
+    fp32 F.linear, both of Phi-2's fused shapes and a ragged one, in the compiled step too (inductor takes the op
+    in); every row its own product. Tolerance: bf16 inputs and output."""
     if not triton_supported(torch.device("cuda"), torch.bfloat16):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     gemv = triton_gemv()
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n, k in ((17920, 2560), (2560, 12800), (1000, 333)):
         w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).bfloat16()
-        b, x = torch.randn(n, generator=gen, device="cuda").bfloat16(), torch.randn(1, 1, k, device="cuda").bfloat16()
+        b = torch.randn(n, generator=gen, device="cuda").bfloat16()
+        x = torch.randn(rows, 1, k, generator=gen, device="cuda").bfloat16()
         expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
         for y in (gemv(x, w, b), torch.compile(gemv)(x, w, b)):
-            assert y.shape == (1, 1, n) and y.dtype == torch.bfloat16
-            assert (y.float() - expected).abs().max() < 0.02 * expected.abs().max()
+            assert y.shape == (rows, 1, n) and y.dtype == torch.bfloat16
+            assert ((y.float() - expected).abs().amax(-1) < 0.02 * expected.abs().amax(-1)).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -564,6 +568,38 @@ def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch)
     replies = finish([first, second])
     assert chat._batcher.most_rows == 2 and replies[0].new_tokens < alone.new_tokens
     assert (replies[1].text, replies[1].new_tokens) == (alone.text, alone.new_tokens)
+
+
+def test_questions_that_arrive_together_are_prefilled_together(chat_model):
+    """Four questions of different lengths arrive while an answer is being written: their prompts go through the
+    model in one forward pass at the next chunk boundary, so the last of them does not wait behind the others'
+    prefill for its first token; each answer is still, exactly, the one it gets alone (fp32)."""
+    chat = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=False)
+    gen = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    alone = [chat.chat(c, gen) for c in TOGETHER[:5]]
+    prefills, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
+    forward = chat.model.forward
+
+    def watched(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:
+            prefills.append(ids.shape[0])  # prompts in this forward pass
+        elif hold.is_set():  # a decode step, held until the others have arrived
+            inside.set()
+            release.wait(30)
+        return forward(*args, **kwargs)
+
+    chat.model.forward = watched
+    first = chat.start(chat.prompt_ids(TOGETHER[0], gen.max_new_tokens)[0], gen)
+    next(iter(first))
+    hold.set()
+    assert inside.wait(30)
+    others = [chat.start(ids, gen) for ids in [chat.prompt_ids(c, gen.max_new_tokens)[0] for c in TOGETHER[1:5]]]
+    hold.clear()
+    release.set()
+    replies = finish([first] + others)
+    assert prefills == [1, 4]
+    assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
 
 
 def test_sampled_answers_keep_their_seed_in_company(chat_model):

@@ -4,6 +4,7 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
     python docs/bench/decode_step_fused.py            # from the repo root, on a CUDA GPU
     python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
     python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
+    python docs/bench/decode_step_fused.py rows       # 8 users' rows: cuBLAS or the Triton rows kernel, own slots
 
 Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log and -fp32- (both before the
 Triton GEMV, which fused layers now use at batch 1), docs/bench/h200-decode-step-own-slots-2026-11-29.log.
@@ -78,6 +79,18 @@ if sys.argv[1:2] == ["attention"]:  # the prompt's 64 slots + 1 of a 384-slot ca
         layer.gemv = gemv
     attempt(model, "bf16 fused, own slots, triton gemv", 1, profile=True, own_slots=True)
     attempt(model, "bf16 fused, own slots", 64, profile=True, own_slots=True)
+    sys.exit()
+if sys.argv[1:2] == ["rows"]:  # 8 users' step (BatchDecoder's slots): cuBLAS, the Triton rows kernel, own slots
+    model = random_phi2(torch.bfloat16)
+    fuse_phi_layers(model)
+    gemv = model.model.layers[0].gemv
+    for layer in model.model.layers:
+        layer.gemv = None
+    attempt(model, "bf16 fused, whole cache, cuBLAS", 8)
+    for layer in model.model.layers:
+        layer.gemv = gemv
+    attempt(model, "bf16 fused, whole cache, triton rows [q; k; v; fc1]", 8, profile=True)
+    attempt(model, "bf16 fused, own slots, triton rows [q; k; v; fc1]", 8, profile=True, own_slots=True)
     sys.exit()
 if sys.argv[1:] == ["fp32"]:  # where the fp32 step's time goes, and what TF32 matmuls change
     model = random_phi2(torch.float32)
