@@ -504,7 +504,13 @@ def stream_completion(port: int, question: str, max_tokens: int) -> dict:
         usage = event.get("usage") or usage
     connection.close()
     return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start,
-            "tokens": usage["completion_tokens"] if usage else 0}
+            "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
+
+
+def napping_pid(_) -> int:
+    """A client process's id after a short nap (bench serve: proof that every client process has started)."""
+    time.sleep(0.2)
+    return os.getpid()
 
 
 def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
@@ -542,7 +548,12 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     # Clients run in processes of their own, as remote clients would: in this process their threads would take the
     # interpreter lock from the server's generation loop.
     with multiprocessing.get_context("spawn").Pool(max(clients)) as pool:
-        pool.map(time.sleep, [0.01] * max(clients))  # started and imported before any timing
+        # Every client process started (its imports done) before any timing: a pool hands requests only to started
+        # processes, so 8 "concurrent" clients would otherwise run partly one after another.
+        deadline = time.monotonic() + 300
+        while len(set(pool.map(napping_pid, range(2 * max(clients)), chunksize=1))) < max(clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{max(clients)} client processes did not all start within 300 s")
         for n in clients:
             chat._batcher.most_rows = 0
             chat._batcher.record.clear()
@@ -566,7 +577,8 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
     return {"name": f"{dtype} {n} client(s)", "clients": n, "aggregate_tok_s": sum(g["tokens"] for g in got) / wall,
             "per_client_tok_s": float(np.median([g["tokens"] / g["end_s"] for g in got])),
             "ttft_median_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
-            "completion_tokens": [g["tokens"] for g in got], "most_rows": most_rows,
+            "completion_tokens": [g["tokens"] for g in got], "client_processes": len({g["client_pid"] for g in got}),
+            "most_rows": most_rows,
             "same_text_as_alone": sum(g["text"] == a["text"] for g, a in zip(got, alone)), "load_and_warm_up_s": load_s}
 
 

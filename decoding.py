@@ -247,11 +247,10 @@ def rows_kernel():
     return kernel
 
 
-# Decode steps of up to this many rows (BatchDecoder's 8 users, small batches) read the fused layers' weights with
-# triton_gemv and attend over each row's own cache slots (DecodeCache, decode_attention); bigger batches use cuBLAS and
-# cuDNN over the whole cache. On an H200 (bf16, docs/bench/decode_step_fused.py rows) an 8-row step took 2.511 ms
-# with cuBLAS and whole-cache attention, 2.456 with the rows kernel, 2.314 with own slots too; at 64 rows own slots
-# ran slower end to end (11,513 against 12,600 tok/s: FlashAttention's one-query tiles).
+# Decode steps of up to this many rows (BatchDecoder's 8 users, small batches) read [q; k; v; fc1] with triton_gemv;
+# bigger batches use cuBLAS. On an H200 (bf16, docs/bench/decode_step_fused.py rows) an 8-row step took 2.511 ms with
+# cuBLAS, 2.456 with the rows kernel. (Attending over each row's own slots as batch 1 does took 2.314 in that bare
+# step, 65 slots filled, but served 8 users slower end to end, 2,405 against 2,526 tok/s: not used for batches.)
 FEW_ROWS = 8
 ROWS_BLOCKS = (64, 128, 4, 4)  # rows_kernel's BLOCK_N, BLOCK_K, warps, stages: the fastest of 8 for [q; k; v; fc1]
 
@@ -264,6 +263,8 @@ def triton_gemv():
     Why not cuBLAS (F.linear): at batch 1 a decode step is reading weights, and cuBLAS read the fused layer's
     matrices at 3.0-3.3 TB/s on an H200 against this kernel's 3.6-3.9 (docs/bench/gemv_triton.py, 32 different
     matrices in turn as in the step, no L2 reuse): [q; k; v; fc1] 28.1 -> 23.5 us, [dense | fc2] 22.0 -> 18.3 us.
+    At 8 rows, rows_kernel read [q; k; v; fc1] in 25.5 us against cuBLAS's 28.8 (docs/bench/gemv_rows_triton.py;
+    on [dense | fc2] it was slower, 29.4 against 22.1, so the fused layer calls it there only for one row).
     Inductor's own generated reductions were slower than cuBLAS (docs/PERFORMANCE.md). Block sizes: the fastest
     of 8 measured for each shape, by the input width."""
     import triton
@@ -399,17 +400,16 @@ class FastDecoder:
     40-55, 1,873 and 39 for generate(). At batch 1 in bf16 the step (1.98 ms alone) reads the fused layers' weights
     with triton_gemv and attends over the row's used slots only (DecodeCache, decode_attention).
 
-    Pieces are transformers' own where they suffice: StaticCache (DecodeCache up to FEW_ROWS rows), the model's
-    compiled call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill runs
-    eagerly (one call; its shapes vary). Batches of up to FEW_ROWS rows read the weights with triton_gemv and attend
-    over each row's used slots, as batch 1 does.
+    Pieces are transformers' own where they suffice: StaticCache (DecodeCache for batch 1), the model's compiled
+    call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill runs eagerly
+    (one call; its shapes vary). Batches of up to FEW_ROWS rows read [q; k; v; fc1] with triton_gemv.
     Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
     """
 
     def __init__(self, model, tokenizer, context_window: int):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.fused = fuse_phi_layers(model)
-        self.own_slots = self.fused and reads_own_slots(model)  # batches <= FEW_ROWS: decode_attention
+        self.own_slots = self.fused and reads_own_slots(model)  # batch 1: decode_attention over its used slots
         # Static shapes: each (batch, cache bucket) compiles once (30-42 s for Phi-2 on an H200) and replays as its own
         # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
         self.step = model.get_compiled_call(CompileConfig(dynamic=False))
@@ -430,7 +430,7 @@ class FastDecoder:
         size = self.cache_size(batch, length)
         key = (batch, size)
         if key not in self._caches:
-            own = self.own_slots and batch <= FEW_ROWS
+            own = self.own_slots and batch == 1
             self._caches[key] = (DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size)
         cache = self._caches[key]
         cache.reset()
@@ -450,9 +450,9 @@ class FastDecoder:
         mask = torch.ones(batch, size, dtype=attention_mask.dtype, device=device)
         mask[:, :width] = attention_mask
         position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width): positions skip the padding
-        # A few rows: each row's decode attention reads its used slots [padding, t] (decode_layout).
+        # Batch 1: its decode attention reads the row's used slots [padding, t] (decode_layout).
         layout = decode_layout(width - attention_mask.sum(-1), position[:, -1] + 2, size) \
-            if self.own_slots and batch <= FEW_ROWS else None
+            if self.own_slots and batch == 1 else None
         step_kwargs = {} if layout is None else {"kv_layout": layout}
         seq = torch.empty(batch, width + max_new_tokens, dtype=torch.long, device=device)
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
@@ -570,8 +570,8 @@ class BatchDecoder:
     does not fit before t, or the answers would run past the cache end, the rows are moved together (one block copy
     per layer) to a tighter or larger cache. The batch has two shapes: 1 row while one answer is generated (the
     single user gets batch-1 speed, the row moved to the cache's start) and `slots` rows once a second one joins;
-    each (rows, cache size) shape is compiled once, like FastDecoder's. Up to FEW_ROWS rows (the default 8 slots
-    included) the cache is a DecodeCache and each row attends over its own slots [start, t] (decode_layout).
+    each (rows, cache size) shape is compiled once, like FastDecoder's. The one-row shape is a DecodeCache whose
+    row attends over its own slots [start, t] (decode_layout), as FastDecoder's batch 1.
 
     Runs on the ChatModel's generation thread (`executor().submit`); `submit` is safe from any thread.
     """
@@ -579,7 +579,7 @@ class BatchDecoder:
     def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.slots, self.executor = slots, executor
-        self.own_slots = compiled and fuse_phi_layers(model) and reads_own_slots(model)  # rows <= FEW_ROWS
+        self.own_slots = compiled and fuse_phi_layers(model) and reads_own_slots(model)  # one-row shape
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -660,7 +660,7 @@ class BatchDecoder:
     def _cache_for(self, batch: int, size: int) -> StaticCache:
         key = (batch, size)
         if key not in self._caches:
-            cache = (DecodeCache if self.own_slots and batch <= FEW_ROWS else StaticCache)(self.model.config,
+            cache = (DecodeCache if self.own_slots and batch == 1 else StaticCache)(self.model.config,
                                                                                  max_cache_len=size)
             config = self.model.config
             head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
@@ -696,14 +696,12 @@ class BatchDecoder:
             layer.cumulative_length.fill_(t)
 
     def _place_rows(self) -> None:
-        """Where the next decode step's rows sit (decode_layout), up to FEW_ROWS rows: an answer's tokens are the
-        slots [start, t], its next token (position pos) goes to slot t; a free row reads [0, pos] (pos < t: a
-        finished answer's count goes on growing with t, a row never used since the last move starts at 0). Larger
-        batches attend with the mask."""
+        """Where the next decode step's row sits, for the one-row shape (decode_layout): its tokens are the slots
+        [start, t], its next token (position pos) goes to slot t. Batches attend with the mask."""
         self.layout = None
-        if self.own_slots and len(self.rows) <= FEW_ROWS:
-            starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
-            self.layout = decode_layout(starts, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
+        if self.own_slots and len(self.rows) == 1:
+            start = torch.tensor([self.rows[0].start if self.rows[0] else 0], device=self.device)
+            self.layout = decode_layout(start, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
 
     def _admit(self) -> None:
         """Move waiting answers into free rows. The answers waiting at one chunk boundary are prefilled together,

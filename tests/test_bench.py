@@ -52,6 +52,7 @@ def test_serving_bench_tiny(tmp_path):
     run_script("bench.py", "serve", "--tiny", "--clients", "1", "4", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["clients"] for r in rows] == [1, 4] and not any("error" in r for r in rows)
+    assert [r["client_processes"] for r in rows] == [1, 4]  # concurrent: each client its own process
     # decoded together (how many overlap depends on when each client process connects: 24-token answers on the CPU
     # can finish before the last client arrives), each text exactly the one it got alone
     assert rows[1]["most_rows"] >= 2 and rows[1]["same_text_as_alone"] == 4 and rows[0]["same_text_as_alone"] == 1
