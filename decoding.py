@@ -224,7 +224,7 @@ def gemv_kernel():
 def rows_kernel():
     """The Triton kernel of triton_gemv for 2 to FEW_ROWS rows x: y[m, n] = sum_k x[m, k] w[n, k] + b[n], each
     program BLOCK_N rows of w over the whole input, read once for every row of x: one tensor-core product a block
-    (x padded to 16 rows, the smallest it takes), fp32 sums (docs/bench/gemv_triton.py rows)."""
+    (x padded to 16 rows, the smallest it takes), fp32 sums (docs/bench/gemv_rows_triton.py times it)."""
     import triton
     import triton.language as tl
 
@@ -606,6 +606,7 @@ class BatchDecoder:
         self.t = 0
         self.tok = self.pos = self.mask = self.layout = None
         self._pending = None  # the last queued chunk: (host tokens, ready event, its rows), not yet looked at
+        self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
 
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, ids: list[int], gen: GenerationSettings, max_new_tokens: int, streamer=None,
@@ -646,7 +647,8 @@ class BatchDecoder:
                         self._flush()
         except BaseException as error:  # every waiting client must hear of it, not hang
             with self._lock:
-                answers = [a for a in self.rows if a] + self._waiting
+                held = [a for a in self.rows if a]
+                answers = held + [a for a in self._admitting if a not in held] + self._waiting
                 self._waiting, self._running = [], False
                 self._reset()
             for a in answers:
@@ -730,11 +732,13 @@ class BatchDecoder:
                 self._finish(answer)
             if not group:
                 return
+            self._admitting = group
             batch = self.slots if active or len(group) > 1 else 1
             if (not active or batch != len(self.rows) or self.t < left
                     or self.t + need > self.cache.layers[0].max_cache_len):
                 self._relayout(batch, self._size_for(left + need), left)
             self._prefill(group)
+            self._admitting = []
 
     def _prefill(self, group: list[_Answer]) -> None:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
@@ -771,12 +775,12 @@ class BatchDecoder:
             self.rows[row] = answer
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group))
+        self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         first = self.tok[rows, 0].tolist()  # one wait for the GPU for the whole group
         for answer, token in zip(group, first):
             if answer.streamer is not None:
                 answer.streamer.put(torch.tensor(answer.ids))  # the streamer skips the prompt it is handed first
             self._take(answer, [token])
-        self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
 
     def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> torch.Tensor:
         """The next token of one answer from its logits (1, vocab), as generate() would choose it."""

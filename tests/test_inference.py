@@ -621,6 +621,29 @@ def test_cancelling_one_answer_leaves_the_others_alone(tokenizer):
     assert [r.text for i, r in enumerate(replies) if i != 1] == [alone] * 3
 
 
+def test_a_failed_prefill_fails_every_answer_it_was_admitting(tokenizer):
+    """An error while prompts are being prefilled (out of memory on a long prompt, say) reaches the clients of those
+    prompts too, not only the ones already decoding: none hangs, and the next request is served."""
+    chat, messages = endless(tokenizer, fast=False)
+    gen = GenerationSettings(max_new_tokens=20, temperature=0.0)
+    alone = chat.chat(messages, gen).text
+    forward = chat.model.forward
+
+    def failing(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    chat.model.forward = failing
+    answers = start_all(chat, [messages] * 3, gen)
+    for answer in answers:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            for _ in answer:
+                pass
+    chat.model.forward = forward
+    assert chat.chat(messages, gen).text == alone
+
+
 def test_a_failed_step_fails_every_answer_it_held_and_the_next_answer_works(tokenizer):
     """An error inside the batch loop reaches each waiting client (none hangs), and the next request is served."""
     chat, messages = endless(tokenizer, fast=False)
