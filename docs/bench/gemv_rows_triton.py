@@ -10,32 +10,15 @@ the calls captured in one CUDA graph (no launch gaps), bf16.
     python docs/bench/gemv_rows_triton.py      # from the repo root, on a CUDA GPU
 """
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, ".")
+sys.path.insert(0, "docs/bench")
 from decoding import ROWS_BLOCKS, rows_kernel, triton_gemv  # noqa: E402
-
-LAYERS = 32
-
-
-def timed(fn, reps=20) -> float:
-    """Microseconds per product, from a CUDA graph of one product per layer."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps / LAYERS * 1e6
+from gemv_triton import LAYERS, timed  # noqa: E402  (the same timing as the one-row benchmark)
 
 
 def main():
