@@ -186,14 +186,14 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
 
 
 def _half_on_ampere_or_later(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16/fp16 on a GPU of compute capability 8.0+: where this module's batch-1 kernels run."""
+    """bf16/fp16 on a GPU of compute capability 8.0+: where this module's decode-step kernels run."""
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and \
         torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether batch-1 decode steps use triton_gemv: bf16/fp16 on a GPU of compute capability 8.0+ with Triton
-    (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside compiled code."""
+    """Whether decode steps of up to FEW_ROWS rows use triton_gemv: bf16/fp16 on a GPU of compute capability 8.0+
+    with Triton (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside compiled code."""
     return _half_on_ampere_or_later(device, dtype) and importlib.util.find_spec("triton") is not None
 
 
@@ -251,7 +251,7 @@ def rows_kernel():
 # bigger batches use cuBLAS. On an H200 (bf16, docs/bench/decode_step_fused.py rows) an 8-row step took 2.511 ms with
 # cuBLAS, 2.456 with the rows kernel. (Attending over each row's own slots as batch 1 does took 2.314 in that bare
 # step, 65 slots filled, but served 8 users slower end to end, 2,405 against 2,526 tok/s: not used for batches.)
-FEW_ROWS = 8
+FEW_ROWS = 8  # at most 16: rows_kernel pads x to 16 rows
 ROWS_BLOCKS = (64, 128, 4, 4)  # rows_kernel's BLOCK_N, BLOCK_K, warps, stages: the fastest of 8 for [q; k; v; fc1]
 
 
