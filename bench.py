@@ -42,12 +42,14 @@ and the mean number of answers in a decode step.
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -189,6 +191,64 @@ def kernel_summary(prof, steps: int, wall_s: float) -> str:
     return "\n".join(lines)
 
 
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # a .item() or blocking copy
+LAUNCHES = ("cudaLaunch", "cuLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
+PYTHON_FRAME = re.compile(r".+\.py\(\d+\): ")  # with_stack's frames: "path/file.py(123): function"
+
+
+def idle_summary(prof, steps: int, min_gap_us: float = 20.0, top: int = 8,
+                 device: torch.autograd.DeviceType = torch.autograd.DeviceType.CUDA) -> str:
+    """Where the GPU waited for the host, per step: every gap of at least `min_gap_us` between kernels, put down to
+    the host's last wait for the GPU that ended inside the gap (a read-back such as `.item()`, a blocking copy) or,
+    with none, to the launch of the kernel after the gap (the host was busy elsewhere until then); each named by the
+    innermost Python frame outside torch above it. Needs a profile taken with `with_stack=True`. `device` CPU reads
+    the CPU's matrix products as the kernels and as their own launches (what the tests can run)."""
+    events = prof.events()
+    on_cpu = device == torch.autograd.DeviceType.CPU
+    kernels = sorted((e for e in events if e.device_type == device and (not on_cpu or e.name == "aten::mm")),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return "no kernels"
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    waits = sorted((e for e in host if e.name.startswith(SYNCS)), key=lambda e: e.time_range.end)
+    launches = sorted((e for e in host if e.name.startswith(LAUNCHES)), key=lambda e: e.time_range.start)
+    launch_starts = [e.time_range.start for e in launches]
+
+    def caller(event) -> str:
+        while event is not None:
+            if PYTHON_FRAME.match(event.name) and "/torch/" not in event.name:
+                return event.name.rsplit("/", 1)[-1]
+            event = event.cpu_parent
+        return "?"
+
+    def launcher(kernel):  # the last launch call the host made before the kernel started
+        if on_cpu:
+            return kernel
+        i = bisect.bisect_right(launch_starts, kernel.time_range.start) - 1
+        return launches[i] if i >= 0 else None
+
+    causes: dict[str, list[float]] = {}
+    end = kernels[0].time_range.end
+    for k in kernels[1:]:
+        gap = k.time_range.start - end
+        if gap >= min_gap_us:
+            inside = [w for w in waits if end - 1 <= w.time_range.end <= k.time_range.start]
+            if inside:
+                cause = f"after a wait ({inside[-1].name}) in {caller(inside[-1])}"
+            else:
+                op = launcher(k)
+                parent = op.cpu_parent if op is not None and op.cpu_parent is not None and not on_cpu else op
+                cause = f"host busy; next kernel from {parent.name if parent else '?'} ({caller(op)})"
+            causes.setdefault(cause, []).append(gap)
+        end = max(end, k.time_range.end)
+    total = sum(sum(g) for g in causes.values())
+    lines = [f"GPU idle between kernels: {total / 1e3 / steps:.1f} ms/step in gaps >= {min_gap_us:.0f} us",
+             "| idle because | gaps/step | ms/step |", "| --- | --- | --- |"]
+    for cause, gaps in sorted(causes.items(), key=lambda c: -sum(c[1]))[:top]:
+        lines.append(f"| {cause} | {len(gaps) / steps:.1f} | {sum(gaps) / 1e3 / steps:.1f} |")
+    return "\n".join(lines)
+
+
 def run_train_config(name: str, values: dict, model_path: Path, steps: int, warmup: int, tiny: bool,
                      profile: Path | None = None) -> dict:
     """One configuration through train.py's builders; returns the measured row. With `profile`, the two steps after
@@ -203,9 +263,11 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     values.setdefault("model", {})["name_or_path"] = str(model_path)
     values["model"]["tokenizer"] = str(TINY_MODEL)  # ids are random; any tokenizer with an EOS/pad will do
     t = values.setdefault("training", {})
+    # One log line, at the end of the timed steps: a log reads the loss back from the GPU, which train.py does every
+    # logging_steps (10), not every step.
     t.update({"output_dir": tempfile.mkdtemp(prefix="bench-"), "max_steps": warmup + steps + (2 if profile else 0),
               "report_to": ["none"],
-              "save_steps": 10**6, "eval_steps": 0, "logging_steps": 1, "warmup_ratio": 0.0})
+              "save_steps": 10**6, "eval_steps": 0, "logging_steps": warmup + steps, "warmup_ratio": 0.0})
     if tiny:  # what the CPU and the tiny model can run; the code path stays the same
         values["model"].update({"dtype": "auto", "attn_implementation": "sdpa"})
         t.update({"optim": "adamw_torch", "torch_compile": "off"})
@@ -245,8 +307,10 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
             marks[0] = (time.perf_counter(), 0)
 
         def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            marks[state.global_step] = (time.perf_counter(), seen[0])
+            # Waits for the GPU only at the marks the row reads, so the host queues steps ahead as in train.py
+            if state.global_step in (1, warmup, warmup + steps):
+                sync()
+                marks[state.global_step] = (time.perf_counter(), seen[0])
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -260,7 +324,7 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
             if state.global_step == warmup + steps and self.prof is None:
                 sync()
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []), with_stack=True)
                 self.prof.__enter__()
                 self.start = time.perf_counter()
 
@@ -271,7 +335,11 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
                 self.prof.__exit__(None, None, None)
                 sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
                 table = self.prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
-                profile.write_text(kernel_summary(self.prof, 2, wall) + "\n\n" + table)
+                try:
+                    idle = idle_summary(self.prof, 2)
+                except Exception as e:  # a diagnostic that breaks on another torch must not lose the measured row
+                    idle = f"idle summary failed: {e!r}"
+                profile.write_text(kernel_summary(self.prof, 2, wall) + "\n\n" + idle + "\n\n" + table)
 
     trainer.add_callback(Timer())
     if profile is not None:

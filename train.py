@@ -319,6 +319,9 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
+        # The batch goes to the GPU from pinned memory without the host waiting for the GPU to finish the last step
+        # (a blocking copy synchronizes the stream), so the host can queue the next step while the GPU runs this one.
+        accelerator_config={"non_blocking": choice.device == "cuda"},
         report_to=[r for r in t.report_to if r != "none"] or "none",
         seed=t.seed,
         data_seed=t.seed,
@@ -486,6 +489,79 @@ class Guard(TrainerCallback):
             control.should_save, control.should_training_stop = False, True
 
 
+class SFTTrainerMetricsOnDevice(SFTTrainer):
+    """trl's SFTTrainer with its per-micro-batch metrics kept on the GPU until a log line reads them.
+
+    trl 1.16's `compute_loss` reads entropy, token accuracy and the token count back to the host after every forward
+    (`.item()`, `if num_valid > 0`): the host waits there for the GPU, so the backward can only be queued once the
+    forward has finished, and nothing of the next step is queued while the backward runs. Here the loss is trl's
+    (the same formula, over the same fused LM head outputs), the metrics are the same per-micro-batch values averaged
+    the same way, but they stay tensors until `log`, which reads them all at once every `logging_steps`. Any
+    loss this formula does not cover (a custom `compute_loss_func`, label smoothing, DFT, an MoE auxiliary loss,
+    sequence parallelism, `return_outputs`) goes through trl's own `compute_loss` unchanged."""
+
+    _pending_tokens: torch.Tensor | None = None  # tokens counted on the device since the last log line
+
+    def _plain_nll(self, return_outputs: bool) -> bool:
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        return not (return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
+                    or self.aux_loss_enabled or self.args.loss_type != "nll"
+                    or (parallelism is not None and parallelism.sp_enabled))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._plain_nll(return_outputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        # log_probs: (rows, tokens - 1), zero where the label is -100
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+
+        gather, metrics = self.accelerator.gather_for_metrics, self._metrics[mode]
+        # With no valid position, the sums are zero too: clamping gives trl's 0.0 without asking the GPU
+        num_valid = gather(outputs.label_mask.sum()).sum().clamp(min=1)
+        metrics["entropy"].append(gather(outputs.entropy.detach().sum()).sum() / num_valid)
+        metrics["mean_token_accuracy"].append(gather(outputs.is_top1.sum()).sum() / num_valid)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:  # padding-free: one packed row, every position a token
+                local = inputs["position_ids"].size(1)
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+            if isinstance(local, int) and self.accelerator.num_processes == 1:
+                self._total_train_tokens += local // self._tp_size
+            else:
+                # torch.full, not torch.tensor: a host value copied to the GPU would wait for it
+                local = local if isinstance(local, torch.Tensor) else torch.full((), local, device=self.args.device)
+                counted = gather(local).sum() // self._tp_size
+                self._pending_tokens = counted if self._pending_tokens is None else self._pending_tokens + counted
+        metrics["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        tensors = [(key, i) for key, values in metrics.items() for i, v in enumerate(values)
+                   if isinstance(v, torch.Tensor)]
+        if tensors or self._pending_tokens is not None:
+            read = [metrics[key][i].double() for key, i in tensors]  # float64: token counts stay exact
+            if self._pending_tokens is not None:
+                read.append(self._pending_tokens.double())
+            values = torch.stack(read).tolist()  # one wait for every metric of the logging window
+            if self._pending_tokens is not None:
+                self._total_train_tokens += int(values.pop())
+                self._pending_tokens = None
+                if "num_tokens" in metrics:
+                    metrics["num_tokens"] = [self._total_train_tokens]
+            for (key, i), value in zip(tensors, values):
+                metrics[key][i] = value
+        super().log(logs, start_time)
+
+
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: DeviceChoice,
                   compiled: bool, autocast: bool = False) -> SFTTrainer:
     args = build_sft_config(cfg.training, cfg.data.max_length, choice, compiled, has_eval=eval_ds is not None,
@@ -495,8 +571,8 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
         # graph) and the rest separately. transformers' arguments have no switch for it; accelerate reads this
         # variable when the Trainer builds its accelerator (it is what `accelerate config` writes).
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = str(cfg.training.compile_scope == "regions")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=build_lora_config(cfg.lora))
+    trainer = SFTTrainerMetricsOnDevice(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                       processing_class=tokenizer, peft_config=build_lora_config(cfg.lora))
     if choice.dtype == torch.float32:
         # trl stores QLoRA adapters in bf16 (QLoRA paper); with fp32 compute (CPU, GPUs without bf16) keep them
         # fp32 so every matmul of the step runs in one dtype.

@@ -61,3 +61,23 @@ def test_serving_bench_tiny(tmp_path):
     # where the decoder's time went: every client's prompt prefilled, the decode steps counted
     assert all(r["decoder"]["prompts"] == r["clients"] and r["decoder"]["steps"] > 0 for r in rows)
     assert rows[1]["decoder"]["answer_steps"] > rows[1]["decoder"]["steps"]  # steps held several answers
+
+
+def test_idle_summary_names_the_code_that_kept_the_device_waiting():
+    """bench.py train --profile says where the GPU waited for the host. Here the CPU's matrix products stand in for
+    kernels: a 30 ms pause of the host between two of them is found and put down to the line that launched the
+    product after it."""
+    import time
+
+    import torch
+    from bench import idle_summary
+
+    a = torch.randn(64, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        a @ a
+        time.sleep(0.03)
+        a @ a  # the launcher
+    summary = idle_summary(prof, steps=1, min_gap_us=10_000, device=torch.autograd.DeviceType.CPU)
+    first = summary.splitlines()[3]
+    assert "next kernel from aten::mm" in first and "test_bench.py" in first, summary
+    assert 30 <= float(first.split("|")[-2]) < 60, summary

@@ -282,3 +282,34 @@ def test_resume_keeps_the_interrupted_runs_plan(tmp_path):
                            {"training.gradient_checkpointing"})
     assert (t.per_device_train_batch_size, t.gradient_checkpointing) == (8, True)
     assert train.resumed_plan(TrainingConfig(output_dir=str(tmp_path / "new")), set()) is None
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_metrics_kept_on_the_device_log_what_trl_logs(tmp_path, monkeypatch, packing):
+    """train.py's trainer reads trl's per-micro-batch metrics back only when it logs (trl 1.16 waits for the GPU
+    after every forward to read them). A user sees the same log: loss, grad norm, entropy, token accuracy and token
+    count of every training and evaluation line equal trl's own trainer's, step for step, packed (token count from
+    the packed row's length) and padded (from the attention mask)."""
+    from trl import SFTTrainer
+
+    histories = {}
+    for name in ("trl", "train.py"):
+        if name == "trl":
+            monkeypatch.setattr(train, "SFTTrainerMetricsOnDevice", SFTTrainer)
+        else:
+            monkeypatch.undo()
+        out = tmp_path / name
+        assert train.main(["--config", "configs/smoke.yaml", "--training.output_dir", str(out),
+                           "--training.max_steps", "6", "--training.logging_steps", "2", "--training.eval_steps", "3",
+                           "--training.packing", str(packing).lower()]) == 0
+        histories[name] = json.loads((out / "final" / "log_history.json").read_text())
+    ours, theirs = histories["train.py"], histories["trl"]
+    assert [sorted(h) for h in ours] == [sorted(h) for h in theirs]
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens", "eval_loss", "eval_entropy",
+            "eval_mean_token_accuracy", "eval_num_tokens")
+    assert {k for h in ours for k in h} >= set(keys)
+    for mine, trl_line in zip(ours, theirs):
+        for key in keys:
+            if key in trl_line:
+                assert mine[key] == pytest.approx(trl_line[key], rel=1e-6), (key, mine, trl_line)
+    assert [h["num_tokens"] for h in ours if "loss" in h][-1] > 0
