@@ -214,8 +214,21 @@ def idle_summary(prof, steps: int, min_gap_us: float = 20.0, top: int = 8,
     launches = sorted((e for e in host if e.name.startswith(LAUNCHES)), key=lambda e: e.time_range.start)
     launch_starts = [e.time_range.start for e in launches]
 
+    ops = sorted((e for e in host if not e.name.startswith(("cuda", "cu"))), key=lambda e: e.time_range.start)
+    op_starts = [e.time_range.start for e in ops]
+
+    def enclosing(event):  # the innermost operator or frame around a runtime call (older torch leaves no parent)
+        i = bisect.bisect_right(op_starts, event.time_range.start) - 1
+        while i >= 0 and ops[i].time_range.end < event.time_range.end:
+            i -= 1
+        return ops[i] if i >= 0 else None
+
     def caller(event) -> str:
+        event = event.cpu_parent or enclosing(event) if event.name.startswith(("cuda", "cu")) else event
         while event is not None:
+            frames = [f for f in (getattr(event, "stack", None) or []) if "/torch/" not in f]
+            if frames:  # older torch: the stack rides on the operator
+                return frames[0].rsplit("/", 1)[-1]
             if PYTHON_FRAME.match(event.name) and "/torch/" not in event.name:
                 return event.name.rsplit("/", 1)[-1]
             event = event.cpu_parent
@@ -237,7 +250,7 @@ def idle_summary(prof, steps: int, min_gap_us: float = 20.0, top: int = 8,
                 cause = f"after a wait ({inside[-1].name}) in {caller(inside[-1])}"
             else:
                 op = launcher(k)
-                parent = op.cpu_parent if op is not None and op.cpu_parent is not None and not on_cpu else op
+                parent = (op.cpu_parent or enclosing(op)) if op is not None and not on_cpu else op
                 cause = f"host busy; next kernel from {parent.name if parent else '?'} ({caller(op)})"
             causes.setdefault(cause, []).append(gap)
         end = max(end, k.time_range.end)

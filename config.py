@@ -100,7 +100,8 @@ class TrainingConfig:
     warmup_ratio: float = doc(0.03, "fraction of the steps spent warming up the learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay on the adapters")
     max_grad_norm: float = doc(1.0, "gradient clipping norm (0 disables)")
-    optim: str = doc("auto", "optimizer name from transformers; auto = paged_adamw_8bit on GPU, adamw_torch on CPU")
+    optim: str = doc("auto", "optimizer name from transformers; auto = on a GPU adamw_torch_fused, or paged_adamw_8bit "
+                             "with gradient checkpointing (memory tight); adamw_torch on CPU")
     gradient_checkpointing: bool = doc(
         True, "recompute activations in backward: slower steps, far less activation memory (on a GPU: the plan's)")
     packing: bool = doc(True, "pack conversations into full sequences (no padding, no cross-attention between them)")

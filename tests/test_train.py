@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -268,6 +269,16 @@ def test_training_metrics_stay_training_metrics_after_a_compiled_evaluation(tmp_
     assert tokens[0] < tokens[1] < tokens[2]
 
 
+def test_auto_optimizer_is_fused_adamw_unless_memory_is_tight():
+    """training.optim auto: fused AdamW on a GPU with memory to spare (no gradient checkpointing); paged 8-bit AdamW,
+    which waits for the GPU after every step, only where checkpointing says memory is tight; plain AdamW on the CPU."""
+    gpu, cpu = train.DeviceChoice("cuda", torch.bfloat16, "an H200"), decide_device_dtype("auto")
+    assert train.resolve_optim("auto", gpu, checkpointing=False) == "adamw_torch_fused"
+    assert train.resolve_optim("auto", gpu, checkpointing=True) == "paged_adamw_8bit"
+    assert train.resolve_optim("auto", cpu, checkpointing=False) == "adamw_torch"
+    assert train.resolve_optim("paged_adamw_8bit", gpu, checkpointing=False) == "paged_adamw_8bit"
+
+
 def test_resume_keeps_the_interrupted_runs_plan(tmp_path):
     """--resume on a GPU reuses the micro-batch, accumulation and checkpointing of the run it continues (its saved
     config.yaml), not a new plan from today's free memory: the Trainer finds its place in the data by counting
@@ -278,6 +289,14 @@ def test_resume_keeps_the_interrupted_runs_plan(tmp_path):
     save_config(saved, tmp_path / "config.yaml")
     t = train.resumed_plan(TrainingConfig(output_dir=str(tmp_path)), set())
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing) == (8, 2, False)
+    # the checkpoint holds paged 8-bit AdamW's state (auto's choice before it was saved resolved); another optimizer
+    # would fail on it, so auto does not get decided afresh
+    assert t.optim == "paged_adamw_8bit"
+    save_config(dataclasses.replace(saved, training=dataclasses.replace(saved.training, optim="adamw_torch_fused")),
+                tmp_path / "config.yaml")
+    assert train.resumed_plan(TrainingConfig(output_dir=str(tmp_path)), set()).optim == "adamw_torch_fused"
+    assert train.resumed_plan(TrainingConfig(output_dir=str(tmp_path), optim="adamw_torch"),
+                              {"training.optim"}).optim == "adamw_torch"
     t = train.resumed_plan(TrainingConfig(output_dir=str(tmp_path), gradient_checkpointing=True),
                            {"training.gradient_checkpointing"})
     assert (t.per_device_train_batch_size, t.gradient_checkpointing) == (8, True)
