@@ -388,8 +388,8 @@ def peak_memory_gib(device: str) -> float:
 class PhaseClock(TrainerCallback):
     """Where the time to the adapter goes: set-up phases, the first steps (compilation), steady steps, the end.
 
-    Marks are taken on the host; trl reads a metric back from the GPU every step, so the host is never more than
-    a step ahead. The first FIRST_STEPS steps of this process (resumed or not) hold the compilation. The steady
+    Marks are taken on the host; it still waits for the GPU a few times a step (transformers' packed-sequence check
+    before the layers, trl's selection of the labelled positions for the LM head), so it is never a step ahead. The first FIRST_STEPS steps of this process (resumed or not) hold the compilation. The steady
     rate counts the tokens trl logs (`num_tokens`, every process's non-padding tokens) between the first log after
     them and the last log."""
 
@@ -589,6 +589,15 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
         # graph) and the rest separately. transformers' arguments have no switch for it; accelerate reads this
         # variable when the Trainer builds its accelerator (it is what `accelerate config` writes).
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = str(cfg.training.compile_scope == "regions")
+        # Dropout in compiled layers. Inductor draws one Philox number per element inside its fused kernels (one at
+        # a time in a reduction kernel such as the layer norm whose output feeds q/k/v/fc1); ATen's dropout kernel
+        # draws four at once. With the adapter's dropout ATen's is faster (the default at 80 GiB on an H200: 33,902
+        # against 32,756 tok/s); with only Phi's residual dropout, fused into the residual add, inductor's is
+        # (speed preset: 36,480 against 36,083). docs/PERFORMANCE.md, issue 17's ninth session.
+        from torch._inductor import config as inductor_config
+        inductor_config.fallback_random = cfg.lora.dropout > 0
+        logger.info("dropout in compiled layers: %s", "ATen's kernels (adapter dropout %g)" % cfg.lora.dropout
+                    if cfg.lora.dropout > 0 else "inductor's, fused (no adapter dropout)")
     trainer = SFTTrainerMetricsOnDevice(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=build_lora_config(cfg.lora))
     if choice.dtype == torch.float32:
