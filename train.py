@@ -389,9 +389,9 @@ class PhaseClock(TrainerCallback):
     """Where the time to the adapter goes: set-up phases, the first steps (compilation), steady steps, the end.
 
     Marks are taken on the host; it still waits for the GPU a few times a step (transformers' packed-sequence check
-    before the layers, trl's selection of the labelled positions for the LM head), so it is never a step ahead. The first FIRST_STEPS steps of this process (resumed or not) hold the compilation. The steady
-    rate counts the tokens trl logs (`num_tokens`, every process's non-padding tokens) between the first log after
-    them and the last log."""
+    before the layers, trl's selection of the labelled positions for the LM head), so it is never a step ahead. The
+    first FIRST_STEPS steps of this process (resumed or not) hold the compilation. The steady rate counts the tokens
+    trl logs (`num_tokens`, every process's non-padding tokens) between the first log after them and the last log."""
 
     FIRST_STEPS = 10
 
