@@ -330,12 +330,11 @@ def test_metrics_kept_on_the_device_log_what_trl_logs(tmp_path, monkeypatch, pac
     the packed row's length) and padded (from the attention mask)."""
     from trl import SFTTrainer
 
+    # in-process runs: pytest keeps its own Ctrl-C/SIGTERM handling (train.py's save-and-exit is tested elsewhere)
+    monkeypatch.setattr(train.Guard, "install_signal_handlers", lambda self: None)
     histories = {}
-    for name in ("trl", "train.py"):
-        if name == "trl":
-            monkeypatch.setattr(train, "SFTTrainerMetricsOnDevice", SFTTrainer)
-        else:
-            monkeypatch.undo()
+    for name, trainer_class in (("trl", SFTTrainer), ("train.py", train.SFTTrainerMetricsOnDevice)):
+        monkeypatch.setattr(train, "SFTTrainerMetricsOnDevice", trainer_class)
         out = tmp_path / name
         assert train.main(["--config", "configs/smoke.yaml", "--training.output_dir", str(out),
                            "--training.max_steps", "6", "--training.logging_steps", "2", "--training.eval_steps", "3",
