@@ -285,8 +285,8 @@ def decide_training(cfg: Config, choice: DeviceChoice, resume: bool = False) -> 
 
 OPTIM_REASONS = {
     "adamw_torch_fused": "a GPU without gradient checkpointing has memory to spare, and fused AdamW lets the host "
-                         "queue the next step (paged 8-bit AdamW waits for the GPU after every step: 5% slower on an "
-                         "H200, docs/PERFORMANCE.md)",
+                         "queue the next step (bitsandbytes' 8-bit AdamW waits for the GPU after each parameter's "
+                         "update: 5% slower on an H200, docs/PERFORMANCE.md)",
     "paged_adamw_8bit": "gradient checkpointing means memory is tight: 8-bit states, paged out under pressure",
     "adamw_torch": "the CPU",
 }
