@@ -292,7 +292,7 @@ OPTIM_REASONS = {
 }
 
 
-def resolve_optim(name: str, choice: DeviceChoice, checkpointing: bool = True) -> str:
+def resolve_optim(name: str, choice: DeviceChoice, checkpointing: bool) -> str:
     if name == "auto":
         if choice.device != "cuda":
             return "adamw_torch"
@@ -317,7 +317,7 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=resolve_optim(t.optim, choice),
+        optim=resolve_optim(t.optim, choice, t.gradient_checkpointing),
         bf16=autocast,  # accelerate's bf16 mixed precision is autocast; plain bf16 needs none
         fp16=False,
         use_cpu=choice.device == "cpu",
