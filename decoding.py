@@ -151,7 +151,8 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     # A decode step of one row, or of a few users' rows: matrix-vector products, where triton_gemv reads the weights
     # faster than cuBLAS; for 2-8 rows only [q; k; v; fc1] (docs/bench/gemv_rows_triton.py: its rows kernel took
     # 25.5 us against 28.8 at 8 rows on an H200, but 29.4 against 22.1 on the 2560-row [dense | fc2]).
-    few = self.gemv is not None and x.shape[1] == 1 and x.shape[0] <= FEW_ROWS
+    # (fp32: one row only; rows_kernel's tensor-core product would round x and w to TF32)
+    few = self.gemv is not None and x.shape[1] == 1 and x.shape[0] <= (FEW_ROWS if x.dtype != torch.float32 else 1)
     linear_in = self.gemv if few else F.linear
     linear_out = self.gemv if few and x.shape[0] == 1 else F.linear
     q, k, v, ff = linear_in(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
@@ -192,9 +193,12 @@ def _half_on_ampere_or_later(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decode steps of up to FEW_ROWS rows use triton_gemv: bf16/fp16 on a GPU of compute capability 8.0+
-    with Triton (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside compiled code."""
-    return _half_on_ampere_or_later(device, dtype) and importlib.util.find_spec("triton") is not None
+    """Whether decode steps use triton_gemv: bf16/fp16 (up to FEW_ROWS rows) or fp32 (one row) on a GPU of compute
+    capability 8.0+ with Triton (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside
+    compiled code."""
+    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return ampere and dtype in (torch.bfloat16, torch.float16, torch.float32) and \
+        importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -277,7 +281,10 @@ def triton_gemv():
         y = x.new_empty(*x.shape[:-1], n)
         rows = x.numel() // k
         if rows == 1:
-            block_n, block_k, warps, stages = (8, 1024, 8, 2) if k >= 8192 else (2, 2048, 4, 2)
+            if weight.dtype == torch.float32:  # docs/bench/gemv_triton.py fp32: 31.7 and 42.1 us vs cuBLAS 40.0, 52.3
+                block_n, block_k, warps, stages = (2, 1024, 4, 2) if k >= 8192 else (1, 2048, 4, 2)
+            else:
+                block_n, block_k, warps, stages = (8, 1024, 8, 2) if k >= 8192 else (2, 2048, 4, 2)
             wrap_triton(one)[(triton.cdiv(n, block_n),)](weight, x.contiguous(), bias, y, n, k, BLOCK_N=block_n,
                                                          BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         else:
@@ -352,12 +359,15 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """One query per row, q: (batch, heads, 1, head dim), against that row's slots (decode_layout) of a
     token-major cache, keys/values: (batch, cache, heads, head dim); returns (batch, 1, heads * head dim).
     kernel (decode_kernel decides it):
+    - "split": triton_decode_attention, each row's slots cut into blocks read in parallel (CUDA, any dtype);
     - "flash": FlashAttention-2's varlen kernel (cu_seqlens_k + seqused_k) reads only the row's used slots: 7.2 us
       a layer at batch 1 on an H200, against 8.4 us for cuDNN over the whole cache. At batch 64 its one-query tiles
-      made it slower than cuDNN (61 us a layer for 65 slots), so batches keep transformers' attention;
+      made it slower than cuDNN (61 us a layer for 65 slots), so with it batches keep transformers' attention;
     - "products" (the CPU): two small batched products and a softmax over the row's slots, masked."""
     batch, heads, _, dim = q.shape
     size = keys.shape[1]
+    if kernel == "split":
+        return torch.ops.phi2_qlora.decode_attention(q, keys, values, layout, scale)
     if kernel == "flash":
         out = torch.ops.aten._flash_attention_forward(
             q.reshape(batch, heads, dim), keys.view(batch * size, heads, dim), values.view(batch * size, heads, dim),
@@ -373,20 +383,161 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.transpose(1, 2).reshape(batch, 1, heads * dim)
 
 
+# triton_decode_attention's launch by batch size: (slots a program reads, slots a step of its walk, warps, pipeline
+# stages); the fastest of 25 measured on an H200 at 65, 192 and 320 used slots (docs/bench/decode_attention_split.py).
+SPLIT_CONFIGS = {1: (32, 32, 2, 1), 8: (64, 8, 1, 3), 64: (128, 8, 1, 3)}  # others: the next larger batch's
+
+
+@functools.cache
+def split_attention_kernels():
+    """The two Triton kernels of triton_decode_attention ("flash decoding"):
+    - partial: one program per (row, head, block of SPLIT slots) walks the block's used slots BLOCK_N at a time
+      (online softmax) and writes the block's softmax statistics (max, sum, in log2 units) and weighted values;
+    - combine: one program per (row, head) rescales its blocks' partial results to one max and adds them up.
+    The cache is read through its strides (token- or head-major); fp32 sums whatever its dtype; head dims padded to
+    a power of two (Phi-2's 80 -> 128, masked)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
+                head_stride, HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)  # row * HEADS + head
+        block = tl.program_id(1)
+        row, head = pid // HEADS, pid % HEADS
+        start = tl.load(layout_ptr + batch + 1 + row) - row * size  # the row's first slot
+        used = tl.load(layout_ptr + 2 * (batch + 1) + row)
+        d = tl.arange(0, BLOCK_D)
+        q = (tl.load(q_ptr + pid * DIM + d, mask=d < DIM, other=0.0).to(tl.float32) * scale).to(tl.float32)
+        q = q * 1.4426950408889634  # scores in log2 units: exp2 below
+        base = row.to(tl.int64) * row_stride + head * head_stride
+        lo = block * SPLIT
+        hi = tl.minimum(used, lo + SPLIT)
+        if SPLIT == BLOCK_N:  # one step: no loop (2-3 us a layer less at batch 1 on an H200)
+            slots = lo + tl.arange(0, BLOCK_N)
+            live = slots < hi
+            offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]  # (BLOCK_N, BLOCK_D)
+            read = live[:, None] & (d < DIM)[None, :]
+            # both loads issued before any math: two reads in flight, not one after the other
+            k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            v = tl.load(v_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,) scores in log2 units
+            top = tl.max(s, 0)  # -inf for a block past the row's slots: it then adds nothing
+            p = tl.exp2(s - tl.where(top == float("-inf"), 0.0, top))
+            total = tl.sum(p, 0)
+            acc = tl.sum(p[:, None] * v, 0)
+        else:  # walk the block BLOCK_N slots at a time, online softmax
+            top = float("-inf")  # stays -inf for a block past the row's slots: it then adds nothing
+            total = 0.0
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                slots = n0 + tl.arange(0, BLOCK_N)
+                live = slots < hi
+                offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]
+                read = live[:, None] & (d < DIM)[None, :]
+                k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                v = tl.load(v_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))
+                new = tl.maximum(top, tl.max(s, 0))  # finite: every step holds a used slot
+                p = tl.exp2(s - new)
+                alpha = tl.exp2(top - new)
+                total = total * alpha + tl.sum(p, 0)
+                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+                top = new
+        out = pid * SPLITS + block
+        tl.store(acc_ptr + out * BLOCK_D + d, acc)
+        tl.store(stats_ptr + out * 2, top)
+        tl.store(stats_ptr + out * 2 + 1, total)
+
+    @triton.jit
+    def combine(acc_ptr, stats_ptr, o_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)  # row * heads + head
+        blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
+        there = tl.arange(0, SPLITS_P2) < SPLITS
+        top = tl.load(stats_ptr + blocks * 2, mask=there, other=float("-inf"))
+        total = tl.load(stats_ptr + blocks * 2 + 1, mask=there, other=0.0)
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(acc_ptr + blocks[:, None] * BLOCK_D + d[None, :], mask=there[:, None], other=0.0)
+        w = tl.exp2(top - tl.max(top, 0))  # the first block always holds a used slot: the max is finite
+        o = tl.sum(w[:, None] * acc, 0) / tl.sum(w * total, 0)
+        tl.store(o_ptr + pid * DIM + d, o.to(o_ptr.dtype.element_ty), mask=d < DIM)
+
+    return partial, combine
+
+
+def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
+                    config: tuple[int, int, int, int], wrap=None) -> torch.Tensor:
+    """Run split_attention_kernels: q (batch, heads, 1, head dim); keys/values (batch, cache, heads, head dim) in
+    any strides (a transposed view of a head-major cache too); config: SPLIT_CONFIGS' (slots a program, slots a
+    step, warps, stages). Returns (batch, 1, heads * head dim). wrap: torch.library.wrap_triton inside the op."""
+    import triton
+    partial, combine = split_attention_kernels()
+    if wrap is not None:
+        partial, combine = wrap(partial), wrap(combine)
+    batch, heads, _, dim = q.shape
+    size = keys.shape[1]
+    slots, step, warps, stages = config
+    blocks = triton.cdiv(size, slots)
+    block_d = triton.next_power_of_2(dim)
+    acc = q.new_empty(batch * heads * blocks * block_d, dtype=torch.float32)  # each block's weighted values
+    stats = q.new_empty(batch * heads * blocks * 2, dtype=torch.float32)  # each block's max and sum
+    out = q.new_empty(batch, 1, heads * dim)
+    row_stride, slot_stride, head_stride, _ = keys.stride()
+    partial[(batch * heads, blocks)](
+        q.contiguous(), keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride,
+        HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks, BLOCK_N=step, BLOCK_D=block_d, num_warps=warps,
+        num_stages=stages)
+    combine[(batch * heads,)](acc, stats, out, DIM=dim, SPLITS=blocks, SPLITS_P2=triton.next_power_of_2(blocks),
+                              BLOCK_D=block_d)
+    return out
+
+
+@functools.cache
+def triton_decode_attention():
+    """decode_attention's "split" kernel, registered as the PyTorch op phi2_qlora::decode_attention so that inductor
+    and CUDA graphs take it in: one query a row against the row's used slots only (decode_layout), split into
+    blocks read in parallel (split_attention_kernels, launched as SPLIT_CONFIGS says for the batch size), so that a
+    step reads what the answers hold, not the whole cache, at any batch size.
+
+    Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
+    with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel took 32, 62 and 95 us at 65,
+    192 and 320 used slots. FlashAttention over own slots keeps 64- or 128-query tiles for one query: 62-131 us
+    there; at batch 1 it took 8.0-14.7 us, this kernel 5.5-6.2. fp32 had no fused kernel (30 us a layer, masked
+    products over the whole cache; this kernel 5.3-6.5)."""
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("phi2_qlora::decode_attention", mutates_args={})
+    def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        batch = q.shape[0]
+        config = SPLIT_CONFIGS[min([b for b in SPLIT_CONFIGS if b >= batch], default=max(SPLIT_CONFIGS))]
+        return split_attention(q, keys, values, layout, scale, config, wrap=wrap_triton)
+
+    return attend
+
+
 def decode_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
-    """decode_attention's kernel for batch-1 steps on a model's device and dtype, decided once per layer when fusing
-    (outside compiled code): "flash" (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a PyTorch
-    whose kernel takes seqused_k); "products" on the CPU; None elsewhere (fp32 or older GPUs), where the step keeps
-    transformers' attention over the whole cache, as measured (fp32: 272 tok/s on an H200)."""
+    """decode_attention's kernel for decode steps on a model's device and dtype, decided once per layer when fusing
+    (outside compiled code, where it also registers the Triton op): "split" (triton_decode_attention) on CUDA GPUs
+    with Triton, for every batch; else "flash" (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a
+    PyTorch whose kernel takes seqused_k) for batch 1 only; "products" on the CPU; None elsewhere, where the step
+    keeps transformers' attention over the whole cache."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        triton_decode_attention()
+        return "split"
     flash_args = {a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
     if _half_on_ampere_or_later(device, dtype) and "seqused_k" in flash_args:
         return "flash"
     return "products" if device.type == "cpu" else None
 
 
-def reads_own_slots(model) -> bool:
-    """Whether a fused model's batch-1 decode steps attend through decode_attention (DecodeCache + decode_layout)."""
-    return getattr(model.model.layers[0], "decode_kernel", None) is not None
+def reads_own_slots(model, batch: int) -> bool:
+    """Whether a fused model's decode steps of `batch` rows attend through decode_attention (DecodeCache +
+    decode_layout): with "split" and "products" at every batch size, with "flash" at batch 1 only."""
+    kernel = getattr(model.model.layers[0], "decode_kernel", None)
+    return kernel is not None and (batch == 1 or kernel != "flash")
 
 
 class FastDecoder:
@@ -409,7 +560,6 @@ class FastDecoder:
     def __init__(self, model, tokenizer, context_window: int):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.fused = fuse_phi_layers(model)
-        self.own_slots = self.fused and reads_own_slots(model)  # batch 1: decode_attention over its used slots
         # Static shapes: each (batch, cache bucket) compiles once (30-42 s for Phi-2 on an H200) and replays as its own
         # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
         self.step = model.get_compiled_call(CompileConfig(dynamic=False))
@@ -430,7 +580,7 @@ class FastDecoder:
         size = self.cache_size(batch, length)
         key = (batch, size)
         if key not in self._caches:
-            own = self.own_slots and batch == 1
+            own = self.fused and reads_own_slots(self.model, batch)
             self._caches[key] = (DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size)
         cache = self._caches[key]
         cache.reset()
@@ -450,9 +600,9 @@ class FastDecoder:
         mask = torch.ones(batch, size, dtype=attention_mask.dtype, device=device)
         mask[:, :width] = attention_mask
         position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width): positions skip the padding
-        # Batch 1: its decode attention reads the row's used slots [padding, t] (decode_layout).
+        # Each row's decode attention reads its used slots [padding, t] (decode_layout).
         layout = decode_layout(width - attention_mask.sum(-1), position[:, -1] + 2, size) \
-            if self.own_slots and batch == 1 else None
+            if isinstance(cache, DecodeCache) else None
         step_kwargs = {} if layout is None else {"kv_layout": layout}
         seq = torch.empty(batch, width + max_new_tokens, dtype=torch.long, device=device)
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
@@ -570,8 +720,8 @@ class BatchDecoder:
     does not fit before t, or the answers would run past the cache end, the rows are moved together (one block copy
     per layer) to a tighter or larger cache. The batch has two shapes: 1 row while one answer is generated (the
     single user gets batch-1 speed, the row moved to the cache's start) and `slots` rows once a second one joins;
-    each (rows, cache size) shape is compiled once, like FastDecoder's. The one-row shape is a DecodeCache whose
-    row attends over its own slots [start, t] (decode_layout), as FastDecoder's batch 1.
+    each (rows, cache size) shape is compiled once, like FastDecoder's. Fused, each row attends over its own slots
+    [start, t] of a DecodeCache (decode_layout; with FlashAttention, the one-row shape only), as FastDecoder's rows.
 
     Runs on the ChatModel's generation thread (`executor().submit`); `submit` is safe from any thread.
     """
@@ -579,7 +729,7 @@ class BatchDecoder:
     def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.slots, self.executor = slots, executor
-        self.own_slots = compiled and fuse_phi_layers(model) and reads_own_slots(model)  # one-row shape
+        self.fused = compiled and fuse_phi_layers(model)
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -662,8 +812,8 @@ class BatchDecoder:
     def _cache_for(self, batch: int, size: int) -> StaticCache:
         key = (batch, size)
         if key not in self._caches:
-            cache = (DecodeCache if self.own_slots and batch == 1 else StaticCache)(self.model.config,
-                                                                                 max_cache_len=size)
+            own = self.fused and reads_own_slots(self.model, batch)
+            cache = (DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size)
             config = self.model.config
             head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
             cache.early_initialization(batch, config.num_key_value_heads or config.num_attention_heads, head_dim,
@@ -698,12 +848,13 @@ class BatchDecoder:
             layer.cumulative_length.fill_(t)
 
     def _place_rows(self) -> None:
-        """Where the next decode step's row sits, for the one-row shape (decode_layout): its tokens are the slots
-        [start, t], its next token (position pos) goes to slot t. Batches attend with the mask."""
+        """Where the next decode step's rows sit in a DecodeCache (decode_layout): an answer's tokens are the slots
+        [start, t], its next token (position pos) goes to slot t; a free row reads [0, pos] (finite, thrown away).
+        In a StaticCache rows attend with the mask."""
         self.layout = None
-        if self.own_slots and len(self.rows) == 1:
-            start = torch.tensor([self.rows[0].start if self.rows[0] else 0], device=self.device)
-            self.layout = decode_layout(start, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
+        if isinstance(self.cache, DecodeCache):
+            starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
+            self.layout = decode_layout(starts, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
 
     def _admit(self) -> None:
         """Move waiting answers into free rows. The answers waiting at one chunk boundary are prefilled together,

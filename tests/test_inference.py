@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
 import inference
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, FEW_ROWS, FastDecoder, decode_attention, decode_kernel, decode_layout,
+from decoding import (CHECK_EVERY, FEW_ROWS, DecodeCache, FastDecoder, decode_attention, decode_kernel, decode_layout,
                       triton_gemv, triton_supported)
 from inference import ChatModel, Reply, chat_loop, merge_adapter
 from conftest import ROOT, TINY, run_script
@@ -164,13 +164,16 @@ def test_a_growing_chat_meets_few_compiled_cache_sizes(chat_model):
 
 def test_fast_batches_share_one_compiled_shape(chat_model):
     """evaluate.py's batches on the fast path: one (batch, cache) shape for the whole call — one compile on a GPU,
-    not one per batch — and the same answers as the plain path."""
+    not one per batch — and the same answers as the plain path, each row attending over its own (left-padded)
+    slots."""
     fast = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
     questions = ["Hi", "What is 2 plus 2?", "What is the capital of Peru?", "Tell me, please: what is 3 plus 4?",
                  "What is the capital of France? I would really like to know it, if you can tell me."]
     convs = [[{"role": "user", "content": q}] for q in questions]
     replies = fast.chat_batch(convs, GREEDY, batch_size=2)
     assert len(fast._decoder._caches) == 1
+    # every row attends over its own slots, as batch 1 does (decode_attention; on a GPU the split kernel)
+    assert isinstance(next(iter(fast._decoder._caches.values())), DecodeCache)
     assert replies == chat_model.chat_batch(convs, GREEDY, batch_size=2)
 
 
@@ -203,53 +206,69 @@ def test_fast_loop_does_not_wait_for_the_gpu_per_token(tokenizer, batch):
         assert 0 < syncs(gen, 128) <= syncs(gen, 32) + 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("batch", [1, 5])
-def test_decode_attention_kernel_reads_each_rows_own_slots_on_gpu(batch):
-    """The FlashAttention decode kernel (bf16) against the reference products (fp32) on the same token-major cache,
-    rows at different places: each row sees only its slots [start, start + used); the slots around them hold
-    large values that would show in the output if read. Tolerance: bf16 rounding of q, k, v and the output."""
-    size, heads, dim = 384, 32, 80  # Phi-2's heads
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    keys, values = (torch.randn(batch, size, heads, dim, generator=gen, device="cuda") * 30 for _ in range(2))
-    starts = torch.tensor([37, 17, 200, 5, 100][:batch], device="cuda")
-    used = torch.tensor([300, 9, 184, 1, 250][:batch], device="cuda")
-    slot = torch.arange(size, device="cuda")[None]
+def loud_cache(batch: int, device: str):
+    """A token-major cache (Phi-2's 32 heads of 80) whose rows sit at different places: row i's slots are
+    [starts[i], starts[i] + used[i]); every other slot holds keys 30 times larger, which would show if read.
+    Returns q, keys, values, starts, used."""
+    size, heads, dim = 384, 32, 80
+    gen = torch.Generator(device=device).manual_seed(0)
+    keys, values = (torch.randn(batch, size, heads, dim, generator=gen, device=device) * 30 for _ in range(2))
+    starts = torch.tensor([37, 17, 200, 5, 100, 0, 64][:batch], device=device)
+    used = torch.tensor([300, 9, 184, 1, 250, 384, 65][:batch], device=device)  # one or many 64-slot blocks
+    slot = torch.arange(size, device=device)[None]
     inside = ((slot >= starts[:, None]) & (slot < (starts + used)[:, None]))[:, :, None, None]  # (b, cache, 1, 1)
     keys = torch.where(inside, keys / 30, keys)  # out-of-row slots stay loud
-    q = torch.randn(batch, heads, 1, dim, generator=gen, device="cuda")
+    q = torch.randn(batch, heads, 1, dim, generator=gen, device=device)
+    return q, keys, values, starts, used
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_attention_kernels_read_each_rows_own_slots_on_gpu(batch, dtype):
+    """The GPU decode attention kernels (Triton's split kernel; FlashAttention for bf16) against the reference
+    products (fp32) on the same token-major cache (loud_cache): each row sees only its own slots. Eager, and
+    compiled as in the decode step (inductor calls the kernel itself). Tolerance: bf16 rounding of q, k, v and the
+    output; fp32 sums in another order."""
+    q, keys, values, starts, used = loud_cache(batch, "cuda")
+    dim, size = q.shape[-1], keys.shape[1]
     layout = decode_layout(starts, used, size)
-    if decode_kernel(q.device, torch.bfloat16) != "flash":
-        pytest.skip("FlashAttention needs compute capability 8.0 or later")
-    inputs = (q.bfloat16(), keys.bfloat16(), values.bfloat16(), layout, dim ** -0.5, "flash")
+    kernels = ["split"] + (["flash"] if dtype == torch.bfloat16 else [])
+    if decode_kernel(q.device, dtype) != "split":
+        pytest.skip("needs Triton")
     reference = decode_attention(q, keys, values, layout, dim ** -0.5, "products")
-    # eager, and compiled as in the decode step (inductor calls the kernel itself)
-    for out in (decode_attention(*inputs), torch.compile(decode_attention)(*inputs)):
-        assert out.dtype == torch.bfloat16 and out.shape == (batch, 1, heads * dim)
-        assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
+    for kernel in kernels:
+        inputs = (q.to(dtype), keys.to(dtype), values.to(dtype), layout, dim ** -0.5, kernel)
+        for out in (decode_attention(*inputs), torch.compile(decode_attention)(*inputs)):
+            assert out.dtype == dtype and out.shape == (batch, 1, q.shape[1] * dim)
+            assert (out.float() - reference).abs().max() < tolerance * reference.abs().max(), kernel
     wrong = decode_attention(q, keys, values, decode_layout(torch.zeros_like(starts), starts + used, size),
                              dim ** -0.5, "products")
     assert (wrong - reference).abs().max() > 0.2 * reference.abs().max()  # reading other slots shows
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS])
-def test_triton_gemv_is_the_linear_product_on_gpu(rows):
-    """The decode-step products of the fused layers (decoding.triton_gemv: one row, and a few users' rows) against
-    fp32 F.linear, both of Phi-2's fused shapes and a ragged one, in the compiled step too (inductor takes the op
-    in); every row its own product. Tolerance: bf16 inputs and output."""
-    if not triton_supported(torch.device("cuda"), torch.bfloat16):
+@pytest.mark.parametrize("rows, dtype", [(1, torch.bfloat16), (3, torch.bfloat16), (FEW_ROWS, torch.bfloat16),
+                                         (1, torch.float32)], ids=["1-bf16", "3-bf16", f"{FEW_ROWS}-bf16", "1-fp32"])
+def test_triton_gemv_is_the_linear_product_on_gpu(rows, dtype):
+    """The decode-step products of the fused layers (decoding.triton_gemv: one row, and a few users' rows; fp32
+    models one row) against fp32 F.linear, both of Phi-2's fused shapes and a ragged one, in the compiled step too
+    (inductor takes the op in); every row its own product. Tolerance: bf16 inputs and output; fp32 sums in
+    another order."""
+    if not triton_supported(torch.device("cuda"), dtype):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     gemv = triton_gemv()
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n, k in ((17920, 2560), (2560, 12800), (1000, 333)):
-        w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).bfloat16()
-        b = torch.randn(n, generator=gen, device="cuda").bfloat16()
-        x = torch.randn(rows, 1, k, generator=gen, device="cuda").bfloat16()
-        expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).to(dtype)
+        b = torch.randn(n, generator=gen, device="cuda").to(dtype)
+        x = torch.randn(rows, 1, k, generator=gen, device="cuda").to(dtype)
+        expected = torch.nn.functional.linear(x.double(), w.double(), b.double())
         for y in (gemv(x, w, b), torch.compile(gemv)(x, w, b)):
-            assert y.shape == (rows, 1, n) and y.dtype == torch.bfloat16
-            assert ((y.float() - expected).abs().amax(-1) < 0.02 * expected.abs().amax(-1)).all()
+            assert y.shape == (rows, 1, n) and y.dtype == dtype
+            tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
+            assert ((y.double() - expected).abs().amax(-1) < tolerance * expected.abs().amax(-1)).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -522,11 +541,11 @@ def finish(answers):
 def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch, fast):
     """Six users at once (the last with a longer, multi-turn prompt that joins later): each greedy answer is the one
     it gets alone and the one generate() gives, exactly (fp32); and they were decoded together, in far fewer model
-    steps than tokens. fast: the compiled step with fused layers; when one answer is left, it goes on in the one-row
-    shape, whose attention reads its own cache slots (decoding.decode_attention)."""
+    steps than tokens. fast: the compiled step with fused layers, every row attending over its own cache slots
+    (decoding.decode_attention), in the batch shape and, when one answer is left, in the one-row shape."""
     if fast:
         chat_model = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
-        assert chat_model._batcher.own_slots
+        assert chat_model._batcher.fused
     gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
     steps = [0]
     step = chat_model._batcher.step
@@ -542,6 +561,10 @@ def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch,
     assert [(r.text, r.stop, r.new_tokens) for r in replies] == [(r.text, r.stop, r.new_tokens) for r in alone]
     # the fast path sees tokens a chunk (8 steps) later, by when short answers have ended: fewer rows overlap
     assert chat_model._batcher.most_rows >= (3 if fast else 4)
+    if fast:
+        shapes = chat_model._batcher._caches
+        assert {rows for rows, _ in shapes} == {1, chat_model._batcher.slots}
+        assert all(isinstance(cache, DecodeCache) for cache in shapes.values())
     assert steps[0] < 0.5 * steps_alone
 
 

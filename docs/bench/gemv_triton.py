@@ -4,9 +4,10 @@ At batch 1 a decode step is 32 x two matrix-vector products ([q; k; v; fc1]: 179
 2560 x 12800) plus lm_head, and cuBLAS reads those weights at ~3.5 TB/s of the H200's 4.8
 (docs/PERFORMANCE.md). This measures whether a simple Triton kernel (each program: a block of rows, the whole
 input, fp32 sums) reads them faster. As in the real step, 32 different weight matrices are read in turn (no L2
-reuse: 92 MB each), the calls captured in one CUDA graph (no launch gaps), bf16.
+reuse: 92 MB each), the calls captured in one CUDA graph (no launch gaps), bf16 (or fp32: twice the bytes).
 
     python docs/bench/gemv_triton.py      # from the repo root, on a CUDA GPU
+    python docs/bench/gemv_triton.py fp32 # the fp32 model's products (fp32 weights, fp32 sums)
 """
 import sys
 import time
@@ -45,15 +46,18 @@ def timed(fn, reps=20) -> float:
 
 def main():
     torch.manual_seed(0)
+    dtype = torch.float32 if sys.argv[1:] == ["fp32"] else torch.bfloat16
     configs = [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3), (4, 1024, 4, 3),
                (8, 1024, 8, 2), (2, 2048, 4, 2), (16, 1024, 8, 2)]
+    if dtype == torch.float32:  # same bytes a block as bf16's, or half
+        configs += [(4, 512, 4, 3), (8, 256, 4, 4), (2, 1024, 4, 2), (8, 512, 8, 2), (1, 2048, 4, 2)]
     for name, n, k in (("[q; k; v; fc1]", 17920, 2560), ("[dense | fc2]", 2560, 12800), ("lm_head", 51200, 2560)):
         layers = LAYERS if name != "lm_head" else 8
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
-        bs = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        mb = n * k * 2 / 1e6
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(layers)]
+        bs = [torch.randn(n, device="cuda", dtype=dtype) for _ in range(layers)]
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        y = torch.empty(1, n, device="cuda", dtype=dtype)
+        mb = n * k * dtype.itemsize / 1e6
         ref = F.linear(x, ws[0], bs[0])
 
         def cublas():
