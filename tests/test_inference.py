@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
+import decoding
 import inference
 from config import GenerationSettings
 from decoding import (CHECK_EVERY, FEW_ROWS, DecodeCache, FastDecoder, decode_attention, decode_kernel, decode_layout,
@@ -206,11 +207,11 @@ def test_fast_loop_does_not_wait_for_the_gpu_per_token(tokenizer, batch):
         assert 0 < syncs(gen, 128) <= syncs(gen, 32) + 1
 
 
-def loud_cache(batch: int, device: str):
-    """A token-major cache (Phi-2's 32 heads of 80) whose rows sit at different places: row i's slots are
+def loud_cache(batch: int, device: str, heads: int = 32):
+    """A token-major cache (heads of 80, Phi-2's) whose rows sit at different places: row i's slots are
     [starts[i], starts[i] + used[i]); every other slot holds keys 30 times larger, which would show if read.
     Returns q, keys, values, starts, used."""
-    size, heads, dim = 384, 32, 80
+    size, dim = 384, 80
     gen = torch.Generator(device=device).manual_seed(0)
     keys, values = (torch.randn(batch, size, heads, dim, generator=gen, device=device) * 30 for _ in range(2))
     starts = torch.tensor([37, 17, 200, 5, 100, 0, 64][:batch], device=device)
@@ -220,6 +221,41 @@ def loud_cache(batch: int, device: str):
     keys = torch.where(inside, keys / 30, keys)  # out-of-row slots stay loud
     q = torch.randn(batch, heads, 1, dim, generator=gen, device=device)
     return q, keys, values, starts, used
+
+
+def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path):
+    """The decode step's Triton kernels (split attention with each launch SPLIT_CONFIGS uses, on token- and
+    head-major caches; the GEMV for one row and for a few) run on the CPU through Triton's interpreter, in a fresh
+    process (TRITON_INTERPRET=1 must be set before Triton builds them): each equals the reference products, each
+    row reading only its own slots of loud_cache. The GPU tests below run the same kernels compiled.
+    Tolerance: bf16 rounding of inputs and output; fp32 sums in another order."""
+    q, keys, values, starts, used = loud_cache(5, "cpu", heads=4)
+    dim, size = q.shape[-1], keys.shape[1]
+    layout = decode_layout(starts, used, size)
+    gen = torch.Generator().manual_seed(1)
+    w, b, x = torch.randn(1000, 333, generator=gen) / 333 ** 0.5, torch.randn(1000, generator=gen), \
+        torch.randn(3, 1, 333, generator=gen)
+    # a few rows in fp16: Triton 3.7's interpreter computes tl.dot wrongly in bf16 (off by ~1e10 on a 16 x 16
+    # product; fp16 and fp32 exact); the GPU test runs bf16
+    cases = [(1, torch.float32), (1, torch.bfloat16), (3, torch.float16)]
+    torch.save({"q": q, "keys": keys, "values": values, "layout": layout, "scale": dim ** -0.5, "gemv w": w,
+                "gemv b": b, "gemv x": x, "gemv cases": cases}, tmp_path / "in.pt")
+    run_script("tests/kernel_probe.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
+               env={"TRITON_INTERPRET": "1"})
+    out = torch.load(tmp_path / "out.pt")
+    reference = decode_attention(q, keys, values, layout, dim ** -0.5, "products")
+    attention = [k for k in out if k.startswith("split")] + ["op"]
+    assert len(attention) == 3 * len(set(decoding.SPLIT_CONFIGS.values())) + 1
+    for name in attention:
+        tolerance = 0.02 if "bf16" in name else 1e-5
+        assert out[name].shape == (5, 1, 4 * dim)
+        assert (out[name].float() - reference).abs().max() < tolerance * reference.abs().max(), name
+    for rows, dtype in cases:
+        expected = torch.nn.functional.linear(x[:rows].to(dtype).double(), w.to(dtype).double(), b.to(dtype).double())
+        y = out[f"gemv {rows} {dtype}"]
+        assert y.shape == (rows, 1, 1000) and y.dtype == dtype
+        tolerance = 1e-5 if dtype == torch.float32 else 0.02
+        assert ((y.double() - expected).abs().amax(-1) < tolerance * expected.abs().amax(-1)).all(), (rows, dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
