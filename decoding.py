@@ -193,9 +193,9 @@ def _half_on_ampere_or_later(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decode steps use triton_gemv: bf16/fp16 (up to FEW_ROWS rows) or fp32 (one row) on a GPU of compute
-    capability 8.0+ with Triton (PyTorch's CUDA builds ship it). Decided once per layer when fusing, outside
-    compiled code."""
+    """Whether decode steps use this module's Triton kernels: triton_gemv (bf16/fp16 up to FEW_ROWS rows, fp32 one
+    row) and triton_decode_attention, on a GPU of compute capability 8.0+ with Triton (PyTorch's CUDA builds ship
+    it). Decided once per layer when fusing, outside compiled code."""
     ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     return ampere and dtype in (torch.bfloat16, torch.float16, torch.float32) and \
         importlib.util.find_spec("triton") is not None
@@ -299,7 +299,8 @@ def triton_gemv():
 
 class _TokenMajorLayer(StaticLayer):
     """transformers' StaticLayer with its keys and values stored token-major, (batch, cache, heads, head dim), so that
-    one row's slots are one contiguous block that FlashAttention's varlen kernel reads in place (decode_attention).
+    one row's slots are one contiguous block that FlashAttention's varlen kernel reads in place (decode_attention;
+    the split kernel reads either layout: head-major was 1-5% faster for it at batch 64, not worth a second cache).
     `keys`/`values` are (batch, heads, cache, head dim) views of that storage for eager code (the decoders' row
     copies, reset); compiled code touches only `token_keys`/`token_values` (a view of a mutated graph input made
     inductor copy the whole cache every layer: 4.8k instead of 12.6k tok/s at batch 64 on an H200)."""
@@ -384,7 +385,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 # triton_decode_attention's launch by batch size: (slots a program reads, slots a step of its walk, warps, pipeline
-# stages); the fastest of 25 measured on an H200 at 65, 192 and 320 used slots (docs/bench/decode_attention_split.py).
+# stages); for each, the fastest on average at 65, 192 and 320 used slots of the 11 in
+# docs/bench/decode_attention_split.py on an H200 (docs/PERFORMANCE.md). One step (slots == step) takes no loop.
 SPLIT_CONFIGS = {1: (32, 32, 2, 1), 8: (64, 8, 1, 3), 64: (128, 8, 1, 3)}  # others: the next larger batch's
 
 
@@ -414,7 +416,7 @@ def split_attention_kernels():
         base = row.to(tl.int64) * row_stride + head * head_stride
         lo = block * SPLIT
         hi = tl.minimum(used, lo + SPLIT)
-        if SPLIT == BLOCK_N:  # one step: no loop (2-3 us a layer less at batch 1 on an H200)
+        if SPLIT == BLOCK_N:  # one step, no loop: 1-1.5 us a layer less at batch 1 on an H200
             slots = lo + tl.arange(0, BLOCK_N)
             live = slots < hi
             offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]  # (BLOCK_N, BLOCK_D)
@@ -502,10 +504,10 @@ def triton_decode_attention():
     step reads what the answers hold, not the whole cache, at any batch size.
 
     Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
-    with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel took 32, 62 and 95 us at 65,
-    192 and 320 used slots. FlashAttention over own slots keeps 64- or 128-query tiles for one query: 62-131 us
-    there; at batch 1 it took 8.0-14.7 us, this kernel 5.5-6.2. fp32 had no fused kernel (30 us a layer, masked
-    products over the whole cache; this kernel 5.3-6.5)."""
+    with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
+    192 and 320 used slots. FlashAttention over own slots keeps 64- or 128-query tiles for one query: 63-130 us
+    there; at batch 1 it took 7.9-14.8 us, this kernel 6.6-7.6. fp32 had no fused kernel (30 us a layer, masked
+    products over the whole cache; this kernel 6.5-7.8)."""
     from torch.library import triton_op, wrap_triton
 
     @triton_op("phi2_qlora::decode_attention", mutates_args={})
@@ -520,11 +522,12 @@ def triton_decode_attention():
 
 def decode_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
     """decode_attention's kernel for decode steps on a model's device and dtype, decided once per layer when fusing
-    (outside compiled code, where it also registers the Triton op): "split" (triton_decode_attention) on CUDA GPUs
-    with Triton, for every batch; else "flash" (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a
-    PyTorch whose kernel takes seqused_k) for batch 1 only; "products" on the CPU; None elsewhere, where the step
-    keeps transformers' attention over the whole cache."""
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    (outside compiled code, where it also registers the Triton op): "split" (triton_decode_attention, every batch
+    size) where triton_gemv runs (compute capability 8.0+, any float dtype: the GPUs these kernels were measured
+    on); else "flash" (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a PyTorch whose kernel
+    takes seqused_k) for batch 1 only; "products" on the CPU; None elsewhere (a T4, say), where the step keeps
+    transformers' attention over the whole cache."""
+    if triton_supported(device, dtype):
         triton_decode_attention()
         return "split"
     flash_args = {a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
@@ -547,13 +550,13 @@ class FastDecoder:
     the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
-    Phi-2, docs/PERFORMANCE.md): 461 tok/s at batch 1 and 12,600 at batch 64 in bf16, 272 at batch 1 in fp32, against
-    40-55, 1,873 and 39 for generate(). At batch 1 in bf16 the step (1.98 ms alone) reads the fused layers' weights
-    with triton_gemv and attends over the row's used slots only (DecodeCache, decode_attention).
+    Phi-2, docs/PERFORMANCE.md): 486 tok/s at batch 1 and 16,259 at batch 64 in bf16, 300 at batch 1 in fp32, against
+    40-66, 1,873-3,891 and 39-66 for generate(). At batch 1 the step (1.97 ms alone in bf16) reads the fused layers'
+    weights with triton_gemv, and every row attends over its own used slots only (DecodeCache, decode_attention).
 
-    Pieces are transformers' own where they suffice: StaticCache (DecodeCache for batch 1), the model's compiled
-    call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill runs eagerly
-    (one call; its shapes vary). Batches of up to FEW_ROWS rows read [q; k; v; fc1] with triton_gemv.
+    Pieces are transformers' own where they suffice: StaticCache (DecodeCache where rows read their own slots), the
+    model's compiled call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill
+    runs eagerly (one call; its shapes vary). Batches of up to FEW_ROWS rows read [q; k; v; fc1] with triton_gemv.
     Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
     """
 

@@ -13,34 +13,18 @@ As in the real step, 32 layers' caches are read in turn (no L2 reuse), the 32 ca
     python docs/bench/decode_attention_split.py      # from the repo root, on a CUDA GPU
 """
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 from decoding import decode_attention, decode_layout, split_attention  # noqa: E402
+from gemv_triton import LAYERS, timed  # noqa: E402  (microseconds a layer, from a CUDA graph of 32 calls)
 
-LAYERS, HEADS, DIM = 32, 32, 80
+HEADS, DIM = 32, 80
 # (slots a program, slots a step of its walk, warps, stages): decoding.SPLIT_CONFIGS' entries come from these
 CONFIGS = [(32, 32, 1, 1), (32, 32, 2, 1), (64, 64, 2, 1), (32, 16, 2, 2), (64, 16, 2, 3), (128, 16, 2, 3),
            (64, 8, 1, 3), (128, 8, 1, 3), (128, 8, 1, 4), (128, 4, 1, 3), (256, 8, 1, 3)]
-
-
-def timed(fn, reps=20) -> float:
-    """Microseconds per layer, from a CUDA graph of one call per layer."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps / LAYERS * 1e6
 
 
 def split(q, keys, values, layout, out, config):

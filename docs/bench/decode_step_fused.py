@@ -7,7 +7,10 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
     python docs/bench/decode_step_fused.py rows       # 8 users' rows: cuBLAS or the Triton rows kernel, own slots
 
 Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log and -fp32- (both before the
-Triton GEMV, which fused layers now use at batch 1), docs/bench/h200-decode-step-own-slots-2026-11-29.log.
+Triton GEMV, which fused layers now use at batch 1), docs/bench/h200-decode-step-own-slots-2026-11-29.log; with the
+split attention kernel (2026-11-30): h200-decode-step-split-attention-2026-11-30.log (`attention`: "own slots" rows
+read with decoding.decode_kernel's choice, the split kernel on an H200) and h200-decode-step-fp32-split-2026-11-30.log
+(`fp32`: the Triton GEMV, attention still over the whole cache, as this mode passes no layout).
 """
 import sys, time, traceback
 sys.path.insert(0, ".")
