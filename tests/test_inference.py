@@ -215,7 +215,7 @@ def loud_cache(batch: int, device: str, heads: int = 32):
     gen = torch.Generator(device=device).manual_seed(0)
     keys, values = (torch.randn(batch, size, heads, dim, generator=gen, device=device) * 30 for _ in range(2))
     starts = torch.tensor([37, 17, 200, 5, 100, 0, 64][:batch], device=device)
-    used = torch.tensor([300, 9, 184, 1, 250, 384, 65][:batch], device=device)  # one or many 64-slot blocks
+    used = torch.tensor([300, 9, 184, 1, 250, 384, 65][:batch], device=device)  # one slot, one block, or many
     slot = torch.arange(size, device=device)[None]
     inside = ((slot >= starts[:, None]) & (slot < (starts + used)[:, None]))[:, :, None, None]  # (b, cache, 1, 1)
     keys = torch.where(inside, keys / 30, keys)  # out-of-row slots stay loud
