@@ -10,7 +10,8 @@ Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29
 Triton GEMV, which fused layers now use at batch 1), docs/bench/h200-decode-step-own-slots-2026-11-29.log; with the
 split attention kernel (2026-11-30): h200-decode-step-split-attention-2026-11-30.log (`attention`: "own slots" rows
 read with decoding.decode_kernel's choice, the split kernel on an H200) and h200-decode-step-fp32-split-2026-11-30.log
-(`fp32`: the Triton GEMV, attention still over the whole cache, as this mode passes no layout).
+(`fp32`: the Triton GEMV, attention still over the whole cache: this mode passed no layout then; it now measures
+the own-slots step as the decoders run it, and the whole-cache step after it).
 """
 import sys, time, traceback
 sys.path.insert(0, ".")
@@ -98,7 +99,8 @@ if sys.argv[1:2] == ["rows"]:  # 8 users' step (BatchDecoder's slots): cuBLAS, t
 if sys.argv[1:] == ["fp32"]:  # where the fp32 step's time goes, and what TF32 matmuls change
     model = random_phi2(torch.float32)
     fuse_phi_layers(model)
-    attempt(model, "fp32 fused", 1, profile=True)
+    attempt(model, "fp32 fused, own slots", 1, profile=True, own_slots=True)  # what FastDecoder runs
+    attempt(model, "fp32 fused, whole cache", 1)
     torch.backends.cuda.matmul.allow_tf32 = True
     attempt(model, "fp32 fused tf32", 1)
     sys.exit()
