@@ -186,18 +186,19 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     return linear_out(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
 
 
-def _half_on_ampere_or_later(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16/fp16 on a GPU of compute capability 8.0+: where this module's decode-step kernels run."""
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and \
-        torch.cuda.get_device_capability(device) >= (8, 0)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _ampere_or_later(device: torch.device) -> bool:
+    """A GPU of compute capability 8.0+: where this module's decode-step kernels run (and were measured)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether decode steps use this module's Triton kernels: triton_gemv (bf16/fp16 up to FEW_ROWS rows, fp32 one
     row) and triton_decode_attention, on a GPU of compute capability 8.0+ with Triton (PyTorch's CUDA builds ship
     it). Decided once per layer when fusing, outside compiled code."""
-    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    return ampere and dtype in (torch.bfloat16, torch.float16, torch.float32) and \
+    return _ampere_or_later(device) and dtype in (*HALF, torch.float32) and \
         importlib.util.find_spec("triton") is not None
 
 
@@ -523,7 +524,7 @@ def triton_decode_attention():
 def decode_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
     """decode_attention's kernel for decode steps on a model's device and dtype, decided once per layer when fusing
     (outside compiled code, where it also registers the Triton op): "split" (triton_decode_attention, every batch
-    size) where triton_gemv runs (compute capability 8.0+, any float dtype: the GPUs these kernels were measured
+    size) where triton_gemv runs (compute capability 8.0+, bf16/fp16/fp32: the GPUs these kernels were measured
     on); else "flash" (PyTorch's FlashAttention-2: bf16/fp16 on compute capability 8.0+, a PyTorch whose kernel
     takes seqused_k) for batch 1 only; "products" on the CPU; None elsewhere (a T4, say), where the step keeps
     transformers' attention over the whole cache."""
@@ -531,7 +532,7 @@ def decode_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
         triton_decode_attention()
         return "split"
     flash_args = {a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
-    if _half_on_ampere_or_later(device, dtype) and "seqused_k" in flash_args:
+    if _ampere_or_later(device) and dtype in HALF and "seqused_k" in flash_args:
         return "flash"
     return "products" if device.type == "cpu" else None
 
@@ -551,7 +552,7 @@ class FastDecoder:
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
     Phi-2, docs/PERFORMANCE.md): 486 tok/s at batch 1 and 16,259 at batch 64 in bf16, 300 at batch 1 in fp32, against
-    40-66, 1,873-3,891 and 39-66 for generate(). At batch 1 the step (1.97 ms alone in bf16) reads the fused layers'
+    40-60, 1,873-3,891 and 39-66 for generate(). At batch 1 the step (1.97 ms alone in bf16) reads the fused layers'
     weights with triton_gemv, and every row attends over its own used slots only (DecodeCache, decode_attention).
 
     Pieces are transformers' own where they suffice: StaticCache (DecodeCache where rows read their own slots), the
