@@ -136,6 +136,11 @@ def fuse_phi_layers(model) -> bool:
         device, dtype = layer.fused_in_weight.device, layer.fused_in_weight.dtype
         layer.decode_kernel = decode_kernel(device, dtype)
         layer.gemv = triton_gemv() if triton_supported(device, dtype) else None
+        # decode steps in a few kernels (_fused_decode_step): Triton's, and Phi-2's own layer (tanh gelu, no q/k norm)
+        layer.step_kernels = layer.decode_kernel == "split" and model.config.hidden_act in TANH_GELU \
+            and not attn.qk_layernorm
+        if layer.step_kernels:
+            triton_layer_products()
         layer.forward = _fused_phi_layer_forward.__get__(layer)
     return True
 
@@ -147,6 +152,10 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     kv_layout: where a batch-1 decode step's row sits in the decoders' DecodeCache (decode_layout); without it,
     transformers' attention over the whole cache."""
     attn = self.self_attn
+    if self.step_kernels and kv_layout is not None and hidden_states.shape[1] == 1 and \
+            isinstance(past_key_values, DecodeCache):
+        return _fused_decode_step(self, hidden_states, position_embeddings, past_key_values.layers[attn.layer_idx],
+                                  kv_layout)
     x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
     # A decode step of one row, or of a few users' rows: matrix-vector products, where triton_gemv reads the weights
     # faster than cuBLAS; for 2-8 rows only [q; k; v; fc1] (docs/bench/gemv_rows_triton.py: its rows kernel took
@@ -186,7 +195,36 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     return linear_out(mixed, self.fused_out_weight, self.fused_out_bias) + hidden_states
 
 
+def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                       cache: "_TokenMajorLayer", layout: torch.Tensor) -> torch.Tensor:
+    """A fused Phi layer's decode step where the Triton kernels run (layer.step_kernels), hidden (batch, 1, hidden):
+    one row in four kernels, layer_in (layer norm, [q; k; v; fc1], gelu), the split attention's two (rotary, the
+    cache writes, attention over the row's slots) and layer_out ([dense | fc2], the residual); a few rows, the same
+    with the layer norm, gelu and residual add left to inductor. The step's key and value go to each row's newest
+    slot of decode_layout, not to the cache's shared write index: the cache's cumulative_length is not advanced
+    (the decoders keep their own)."""
+    attn = self.self_attn
+    batch, dtype = hidden.shape[0], hidden.dtype
+    one = batch == 1
+    if one:
+        norm = self.input_layernorm
+        y = torch.ops.phi2_qlora.layer_in(hidden, norm.weight, norm.bias, norm.eps, self.fused_in_weight,
+                                          self.fused_in_bias, sum(self.fused_in_sizes[:3]))
+    else:
+        few = batch <= (FEW_ROWS if dtype != torch.float32 else 1)
+        y = (self.gemv if few else F.linear)(self.input_layernorm(hidden), self.fused_in_weight, self.fused_in_bias)
+    q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (batch, 1, heads * head dim) each but ff
+    cos, sin = position_embeddings  # (batch, 1, rotary dims)
+    out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
+                                                     attn.scaling)  # (batch, 1, heads * head dim)
+    if one:
+        return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
+    mixed = torch.cat((out, self.mlp.activation_fn(ff)), dim=-1)
+    return F.linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden
+
+
 HALF = (torch.bfloat16, torch.float16)
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # gelu's tanh approximation, as layer_in computes it
 
 
 def _ampere_or_later(device: torch.device) -> bool:
@@ -204,22 +242,55 @@ def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def gemv_kernel():
-    """The Triton kernel of triton_gemv: y[n] = sum_k w[n, k] x[k] + b[n], each program BLOCK_N rows of w over the
-    whole input, fp32 sums (docs/bench/gemv_triton.py times it against cuBLAS)."""
+    """The Triton kernel of one-row products: y[n] = sum_k w[n, k] x[k] + b[n], each program BLOCK_N rows of w over
+    the whole input, fp32 sums (docs/bench/gemv_triton.py times it against cuBLAS). What a fused layer's decode
+    step does around its two products happens inside it (constexpr switches, all off for a plain product), so that
+    the layer norm, the concatenation, gelu and the residual add take no kernels of their own:
+    - NORM: x is the residual stream, layer-normed on the way in (norm weight and bias, eps; each program computes
+      the statistics of the whole row itself, from L2), rounded to the model's dtype as the layer norm's output is;
+    - K1 < K: x is [x; x2], K1 columns from x and the rest from x2 ([attention | gelu(fc1)] read in place);
+    - GELU: rows from gelu_from on (fc1's) come out through gelu_new, the tanh approximation Phi uses;
+    - RESIDUAL: res[n] added (the residual stream)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kernel(w_ptr, x_ptr, b_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def kernel(w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, nb_ptr, y_ptr, N, eps, gelu_from, K: tl.constexpr,
+               K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if NORM:  # sums of x - x[0]: less lost to cancellation than sums of x
+            shift = tl.load(x_ptr).to(tl.float32)
+            s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.where(cols < K, tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32) - shift, 0.0)
+                s1 += xs
+                s2 += xs * xs
+            m = tl.sum(s1, 0) / K
+            mean = shift + m
+            rstd = 1.0 / tl.sqrt(tl.sum(s2, 0) / K - m * m + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
                         mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-            acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+            x = tl.load(x_ptr + cols, mask=cols < K1, other=0.0).to(tl.float32)
+            if K1 < K:
+                x += tl.load(x2_ptr + cols - K1, mask=(cols >= K1) & (cols < K), other=0.0).to(tl.float32)
+            if NORM:
+                gamma = tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                beta = tl.load(nb_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                x = ((x - mean) * rstd * gamma + beta).to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1) + tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if GELU:  # gelu_new(y) = y * sigmoid(2 sqrt(2 / pi) (y + 0.044715 y^3)), of y in the model's dtype
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            y = tl.where(rows >= gelu_from, y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y)), y)
+        if RESIDUAL:  # added to the product in the model's dtype, as the plain path adds
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + rows, mask=rows < N,
+                                                                       other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     return kernel
@@ -282,12 +353,8 @@ def triton_gemv():
         y = x.new_empty(*x.shape[:-1], n)
         rows = x.numel() // k
         if rows == 1:
-            if weight.dtype == torch.float32:  # docs/bench/gemv_triton.py fp32: 31.7 and 42.1 us vs cuBLAS 40.0, 52.3
-                block_n, block_k, warps, stages = (2, 1024, 4, 2) if k >= 8192 else (1, 2048, 4, 2)
-            else:
-                block_n, block_k, warps, stages = (8, 1024, 8, 2) if k >= 8192 else (2, 2048, 4, 2)
-            wrap_triton(one)[(triton.cdiv(n, block_n),)](weight, x.contiguous(), bias, y, n, k, BLOCK_N=block_n,
-                                                         BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+            x = x.contiguous()
+            one_row_product(wrap_triton(one), weight, x, x, bias, x, x, x, y, k)
         else:
             block_n, block_k, warps, stages = ROWS_BLOCKS
             wrap_triton(few)[(triton.cdiv(n, block_n),)](weight, x.contiguous(), bias, y, rows, n, k,
@@ -296,6 +363,66 @@ def triton_gemv():
         return y
 
     return gemv
+
+
+def one_row_blocks(k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """gemv_kernel's launch for an input of width k: (rows a program, input columns a step, warps, stages), the
+    fastest of those measured on an H200 for Phi-2's two fused shapes (docs/bench/gemv_triton.py)."""
+    import triton
+    if dtype == torch.float32:  # fp32: 31.7 and 42.1 us against cuBLAS's 40.0 and 52.3
+        block_n, block_k, warps, stages = (2, 1024, 4, 2) if k >= 8192 else (1, 2048, 4, 2)
+    else:
+        block_n, block_k, warps, stages = (8, 1024, 8, 2) if k >= 8192 else (2, 2048, 4, 2)
+    return block_n, min(block_k, triton.next_power_of_2(k)), warps, stages  # narrower inputs: the tests' model
+
+
+def one_row_product(kernel, weight: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor,
+                    residual: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, y: torch.Tensor,
+                    k1: int, eps: float = 0.0, gelu_from: int | None = None, norm: bool = False,
+                    add_residual: bool = False) -> None:
+    """Launch gemv_kernel (`kernel`, wrapped for the op calling it) for y = weight [x; x2] + bias with its
+    switches; unused tensor arguments take any tensor; launched as one_row_blocks says."""
+    import triton
+    n, k = weight.shape
+    block_n, block_k, warps, stages = one_row_blocks(k, weight.dtype)
+    kernel[(triton.cdiv(n, block_n),)](
+        weight, x, x2, bias, residual, norm_weight, norm_bias, y, n, eps, n if gelu_from is None else gelu_from,
+        K=k, K1=k1, NORM=norm, GELU=gelu_from is not None, RESIDUAL=add_residual, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+
+
+@functools.cache
+def triton_layer_products():
+    """A one-row decode step's two products of a fused Phi layer with what surrounds them (gemv_kernel's switches),
+    registered as PyTorch ops so that inductor and CUDA graphs take them in:
+    - phi2_qlora::layer_in(hidden, norm weight, norm bias, eps, [q; k; v; fc1] weight, bias, gelu_from):
+      layer_norm(hidden) through [q; k; v; fc1], fc1's part through gelu_new;
+    - phi2_qlora::layer_out(attention, gelu(fc1), [dense | fc2] weight, bias, hidden): the layer's output, the
+      product of [attention | gelu(fc1)] plus the residual stream.
+    Why: around its products, a compiled one-row step ran a layer norm (with the residual add), a gelu and a
+    concatenation as kernels of their own, ~4 us a layer on an H200 (docs/PERFORMANCE.md)."""
+    from torch.library import triton_op, wrap_triton
+    kernel = gemv_kernel()
+
+    @triton_op("phi2_qlora::layer_in", mutates_args={})
+    def layer_in(hidden: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                 weight: torch.Tensor, bias: torch.Tensor, gelu_from: int) -> torch.Tensor:
+        hidden = hidden.contiguous()
+        y = hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
+        one_row_product(wrap_triton(kernel), weight, hidden, hidden, bias, hidden, norm_weight, norm_bias, y,
+                        weight.shape[1], eps=eps, gelu_from=gelu_from, norm=True)
+        return y
+
+    @triton_op("phi2_qlora::layer_out", mutates_args={})
+    def layer_out(attention: torch.Tensor, ff: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  hidden: torch.Tensor) -> torch.Tensor:
+        attention, ff, hidden = attention.contiguous(), ff.contiguous(), hidden.contiguous()
+        y = hidden.new_empty(hidden.shape)
+        one_row_product(wrap_triton(kernel), weight, attention, ff, bias, hidden, hidden, hidden, y,
+                        attention.shape[-1], add_residual=True)
+        return y
+
+    return layer_in, layer_out
 
 
 class _TokenMajorLayer(StaticLayer):
@@ -404,19 +531,44 @@ def split_attention_kernels():
 
     @triton.jit
     def partial(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
-                head_stride, HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, HEADS: tl.constexpr, DIM: tl.constexpr,
+                SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                NEW: tl.constexpr, ROT: tl.constexpr):
         pid = tl.program_id(0)  # row * HEADS + head
         block = tl.program_id(1)
         row, head = pid // HEADS, pid % HEADS
         start = tl.load(layout_ptr + batch + 1 + row) - row * size  # the row's first slot
         used = tl.load(layout_ptr + 2 * (batch + 1) + row)
         d = tl.arange(0, BLOCK_D)
-        q = (tl.load(q_ptr + pid * DIM + d, mask=d < DIM, other=0.0).to(tl.float32) * scale).to(tl.float32)
-        q = q * 1.4426950408889634  # scores in log2 units: exp2 below
+        at = row * q_stride + head * DIM  # this row's head in q (and in the new keys and values)
+        q = tl.load(q_ptr + at + d, mask=d < DIM, other=0.0).to(tl.float32)
         base = row.to(tl.int64) * row_stride + head * head_stride
         lo = block * SPLIT
         hi = tl.minimum(used, lo + SPLIT)
+        if NEW:  # this step's key and value, slot used - 1: rotated here, written to the cache by its block
+            k_new = tl.load(knew_ptr + at + d, mask=d < DIM, other=0.0).to(tl.float32)
+            v_new = tl.load(vnew_ptr + at + d, mask=d < DIM, other=0.0)
+            if ROT > 0:  # partial rotary, rotate_half's pairs: d and d + ROT / 2 for the first ROT dims
+                turn = d < ROT
+                partner = tl.where(d < ROT // 2, d + ROT // 2, d - ROT // 2)
+                sign = tl.where(d < ROT // 2, -1.0, 1.0)
+                cos = tl.load(cos_ptr + row * ROT + d, mask=turn, other=1.0).to(tl.float32)
+                sin = tl.load(sin_ptr + row * ROT + d, mask=turn, other=0.0).to(tl.float32)
+                q_pair = tl.load(q_ptr + at + partner, mask=turn, other=0.0).to(tl.float32)
+                k_pair = tl.load(knew_ptr + at + partner, mask=turn, other=0.0).to(tl.float32)
+                q = q * cos + sign * q_pair * sin
+                k_new = k_new * cos + sign * k_pair * sin
+            # in the model's dtype, as the plain path's rotary and the cache hold them
+            q = q.to(knew_ptr.dtype.element_ty).to(tl.float32)
+            k_new = k_new.to(k_ptr.dtype.element_ty)
+            newest = used - 1
+            owner = (newest >= lo) & (newest < hi)
+            slot = base + (start + newest).to(tl.int64) * slot_stride + d
+            tl.store(k_ptr + slot, k_new, mask=(d < DIM) & owner)
+            tl.store(v_ptr + slot, v_new.to(v_ptr.dtype.element_ty), mask=(d < DIM) & owner)
+            k_new = k_new.to(tl.float32)
+            v_new = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
+        q = (q * scale).to(tl.float32) * 1.4426950408889634  # scores in log2 units: exp2 below
         if SPLIT == BLOCK_N:  # one step, no loop: 1-1.5 us a layer less at batch 1 on an H200
             slots = lo + tl.arange(0, BLOCK_N)
             live = slots < hi
@@ -425,6 +577,9 @@ def split_attention_kernels():
             # both loads issued before any math: two reads in flight, not one after the other
             k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
             v = tl.load(v_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            if NEW:  # the newest slot from registers: its store above need not be visible to this program yet
+                k = tl.where((slots == used - 1)[:, None], k_new[None, :], k)
+                v = tl.where((slots == used - 1)[:, None], v_new[None, :], v)
             s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,) scores in log2 units
             top = tl.max(s, 0)  # -inf for a block past the row's slots: it then adds nothing
             p = tl.exp2(s - tl.where(top == float("-inf"), 0.0, top))
@@ -441,6 +596,9 @@ def split_attention_kernels():
                 read = live[:, None] & (d < DIM)[None, :]
                 k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 v = tl.load(v_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                if NEW:
+                    k = tl.where((slots == used - 1)[:, None], k_new[None, :], k)
+                    v = tl.where((slots == used - 1)[:, None], v_new[None, :], v)
                 s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))
                 new = tl.maximum(top, tl.max(s, 0))  # finite: every step holds a used slot
                 p = tl.exp2(s - new)
@@ -471,15 +629,20 @@ def split_attention_kernels():
 
 
 def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                    config: tuple[int, int, int, int], wrap=None) -> torch.Tensor:
-    """Run split_attention_kernels: q (batch, heads, 1, head dim); keys/values (batch, cache, heads, head dim) in
-    any strides (a transposed view of a head-major cache too); config: SPLIT_CONFIGS' (slots a program, slots a
-    step, warps, stages). Returns (batch, 1, heads * head dim). wrap: torch.library.wrap_triton inside the op."""
+                    config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None
+                    ) -> torch.Tensor:
+    """Run split_attention_kernels: q (batch, heads, 1, head dim), or (batch, 1, heads * head dim) in any row
+    stride; keys/values (batch, cache, heads, head dim) in any strides (a transposed view of a head-major cache
+    too); config: SPLIT_CONFIGS' (slots a program, slots a step, warps, stages). Returns (batch, 1, heads * head
+    dim). wrap: torch.library.wrap_triton inside an op.
+    new: this step's (key, value, cos, sin), keys/values (batch, 1, heads * head dim) in q's row stride, cos/sin
+    (batch, 1, rotary dims): q and the key are rotated (partial rotary, rotate_half) and the key and value written
+    to the row's newest slot (decode_layout's last used one), all inside the kernel."""
     import triton
     partial, combine = split_attention_kernels()
     if wrap is not None:
         partial, combine = wrap(partial), wrap(combine)
-    batch, heads, _, dim = q.shape
+    batch, heads, dim = q.shape[0], keys.shape[2], keys.shape[3]
     size = keys.shape[1]
     slots, step, warps, stages = config
     blocks = triton.cdiv(size, slots)
@@ -488,10 +651,17 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     stats = q.new_empty(batch * heads * blocks * 2, dtype=torch.float32)  # each block's max and sum
     out = q.new_empty(batch, 1, heads * dim)
     row_stride, slot_stride, head_stride, _ = keys.stride()
+    if q.dim() == 4:
+        q = q.contiguous()
+    assert q.stride(-1) == 1, "rows of heads laid out one after another"
+    k_new, v_new, cos, sin = (q, q, q, q) if new is None else new
+    if new is not None:
+        assert k_new.stride() == q.stride() == v_new.stride(), "the new key and value in q's layout"
+        cos, sin = cos.expand(batch, 1, -1).contiguous(), sin.expand(batch, 1, -1).contiguous()
     partial[(batch * heads, blocks)](
-        q.contiguous(), keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride,
-        HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks, BLOCK_N=step, BLOCK_D=block_d, num_warps=warps,
-        num_stages=stages)
+        q, keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride, q.stride(0),
+        k_new, v_new, cos, sin, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks, BLOCK_N=step, BLOCK_D=block_d,
+        NEW=new is not None, ROT=0 if new is None else cos.shape[-1], num_warps=warps, num_stages=stages)
     combine[(batch * heads,)](acc, stats, out, DIM=dim, SPLITS=blocks, SPLITS_P2=triton.next_power_of_2(blocks),
                               BLOCK_D=block_d)
     return out
@@ -502,7 +672,10 @@ def triton_decode_attention():
     """decode_attention's "split" kernel, registered as the PyTorch op phi2_qlora::decode_attention so that inductor
     and CUDA graphs take it in: one query a row against the row's used slots only (decode_layout), split into
     blocks read in parallel (split_attention_kernels, launched as SPLIT_CONFIGS says for the batch size), so that a
-    step reads what the answers hold, not the whole cache, at any batch size.
+    step reads what the answers hold, not the whole cache, at any batch size. A fused Phi layer's decode step calls
+    its sibling phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale), which also rotates
+    q and k and writes the step's key and value into the cache (in place: the op mutates keys and values): the
+    rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200.
 
     Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
     with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
@@ -514,11 +687,19 @@ def triton_decode_attention():
     @triton_op("phi2_qlora::decode_attention", mutates_args={})
     def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
                scale: float) -> torch.Tensor:
-        batch = q.shape[0]
-        config = SPLIT_CONFIGS[min([b for b in SPLIT_CONFIGS if b >= batch], default=max(SPLIT_CONFIGS))]
-        return split_attention(q, keys, values, layout, scale, config, wrap=wrap_triton)
+        return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton)
+
+    @triton_op("phi2_qlora::decode_step_attention", mutates_args={"keys", "values"})
+    def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float) -> torch.Tensor:
+        return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
+                               new=(k, v, cos, sin))
 
     return attend
+
+
+def _split_config(batch: int) -> tuple[int, int, int, int]:
+    return SPLIT_CONFIGS[min([b for b in SPLIT_CONFIGS if b >= batch], default=max(SPLIT_CONFIGS))]
 
 
 def decode_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -567,8 +748,10 @@ class FastDecoder:
         # Static shapes: each (batch, cache bucket) compiles once (30-42 s for Phi-2 on an H200) and replays as its own
         # CUDA graph. A dynamic-shape recompile for batch 64 did not finish in 100 s there, and ran slower.
         self.step = model.get_compiled_call(CompileConfig(dynamic=False))
+        self.greedy_step = torch.compile(_greedy_step, **CompileConfig(dynamic=False).to_dict())
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._loops: dict[tuple[int, int], _GreedyLoop] = {}
 
     def cache_size(self, batch: int, length: int) -> int:
         """Static cache length for `length` tokens. Each (batch, size) compiles once (30-42 s for Phi-2), so a chat
@@ -617,6 +800,12 @@ class FastDecoder:
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_position = position[:, -1:] + 1  # (batch, 1)
+        # Greedy decoding (what evaluate.py and the benchmarks run) picks each token inside the compiled step, whose
+        # inputs live in one _GreedyLoop per shape: no kernel between two replays of the step's CUDA graph.
+        loop = None
+        if not (sample or output_logits or gen.repetition_penalty != 1.0):
+            loop = self._loop(batch, size, mask, next_position, layout)
+        new = loop.tokens if loop is not None else seq[:, width:]  # (batch, >= max_new_tokens): this call's tokens
         rows: list[list[int]] = [[] for _ in range(batch)]
         stop_at: list[int | None] = [None] * batch
         # New tokens reach the host through one pinned buffer, a chunk at a time, each chunk with its CUDA event.
@@ -624,36 +813,32 @@ class FastDecoder:
         host = torch.empty(max_new_tokens, batch, dtype=torch.long, pin_memory=device.type == "cuda")
         pending: list[tuple[int, int, torch.cuda.Event | None]] = []
         raw_logits: list[torch.Tensor] = []
-        plain_greedy = not (sample or procs or output_logits)
         chunk_start = 0
 
         def take_oldest_chunk() -> None:
             start, end, ready = pending.pop(0)
             if ready is not None:
                 ready.synchronize()
-            for b, new in enumerate(host[start:end].T.tolist()):
+            for b, new_ids in enumerate(host[start:end].T.tolist()):
                 if stop_at[b] is not None:
                     continue
                 checked = len(rows[b])
-                rows[b].extend(new)
+                rows[b].extend(new_ids)
                 stop_at[b] = None if ignore_eos else stop_index(self.tokenizer, rows[b], checked)
 
         for step in range(max_new_tokens):
-            if plain_greedy:
-                # The argmax is queued before the next replay overwrites this CUDA-graph output; bf16 -> fp32 keeps
-                # the order, so this is generate()'s token.
-                token = logits.argmax(-1)  # (batch,)
-            else:
+            if step == 0 or loop is None:  # the greedy loop's later tokens come from its step
                 scores = logits.to(torch.float32, copy=True)  # (batch, vocab); graph outputs are overwritten
                 if output_logits:
                     raw_logits.append(scores.clone())
                 scores = procs(seq[:, :width + step], scores)
                 token = torch.multinomial(scores.softmax(-1), 1)[:, 0] if sample else scores.argmax(-1)
-            seq[:, width + step] = token
+                new[:, step] = token
+                if loop is not None:
+                    loop.tok.copy_(token[:, None])
             done = step + 1 == max_new_tokens
             if (step + 1) % CHECK_EVERY == 0 or done:
-                host[chunk_start:step + 1].copy_(seq[:, width + chunk_start:width + step + 1].T.contiguous(),
-                                                 non_blocking=True)
+                host[chunk_start:step + 1].copy_(new[:, chunk_start:step + 1].T.contiguous(), non_blocking=True)
                 ready = None
                 if device.type == "cuda":
                     ready = torch.cuda.Event()
@@ -665,7 +850,12 @@ class FastDecoder:
                     take_oldest_chunk()
                 if all(s is not None for s in stop_at):
                     break
-            if not done:
+            if done:
+                continue
+            if loop is not None:
+                self.greedy_step(self.model, cache, loop.tok, loop.pos, loop.mask, loop.layout, loop.tokens,
+                                 loop.at, eos if ignore_eos else -1)
+            else:
                 logits = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                                    past_key_values=cache, use_cache=True, **step_kwargs).logits[:, -1]
                 next_position = next_position + 1
@@ -676,6 +866,64 @@ class FastDecoder:
         new_ids = [row if s is None else row[:s + 1] for row, s in zip(rows, stop_at)]
         steps = torch.stack(raw_logits, 1).cpu() if output_logits else None
         return new_ids, steps
+
+    def _loop(self, batch: int, size: int, mask: torch.Tensor, position: torch.Tensor,
+              layout: torch.Tensor | None) -> "_GreedyLoop":
+        """The greedy step's inputs for a (batch, cache) shape, set for a new call; tokens come from step 1 on."""
+        key = (batch, size)
+        if key not in self._loops:
+            self._loops[key] = _GreedyLoop.empty(batch, size, mask.dtype, layout is not None, mask.device)
+        loop = self._loops[key]
+        loop.mask.copy_(mask)
+        loop.pos.copy_(position)
+        if layout is not None:
+            loop.layout.copy_(layout)
+        loop.at.fill_(1)
+        return loop
+
+
+@dataclass
+class _GreedyLoop:
+    """The inputs of FastDecoder's compiled greedy step for one (batch, cache) shape, updated in place by the step
+    (CUDA graphs read them at fixed addresses): the last token (batch, 1), its position (batch, 1), the attention
+    mask (batch, cache), decode_layout or None, the call's new tokens (batch, cache) and where the next one goes."""
+    tok: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    layout: torch.Tensor | None
+    tokens: torch.Tensor
+    at: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, size: int, mask_dtype: torch.dtype, placed: bool, device: torch.device):
+        longs = functools.partial(torch.zeros, dtype=torch.long, device=device)
+        loop = cls(longs(batch, 1), longs(batch, 1), torch.zeros(batch, size, dtype=mask_dtype, device=device),
+                   torch.zeros(3, batch + 1, dtype=torch.int32, device=device) if placed else None,
+                   longs(batch, size), longs(1))
+        for t in (loop.tok, loop.pos, loop.mask, loop.layout, loop.tokens, loop.at):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+        return loop
+
+
+def _greedy_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                 layout: torch.Tensor | None, tokens: torch.Tensor, at: torch.Tensor, suppress: int) -> None:
+    """One greedy decode step, compiled whole (FastDecoder.greedy_step): the model's step, the argmax (never
+    `suppress`, a token id, when >= 0: generate's SuppressTokensLogitsProcessor for ignore_eos) and the bookkeeping,
+    in place: the token goes to tokens[:, at] and becomes the next input, positions, the layout's used slots and
+    `at` advance. bf16 -> argmax keeps generate()'s token (its processors see the logits cast to fp32, same order)."""
+    placed = {} if layout is None else {"kv_layout": layout}
+    logits = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1, **placed).logits[:, -1]  # (batch, vocab)
+    if suppress >= 0:
+        logits[:, suppress] = float("-inf")
+    token = logits.argmax(-1)  # (batch,)
+    tokens.index_copy_(1, at, token[:, None])
+    tok.copy_(token[:, None])
+    pos.add_(1)
+    at.add_(1)
+    if layout is not None:
+        layout[2].add_(1)
 
 
 @dataclass(eq=False)

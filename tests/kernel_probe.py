@@ -3,6 +3,8 @@ before Triton is imported), on inputs a test saved, and saves what they computed
 
 Test helper only (tests/test_inference.py): the interpreter runs each kernel's program instances one by one in
 NumPy, the same kernel source the GPU compiles, so CI checks the kernels' arithmetic and indexing without a GPU.
+Last, the tiny model's decode steps run through the fused layers' kernels (decoding._fused_decode_step, as on a
+GPU: triton_supported is made to say yes), eagerly: the interpreter cannot run inside torch.compile's tracing.
 
     TRITON_INTERPRET=1 python tests/kernel_probe.py INPUTS.pt OUTPUTS.pt
 """
@@ -13,10 +15,14 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from decoding import SPLIT_CONFIGS, decode_attention, split_attention, triton_decode_attention, triton_gemv  # noqa
+import decoding  # noqa: E402
+from config import GenerationSettings  # noqa: E402
+from decoding import (SPLIT_CONFIGS, FastDecoder, decode_attention, split_attention, triton_decode_attention,  # noqa
+                      triton_gemv, triton_layer_products)
 
 inputs = torch.load(sys.argv[1])
 q, keys, values, layout, scale = (inputs[k] for k in ("q", "keys", "values", "layout", "scale"))
@@ -34,4 +40,33 @@ for rows, dtype in inputs["gemv cases"]:
     x, w, b = (inputs[f"gemv {n}"][:rows].to(dtype) if n == "x" else inputs[f"gemv {n}"].to(dtype)
                for n in ("x", "w", "b"))
     out[f"gemv {rows} {dtype}"] = gemv(x, w, b)
+# the step's attention with this step's key and value (rotary, cache writes), on copies of the cache
+k_new, v_new, cos, sin = (inputs[k] for k in ("k new", "v new", "cos", "sin"))
+rows = q.shape[0]
+for config in set(SPLIT_CONFIGS.values()):
+    for dtype in (torch.float32, torch.bfloat16):
+        kk, vv = keys.to(dtype), values.to(dtype)
+        step_q = q.transpose(1, 2).reshape(rows, 1, -1).to(dtype)
+        o = split_attention(step_q, kk, vv, layout, scale, config,
+                            new=(k_new.to(dtype), v_new.to(dtype), cos.to(dtype), sin.to(dtype)))
+        out[f"step {config} {dtype}"] = (o, kk, vv)
+layer_in, layer_out = triton_layer_products()
+for dtype in (torch.float32, torch.bfloat16):
+    args = [inputs[f"layer {n}"].to(dtype) for n in ("hidden", "norm weight", "norm bias", "w in", "b in")]
+    out[f"layer_in {dtype}"] = layer_in(*args[:3], 1e-5, *args[3:], inputs["gelu from"])
+    args = [inputs[f"layer {n}"].to(dtype) for n in ("attention", "ff", "w out", "b out", "hidden")]
+    out[f"layer_out {dtype}"] = layer_out(*args)
+# the tiny model decoding through the fused layers' kernels, greedy, one row and three left-padded rows
+decoding.triton_supported = lambda device, dtype: True
+decoding.one_row_blocks = lambda k, dtype: (64, 128, 4, 1)  # the interpreter runs programs one by one: fewer
+model = AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
+decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512)
+out["fused layers"] = all(layer.step_kernels for layer in model.model.layers)
+decoder.step, decoder.greedy_step = model.__call__, decoding._greedy_step  # eager
+with torch.inference_mode():
+    for ids, mask in inputs["prompts"]:
+        greedy = GenerationSettings(**inputs["greedy"])
+        out[f"decoded {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, 8, ignore_eos=True,
+                                                              output_logits=True)
+        out[f"greedy loop {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, 8, ignore_eos=True)[0]
 torch.save(out, sys.argv[2])

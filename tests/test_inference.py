@@ -16,6 +16,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
+from transformers.models.phi.modeling_phi import apply_rotary_pos_emb
 
 import decoding
 import inference
@@ -223,14 +224,29 @@ def loud_cache(batch: int, device: str, heads: int = 32):
     return q, keys, values, starts, used
 
 
-def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path):
-    """The decode step's Triton kernels (split attention with each launch SPLIT_CONFIGS uses, on token- and
-    head-major caches; the GEMV for one row and for a few) run on the CPU through Triton's interpreter, in a fresh
-    process (TRITON_INTERPRET=1 must be set before Triton builds them): each equals the reference products, each
-    row reading only its own slots of loud_cache. The GPU tests below run the same kernels compiled.
-    Tolerance: bf16 rounding of inputs and output; fp32 sums in another order."""
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """transformers' partial rotary (apply_rotary_pos_emb) of x (batch, 1, heads * dim) -> (batch, heads, 1, dim)."""
+    x = x.reshape(x.shape[0], 1, heads, -1).transpose(1, 2)
+    r = cos.shape[-1]
+    turned, _ = apply_rotary_pos_emb(x[..., :r], x[..., :r], cos, sin)
+    return torch.cat((turned, x[..., r:]), dim=-1)
+
+
+def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, tokenizer):
+    """The decode step's Triton kernels run on the CPU through Triton's interpreter, in a fresh process
+    (TRITON_INTERPRET=1 must be set before Triton builds them), against reference products:
+    - split attention with each launch SPLIT_CONFIGS uses, on token- and head-major caches, each row reading only
+      its own slots of loud_cache; and with the step's own key and value (rotary on q and k, both written to each
+      row's newest slot, nothing else of the cache touched);
+    - the GEMV for one row and for a few; the fused layer's layer_in (layer norm, product, gelu on fc1's rows) and
+      layer_out (two inputs, product, residual);
+    - the tiny model's greedy decoding through those kernels (one row; three left-padded rows): the tokens and
+      logits of the CPU's unfused-attention path.
+    The GPU tests below run the same kernels compiled. Tolerance: bf16 rounding of inputs and outputs; fp32 sums
+    in another order."""
     q, keys, values, starts, used = loud_cache(5, "cpu", heads=4)
-    dim, size = q.shape[-1], keys.shape[1]
+    batch, heads, _, dim = q.shape
+    size = keys.shape[1]
     layout = decode_layout(starts, used, size)
     gen = torch.Generator().manual_seed(1)
     w, b, x = torch.randn(1000, 333, generator=gen) / 333 ** 0.5, torch.randn(1000, generator=gen), \
@@ -238,24 +254,84 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path):
     # a few rows in fp16: Triton 3.7's interpreter computes tl.dot wrongly in bf16 (off by ~1e10 on a 16 x 16
     # product; fp16 and fp32 exact); the GPU test runs bf16
     cases = [(1, torch.float32), (1, torch.bfloat16), (3, torch.float16)]
+    k_new, v_new = (torch.randn(batch, 1, heads * dim, generator=gen) for _ in range(2))
+    angle = torch.randn(batch, 1, 16, generator=gen) * 3
+    cos, sin = torch.cat((angle.cos(), angle.cos()), -1), torch.cat((angle.sin(), angle.sin()), -1)  # 32 rotary dims
+    hidden = torch.randn(1, 1, 96, generator=gen) * 3 + 1  # a residual stream: not centred
+    layer = {"hidden": hidden, "norm weight": torch.randn(96, generator=gen), "norm bias": torch.randn(96, generator=gen),
+             "w in": torch.randn(200, 96, generator=gen) / 10, "b in": torch.randn(200, generator=gen),
+             "attention": torch.randn(1, 1, 40, generator=gen), "ff": torch.randn(1, 1, 56, generator=gen),
+             "w out": torch.randn(96, 96, generator=gen) / 10, "b out": torch.randn(96, generator=gen)}
+    prompts = [torch.randint(1, len(tokenizer), (rows, 12), generator=gen) for rows in (1, 3)]
+    prompts = [(ids, torch.ones_like(ids).index_fill_(1, torch.arange(4), 0) if len(ids) > 1 else torch.ones_like(ids))
+               for ids in prompts]  # three rows: two of them left-padded
     torch.save({"q": q, "keys": keys, "values": values, "layout": layout, "scale": dim ** -0.5, "gemv w": w,
-                "gemv b": b, "gemv x": x, "gemv cases": cases}, tmp_path / "in.pt")
+                "gemv b": b, "gemv x": x, "gemv cases": cases, "k new": k_new, "v new": v_new, "cos": cos,
+                "sin": sin, **{f"layer {k}": t for k, t in layer.items()}, "gelu from": 120, "model": str(TINY),
+                "prompts": prompts, "greedy": {"max_new_tokens": 8, "temperature": 0.0}}, tmp_path / "in.pt")
     run_script("tests/kernel_probe.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
                env={"TRITON_INTERPRET": "1"})
     out = torch.load(tmp_path / "out.pt")
+
+    def near(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+        return bool((got.double() - expected.double()).abs().max() < tolerance * expected.abs().max())
+
     reference = decode_attention(q, keys, values, layout, dim ** -0.5, "products")
     attention = [k for k in out if k.startswith("split")] + ["op"]
     assert len(attention) == 3 * len(set(decoding.SPLIT_CONFIGS.values())) + 1
     for name in attention:
-        tolerance = 0.02 if "bf16" in name else 1e-5
         assert out[name].shape == (5, 1, 4 * dim)
-        assert (out[name].float() - reference).abs().max() < tolerance * reference.abs().max(), name
+        assert near(out[name], reference, 0.02 if "bf16" in name else 1e-5), name
     for rows, dtype in cases:
         expected = torch.nn.functional.linear(x[:rows].to(dtype).double(), w.to(dtype).double(), b.to(dtype).double())
         y = out[f"gemv {rows} {dtype}"]
         assert y.shape == (rows, 1, 1000) and y.dtype == dtype
         tolerance = 1e-5 if dtype == torch.float32 else 0.02
         assert ((y.double() - expected).abs().amax(-1) < tolerance * expected.abs().amax(-1)).all(), (rows, dtype)
+
+    # the step's own key and value: rotated, written to slot start + used - 1 of each row, attended to
+    step_q, step_k = rotated(q.transpose(1, 2).reshape(batch, 1, -1), cos, sin, heads), rotated(k_new, cos, sin, heads)
+    written_keys, written_values = keys.clone(), values.clone()
+    newest = starts + used - 1
+    written_keys[torch.arange(batch), newest] = step_k[:, :, 0]
+    written_values[torch.arange(batch), newest] = v_new.reshape(batch, heads, dim)
+    expected = decode_attention(step_q, written_keys, written_values, layout, dim ** -0.5, "products")
+    steps = [k for k in out if k.startswith("step ")]
+    assert len(steps) == 2 * len(set(decoding.SPLIT_CONFIGS.values()))
+    for name in steps:
+        got, got_keys, got_values = out[name]
+        tolerance = 0.02 if "bfloat16" in name else 1e-5
+        assert near(got, expected, tolerance), name
+        assert near(got_keys, written_keys, tolerance) and near(got_values, written_values, tolerance), name
+        untouched = torch.ones(batch, size, dtype=torch.bool).index_put_((torch.arange(batch), newest),
+                                                                         torch.tensor(False))
+        dtype = got_keys.dtype
+        assert torch.equal(got_keys[untouched], keys.to(dtype)[untouched]), name  # no other slot written
+        assert torch.equal(got_values[untouched], values.to(dtype)[untouched]), name
+    assert not near(expected, reference, 0.02)  # the new key and value matter: a kernel ignoring them fails
+
+    F = torch.nn.functional  # noqa: N806
+    for dtype in (torch.float32, torch.bfloat16):
+        tolerance = 1e-5 if dtype == torch.float32 else 0.02
+        t = {k: v.to(dtype).double() for k, v in layer.items()}
+        product = F.linear(F.layer_norm(t["hidden"], (96,), t["norm weight"], t["norm bias"], 1e-5), t["w in"],
+                           t["b in"])
+        expected = torch.cat((product[..., :120], F.gelu(product[..., 120:], approximate="tanh")), -1)
+        assert out[f"layer_in {dtype}"].dtype == dtype and near(out[f"layer_in {dtype}"], expected, tolerance)
+        expected = F.linear(torch.cat((t["attention"], t["ff"]), -1), t["w out"], t["b out"]) + t["hidden"]
+        assert out[f"layer_out {dtype}"].dtype == dtype and near(out[f"layer_out {dtype}"], expected, tolerance)
+
+    assert out["fused layers"]  # the tiny model's layers took the kernels' path
+    model = AutoModelForCausalLM.from_pretrained(TINY).eval()
+    plain = FastDecoder(model, tokenizer, 512)
+    plain.step, plain.greedy_step = model.__call__, decoding._greedy_step  # eager; the CPU's attention
+    greedy = GenerationSettings(max_new_tokens=8, temperature=0.0)
+    with torch.inference_mode():
+        for ids, mask in prompts:
+            tokens, logits = plain.generate(ids, mask, greedy, 8, ignore_eos=True, output_logits=True)
+            got_tokens, got_logits = out[f"decoded {tuple(ids.shape)}"]
+            assert got_tokens == tokens and (got_logits - logits).abs().max() < 1e-4, ids.shape
+            assert out[f"greedy loop {tuple(ids.shape)}"] == tokens, ids.shape
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
