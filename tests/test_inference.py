@@ -232,6 +232,21 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -
     return torch.cat((turned, x[..., r:]), dim=-1)
 
 
+def step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, used: torch.Tensor):
+    """What decode_step_attention computes, from transformers' rotary and the reference products: q, k_new, v_new
+    (batch, 1, heads * dim); returns the attention (batch, 1, heads * dim) and the cache with the step's key and
+    value written to each row's newest slot, start + used - 1."""
+    batch, size, heads, dim = keys.shape
+    keys, values = keys.clone(), values.clone()
+    newest = starts + used - 1
+    keys[torch.arange(batch), newest] = rotated(k_new, cos, sin, heads)[:, :, 0]
+    values[torch.arange(batch), newest] = v_new.reshape(batch, heads, dim)
+    out = decode_attention(rotated(q, cos, sin, heads), keys, values, decode_layout(starts, used, size), dim ** -0.5,
+                           "products")
+    return out, keys, values
+
+
 def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, tokenizer):
     """The decode step's Triton kernels run on the CPU through Triton's interpreter, in a fresh process
     (TRITON_INTERPRET=1 must be set before Triton builds them), against reference products:
@@ -290,12 +305,9 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
         assert ((y.double() - expected).abs().amax(-1) < tolerance * expected.abs().amax(-1)).all(), (rows, dtype)
 
     # the step's own key and value: rotated, written to slot start + used - 1 of each row, attended to
-    step_q, step_k = rotated(q.transpose(1, 2).reshape(batch, 1, -1), cos, sin, heads), rotated(k_new, cos, sin, heads)
-    written_keys, written_values = keys.clone(), values.clone()
+    expected, written_keys, written_values = step_reference(q.transpose(1, 2).reshape(batch, 1, -1), k_new, v_new,
+                                                            cos, sin, keys, values, starts, used)
     newest = starts + used - 1
-    written_keys[torch.arange(batch), newest] = step_k[:, :, 0]
-    written_values[torch.arange(batch), newest] = v_new.reshape(batch, heads, dim)
-    expected = decode_attention(step_q, written_keys, written_values, layout, dim ** -0.5, "products")
     steps = [k for k in out if k.startswith("step ")]
     assert len(steps) == 2 * len(set(decoding.SPLIT_CONFIGS.values()))
     for name in steps:
@@ -381,6 +393,78 @@ def test_triton_gemv_is_the_linear_product_on_gpu(rows, dtype):
             assert y.shape == (rows, 1, n) and y.dtype == dtype
             tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
             assert ((y.double() - expected).abs().amax(-1) < tolerance * expected.abs().amax(-1)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
+    """A one-row step's layer kernels at Phi-2's shapes (layer_in: layer norm, [q; k; v; fc1], gelu on fc1's rows;
+    layer_out: [dense | fc2] of [attention | gelu(fc1)] plus the residual) and the step attention with the step's
+    own key and value (rotary, cache writes; 1 and 7 rows of loud_cache), eager and compiled: under inductor the
+    attention op must still write the cache it was given. Tolerance: bf16 rounding; fp32 sums in another order."""
+    if not triton_supported(torch.device("cuda"), dtype):
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+    layer_in, layer_out = decoding.triton_layer_products()
+    decoding.triton_decode_attention()
+    F = torch.nn.functional  # noqa: N806
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    def near(got, expected, tolerance=0.02 if dtype == torch.bfloat16 else 1e-4):
+        return bool((got.double() - expected.double()).abs().max() < tolerance * expected.double().abs().max())
+
+    hidden, norm_w, norm_b = randn(1, 1, 2560, scale=3) + 1, randn(2560), randn(2560)
+    w_in, b_in = randn(17920, 2560, scale=2560 ** -0.5), randn(17920)
+    product = F.linear(F.layer_norm(hidden.double(), (2560,), norm_w.double(), norm_b.double(), 1e-5),
+                       w_in.double(), b_in.double())
+    expected = torch.cat((product[..., :7680], F.gelu(product[..., 7680:], approximate="tanh")), -1)
+    for y in (layer_in(hidden, norm_w, norm_b, 1e-5, w_in, b_in, 7680),
+              torch.compile(layer_in)(hidden, norm_w, norm_b, 1e-5, w_in, b_in, 7680)):
+        assert y.dtype == dtype and y.shape == (1, 1, 17920) and near(y, expected)
+    attention, ff = randn(1, 1, 2560), randn(1, 1, 10240)
+    w_out, b_out = randn(2560, 12800, scale=12800 ** -0.5), randn(2560)
+    expected = F.linear(torch.cat((attention, ff), -1).double(), w_out.double(), b_out.double()) + hidden.double()
+    for y in (layer_out(attention, ff, w_out, b_out, hidden), torch.compile(layer_out)(attention, ff, w_out, b_out,
+                                                                                        hidden)):
+        assert y.dtype == dtype and y.shape == (1, 1, 2560) and near(y, expected)
+
+    def step(q, k, v, cos, sin, keys, values, layout):
+        return torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5)
+
+    for batch in (1, 7):
+        _, keys, values, starts, used = loud_cache(batch, "cuda")
+        q, k, v, _ = randn(batch, 1, 3 * 2560 + 64).split([2560] * 3 + [64], -1)  # q, k, v share a row stride
+        angle = torch.randn(batch, 1, 16, generator=gen, device="cuda") * 3
+        cos, sin = (torch.cat((f(angle), f(angle)), -1).to(dtype) for f in (torch.cos, torch.sin))
+        expected, written_keys, written_values = step_reference(q.float(), k.float(), v.float(), cos.float(),
+                                                                sin.float(), keys, values, starts, used)
+        for run in (step, torch.compile(step)):
+            cache_k, cache_v = keys.to(dtype), values.to(dtype)
+            out = run(q, k, v, cos, sin, cache_k, cache_v, decode_layout(starts, used, keys.shape[1]))
+            assert out.dtype == dtype and out.shape == (batch, 1, 2560) and near(out, expected)
+            assert near(cache_k, written_keys) and near(cache_v, written_values)  # written in place
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tokenizer):
+    """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: four kernels a layer;
+    three rows: the step attention) against transformers' generate, fp32: the same greedy tokens, one row and
+    batched with left padding, the same logits within 1e-4."""
+    if not triton_supported(torch.device("cuda"), torch.float32):
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+    plain = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=False)
+    fast = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True)
+    assert all(layer.step_kernels for layer in fast.model.model.layers)
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
+    for batch in (prompts[:1], prompts):
+        assert fast.generate_ids(batch, GREEDY, 40, ignore_eos=True) == plain.generate_ids(batch, GREEDY, 40,
+                                                                                          ignore_eos=True)
+    ids, logits = fast.generate_with_logits(prompts[1:2], GREEDY, 20)
+    plain_ids, plain_logits = plain.generate_with_logits(prompts[1:2], GREEDY, 20)
+    assert ids == plain_ids and (logits - plain_logits).abs().max() < 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

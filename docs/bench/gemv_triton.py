@@ -8,6 +8,7 @@ reuse: 92 MB each), the calls captured in one CUDA graph (no launch gaps), bf16 
 
     python docs/bench/gemv_triton.py      # from the repo root, on a CUDA GPU
     python docs/bench/gemv_triton.py fp32 # the fp32 model's products (fp32 weights, fp32 sums)
+    python docs/bench/gemv_triton.py layer  # the one-row step's fused launches (layer norm, gelu, residual inside)
 """
 import sys
 import time
@@ -22,10 +23,15 @@ from decoding import gemv_kernel  # noqa: E402
 LAYERS = 32
 
 
-def gemv(w, x, b, y, block_n, block_k, warps, stages):
+def gemv(w, x, b, y, block_n, block_k, warps, stages, x2=None, res=None, norm=None, gelu_from=None):
+    """One launch of gemv_kernel; x2/res/norm/gelu_from: the fused layer's switches (layer_in, layer_out)."""
     n, k = w.shape
-    gemv_kernel()[(triton.cdiv(n, block_n),)](w, x, b, y, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             num_warps=warps, num_stages=stages)
+    nw, nb = norm if norm is not None else (x, x)
+    gemv_kernel()[(triton.cdiv(n, block_n),)](
+        w, x, x if x2 is None else x2, b, x if res is None else res, nw, nb, y, n, 1e-5,
+        n if gelu_from is None else gelu_from, K=k, K1=k if x2 is None else x.shape[-1], NORM=norm is not None,
+        GELU=gelu_from is not None, RESIDUAL=res is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
 
 
 def timed(fn, reps=20) -> float:
@@ -44,8 +50,51 @@ def timed(fn, reps=20) -> float:
     return (time.perf_counter() - t0) / reps / LAYERS * 1e6
 
 
+def layer(dtype):
+    """The one-row step's two fused launches (decoding.triton_layer_products) against what they replace: layer_in
+    (layer norm inside, gelu on fc1's rows) against F.layer_norm + the plain kernel, layer_out ([attention |
+    gelu(fc1)] read from two tensors, residual added) against cat + the plain kernel + add; each by block sizes."""
+    configs = [(1, 2048, 4, 2), (2, 2048, 4, 2), (2, 1024, 4, 3), (4, 1024, 4, 3), (4, 2048, 8, 2), (8, 1024, 8, 2),
+               (8, 512, 4, 3), (16, 512, 8, 3)]
+    hidden = torch.randn(1, 2560, device="cuda", dtype=dtype) * 3
+    norm = (torch.randn(2560, device="cuda", dtype=dtype), torch.randn(2560, device="cuda", dtype=dtype))
+    for name, n, k in (("layer_in [q; k; v; fc1]", 17920, 2560), ("layer_out [dense | fc2]", 2560, 12800)):
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(LAYERS)]
+        bs = [torch.randn(n, device="cuda", dtype=dtype) for _ in range(LAYERS)]
+        y = torch.empty(1, n, device="cuda", dtype=dtype)
+        mb = n * k * dtype.itemsize / 1e6
+        attention, ff = torch.randn(1, 2560, device="cuda", dtype=dtype), torch.randn(1, 10240, device="cuda", dtype=dtype)
+        fused = dict(norm=norm, gelu_from=7680) if n == 17920 else dict(x2=ff, res=hidden)
+        x = hidden if n == 17920 else attention
+        for cfg in ((2, 2048, 4, 2), (8, 1024, 8, 2)):
+            def before():
+                for w, b in zip(ws, bs):
+                    if n == 17920:
+                        gemv(w, F.layer_norm(hidden, (2560,), *norm), b, y, *cfg)
+                    else:
+                        gemv(w, torch.cat((attention, ff), -1), b, y, *cfg)
+                        y.add_(hidden)
+            us = timed(before)
+            print(f"ROW {name} ({mb:.0f} MB): before (separate kernels) {cfg} {us:.1f} us", flush=True)
+        for cfg in configs:
+            try:
+                def after():
+                    for w, b in zip(ws, bs):
+                        gemv(w, x, b, y, *cfg, **fused)
+                us = timed(after)
+                print(f"ROW {name}: fused {cfg} {us:.1f} us = {mb / us:.2f} TB/s", flush=True)
+            except Exception as e:  # a configuration that does not compile or fit: skip it
+                print(f"ROW {name}: fused {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        ws = bs = None
+        torch.cuda.empty_cache()
+
+
 def main():
     torch.manual_seed(0)
+    if sys.argv[1:2] == ["layer"]:
+        for dtype in (torch.bfloat16, torch.float32):
+            layer(dtype)
+        return
     dtype = torch.float32 if sys.argv[1:] == ["fp32"] else torch.bfloat16
     configs = [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3), (4, 1024, 4, 3),
                (8, 1024, 8, 2), (2, 2048, 4, 2), (16, 1024, 8, 2)]
