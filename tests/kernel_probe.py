@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import decoding  # noqa: E402
 from config import GenerationSettings  # noqa: E402
 from decoding import (SPLIT_CONFIGS, FastDecoder, decode_attention, split_attention, triton_decode_attention,  # noqa
-                      triton_gemv, triton_layer_products)
+                      norm_folded, triton_gemv, triton_layer_products)
 
 inputs = torch.load(sys.argv[1])
 q, keys, values, layout, scale = (inputs[k] for k in ("q", "keys", "values", "layout", "scale"))
@@ -52,8 +52,10 @@ for config in set(SPLIT_CONFIGS.values()):
         out[f"step {config} {dtype}"] = (o, kk, vv)
 layer_in, layer_out = triton_layer_products()
 for dtype in (torch.float32, torch.bfloat16):
-    args = [inputs[f"layer {n}"].to(dtype) for n in ("hidden", "norm weight", "norm bias", "w in", "b in")]
-    out[f"layer_in {dtype}"] = layer_in(*args[:3], 1e-5, *args[3:], inputs["gelu from"])
+    hidden, norm_w, norm_b, w, b = (inputs[f"layer {n}"].to(dtype) for n in ("hidden", "norm weight", "norm bias",
+                                                                             "w in", "b in"))
+    sums, folded = norm_folded(w, b, norm_w, norm_b)
+    out[f"layer_in {dtype}"] = layer_in(hidden, norm_w, sums, 1e-5, w, folded, inputs["gelu from"])
     args = [inputs[f"layer {n}"].to(dtype) for n in ("attention", "ff", "w out", "b out", "hidden")]
     out[f"layer_out {dtype}"] = layer_out(*args)
 # the tiny model decoding through the fused layers' kernels, greedy, one row and three left-padded rows

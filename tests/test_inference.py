@@ -420,8 +420,9 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
     product = F.linear(F.layer_norm(hidden.double(), (2560,), norm_w.double(), norm_b.double(), 1e-5),
                        w_in.double(), b_in.double())
     expected = torch.cat((product[..., :7680], F.gelu(product[..., 7680:], approximate="tanh")), -1)
-    for y in (layer_in(hidden, norm_w, norm_b, 1e-5, w_in, b_in, 7680),
-              torch.compile(layer_in)(hidden, norm_w, norm_b, 1e-5, w_in, b_in, 7680)):
+    sums, folded = decoding.norm_folded(w_in, b_in, norm_w, norm_b)
+    for y in (layer_in(hidden, norm_w, sums, 1e-5, w_in, folded, 7680),
+              torch.compile(layer_in)(hidden, norm_w, sums, 1e-5, w_in, folded, 7680)):
         assert y.dtype == dtype and y.shape == (1, 1, 17920) and near(y, expected)
     attention, ff = randn(1, 1, 2560), randn(1, 1, 10240)
     w_out, b_out = randn(2560, 12800, scale=12800 ** -0.5), randn(2560)

@@ -5,7 +5,7 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
     python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
     python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
     python docs/bench/decode_step_fused.py rows       # 8 users' rows: cuBLAS or the Triton rows kernel, own slots
-    python docs/bench/decode_step_fused.py kernels    # one row, bf16 and fp32: a layer in four kernels, and before
+    python docs/bench/decode_step_fused.py kernels [--before]  # one row, bf16 and fp32: a layer in four kernels
 
 Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log and -fp32- (both before the
 Triton GEMV, which fused layers now use at batch 1), docs/bench/h200-decode-step-own-slots-2026-11-29.log; with the
@@ -90,11 +90,12 @@ if sys.argv[1:2] == ["kernels"]:  # one row: the layer in four kernels (layer.st
         model = random_phi2(dtype)
         fuse_phi_layers(model)
         name = "bf16" if dtype == torch.bfloat16 else "fp32"
-        for layer in model.model.layers:
-            layer.step_kernels = False
-        attempt(model, f"{name} fused, own slots, triton gemv (before)", 1, own_slots=True)
-        for layer in model.model.layers:
-            layer.step_kernels = True
+        if "--before" in sys.argv:
+            for layer in model.model.layers:
+                layer.step_kernels = False
+            attempt(model, f"{name} fused, own slots, triton gemv (before)", 1, own_slots=True)
+            for layer in model.model.layers:
+                layer.step_kernels = True
         attempt(model, f"{name} layer kernels", 1, profile=True, own_slots=True)
         del model
         torch.cuda.empty_cache()
