@@ -60,7 +60,7 @@ for dtype in (torch.float32, torch.bfloat16):
     out[f"layer_out {dtype}"] = layer_out(*args)
 # the tiny model decoding through the fused layers' kernels, greedy, one row and three left-padded rows
 decoding.triton_supported = lambda device, dtype: True
-decoding.one_row_blocks = lambda k, dtype: (64, 128, 4, 1)  # the interpreter runs programs one by one: fewer
+decoding.one_row_blocks = lambda k, dtype, norm=False: (64, 128, 4, 1)  # the interpreter runs programs one by one: fewer
 model = AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
 decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512)
 out["fused layers"] = all(layer.step_kernels for layer in model.model.layers)

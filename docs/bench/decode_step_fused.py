@@ -5,6 +5,7 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
     python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
     python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
     python docs/bench/decode_step_fused.py rows       # 8 users' rows: cuBLAS or the Triton rows kernel, own slots
+    python docs/bench/decode_step_fused.py b64        # 64 rows, own slots, the kernels' profile
     python docs/bench/decode_step_fused.py kernels [--before]  # one row, bf16 and fp32: a layer in four kernels
 
 Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log and -fp32- (both before the
@@ -83,6 +84,11 @@ if sys.argv[1:2] == ["attention"]:  # the prompt's 64 slots + 1 of a 384-slot ca
     for layer in model.model.layers:
         layer.gemv = gemv
     attempt(model, "bf16 fused, own slots, triton gemv", 1, profile=True, own_slots=True)
+    attempt(model, "bf16 fused, own slots", 64, profile=True, own_slots=True)
+    sys.exit()
+if sys.argv[1:2] == ["b64"]:  # 64 rows, each attending over its own slots (the step attention at batch 64)
+    model = random_phi2(torch.bfloat16)
+    fuse_phi_layers(model)
     attempt(model, "bf16 fused, own slots", 64, profile=True, own_slots=True)
     sys.exit()
 if sys.argv[1:2] == ["kernels"]:  # one row: the layer in four kernels (layer.step_kernels) against the step before
