@@ -170,7 +170,7 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     kv_layout: where a batch-1 decode step's row sits in the decoders' DecodeCache (decode_layout); without it,
     transformers' attention over the whole cache."""
     attn = self.self_attn
-    if self.step_kernels and kv_layout is not None and hidden_states.shape[1] == 1 and \
+    if self.step_kernels and kv_layout is not None and hidden_states.shape[:2] == (1, 1) and \
             isinstance(past_key_values, DecodeCache):
         return _fused_decode_step(self, hidden_states, position_embeddings, past_key_values.layers[attn.layer_idx],
                                   kv_layout)
@@ -215,30 +215,22 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
 
 def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                        cache: "_TokenMajorLayer", layout: torch.Tensor) -> torch.Tensor:
-    """A fused Phi layer's decode step where the Triton kernels run (layer.step_kernels), hidden (batch, 1, hidden):
-    one row in four kernels, layer_in (layer norm, [q; k; v; fc1], gelu), the split attention's two (rotary, the
-    cache writes, attention over the row's slots) and layer_out ([dense | fc2], the residual); a few rows, the same
-    with the layer norm, gelu and residual add left to inductor. The step's key and value go to each row's newest
+    """A fused Phi layer's one-row decode step where the Triton kernels run (layer.step_kernels), hidden (1, 1,
+    hidden), in four kernels: layer_in (layer norm, [q; k; v; fc1], gelu), the split attention's two (rotary, the
+    cache writes, attention over the row's slots) and layer_out ([dense | fc2], the residual). On an H200 (bf16)
+    the step took 1.65 ms instead of 1.97 (docs/PERFORMANCE.md). The step's key and value go to the row's newest
     slot of decode_layout, not to the cache's shared write index: the cache's cumulative_length is not advanced
-    (the decoders keep their own)."""
-    attn = self.self_attn
-    batch, dtype = hidden.shape[0], hidden.dtype
-    one = batch == 1
-    if one:
-        y = torch.ops.phi2_qlora.layer_in(hidden, self.input_layernorm.weight, self.norm_sums,
-                                          self.input_layernorm.eps, self.fused_in_weight, self.norm_bias,
-                                          sum(self.fused_in_sizes[:3]))
-    else:
-        few = batch <= (FEW_ROWS if dtype != torch.float32 else 1)
-        y = (self.gemv if few else F.linear)(self.input_layernorm(hidden), self.fused_in_weight, self.fused_in_bias)
-    q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (batch, 1, heads * head dim) each but ff
-    cos, sin = position_embeddings  # (batch, 1, rotary dims)
+    (the decoders keep their own).
+    Batches keep the layer as before: with the step attention, 64 rows took 3.26 ms a step alone instead of 2.96
+    (its first kernel 31.5 us a layer instead of 16.8; cause not found)."""
+    y = torch.ops.phi2_qlora.layer_in(hidden, self.input_layernorm.weight, self.norm_sums,
+                                      self.input_layernorm.eps, self.fused_in_weight, self.norm_bias,
+                                      sum(self.fused_in_sizes[:3]))
+    q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (1, 1, heads * head dim) each but ff
+    cos, sin = position_embeddings  # (1, 1, rotary dims)
     out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
-                                                     attn.scaling)  # (batch, 1, heads * head dim)
-    if one:
-        return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
-    mixed = torch.cat((out, self.mlp.activation_fn(ff)), dim=-1)
-    return F.linear(mixed, self.fused_out_weight, self.fused_out_bias) + hidden
+                                                     self.self_attn.scaling)  # (1, 1, heads * head dim)
+    return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -832,10 +824,11 @@ class FastDecoder:
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_position = position[:, -1:] + 1  # (batch, 1)
-        # Greedy decoding (what evaluate.py and the benchmarks run) picks each token inside the compiled step, whose
-        # inputs live in one _GreedyLoop per shape: no kernel between two replays of the step's CUDA graph.
+        # Greedy decoding of one row picks each token inside the compiled step, whose inputs live in one _GreedyLoop
+        # per shape: no kernel between two replays of the step's CUDA graph. (Batches keep the loop below: with both
+        # this and the step attention, batch 64 ran at 13,021 tok/s against 16,259 on an H200.)
         loop = None
-        if not (sample or output_logits or gen.repetition_penalty != 1.0):
+        if batch == 1 and not (sample or output_logits or gen.repetition_penalty != 1.0):
             loop = self._loop(batch, size, mask, next_position, layout)
         new = loop.tokens if loop is not None else seq[:, width:]  # (batch, >= max_new_tokens): this call's tokens
         rows: list[list[int]] = [[] for _ in range(batch)]

@@ -450,9 +450,9 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tokenizer):
-    """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: four kernels a layer;
-    three rows: the step attention) against transformers' generate, fp32: the same greedy tokens, one row and
-    batched with left padding, the same logits within 1e-4."""
+    """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: four kernels a layer,
+    the greedy token picked inside the step) against transformers' generate, fp32: the same greedy tokens, one row
+    and batched with left padding, the same logits within 1e-4."""
     if not triton_supported(torch.device("cuda"), torch.float32):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     plain = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=False)
