@@ -217,8 +217,9 @@ def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[to
                        cache: "_TokenMajorLayer", layout: torch.Tensor) -> torch.Tensor:
     """A fused Phi layer's one-row decode step where the Triton kernels run (layer.step_kernels), hidden (1, 1,
     hidden), in four kernels: layer_in (layer norm, [q; k; v; fc1], gelu), the split attention's two (rotary, the
-    cache writes, attention over the row's slots) and layer_out ([dense | fc2], the residual). On an H200 (bf16)
-    the step took 1.65 ms instead of 1.97 (docs/PERFORMANCE.md). The step's key and value go to the row's newest
+    cache writes, attention over the row's slots) and layer_out ([dense | fc2], the residual), instead of ~11. On an
+    H200, with the greedy token picked inside the step, batch 1 went from 485.6 to 556.5-571.2 tok/s in bf16 and
+    from 300.4 to 338.9 in fp32 (docs/PERFORMANCE.md). The step's key and value go to the row's newest
     slot of decode_layout, not to the cache's shared write index: the cache's cumulative_length is not advanced
     (the decoders keep their own).
     Batches keep the layer as before: with the step attention, 64 rows took 3.26 ms a step alone instead of 2.96
@@ -756,9 +757,10 @@ class FastDecoder:
     the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
-    Phi-2, docs/PERFORMANCE.md): 486 tok/s at batch 1 and 16,259 at batch 64 in bf16, 300 at batch 1 in fp32, against
-    40-60, 1,873-3,891 and 39-66 for generate(). At batch 1 the step (1.97 ms alone in bf16) reads the fused layers'
-    weights with triton_gemv, and every row attends over its own used slots only (DecodeCache, decode_attention).
+    Phi-2, docs/PERFORMANCE.md): 557-571 tok/s at batch 1 and 16,374 at batch 64 in bf16, 339 at batch 1 in fp32,
+    against 46-60, 2,773-3,891 and 63-66 for generate(). At batch 1 each layer is four Triton kernels
+    (_fused_decode_step) and a greedy token is picked inside the compiled step (_greedy_step); every row attends over
+    its own used slots only (DecodeCache, decode_attention).
 
     Pieces are transformers' own where they suffice: StaticCache (DecodeCache where rows read their own slots), the
     model's compiled call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill
@@ -853,11 +855,16 @@ class FastDecoder:
 
         for step in range(max_new_tokens):
             if step == 0 or loop is None:  # the greedy loop's later tokens come from its step
-                scores = logits.to(torch.float32, copy=True)  # (batch, vocab); graph outputs are overwritten
-                if output_logits:
-                    raw_logits.append(scores.clone())
-                scores = procs(seq[:, :width + step], scores)
-                token = torch.multinomial(scores.softmax(-1), 1)[:, 0] if sample else scores.argmax(-1)
+                if not (sample or procs or output_logits):
+                    # The argmax is queued before the next replay overwrites this CUDA-graph output; bf16 -> fp32
+                    # keeps the order, so this is generate()'s token.
+                    token = logits.argmax(-1)  # (batch,)
+                else:
+                    scores = logits.to(torch.float32, copy=True)  # (batch, vocab); graph outputs are overwritten
+                    if output_logits:
+                        raw_logits.append(scores.clone())
+                    scores = procs(seq[:, :width + step], scores)
+                    token = torch.multinomial(scores.softmax(-1), 1)[:, 0] if sample else scores.argmax(-1)
                 new[:, step] = token
                 if loop is not None:
                     loop.tok.copy_(token[:, None])
