@@ -27,6 +27,8 @@ from inference import ChatModel, Reply, chat_loop, merge_adapter
 from conftest import ROOT, TINY, run_script
 
 GREEDY = GenerationSettings(max_new_tokens=40, temperature=0.0)
+ARGMAX = GenerationSettings(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)  # no penalty: FastDecoder
+# picks one row's tokens inside its compiled step (_greedy_step)
 
 
 def test_merged_logits_equal_the_unmerged_adapter(smoke_run, tokenizer):
@@ -123,6 +125,10 @@ def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
     prompts = [torch.randint(1, len(chat_model.tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
     assert fast.generate_ids(prompts, GREEDY, ignore_eos=True) == chat_model.generate_ids(prompts, GREEDY,
                                                                                           ignore_eos=True)
+    for prompt in prompts[:2]:  # one row, no penalty: the token picked inside the compiled step
+        assert fast.generate_ids([prompt], ARGMAX, ignore_eos=True) == chat_model.generate_ids([prompt], ARGMAX,
+                                                                                              ignore_eos=True)
+    assert fast._decoder._loops  # that path ran
     ids, fast_logits = fast.generate_with_logits(prompts[:1], GREEDY, 20)
     plain_ids, plain_logits = chat_model.generate_with_logits(prompts[:1], GREEDY, 20)
     assert ids == plain_ids and (fast_logits - plain_logits).abs().max() < 1e-4
@@ -283,7 +289,8 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     torch.save({"q": q, "keys": keys, "values": values, "layout": layout, "scale": dim ** -0.5, "gemv w": w,
                 "gemv b": b, "gemv x": x, "gemv cases": cases, "k new": k_new, "v new": v_new, "cos": cos,
                 "sin": sin, **{f"layer {k}": t for k, t in layer.items()}, "gelu from": 120, "model": str(TINY),
-                "prompts": prompts, "greedy": {"max_new_tokens": 8, "temperature": 0.0}}, tmp_path / "in.pt")
+                "prompts": prompts, "greedy": {"max_new_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0}},
+               tmp_path / "in.pt")
     run_script("tests/kernel_probe.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
                env={"TRITON_INTERPRET": "1"})
     out = torch.load(tmp_path / "out.pt")
@@ -337,7 +344,7 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     model = AutoModelForCausalLM.from_pretrained(TINY).eval()
     plain = FastDecoder(model, tokenizer, 512)
     plain.step, plain.greedy_step = model.__call__, decoding._greedy_step  # eager; the CPU's attention
-    greedy = GenerationSettings(max_new_tokens=8, temperature=0.0)
+    greedy = GenerationSettings(max_new_tokens=8, temperature=0.0, repetition_penalty=1.0)
     with torch.inference_mode():
         for ids, mask in prompts:
             tokens, logits = plain.generate(ids, mask, greedy, 8, ignore_eos=True, output_logits=True)
@@ -450,9 +457,10 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tokenizer):
-    """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: four kernels a layer,
-    the greedy token picked inside the step) against transformers' generate, fp32: the same greedy tokens, one row
-    and batched with left padding, the same logits within 1e-4."""
+    """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: four kernels a layer;
+    without a repetition penalty the greedy token picked inside the step) against transformers' generate, fp32:
+    the same greedy tokens, one row (two prompts in turn: the loop's buffers reset) and batched with left padding,
+    the same logits within 1e-4."""
     if not triton_supported(torch.device("cuda"), torch.float32):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     plain = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=False)
@@ -460,9 +468,10 @@ def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tok
     assert all(layer.step_kernels for layer in fast.model.model.layers)
     rng = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
-    for batch in (prompts[:1], prompts):
-        assert fast.generate_ids(batch, GREEDY, 40, ignore_eos=True) == plain.generate_ids(batch, GREEDY, 40,
-                                                                                          ignore_eos=True)
+    for batch, gen in ((prompts[:1], ARGMAX), (prompts[1:2], ARGMAX), (prompts[:1], GREEDY), (prompts, GREEDY)):
+        assert fast.generate_ids(batch, gen, 40, ignore_eos=True) == plain.generate_ids(batch, gen, 40,
+                                                                                       ignore_eos=True)
+    assert fast._decoder._loops  # one row without a penalty: the token picked inside the CUDA-graphed step
     ids, logits = fast.generate_with_logits(prompts[1:2], GREEDY, 20)
     plain_ids, plain_logits = plain.generate_with_logits(prompts[1:2], GREEDY, 20)
     assert ids == plain_ids and (logits - plain_logits).abs().max() < 1e-4
