@@ -58,9 +58,11 @@ for dtype in (torch.float32, torch.bfloat16):
     out[f"layer_in {dtype}"] = layer_in(hidden, norm_w, sums, 1e-5, w, folded, inputs["gelu from"])
     args = [inputs[f"layer {n}"].to(dtype) for n in ("attention", "ff", "w out", "b out", "hidden")]
     out[f"layer_out {dtype}"] = layer_out(*args)
-# the tiny model decoding through the fused layers' kernels, greedy, one row and three left-padded rows
+# the tiny model decoding greedily: one row through the four-kernel layer (and the greedy loop), three left-padded
+# rows through the split attention
 decoding.triton_supported = lambda device, dtype: True
-decoding.one_row_blocks = lambda k, dtype, norm=False: (64, 128, 4, 1)  # the interpreter runs programs one by one: fewer
+decoding.one_row_blocks = lambda k, dtype, norm=False: (64, 128, 4, 1)  # fewer programs: the interpreter runs them
+# one by one
 model = AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
 decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512)
 out["fused layers"] = all(layer.step_kernels for layer in model.model.layers)

@@ -261,8 +261,8 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
       row's newest slot, nothing else of the cache touched);
     - the GEMV for one row and for a few; the fused layer's layer_in (layer norm, product, gelu on fc1's rows) and
       layer_out (two inputs, product, residual);
-    - the tiny model's greedy decoding through those kernels (one row; three left-padded rows): the tokens and
-      logits of the CPU's unfused-attention path.
+    - the tiny model's greedy decoding through those kernels (one row: the four-kernel layer, with and without the
+      greedy loop; three left-padded rows: the split attention): the tokens and logits of the CPU's path.
     The GPU tests below run the same kernels compiled. Tolerance: bf16 rounding of inputs and outputs; fp32 sums
     in another order."""
     q, keys, values, starts, used = loud_cache(5, "cpu", heads=4)
@@ -279,7 +279,8 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     angle = torch.randn(batch, 1, 16, generator=gen) * 3
     cos, sin = torch.cat((angle.cos(), angle.cos()), -1), torch.cat((angle.sin(), angle.sin()), -1)  # 32 rotary dims
     hidden = torch.randn(1, 1, 96, generator=gen) * 3 + 1  # a residual stream: not centred
-    layer = {"hidden": hidden, "norm weight": torch.randn(96, generator=gen), "norm bias": torch.randn(96, generator=gen),
+    layer = {"hidden": hidden, "norm weight": torch.randn(96, generator=gen),
+             "norm bias": torch.randn(96, generator=gen),
              "w in": torch.randn(200, 96, generator=gen) / 10, "b in": torch.randn(200, generator=gen),
              "attention": torch.randn(1, 1, 40, generator=gen), "ff": torch.randn(1, 1, 56, generator=gen),
              "w out": torch.randn(96, 96, generator=gen) / 10, "b out": torch.randn(96, generator=gen)}

@@ -13,7 +13,10 @@ Triton GEMV, which fused layers now use at batch 1), docs/bench/h200-decode-step
 split attention kernel (2026-11-30): h200-decode-step-split-attention-2026-11-30.log (`attention`: "own slots" rows
 read with decoding.decode_kernel's choice, the split kernel on an H200) and h200-decode-step-fp32-split-2026-11-30.log
 (`fp32`: the Triton GEMV, attention still over the whole cache: this mode passed no layout then; it now measures
-the own-slots step as the decoders run it, and the whole-cache step after it).
+the own-slots step as the decoders run it, and the whole-cache step after it). Eleventh session (2026-11-30):
+`kernels` as h200-decode-step-kernels-stats-first-2026-11-30.log and -first-blocks- (two earlier layer_in
+versions, see docs/PERFORMANCE.md; not run with the final one) and `b64` as
+h200-decode-step-b64-step-attention-2026-11-30.log (when 64 rows also took the step attention; they no longer do).
 """
 import sys, time, traceback
 sys.path.insert(0, ".")

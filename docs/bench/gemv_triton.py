@@ -63,7 +63,8 @@ def layer(dtype):
         bs = [torch.randn(n, device="cuda", dtype=dtype) for _ in range(LAYERS)]
         y = torch.empty(1, n, device="cuda", dtype=dtype)
         mb = n * k * dtype.itemsize / 1e6
-        attention, ff = torch.randn(1, 2560, device="cuda", dtype=dtype), torch.randn(1, 10240, device="cuda", dtype=dtype)
+        attention = torch.randn(1, 2560, device="cuda", dtype=dtype)
+        ff = torch.randn(1, 10240, device="cuda", dtype=dtype)
         sums = torch.randn(n, device="cuda")
         fused = dict(norm=(norm[0], sums), gelu_from=7680) if n == 17920 else dict(x2=ff, res=hidden)
         x = hidden if n == 17920 else attention
