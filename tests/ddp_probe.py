@@ -36,9 +36,13 @@ def recording_build_trainer(*args, **kwargs):
             e["input_ids"] for e in examples)
         rank = int(os.environ.get("RANK", "0"))
         out = Path(trainer.args.output_dir) / f"probe-rank{rank}.json"
-        out.write_text(json.dumps({"world_size": trainer.args.world_size, "pid": os.getpid(), "examples": seen,
-                                   "evaluated": evaluated,
-                                   "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset else 0}))
+        # written whole, then renamed: a test reading it while training goes on never sees a half-written file (one
+        # CI run read an empty one)
+        partial = out.with_suffix(".tmp")
+        partial.write_text(json.dumps({"world_size": trainer.args.world_size, "pid": os.getpid(), "examples": seen,
+                                       "evaluated": evaluated,
+                                       "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset else 0}))
+        os.replace(partial, out)
         return collate(examples)
 
     trainer.data_collator = record
