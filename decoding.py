@@ -167,8 +167,8 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
                              past_key_values=None, use_cache=False, position_embeddings=None,
                              kv_layout: torch.Tensor | None = None, **kwargs):
     """PhiDecoderLayer.forward + PhiAttention.forward (transformers 5.23, eval mode) with the products fused.
-    kv_layout: where a batch-1 decode step's row sits in the decoders' DecodeCache (decode_layout); without it,
-    transformers' attention over the whole cache."""
+    kv_layout: where a decode step's rows sit in the decoders' DecodeCache (decode_layout); without it,
+    transformers' attention over the whole cache. One row with layer.step_kernels goes to _fused_decode_step."""
     attn = self.self_attn
     if self.step_kernels and kv_layout is not None and hidden_states.shape[:2] == (1, 1) and \
             isinstance(past_key_values, DecodeCache):

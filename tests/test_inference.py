@@ -230,6 +230,11 @@ def loud_cache(batch: int, device: str, heads: int = 32):
     return q, keys, values, starts, used
 
 
+def near(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+    """Every element within `tolerance` of the largest expected magnitude."""
+    return bool((got.double() - expected.double()).abs().max() < tolerance * expected.double().abs().max())
+
+
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
     """transformers' partial rotary (apply_rotary_pos_emb) of x (batch, 1, heads * dim) -> (batch, heads, 1, dim)."""
     x = x.reshape(x.shape[0], 1, heads, -1).transpose(1, 2)
@@ -295,9 +300,6 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     run_script("tests/kernel_probe.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
                env={"TRITON_INTERPRET": "1"})
     out = torch.load(tmp_path / "out.pt")
-
-    def near(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
-        return bool((got.double() - expected.double()).abs().max() < tolerance * expected.abs().max())
 
     reference = decode_attention(q, keys, values, layout, dim ** -0.5, "products")
     attention = [k for k in out if k.startswith("split")] + ["op"]
@@ -420,8 +422,7 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
 
-    def near(got, expected, tolerance=0.02 if dtype == torch.bfloat16 else 1e-4):
-        return bool((got.double() - expected.double()).abs().max() < tolerance * expected.double().abs().max())
+    tolerance = 0.02 if dtype == torch.bfloat16 else 1e-4
 
     hidden, norm_w, norm_b = randn(1, 1, 2560, scale=3) + 1, randn(2560), randn(2560)
     w_in, b_in = randn(17920, 2560, scale=2560 ** -0.5), randn(17920)
@@ -431,13 +432,13 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
     sums, folded = decoding.norm_folded(w_in, b_in, norm_w, norm_b)
     for y in (layer_in(hidden, norm_w, sums, 1e-5, w_in, folded, 7680),
               torch.compile(layer_in)(hidden, norm_w, sums, 1e-5, w_in, folded, 7680)):
-        assert y.dtype == dtype and y.shape == (1, 1, 17920) and near(y, expected)
+        assert y.dtype == dtype and y.shape == (1, 1, 17920) and near(y, expected, tolerance)
     attention, ff = randn(1, 1, 2560), randn(1, 1, 10240)
     w_out, b_out = randn(2560, 12800, scale=12800 ** -0.5), randn(2560)
     expected = F.linear(torch.cat((attention, ff), -1).double(), w_out.double(), b_out.double()) + hidden.double()
     for y in (layer_out(attention, ff, w_out, b_out, hidden), torch.compile(layer_out)(attention, ff, w_out, b_out,
                                                                                         hidden)):
-        assert y.dtype == dtype and y.shape == (1, 1, 2560) and near(y, expected)
+        assert y.dtype == dtype and y.shape == (1, 1, 2560) and near(y, expected, tolerance)
 
     def step(q, k, v, cos, sin, keys, values, layout):
         return torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5)
@@ -452,8 +453,8 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
         for run in (step, torch.compile(step)):
             cache_k, cache_v = keys.to(dtype), values.to(dtype)
             out = run(q, k, v, cos, sin, cache_k, cache_v, decode_layout(starts, used, keys.shape[1]))
-            assert out.dtype == dtype and out.shape == (batch, 1, 2560) and near(out, expected)
-            assert near(cache_k, written_keys) and near(cache_v, written_values)  # written in place
+            assert out.dtype == dtype and out.shape == (batch, 1, 2560) and near(out, expected, tolerance)
+            assert near(cache_k, written_keys, tolerance) and near(cache_v, written_values, tolerance)  # in place
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
