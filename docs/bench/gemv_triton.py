@@ -9,6 +9,8 @@ reuse: 92 MB each), the calls captured in one CUDA graph (no launch gaps), bf16 
     python docs/bench/gemv_triton.py      # from the repo root, on a CUDA GPU
     python docs/bench/gemv_triton.py fp32 # the fp32 model's products (fp32 weights, fp32 sums)
     python docs/bench/gemv_triton.py layer  # the one-row step's fused launches (layer norm, gelu, residual inside)
+    python docs/bench/gemv_triton.py sweep  # bf16 layer_in/layer_out over a wider grid of launches, the best first
+    python docs/bench/gemv_triton.py step   # bf16 one-row layers (layer_in, step attention, layer_out) by L2 prefetch
 """
 import sys
 import time
@@ -91,8 +93,95 @@ def layer(dtype):
         torch.cuda.empty_cache()
 
 
+def sweep():
+    """bf16 layer_in and layer_out over every launch with 8 to 64 weights a thread a step (rows a program 1-16,
+    columns a step 256-2048, 2/4/8 warps, 2 stages; a few stage counts around the production launch), each timed as
+    in `layer`; the ten fastest of each printed last."""
+    import decoding
+    dtype = torch.bfloat16
+    grid = [(n, k, w, 2) for n in (1, 2, 4, 8, 16) for k in (256, 512, 1024, 2048) for w in (2, 4, 8)
+            if 8 <= n * k // (32 * w) <= 64]
+    hidden = torch.randn(1, 2560, device="cuda", dtype=dtype) * 3
+    norm_weight = torch.randn(2560, device="cuda", dtype=dtype)
+    for name, n, k in (("layer_in", 17920, 2560), ("layer_out", 2560, 12800)):
+        production = decoding.one_row_blocks(k, dtype, norm=name == "layer_in")
+        configs = grid + [(*production[:3], s) for s in (1, 3, 4) if (*production[:3], s) not in grid]
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(LAYERS)]
+        bs = [torch.randn(n, device="cuda", dtype=dtype) for _ in range(LAYERS)]
+        y = torch.empty(1, n, device="cuda", dtype=dtype)
+        mb = n * k * dtype.itemsize / 1e6
+        sums = torch.randn(n, device="cuda")
+        ff = torch.randn(1, 10240, device="cuda", dtype=dtype)
+        attention = torch.randn(1, 2560, device="cuda", dtype=dtype)
+        fused = dict(norm=(norm_weight, sums), gelu_from=7680) if name == "layer_in" else dict(x2=ff, res=hidden)
+        x = hidden if name == "layer_in" else attention
+        results = []
+        for cfg in configs:
+            try:
+                def after():
+                    for w, b in zip(ws, bs):
+                        gemv(w, x, b, y, *cfg, **fused)
+                us = timed(after)
+                results.append((us, cfg))
+                print(f"ROW {name}: {cfg} {us:.1f} us = {mb / us:.2f} TB/s", flush=True)
+            except Exception as e:  # a configuration that does not compile or fit: skip it
+                print(f"ROW {name}: {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        print(f"BEST {name} ({mb:.0f} MB; production {production}):", flush=True)
+        for us, cfg in sorted(results)[:10]:
+            print(f"BEST {name}: {cfg} {us:.1f} us = {mb / us:.2f} TB/s", flush=True)
+        ws = bs = None
+        torch.cuda.empty_cache()
+
+
+def step():
+    """32 one-row bf16 layers as the fused decode step runs them (decoding._fused_decode_step: layer_in, the step
+    attention over 65 used slots of 512, layer_out), each with weights of its own, then lm_head's weights asked of the
+    L2 as after the last layer; in one CUDA graph, by how many bytes the kernels ask the L2 for ahead of time
+    (decoding.PREFETCH_OUT: the attention for [dense | fc2]; PREFETCH_IN: layer_out for the next [q; k; v; fc1])."""
+    import decoding
+    dtype = torch.bfloat16
+    layer_in, layer_out = decoding.triton_layer_products()
+    decoding.triton_decode_attention()
+    randn = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype)  # noqa: E731
+    w_in = [randn(17920, 2560) * 0.02 for _ in range(LAYERS)]
+    w_out = [randn(2560, 12800) * 0.02 for _ in range(LAYERS)]
+    b_out = [randn(2560) for _ in range(LAYERS)]
+    sums = [torch.randn(17920, device="cuda") for _ in range(LAYERS)]
+    folded = [torch.randn(17920, device="cuda") for _ in range(LAYERS)]
+    keys = [randn(1, 512, 32, 80) for _ in range(LAYERS)]
+    values = [randn(1, 512, 32, 80) for _ in range(LAYERS)]
+    head = randn(51200, 2560)
+    norm_w, cos, sin, hidden = randn(2560), randn(1, 1, 32), randn(1, 1, 32), randn(1, 1, 2560)
+    layout = decoding.decode_layout(torch.zeros(1, device="cuda"), torch.full((1,), 65, device="cuda"), 512)
+
+    def layers(pf_out, pf_in):
+        h = hidden
+        for i in range(LAYERS):
+            y = layer_in(h, norm_w, sums[i], 1e-5, w_in[i], folded[i], 7680)
+            q, k, v, ff = y.split([2560, 2560, 2560, 10240], -1)
+            o = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, keys[i], values[i], layout, 80 ** -0.5,
+                                                            w_out[i], pf_out)
+            h = layer_out(o, ff, w_out[i], b_out[i], h, w_in[i + 1] if i + 1 < LAYERS else head, pf_in)
+        return h
+
+    reference = layers(0, 0)
+    mb = 2 ** 20
+    for pf_out, pf_in in [(0, 0), (8, 0), (16, 0), (24, 0), (32, 0), (40, 0), (0, 4), (0, 8), (0, 16), (16, 4),
+                          (24, 4), (24, 8), (32, 8), (24, 16), (0, 0)]:
+        same = torch.equal(layers(pf_out * mb, pf_in * mb), reference)
+        us = timed(lambda: layers(pf_out * mb, pf_in * mb))
+        print(f"ROW step: prefetch out {pf_out} MB, in {pf_in} MB: {us:.2f} us a layer, {us * LAYERS / 1e3:.3f} ms "
+              f"for 32 (same output: {same})", flush=True)
+
+
 def main():
     torch.manual_seed(0)
+    if sys.argv[1:2] == ["step"]:
+        step()
+        return
+    if sys.argv[1:2] == ["sweep"]:
+        sweep()
+        return
     if sys.argv[1:2] == ["layer"]:
         for dtype in (torch.bfloat16, torch.float32):
             layer(dtype)
