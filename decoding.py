@@ -161,11 +161,6 @@ def fuse_phi_layers(model) -> bool:
                 torch._dynamo.mark_static_address(t, guard=False)
         layer.forward = _fused_phi_layer_forward.__get__(layer)
     head = model.lm_head
-    layers = model.model.layers
-    for layer, following in zip(layers, [*(l.fused_in_weight for l in layers[1:]), head.weight]):
-        # what the one-row step's kernels ask the L2 for ahead of time (l2_prefetch): the weights read next
-        layer.prefetch = layer.step_kernels and _hopper_or_later(following.device)
-        layer.prefetch_next = following
     if model.model.layers[0].gemv is not None and head.bias is not None and not hasattr(head, "gemv"):
         # one row's logits through triton_gemv too: 60.8 us against cuBLAS's 70.4 in bf16, 115.0 against 132.3 in
         # fp32 (H200, docs/bench/gemv_triton.py)
@@ -247,11 +242,9 @@ def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[to
                                       sum(self.fused_in_sizes[:3]))
     q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (1, 1, heads * head dim) each but ff
     cos, sin = position_embeddings  # (1, 1, rotary dims)
-    out = torch.ops.phi2_qlora.decode_step_attention(
-        q, k, v, cos, sin, cache.token_keys, cache.token_values, layout, self.self_attn.scaling,
-        self.fused_out_weight, PREFETCH_OUT if self.prefetch else 0)  # (1, 1, heads * head dim)
-    return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden,
-                                          self.prefetch_next, PREFETCH_IN if self.prefetch else 0)
+    out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
+                                                     self.self_attn.scaling)  # (1, 1, heads * head dim)
+    return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -261,31 +254,6 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # gelu's tanh approx
 def _ampere_or_later(device: torch.device) -> bool:
     """A GPU of compute capability 8.0+: where this module's decode-step kernels run (and were measured)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def _hopper_or_later(device: torch.device) -> bool:
-    """Compute capability 9.0+: Hopper's bulk L2 prefetch (l2_prefetch) exists there."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-# The one-row step's weight reads ahead of time (compute capability 9.0+): while a layer's attention runs, its first
-# kernel asks the L2 for the first PREFETCH_OUT bytes of [dense | fc2], which nothing else reads from memory then;
-# layer_out's programs, as they finish, for the first PREFETCH_IN bytes of what comes next (the next layer's
-# [q; k; v; fc1], lm_head after the last layer). Measured on an H200: docs/PERFORMANCE.md.
-PREFETCH_OUT = 24 << 20
-PREFETCH_IN = 8 << 20
-# The kernels' PREFETCH switch: thread 0 of a program asks the L2 for its share (cp.async.bulk.prefetch, sm_90+) and
-# does not wait for it: a hint that changes no result. The assembly is declared pure with a dummy 0 output that is
-# added to a value the kernel uses: torch.compile's analysis of a Triton kernel takes impure assembly for a write to
-# every input (and would copy the weights), and the compiler drops pure assembly whose output is not used. Written
-# out in each kernel: Triton reads no string from outside a kernel.
-
-
-def prefetch_chunk(target: torch.Tensor, nbytes: int, programs: int) -> int:
-    """Bytes of `target`, from its start, that each of `programs` programs asks the L2 for so that together they
-    ask for about nbytes (at most the tensor): a multiple of 16, as the instruction wants; 0: none."""
-    nbytes = min(nbytes, target.numel() * target.element_size())
-    return nbytes // programs // 16 * 16
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -308,15 +276,14 @@ def gemv_kernel():
       the layer norm's own kernel (bf16, H200);
     - K1 < K: x is [x; x2], K1 columns from x and the rest from x2 ([attention | gelu(fc1)] read in place);
     - GELU: rows from gelu_from on (fc1's) come out through gelu_new, the tanh approximation Phi uses;
-    - RESIDUAL: res[n] added (the residual stream);
-    - PREFETCH: each program, when done, asks the L2 for its pf_chunk bytes of pf_ptr (PREFETCH_IN, sm_90+)."""
+    - RESIDUAL: res[n] added (the residual stream)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kernel(w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, pf_ptr, pf_chunk, N, eps, gelu_from,
-               K: tl.constexpr, K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-               PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def kernel(w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, gelu_from, K: tl.constexpr,
+               K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if NORM:  # the row's statistics gathered along the product: sums of x - x[0] (less cancellation than x)
@@ -351,13 +318,6 @@ def gemv_kernel():
         if RESIDUAL:  # added to the product in the model's dtype, as the plain path adds
             y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + rows, mask=rows < N,
                                                                        other=0.0).to(tl.float32)
-        if PREFETCH:  # this program's share of what is read next, once its own reads are done
-            address = pf_ptr.to(tl.int64) + tl.program_id(0).to(tl.int64) * pf_chunk + tl.zeros([1], tl.int64)
-            asked = tl.inline_asm_elementwise(
-                "{ .reg .pred first; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 first, t, 0; "
-                "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                "=r,l,r", [address, tl.zeros([1], tl.int32) + pf_chunk], dtype=tl.int32, is_pure=True, pack=1)
-            y += tl.sum(asked, 0).to(tl.float32)  # + 0: keeps the hint (see PREFETCH_OUT)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     return kernel
@@ -447,23 +407,19 @@ def one_row_blocks(k: int, dtype: torch.dtype, norm: bool = False) -> tuple[int,
 
 def one_row_product(kernel, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
                     x2: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, gelu_from: int | None = None,
-                    prefetch: tuple[torch.Tensor, int] | None = None) -> None:
+                    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, gelu_from: int | None = None) -> None:
     """Launch gemv_kernel (`kernel`, wrapped for the op calling it) for y = weight [x; x2] + bias, with its
     switches: x2 (the input's rest), residual (added), norm (the layer norm's weight, norm_folded's weight sums, eps;
-    then `bias` is norm_folded's too), gelu_from, prefetch (a tensor and how many of its first bytes to ask the L2
-    for); launched as one_row_blocks says."""
+    then `bias` is norm_folded's too), gelu_from; launched as one_row_blocks says."""
     import triton
     n, k = weight.shape
     block_n, block_k, warps, stages = one_row_blocks(k, weight.dtype, norm is not None)
-    programs = triton.cdiv(n, block_n)
     norm_weight, sums, eps = norm if norm is not None else (x, x, 0.0)
-    target, chunk = (x, 0) if prefetch is None else (prefetch[0], prefetch_chunk(*prefetch, programs))
-    kernel[(programs,)](
-        weight, x, x if x2 is None else x2, bias, x if residual is None else residual, norm_weight, sums, y, target,
-        chunk, n, eps, n if gelu_from is None else gelu_from, K=k, K1=k if x2 is None else x.shape[-1],
-        NORM=norm is not None, GELU=gelu_from is not None, RESIDUAL=residual is not None, PREFETCH=chunk > 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    kernel[(triton.cdiv(n, block_n),)](
+        weight, x, x if x2 is None else x2, bias, x if residual is None else residual, norm_weight, sums, y, n, eps,
+        n if gelu_from is None else gelu_from, K=k, K1=k if x2 is None else x.shape[-1], NORM=norm is not None,
+        GELU=gelu_from is not None, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
 
 
 def norm_folded(weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor
@@ -480,9 +436,8 @@ def triton_layer_products():
     registered as PyTorch ops so that inductor and CUDA graphs take them in:
     - phi2_qlora::layer_in(hidden, norm weight, weight sums, eps, [q; k; v; fc1] weight, folded bias, gelu_from):
       layer_norm(hidden) through [q; k; v; fc1] (norm_folded gives the sums and bias), fc1's part through gelu_new;
-    - phi2_qlora::layer_out(attention, gelu(fc1), [dense | fc2] weight, bias, hidden[, prefetch, bytes]): the
-      layer's output, the product of [attention | gelu(fc1)] plus the residual stream; then the first `bytes` of
-      `prefetch` asked of the L2 (PREFETCH_IN).
+    - phi2_qlora::layer_out(attention, gelu(fc1), [dense | fc2] weight, bias, hidden): the layer's output, the
+      product of [attention | gelu(fc1)] plus the residual stream.
     Why: around its products, a compiled one-row step ran a layer norm (with the residual add), a gelu and a
     concatenation as kernels of their own, ~4 us a layer on an H200 (docs/PERFORMANCE.md)."""
     from torch.library import triton_op, wrap_triton
@@ -499,12 +454,10 @@ def triton_layer_products():
 
     @triton_op("phi2_qlora::layer_out", mutates_args={})
     def layer_out(attention: torch.Tensor, ff: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  hidden: torch.Tensor, prefetch: torch.Tensor | None = None, prefetch_bytes: int = 0
-                  ) -> torch.Tensor:
+                  hidden: torch.Tensor) -> torch.Tensor:
         attention, ff, hidden = attention.contiguous(), ff.contiguous(), hidden.contiguous()
         y = hidden.new_empty(hidden.shape)
-        one_row_product(wrap_triton(kernel), weight, attention, bias, y, x2=ff, residual=hidden,
-                        prefetch=None if prefetch is None or not prefetch_bytes else (prefetch, prefetch_bytes))
+        one_row_product(wrap_triton(kernel), weight, attention, bias, y, x2=ff, residual=hidden)
         return y
 
     return layer_in, layer_out
@@ -610,25 +563,17 @@ def split_attention_kernels():
       (online softmax) and writes the block's softmax statistics (max, sum, in log2 units) and weighted values;
     - combine: one program per (row, head) rescales its blocks' partial results to one max and adds them up.
     The cache is read through its strides (token- or head-major); fp32 sums whatever its dtype; head dims padded to
-    a power of two (Phi-2's 80 -> 128, masked). PREFETCH: each partial program first asks the L2 for its pf_chunk
-    bytes of pf_ptr (PREFETCH_OUT)."""
+    a power of two (Phi-2's 80 -> 128, masked)."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def partial(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
-                head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, pf_ptr, pf_chunk, HEADS: tl.constexpr,
-                DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, NEW: tl.constexpr, ROT: tl.constexpr, PREFETCH: tl.constexpr):
+                head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, HEADS: tl.constexpr, DIM: tl.constexpr,
+                SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                NEW: tl.constexpr, ROT: tl.constexpr):
         pid = tl.program_id(0)  # row * HEADS + head
         block = tl.program_id(1)
-        if PREFETCH:  # first: this program's share of the weights read after the attention (PREFETCH_OUT)
-            address = pf_ptr.to(tl.int64) + (pid * SPLITS + block).to(tl.int64) * pf_chunk + tl.zeros([1], tl.int64)
-            asked = tl.inline_asm_elementwise(
-                "{ .reg .pred first; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 first, t, 0; "
-                "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                "=r,l,r", [address, tl.zeros([1], tl.int32) + pf_chunk], dtype=tl.int32, is_pure=True, pack=1)
-            scale += tl.sum(asked, 0).to(tl.float32)  # + 0: keeps the hint (see PREFETCH_OUT)
         row, head = pid // HEADS, pid % HEADS
         start = tl.load(layout_ptr + batch + 1 + row) - row * size  # the row's first slot
         used = tl.load(layout_ptr + 2 * (batch + 1) + row)
@@ -722,16 +667,15 @@ def split_attention_kernels():
 
 
 def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                    config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None,
-                    prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                    config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None
+                    ) -> torch.Tensor:
     """Run split_attention_kernels: q (batch, heads, 1, head dim), or (batch, 1, heads * head dim) in any row
     stride; keys/values (batch, cache, heads, head dim) in any strides (a transposed view of a head-major cache
     too); config: SPLIT_CONFIGS' (slots a program, slots a step, warps, stages). Returns (batch, 1, heads * head
     dim). wrap: torch.library.wrap_triton inside an op.
     new: this step's (key, value, cos, sin), keys/values (batch, 1, heads * head dim) in q's row stride, cos/sin
     (batch, 1, rotary dims): q and the key are rotated (partial rotary, rotate_half) and the key and value written
-    to the row's newest slot (decode_layout's last used one), all inside the kernel. prefetch: a tensor and how many
-    of its first bytes to ask the L2 for (PREFETCH_OUT)."""
+    to the row's newest slot (decode_layout's last used one), all inside the kernel."""
     import triton
     partial, combine = split_attention_kernels()
     if wrap is not None:
@@ -752,12 +696,10 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     if new is not None:
         assert k_new.stride() == q.stride() == v_new.stride(), "the new key and value in q's layout"
         cos, sin = cos.expand(batch, 1, -1).contiguous(), sin.expand(batch, 1, -1).contiguous()
-    target, chunk = (q, 0) if prefetch is None else (prefetch[0], prefetch_chunk(*prefetch, batch * heads * blocks))
     partial[(batch * heads, blocks)](
         q, keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride, q.stride(0),
-        k_new, v_new, cos, sin, target, chunk, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks, BLOCK_N=step,
-        BLOCK_D=block_d, NEW=new is not None, ROT=0 if new is None else cos.shape[-1], PREFETCH=chunk > 0,
-        num_warps=warps, num_stages=stages)
+        k_new, v_new, cos, sin, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks, BLOCK_N=step, BLOCK_D=block_d,
+        NEW=new is not None, ROT=0 if new is None else cos.shape[-1], num_warps=warps, num_stages=stages)
     combine[(batch * heads,)](acc, stats, out, DIM=dim, SPLITS=blocks, SPLITS_P2=triton.next_power_of_2(blocks),
                               BLOCK_D=block_d)
     return out
@@ -769,10 +711,9 @@ def triton_decode_attention():
     and CUDA graphs take it in: one query a row against the row's used slots only (decode_layout), split into
     blocks read in parallel (split_attention_kernels, launched as SPLIT_CONFIGS says for the batch size), so that a
     step reads what the answers hold, not the whole cache, at any batch size. A fused Phi layer's decode step calls
-    its sibling phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale[, prefetch, bytes]),
-    which also rotates q and k and writes the step's key and value into the cache (in place: the op mutates keys and
-    values; the rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200),
-    and first asks the L2 for the first `bytes` of `prefetch` (PREFETCH_OUT).
+    its sibling phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale), which also rotates
+    q and k and writes the step's key and value into the cache (in place: the op mutates keys and values): the
+    rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200.
 
     Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
     with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
@@ -788,11 +729,9 @@ def triton_decode_attention():
 
     @triton_op("phi2_qlora::decode_step_attention", mutates_args={"keys", "values"})
     def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                   prefetch: torch.Tensor | None = None, prefetch_bytes: int = 0) -> torch.Tensor:
+                   keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float) -> torch.Tensor:
         return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
-                               new=(k, v, cos, sin),
-                               prefetch=None if prefetch is None or not prefetch_bytes else (prefetch, prefetch_bytes))
+                               new=(k, v, cos, sin))
 
     return attend
 

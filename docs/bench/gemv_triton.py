@@ -10,7 +10,6 @@ reuse: 92 MB each), the calls captured in one CUDA graph (no launch gaps), bf16 
     python docs/bench/gemv_triton.py fp32 # the fp32 model's products (fp32 weights, fp32 sums)
     python docs/bench/gemv_triton.py layer  # the one-row step's fused launches (layer norm, gelu, residual inside)
     python docs/bench/gemv_triton.py sweep  # bf16 layer_in/layer_out over a wider grid of launches, the best first
-    python docs/bench/gemv_triton.py step   # bf16 one-row layers (layer_in, step attention, layer_out) by L2 prefetch
 """
 import sys
 import time
@@ -133,52 +132,8 @@ def sweep():
         torch.cuda.empty_cache()
 
 
-def step():
-    """32 one-row bf16 layers as the fused decode step runs them (decoding._fused_decode_step: layer_in, the step
-    attention over 65 used slots of 512, layer_out), each with weights of its own, then lm_head's weights asked of the
-    L2 as after the last layer; in one CUDA graph, by how many bytes the kernels ask the L2 for ahead of time
-    (decoding.PREFETCH_OUT: the attention for [dense | fc2]; PREFETCH_IN: layer_out for the next [q; k; v; fc1])."""
-    import decoding
-    dtype = torch.bfloat16
-    layer_in, layer_out = decoding.triton_layer_products()
-    decoding.triton_decode_attention()
-    randn = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype)  # noqa: E731
-    w_in = [randn(17920, 2560) * 0.02 for _ in range(LAYERS)]
-    w_out = [randn(2560, 12800) * 0.02 for _ in range(LAYERS)]
-    b_out = [randn(2560) for _ in range(LAYERS)]
-    sums = [torch.randn(17920, device="cuda") for _ in range(LAYERS)]
-    folded = [torch.randn(17920, device="cuda") for _ in range(LAYERS)]
-    keys = [randn(1, 512, 32, 80) for _ in range(LAYERS)]
-    values = [randn(1, 512, 32, 80) for _ in range(LAYERS)]
-    head = randn(51200, 2560)
-    norm_w, cos, sin, hidden = randn(2560), randn(1, 1, 32), randn(1, 1, 32), randn(1, 1, 2560)
-    layout = decoding.decode_layout(torch.zeros(1, device="cuda"), torch.full((1,), 65, device="cuda"), 512)
-
-    def layers(pf_out, pf_in):
-        h = hidden
-        for i in range(LAYERS):
-            y = layer_in(h, norm_w, sums[i], 1e-5, w_in[i], folded[i], 7680)
-            q, k, v, ff = y.split([2560, 2560, 2560, 10240], -1)
-            o = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, keys[i], values[i], layout, 80 ** -0.5,
-                                                            w_out[i], pf_out)
-            h = layer_out(o, ff, w_out[i], b_out[i], h, w_in[i + 1] if i + 1 < LAYERS else head, pf_in)
-        return h
-
-    reference = layers(0, 0)
-    mb = 2 ** 20
-    for pf_out, pf_in in [(0, 0), (8, 0), (16, 0), (24, 0), (32, 0), (40, 0), (0, 4), (0, 8), (0, 16), (16, 4),
-                          (24, 4), (24, 8), (32, 8), (24, 16), (0, 0)]:
-        same = torch.equal(layers(pf_out * mb, pf_in * mb), reference)
-        us = timed(lambda: layers(pf_out * mb, pf_in * mb))
-        print(f"ROW step: prefetch out {pf_out} MB, in {pf_in} MB: {us:.2f} us a layer, {us * LAYERS / 1e3:.3f} ms "
-              f"for 32 (same output: {same})", flush=True)
-
-
 def main():
     torch.manual_seed(0)
-    if sys.argv[1:2] == ["step"]:
-        step()
-        return
     if sys.argv[1:2] == ["sweep"]:
         sweep()
         return
