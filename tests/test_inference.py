@@ -479,6 +479,43 @@ def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tok
     assert ids == plain_ids and (logits - plain_logits).abs().max() < 1e-4
 
 
+def test_prefill_never_takes_cudnn_attention_on_cuda():
+    """cuDNN's attention, PyTorch's first choice on an H100/H200, builds a plan for every new (rows, length) shape:
+    a prefill of a new shape took 55-66 ms there instead of 15-20, and every user who joins a batch brings one. The
+    decoders prefill inside prefill_attention: on CUDA the memory-efficient kernel first, cuDNN's never; the
+    setting is back as it was afterwards, and the CPU's choice is left alone."""
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
+    with decoding.prefill_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        order = torch._C._get_sdp_priority_order()
+        assert order.index(int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION)) < \
+            order.index(int(torch.nn.attention.SDPBackend.FLASH_ATTENTION))
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
+    with decoding.prefill_attention(torch.device("cpu")):
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefills_of_new_shapes_run_no_cudnn_attention_on_gpu(tokenizer):
+    """What the user waited for: on an H200 the first prefill of each new (rows, length) shape spent ~45 ms building
+    a cuDNN attention plan (docs/PERFORMANCE.md). Prompts of new lengths, alone (FastDecoder) and joining others
+    (BatchDecoder), bf16: no cuDNN attention runs, the memory-efficient kernel does."""
+    from torch.profiler import ProfilerActivity, profile
+    chat = ChatModel(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16).cuda(), tokenizer, fast=True)
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (23, 37, 41)]
+    chat.generate_ids(prompts[:1], ARGMAX, 4, ignore_eos=True)  # compiled outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        chat.generate_ids(prompts[1:2], ARGMAX, 4, ignore_eos=True)
+        answers = [chat.start(ids, dataclasses.replace(ARGMAX, max_new_tokens=4)) for ids in prompts]
+        for answer in answers:
+            list(answer)
+    ops = {event.key for event in prof.key_averages()}
+    assert not any("cudnn_attention" in op for op in ops), sorted(op for op in ops if "attention" in op)
+    assert "aten::_scaled_dot_product_efficient_attention" in ops
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_two_fast_models_in_one_process(tokenizer):
     """evaluate.py holds the base and the fine-tuned model on the fast path at once: CUDA graphs work only in the
