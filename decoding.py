@@ -770,15 +770,16 @@ class FastDecoder:
     the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
-    Phi-2, docs/PERFORMANCE.md): 553-571 tok/s at batch 1 and 16,374-16,526 at batch 64 in bf16, 339 at batch 1 in fp32,
-    against 46-60, 2,773-3,891 and 63-66 for generate(). At batch 1 each layer is four Triton kernels
+    Phi-2, docs/PERFORMANCE.md): 553-571 tok/s at batch 1 and 16,374-16,526 at batch 64 in bf16, 339 at batch 1 in
+    fp32, against 46-60, 2,773-3,891 and 63-66 for generate(). At batch 1 each layer is four Triton kernels
     (_fused_decode_step) and a greedy token is picked inside the compiled step (_greedy_step); every row attends over
     its own used slots only (DecodeCache, decode_attention).
 
     Pieces are transformers' own where they suffice: StaticCache (DecodeCache where rows read their own slots), the
     model's compiled call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill
-    runs eagerly (one call; its shapes vary; prefill_attention). Batches of up to FEW_ROWS rows read [q; k; v; fc1] with triton_gemv.
-    Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
+    runs eagerly (one call; its shapes vary; prefill_attention's kernels). Batches of up to FEW_ROWS rows read
+    [q; k; v; fc1] with triton_gemv. Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the
+    model stays usable everywhere.
     """
 
     def __init__(self, model, tokenizer, context_window: int):
