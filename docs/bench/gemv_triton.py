@@ -79,17 +79,26 @@ def layer(dtype):
                         y.add_(hidden)
             us = timed(before)
             print(f"ROW {name} ({mb:.0f} MB): before (separate kernels) {cfg} {us:.1f} us", flush=True)
-        for cfg in configs:
-            try:
-                def after():
-                    for w, b in zip(ws, bs):
-                        gemv(w, x, b, y, *cfg, **fused)
-                us = timed(after)
-                print(f"ROW {name}: fused {cfg} {us:.1f} us = {mb / us:.2f} TB/s", flush=True)
-            except Exception as e:  # a configuration that does not compile or fit: skip it
-                print(f"ROW {name}: fused {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        fused_times(f"{name}: fused", ws, bs, x, y, fused, mb, configs)
         ws = bs = None
         torch.cuda.empty_cache()
+
+
+def fused_times(label, ws, bs, x, y, fused, mb, configs) -> list[tuple[float, tuple]]:
+    """(us, launch) of the fused launches (fused: gemv's switches) over the layers' weights ws, bs, for each launch
+    that compiles; each printed."""
+    results = []
+    for cfg in configs:
+        try:
+            def after():
+                for w, b in zip(ws, bs):
+                    gemv(w, x, b, y, *cfg, **fused)
+            us = timed(after)
+            results.append((us, cfg))
+            print(f"ROW {label} {cfg} {us:.1f} us = {mb / us:.2f} TB/s", flush=True)
+        except Exception as e:  # a configuration that does not compile or fit: skip it
+            print(f"ROW {label} {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    return results
 
 
 def sweep():
@@ -114,17 +123,7 @@ def sweep():
         attention = torch.randn(1, 2560, device="cuda", dtype=dtype)
         fused = dict(norm=(norm_weight, sums), gelu_from=7680) if name == "layer_in" else dict(x2=ff, res=hidden)
         x = hidden if name == "layer_in" else attention
-        results = []
-        for cfg in configs:
-            try:
-                def after():
-                    for w, b in zip(ws, bs):
-                        gemv(w, x, b, y, *cfg, **fused)
-                us = timed(after)
-                results.append((us, cfg))
-                print(f"ROW {name}: {cfg} {us:.1f} us = {mb / us:.2f} TB/s", flush=True)
-            except Exception as e:  # a configuration that does not compile or fit: skip it
-                print(f"ROW {name}: {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        results = fused_times(f"{name}:", ws, bs, x, y, fused, mb, configs)
         print(f"BEST {name} ({mb:.0f} MB; production {production}):", flush=True)
         for us, cfg in sorted(results)[:10]:
             print(f"BEST {name}: {cfg} {us:.1f} us = {mb / us:.2f} TB/s", flush=True)
