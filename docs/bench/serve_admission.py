@@ -72,7 +72,7 @@ ids = [chat.prompt_ids([{"role": "user", "content": q}], 256)[0] for q in bench.
 print("prompt tokens", [len(i) for i in ids], flush=True)
 
 
-def scenario(label, delay, profile=False):
+def scenario(label, delay):
     timeline.clear()
     b.record.clear()
     t = time.perf_counter()
