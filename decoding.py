@@ -276,28 +276,16 @@ def gemv_kernel():
       the layer norm's own kernel (bf16, H200);
     - K1 < K: x is [x; x2], K1 columns from x and the rest from x2 ([attention | gelu(fc1)] read in place);
     - GELU: rows from gelu_from on (fc1's) come out through gelu_new, the tanh approximation Phi uses;
-    - RESIDUAL: res[n] added (the residual stream);
-    - PDL: launched as a programmatic dependent launch (programmatic_launch): 1 waits for the kernel before at the
-      start, 2 first asks for the first weight tile (which does not depend on that kernel) to be brought into L2."""
+    - RESIDUAL: res[n] added (the residual stream)."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def kernel(w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, gelu_from, K: tl.constexpr,
                K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if PDL > 0:
-            if PDL == 2:  # the first weight tile does not depend on the kernel before: into L2 while that one ends
-                line: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
-                lines = tl.minimum(tl.arange(0, BLOCK_K // line) * line, K - 1)
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1]; // dummy $0", "=r,l",
-                    [w_ptr + tl.minimum(rows, N - 1)[:, None] * K + lines[None, :]], dtype=tl.int32, is_pure=False,
-                    pack=1)
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch: it too reads weights first
-            tl.extra.cuda.gdc_wait()  # the kernel before has finished: x (and res) are written
         if NORM:  # the row's statistics gathered along the product: sums of x - x[0] (less cancellation than x)
             shift = tl.load(x_ptr).to(tl.float32)
             s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -420,12 +408,10 @@ def one_row_blocks(k: int, dtype: torch.dtype, norm: bool = False) -> tuple[int,
 
 def one_row_product(kernel, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
                     x2: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, gelu_from: int | None = None,
-                    pdl: bool = False) -> None:
+                    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, gelu_from: int | None = None) -> None:
     """Launch gemv_kernel (`kernel`, wrapped for the op calling it) for y = weight [x; x2] + bias, with its
     switches: x2 (the input's rest), residual (added), norm (the layer norm's weight, norm_folded's weight sums, eps;
-    then `bias` is norm_folded's too), gelu_from, pdl (a programmatic dependent launch; programmatic_launch says
-    where); launched as one_row_blocks says."""
+    then `bias` is norm_folded's too), gelu_from; launched as one_row_blocks says."""
     import triton
     n, k = weight.shape
     block_n, block_k, warps, stages = one_row_blocks(k, weight.dtype, norm is not None)
@@ -434,26 +420,7 @@ def one_row_product(kernel, weight: torch.Tensor, x: torch.Tensor, bias: torch.T
         weight, x, x if x2 is None else x2, bias, x if residual is None else residual, norm_weight, sums, y, n, eps,
         n if gelu_from is None else gelu_from, K=k, K1=k if x2 is None else x.shape[-1], NORM=norm is not None,
         GELU=gelu_from is not None, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages, **_pdl_launch(pdl))
-
-
-PDL_MODE = 2  # gemv_kernel's PDL switch under programmatic launch (the attention kernels wait first either way)
-
-
-def programmatic_launch(device: torch.device) -> bool:
-    """Whether a one-row decode step's kernels (layer_in, the step attention's two, layer_out) launch as programmatic
-    dependent launches (PDL): on a GPU of compute capability 9.0+ (Hopper) each may start while the kernel before it
-    finishes, reads what does not depend on that kernel (layer_in's and layer_out's first weight tile), then waits
-    for it. In a chain of 32 layers of four kernels shaped as the step's on an H200 (bf16, docs/bench/pdl_chain.py) a
-    layer took 40.8 us instead of 43.8 (docs/PERFORMANCE.md). Older GPUs run the same kernels without it."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def _pdl_launch(pdl: bool) -> dict:
-    """A Triton launch's switches for programmatic dependent launch: the kernel's PDL switch, always given
-    (torch.compile's analysis of a kernel called through wrap_triton takes no defaults), and Triton's launch_pdl
-    when on (Triton's interpreter takes none)."""
-    return {"PDL": PDL_MODE, "launch_pdl": True} if pdl else {"PDL": 0}
+        num_warps=warps, num_stages=stages)
 
 
 def norm_folded(weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor
@@ -473,38 +440,26 @@ def triton_layer_products():
     - phi2_qlora::layer_out(attention, gelu(fc1), [dense | fc2] weight, bias, hidden): the layer's output, the
       product of [attention | gelu(fc1)] plus the residual stream.
     Why: around its products, a compiled one-row step ran a layer norm (with the residual add), a gelu and a
-    concatenation as kernels of their own, ~4 us a layer on an H200 (docs/PERFORMANCE.md).
-    They are custom ops that launch their kernel themselves, opaque to inductor (which calls them inside the step's
-    CUDA graph), not triton_ops: inductor launches a user's Triton kernel without launch_pdl, so a kernel of
-    triton_op could not be a programmatic dependent launch (programmatic_launch)."""
-    from torch.library import custom_op
+    concatenation as kernels of their own, ~4 us a layer on an H200 (docs/PERFORMANCE.md)."""
+    from torch.library import triton_op, wrap_triton
     kernel = gemv_kernel()
 
-    @custom_op("phi2_qlora::layer_in", mutates_args=())
+    @triton_op("phi2_qlora::layer_in", mutates_args={})
     def layer_in(hidden: torch.Tensor, norm_weight: torch.Tensor, sums: torch.Tensor, eps: float,
                  weight: torch.Tensor, bias: torch.Tensor, gelu_from: int) -> torch.Tensor:
         hidden = hidden.contiguous()
         y = hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
-        one_row_product(kernel, weight, hidden, bias, y, norm=(norm_weight, sums, eps), gelu_from=gelu_from,
-                        pdl=programmatic_launch(hidden.device))
+        one_row_product(wrap_triton(kernel), weight, hidden, bias, y, norm=(norm_weight, sums, eps),
+                        gelu_from=gelu_from)
         return y
 
-    @layer_in.register_fake
-    def _(hidden, norm_weight, sums, eps, weight, bias, gelu_from):
-        return hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
-
-    @custom_op("phi2_qlora::layer_out", mutates_args=())
+    @triton_op("phi2_qlora::layer_out", mutates_args={})
     def layer_out(attention: torch.Tensor, ff: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   hidden: torch.Tensor) -> torch.Tensor:
         attention, ff, hidden = attention.contiguous(), ff.contiguous(), hidden.contiguous()
         y = hidden.new_empty(hidden.shape)
-        one_row_product(kernel, weight, attention, bias, y, x2=ff, residual=hidden,
-                        pdl=programmatic_launch(hidden.device))
+        one_row_product(wrap_triton(kernel), weight, attention, bias, y, x2=ff, residual=hidden)
         return y
-
-    @layer_out.register_fake
-    def _(attention, ff, weight, bias, hidden):
-        return hidden.new_empty(hidden.shape)
 
     return layer_in, layer_out
 
@@ -608,7 +563,6 @@ def split_attention_kernels():
     - partial: one program per (row, head, block of SPLIT slots) walks the block's used slots BLOCK_N at a time
       (online softmax) and writes the block's softmax statistics (max, sum, in log2 units) and weighted values;
     - combine: one program per (row, head) rescales its blocks' partial results to one max and adds them up.
-    PDL: launched as programmatic dependent launches (programmatic_launch), each waits for the kernel before first.
     The cache is read through its strides (token- or head-major); fp32 sums whatever its dtype; head dims padded to
     a power of two (Phi-2's 80 -> 128, masked)."""
     import triton
@@ -618,10 +572,7 @@ def split_attention_kernels():
     def partial(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
                 head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, HEADS: tl.constexpr, DIM: tl.constexpr,
                 SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                NEW: tl.constexpr, ROT: tl.constexpr, PDL: tl.constexpr):
-        if PDL > 0:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()  # the kernel before has finished: q (and the new key and value) are written
+                NEW: tl.constexpr, ROT: tl.constexpr):
         pid = tl.program_id(0)  # row * HEADS + head
         block = tl.program_id(1)
         row, head = pid // HEADS, pid % HEADS
@@ -701,10 +652,7 @@ def split_attention_kernels():
 
     @triton.jit
     def combine(acc_ptr, stats_ptr, o_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-        if PDL > 0:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+                BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)  # row * heads + head
         blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
         there = tl.arange(0, SPLITS_P2) < SPLITS
@@ -720,16 +668,15 @@ def split_attention_kernels():
 
 
 def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                    config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None,
-                    pdl: bool = False) -> torch.Tensor:
+                    config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None
+                    ) -> torch.Tensor:
     """Run split_attention_kernels: q (batch, heads, 1, head dim), or (batch, 1, heads * head dim) in any row
     stride; keys/values (batch, cache, heads, head dim) in any strides (a transposed view of a head-major cache
     too); config: SPLIT_CONFIGS' (slots a program, slots a step, warps, stages). Returns (batch, 1, heads * head
     dim). wrap: torch.library.wrap_triton inside an op.
     new: this step's (key, value, cos, sin), keys/values (batch, 1, heads * head dim) in q's row stride, cos/sin
     (batch, 1, rotary dims): q and the key are rotated (partial rotary, rotate_half) and the key and value written
-    to the row's newest slot (decode_layout's last used one), all inside the kernel.
-    pdl: both kernels as programmatic dependent launches (programmatic_launch)."""
+    to the row's newest slot (decode_layout's last used one), all inside the kernel."""
     import triton
     partial, combine = split_attention_kernels()
     if wrap is not None:
@@ -753,10 +700,9 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     partial[(batch * heads, blocks)](
         q, keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride, q.stride(0),
         k_new, v_new, cos, sin, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks, BLOCK_N=step, BLOCK_D=block_d,
-        NEW=new is not None, ROT=0 if new is None else cos.shape[-1], num_warps=warps, num_stages=stages,
-        **_pdl_launch(pdl))
+        NEW=new is not None, ROT=0 if new is None else cos.shape[-1], num_warps=warps, num_stages=stages)
     combine[(batch * heads,)](acc, stats, out, DIM=dim, SPLITS=blocks, SPLITS_P2=triton.next_power_of_2(blocks),
-                              BLOCK_D=block_d, **_pdl_launch(pdl))
+                              BLOCK_D=block_d)
     return out
 
 
@@ -774,25 +720,19 @@ def triton_decode_attention():
     with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
     192 and 320 used slots. FlashAttention over own slots keeps 64- or 128-query tiles for one query: 63-130 us
     there; at batch 1 it took 7.9-14.8 us, this kernel 6.6-7.6. fp32 had no fused kernel (30 us a layer, masked
-    products over the whole cache; this kernel 6.5-7.8).
-    decode_step_attention is a custom op launching its kernels itself, as programmatic dependent launches where
-    programmatic_launch says (triton_layer_products says why not a triton_op)."""
-    from torch.library import custom_op, triton_op, wrap_triton
+    products over the whole cache; this kernel 6.5-7.8)."""
+    from torch.library import triton_op, wrap_triton
 
     @triton_op("phi2_qlora::decode_attention", mutates_args={})
     def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
                scale: float) -> torch.Tensor:
         return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton)
 
-    @custom_op("phi2_qlora::decode_step_attention", mutates_args=("keys", "values"))
+    @triton_op("phi2_qlora::decode_step_attention", mutates_args={"keys", "values"})
     def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float) -> torch.Tensor:
-        return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), new=(k, v, cos, sin),
-                               pdl=programmatic_launch(q.device))
-
-    @attend_new.register_fake
-    def _(q, k, v, cos, sin, keys, values, layout, scale):
-        return q.new_empty(q.shape[0], 1, keys.shape[2] * keys.shape[3])
+        return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
+                               new=(k, v, cos, sin))
 
     return attend
 

@@ -1,6 +1,11 @@
 """Issue 18: where a bf16 batch-1 answer's time goes outside the decode step. ChatModel(fast) as bench generate runs
-it (64-token prompt, 256 new tokens, greedy, no penalty); wall times of 1-token and 256-token answers, then one
-256-token answer under torch.profiler: GPU busy time (union of kernels), idle gaps by size, the prefill's span."""
+it (random-init Phi-2, 64-token prompt, 256 new tokens, greedy, no penalty); wall times of 1-, 2- and 256-token
+answers, then one 256-token answer under torch.profiler: GPU busy time (union of kernels), idle gaps by size, the
+prefill's span. With --penalty, last, the 256-token answer with the app's default repetition penalty (1.1).
+
+    python docs/bench/answer_timeline.py [--penalty]     # from the repo root, on a CUDA GPU
+Output of the 2026-11-30 H200 run: docs/bench/h200-answer-timeline-2026-11-30.log (without --penalty),
+h200-answer-timeline-penalty-2026-11-30.log."""
 import sys, time
 sys.path.insert(0, ".")
 import numpy as np
@@ -56,3 +61,10 @@ first_step = next(i for i, k in enumerate(kernels) if "kernel" == k[2] or "gemv"
 print(f"ROW prefill: {first_step} kernels, {(kernels[first_step][0] - kernels[0][0]) / 1e3:.2f} ms from first kernel "
       f"to the step's first ({kernels[first_step][2][:40]})", flush=True)
 print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
+if "--penalty" in sys.argv:
+    plain = timed(256)
+    gen = GenerationSettings(max_new_tokens=256, temperature=0.0, repetition_penalty=1.1)
+    timed(256, 2)  # its step compiles
+    t = timed(256)
+    print(f"ROW 256 tokens with repetition penalty 1.1: {t * 1e3:.2f} ms -> {256 / t:.1f} tok/s "
+          f"(without: {plain * 1e3:.2f} ms -> {256 / plain:.1f})", flush=True)

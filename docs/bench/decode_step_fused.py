@@ -6,8 +6,7 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
     python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
     python docs/bench/decode_step_fused.py rows       # 8 users' rows: cuBLAS or the Triton rows kernel, own slots
     python docs/bench/decode_step_fused.py b64        # 64 rows, own slots, the kernels' profile
-    python docs/bench/decode_step_fused.py kernels [--before] [--pdl]  # one row, bf16 and fp32: a layer in four
-                                           # kernels (--pdl: also with decoding.PDL_MODE 1, and without PDL)
+    python docs/bench/decode_step_fused.py kernels [--before]  # one row, bf16 and fp32: a layer in four kernels
 
 Output of the 2026-11-29 H200 runs: docs/bench/h200-decode-step-fused-2026-11-29.log and -fp32- (both before the
 Triton GEMV, which fused layers now use at batch 1), docs/bench/h200-decode-step-own-slots-2026-11-29.log; with the
@@ -24,7 +23,6 @@ sys.path.insert(0, ".")
 import torch
 from transformers import CompileConfig, PhiConfig, PhiForCausalLM, StaticCache
 from bench import PHI2_CONFIG
-import decoding
 from decoding import DecodeCache, decode_layout, fuse_phi_layers
 
 
@@ -108,15 +106,6 @@ if sys.argv[1:2] == ["kernels"]:  # one row: the layer in four kernels (layer.st
             for layer in model.model.layers:
                 layer.step_kernels = True
         attempt(model, f"{name} layer kernels", 1, profile=True, own_slots=True)
-        if "--pdl" in sys.argv and decoding.programmatic_launch(torch.device("cuda")):  # other PDL switches, none
-            mode = decoding.PDL_MODE
-            decoding.PDL_MODE = 1
-            attempt(model, f"{name} layer kernels, PDL_MODE 1", 1, own_slots=True)
-            decoding.PDL_MODE = mode
-            launch = decoding.programmatic_launch
-            decoding.programmatic_launch = lambda device: False
-            attempt(model, f"{name} layer kernels, no programmatic launch", 1, own_slots=True)
-            decoding.programmatic_launch = launch
         del model
         torch.cuda.empty_cache()
     sys.exit()

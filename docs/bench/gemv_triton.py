@@ -31,8 +31,8 @@ def gemv(w, x, b, y, block_n, block_k, warps, stages, x2=None, res=None, norm=No
     gemv_kernel()[(triton.cdiv(n, block_n),)](
         w, x, x if x2 is None else x2, b, x if res is None else res, nw, sums, y, n, 1e-5,
         n if gelu_from is None else gelu_from, K=k, K1=k if x2 is None else x.shape[-1], NORM=norm is not None,
-        GELU=gelu_from is not None, RESIDUAL=res is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=False,
-        num_warps=warps, num_stages=stages)
+        GELU=gelu_from is not None, RESIDUAL=res is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
 
 
 def timed(fn, reps=20) -> float:

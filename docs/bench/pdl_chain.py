@@ -6,23 +6,19 @@ layer's output), two small kernels standing in for the split attention's partial
 reading the q part, writing a 2560 vector), then [dense | fc2] 2560 x 12800 (x: [small output | last 10240 of the
 first product]), bf16, in one CUDA graph, production launches (decoding.one_row_blocks). Variants (GDC mode):
   0 plain kernels; 1 launch_dependents + wait at the top; 2 the first weight tile loaded before them.
-Each with plain launches and with launch_pdl=True. Outputs are compared with the plain chain. First, the same
-4-kernel chain with the production product, decoding.gemv_kernel, with its PDL switch off, 1 (wait first) and 2
-(first ask for the first weight tile to be brought into L2).
+Each with plain launches and with launch_pdl=True. Outputs are compared with the plain chain.
 
-    python docs/bench/pdl_chain.py       # from the repo root, on an H100/H200
-Output of the 2026-11-30 H200 runs: docs/bench/h200-pdl-chain-2026-11-30.log (without the production rows) and
-h200-pdl-chain-production-2026-11-30.log.
+    python docs/bench/pdl_chain.py       # on an H100/H200
+Output of the 2026-11-30 H200 runs: docs/bench/h200-pdl-chain-2026-11-30.log. The production kernel
+(decoding.gemv_kernel) with a PDL switch was measured in this chain and in the real step at commit 6265f17 (logs:
+h200-pdl-chain-rotation-, h200-pdl-chain-production-, h200-decode-step-kernels-pdl-*-2026-11-30.log): the step was
+slower with it, and decoding does not use PDL (docs/PERFORMANCE.md).
 """
-import sys
 import time
 
 import torch
 import triton
 import triton.language as tl
-
-sys.path.insert(0, ".")
-import decoding  # noqa: E402
 
 LAYERS = 32
 
@@ -95,47 +91,6 @@ def main():
                                          launch_pdl=pdl)
             x = ys_out[i]
         return x
-
-    def production(mode):  # decoding.gemv_kernel with its PDL switch (0: off), 4 kernels a layer
-        x = x0
-        pdl = mode > 0
-        decoding.PDL_MODE = mode
-        launch = decoding._pdl_launch(pdl)
-        for i in range(LAYERS):
-            kernel[(triton.cdiv(17920, 8),)](w_in[i], x, x, b_in, x, x, x, ys_in[i], 17920, 0.0, 17920, K=2560,
-                                            K1=2560, NORM=False, GELU=False, RESIDUAL=False, BLOCK_N=8, BLOCK_K=256,
-                                            num_warps=4, num_stages=4, **launch)
-            small[(32,)](ys_in[i], ys_mid[i], GDC=1 if pdl else 0, launch_pdl=pdl)
-            small[(32,)](ys_mid[i], ys_att[i], GDC=1 if pdl else 0, launch_pdl=pdl)
-            kernel[(triton.cdiv(2560, 8),)](w_out[i], ys_att[i], ys_in[i][7680:], b_out, x, x, x, ys_out[i], 2560,
-                                           0.0, 2560, K=12800, K1=2560, NORM=False, GELU=False, RESIDUAL=False,
-                                           BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=2, **launch)
-            x = ys_out[i]
-        return x
-
-    kernel = decoding.gemv_kernel()
-    reference = chain(0, False, True).clone()
-    for label, mode in (("off", 0), ("pdl, wait first", 1), ("pdl, first tile to L2 first", 2), ("off", 0),
-                        ("pdl, wait first", 1), ("pdl, first tile to L2 first", 2)):
-        try:
-            out = production(mode).clone()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                production(mode)
-            graph.replay()
-            torch.cuda.synchronize()
-            same = torch.equal(ys_out[-1], reference) and torch.equal(out, reference)
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    graph.replay()
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) / 20 / LAYERS * 1e6)
-            print(f"ROW production gemv_kernel, 4 kernels a layer, {label}: {min(times):.2f} us a layer (best of 3: "
-                  f"{', '.join(f'{t:.2f}' for t in times)}); same output as the chain's: {same}", flush=True)
-        except Exception as e:
-            print(f"ROW production {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
     for smalls in (False, True):
         reference = chain(0, False, smalls).clone()
