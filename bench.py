@@ -9,6 +9,7 @@
     python bench.py epoch --tiny               # the same on the tiny model and a small set on the CPU
     python bench.py serve --dtypes bf16 --clients 1 8   # concurrent streaming clients of the OpenAI-compatible API
     python bench.py serve --tiny               # the same on the tiny model on the CPU
+    python bench.py serve --dtypes bf16 --penalty 1.1   # greedy with the app's default repetition penalty
 
 Real Phi-2 weights cannot be downloaded here and speed does not depend on their values, so the model is randomly
 initialised with Phi-2's exact configuration and saved once, then loaded through the normal `from_pretrained` +
@@ -32,7 +33,8 @@ gets an empty one (cold).
 The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves
 openai_api's routes (the app's OpenAI-compatible endpoint, without the Gradio page) with uvicorn, and sends N
 streaming greedy requests at once over HTTP from N client processes, each with its own question (40 random words
-from a fixed vocabulary, numpy seed 0: about 60 tokens) and max_tokens 256. It reports the aggregate tokens/s (completion
+from a fixed vocabulary, numpy seed 0: about 60 tokens) and max_tokens 256, without a repetition penalty unless
+--penalty says. It reports the aggregate tokens/s (completion
 tokens of all clients over the time from sending to the last answer), the time to first token (median and worst),
 the most answers decoded together, how many clients got the same text as when they were alone, and where the
 decoder's time went: prefill passes (prompts), seconds spent admitting answers (prefill, cache moves, first tokens)
@@ -595,7 +597,7 @@ def napping_pid(_) -> int:
 
 
 def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
-              partial: Path | None = None) -> list[dict]:
+              partial: Path | None = None, penalty: float = 1.0) -> list[dict]:
     """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone."""
     import multiprocessing
     import threading
@@ -608,7 +610,8 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     from inference import load_model_folder
 
     cfg = serving_config(dtype, torch.cuda.is_available(), ("--inference.batch_slots", str(max(clients)),
-                                                            "--generation.max_new_tokens", str(new_tokens)))
+                                                            "--generation.max_new_tokens", str(new_tokens),
+                                                            "--generation.repetition_penalty", str(penalty)))
     t0 = time.perf_counter()
     chat = load_model_folder(str(model_path), cfg)
     if not tiny:
@@ -708,7 +711,7 @@ def child(args) -> int:
         result = [row]
     elif spec["kind"] == "serve":
         result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
-                           spec["new_tokens"], Path(spec["result"]))
+                           spec["new_tokens"], Path(spec["result"]), spec["penalty"])
     else:
         result = run_generate(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["prompt_len"],
                               spec["new_tokens"], spec["batch"], spec["check_prompts"], Path(spec["result"]))
@@ -751,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], help="generation: merged model dtypes")
     parser.add_argument("--batch", type=int, default=64, help="generation: batch for aggregate throughput")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="serve: concurrent clients per run")
+    parser.add_argument("--penalty", type=float, default=1.0,
+                        help="serve: the server's repetition penalty (default 1.0, none; the app's default is 1.1)")
     parser.add_argument("--model-dir", default=None, help="where the random Phi-2 is saved (reused if present)")
     parser.add_argument("--out", default=None, help="JSON results file (default reports/bench-<kind>.json)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
@@ -798,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes if args.dtypes != parser.get_default("dtypes") else ["fp32" if args.tiny else "bf16"]:
             logger.info("serving %s ...", dtype)
             rows += spawn({"kind": "serve", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
-                           "clients": args.clients, "prompt_words": 12 if args.tiny else 40,
+                           "clients": args.clients, "prompt_words": 12 if args.tiny else 40, "penalty": args.penalty,
                            "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent)}, args.timeout)
         table = serve_table([r for r in rows if "error" not in r])
         table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)

@@ -843,11 +843,14 @@ class FastDecoder:
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_position = position[:, -1:] + 1  # (batch, 1)
         # Greedy decoding of one row picks each token inside the compiled step, whose inputs live in one _GreedyLoop
-        # per shape: no kernel between two replays of the step's CUDA graph. (Batches keep the loop below: with both
-        # this and the step attention, batch 64 ran at 13,021 tok/s against 16,259 on an H200.)
+        # per shape: no kernel between two replays of the step's CUDA graph; the repetition penalty too (on an H200,
+        # applied by the processors below each token, penalty 1.1 made batch 1 5.9% slower, docs/PERFORMANCE.md).
+        # (Batches keep the loop below: with both this and the step attention, batch 64 ran at 13,021 tok/s against
+        # 16,259 on an H200.)
         loop = None
-        if batch == 1 and not (sample or output_logits or gen.repetition_penalty != 1.0):
-            loop = self._loop(batch, size, mask, next_position, layout)
+        penalty = gen.repetition_penalty if gen.repetition_penalty != 1.0 else None
+        if batch == 1 and not (sample or output_logits):
+            loop = self._loop(batch, size, mask, next_position, layout, penalty)
         new = loop.tokens if loop is not None else seq[:, width:]  # (batch, >= max_new_tokens): this call's tokens
         rows: list[list[int]] = [[] for _ in range(batch)]
         stop_at: list[int | None] = [None] * batch
@@ -884,6 +887,8 @@ class FastDecoder:
                 new[:, step] = token
                 if loop is not None:
                     loop.tok.copy_(token[:, None])
+                    if penalty is not None:
+                        remember(loop.seen, loop.tok, eos)
             done = step + 1 == max_new_tokens
             if (step + 1) % CHECK_EVERY == 0 or done:
                 host[chunk_start:step + 1].copy_(new[:, chunk_start:step + 1].T.contiguous(), non_blocking=True)
@@ -902,7 +907,8 @@ class FastDecoder:
                 continue
             if loop is not None:
                 self.greedy_step(self.model, cache, loop.tok, loop.pos, loop.mask, loop.layout, loop.tokens,
-                                 loop.at, eos if ignore_eos else -1)
+                                 loop.at, eos if ignore_eos else -1, *((loop.seen, loop.penalty, eos)
+                                                                       if penalty is not None else ()))
             else:
                 logits = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                                    past_key_values=cache, use_cache=True, **step_kwargs).logits[:, -1]
@@ -916,17 +922,21 @@ class FastDecoder:
         return new_ids, steps
 
     def _loop(self, batch: int, size: int, mask: torch.Tensor, position: torch.Tensor,
-              layout: torch.Tensor | None) -> "_GreedyLoop":
+              layout: torch.Tensor | None, penalty: float | None) -> "_GreedyLoop":
         """The greedy step's inputs for a (batch, cache) shape, set for a new call; tokens come from step 1 on."""
         key = (batch, size)
         if key not in self._loops:
-            self._loops[key] = _GreedyLoop.empty(batch, size, mask.dtype, layout is not None, mask.device)
+            self._loops[key] = _GreedyLoop.empty(batch, size, self.model.config.vocab_size, mask.dtype,
+                                                 layout is not None, mask.device)
         loop = self._loops[key]
         loop.mask.copy_(mask)
         loop.pos.copy_(position)
         if layout is not None:
             loop.layout.copy_(layout)
         loop.at.fill_(1)
+        if penalty is not None:
+            loop.seen.zero_()
+            loop.penalty.fill_(penalty)
         return loop
 
 
@@ -934,44 +944,65 @@ class FastDecoder:
 class _GreedyLoop:
     """The inputs of FastDecoder's compiled greedy step for one (batch, cache) shape, updated in place by the step
     (CUDA graphs read them at fixed addresses): the last token (batch, 1), its position (batch, 1), the attention
-    mask (batch, cache), decode_layout or None, the call's new tokens (batch, cache) and where the next one goes."""
+    mask (batch, cache), decode_layout or None, the call's new tokens (batch, cache) and where the next one goes;
+    for the repetition penalty the tokens the answer holds (batch, vocab; remember) and the penalty (a tensor: a new
+    value compiles nothing)."""
     tok: torch.Tensor
     pos: torch.Tensor
     mask: torch.Tensor
     layout: torch.Tensor | None
     tokens: torch.Tensor
     at: torch.Tensor
+    seen: torch.Tensor
+    penalty: torch.Tensor
 
     @classmethod
-    def empty(cls, batch: int, size: int, mask_dtype: torch.dtype, placed: bool, device: torch.device):
+    def empty(cls, batch: int, size: int, vocab: int, mask_dtype: torch.dtype, placed: bool, device: torch.device):
         longs = functools.partial(torch.zeros, dtype=torch.long, device=device)
         loop = cls(longs(batch, 1), longs(batch, 1), torch.zeros(batch, size, dtype=mask_dtype, device=device),
                    torch.zeros(3, batch + 1, dtype=torch.int32, device=device) if placed else None,
-                   longs(batch, size), longs(1))
-        for t in (loop.tok, loop.pos, loop.mask, loop.layout, loop.tokens, loop.at):
+                   longs(batch, size), longs(1), torch.zeros(batch, vocab, dtype=torch.bool, device=device),
+                   torch.ones((), device=device))
+        for t in (loop.tok, loop.pos, loop.mask, loop.layout, loop.tokens, loop.at, loop.seen, loop.penalty):
             if t is not None:
                 torch._dynamo.mark_static_address(t)
         return loop
 
 
 def _greedy_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-                 layout: torch.Tensor | None, tokens: torch.Tensor, at: torch.Tensor, suppress: int) -> None:
+                 layout: torch.Tensor | None, tokens: torch.Tensor, at: torch.Tensor, suppress: int,
+                 seen: torch.Tensor | None = None, penalty: torch.Tensor | None = None, eos: int = -1) -> None:
     """One greedy decode step, compiled whole (FastDecoder.greedy_step): the model's step, the argmax (never
     `suppress`, a token id, when >= 0: generate's SuppressTokensLogitsProcessor for ignore_eos) and the bookkeeping,
     in place: the token goes to tokens[:, at] and becomes the next input, positions, the layout's used slots and
-    `at` advance. bf16 -> argmax keeps generate()'s token (its processors see the logits cast to fp32, same order)."""
+    `at` advance. bf16 -> argmax keeps generate()'s token (its processors see the logits cast to fp32, same order).
+    seen/penalty/eos: AnswerRepetitionPenalty's arithmetic on the fp32 logits of the tokens the answer holds (seen,
+    never eos), then the argmax; the new token is remembered."""
     placed = {} if layout is None else {"kv_layout": layout}
     logits = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                    logits_to_keep=1, **placed).logits[:, -1]  # (batch, vocab)
+    if seen is not None:
+        logits = logits.float()
     if suppress >= 0:
         logits[:, suppress] = float("-inf")
+    if seen is not None:
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     token = logits.argmax(-1)  # (batch,)
+    if seen is not None:
+        remember(seen, token[:, None], eos)
     tokens.index_copy_(1, at, token[:, None])
     tok.copy_(token[:, None])
     pos.add_(1)
     at.add_(1)
     if layout is not None:
         layout[2].add_(1)
+
+
+def remember(seen: torch.Tensor, token: torch.Tensor, eos: int) -> None:
+    """Mark each row's new token (batch, 1) in `seen` (batch, vocab), the tokens the repetition penalty counts:
+    never eos (AnswerRepetitionPenalty's rule)."""
+    seen.scatter_(1, token, True)
+    seen[:, eos] = False
 
 
 @dataclass(eq=False)
@@ -984,7 +1015,7 @@ class _Answer:
     cancel: threading.Event
     generator: torch.Generator
     future: Future = field(default_factory=Future)
-    procs: LogitsProcessorList | None = None  # None: plain greedy (one argmax for all such rows)
+    procs: LogitsProcessorList | None = None  # None: greedy (one argmax, and the penalty, for all such rows at once)
     seq: torch.Tensor | None = None           # (1, prompt + max_new_tokens) on the device: what the penalty reads
     start: int = 0                            # cache slot of its first prompt token; it occupies [start, write index)
     new: list[int] = field(default_factory=list)  # tokens the host has seen
@@ -1009,7 +1040,8 @@ class BatchDecoder:
     CHECK_EVERY steps when compiled, every step otherwise): its prompt is run (prefill; the prompts waiting at one
     boundary in one forward pass) and its keys and values are copied into a free row of the shared static KV cache;
     a finished or cancelled answer frees its row at the next boundary. Each answer still streams to its own client,
-    with its own sampling settings, stop rules and seed.
+    with its own sampling settings, stop rules and seed (greedy rows' repetition penalties applied to all rows at
+    once, as AnswerRepetitionPenalty computes them).
     The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as FastDecoder), so
     a finished answer costs up to one chunk of wasted steps; a joining answer first waits for the queued chunk.
 
@@ -1055,6 +1087,9 @@ class BatchDecoder:
         self.cache: StaticCache | None = None
         self.t = 0
         self.tok = self.pos = self.mask = self.layout = None
+        # Greedy rows' repetition penalty, applied to all rows at once (_decode_chunk): the tokens each row's answer
+        # holds (rows, vocab; remember) and each row's penalty (rows,), 1 where none (x * 1 and x / 1 are x).
+        self.seen = self.penalty = None
         self._pending = None  # the last queued chunk: (host tokens, ready event, its rows), not yet looked at
         self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
 
@@ -1137,12 +1172,15 @@ class BatchDecoder:
         mask = torch.ones(batch, size, dtype=torch.long, device=self.device)  # free rows attend anywhere (finite)
         tok = torch.full((batch, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
         pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+        penalty = torch.ones(batch, device=self.device)
         for row, (i, a) in enumerate(active):
             a.start += shift
             mask[row, :a.start] = 0
-            tok[row], pos[row] = self.tok[i], self.pos[i]
+            tok[row], pos[row], seen[row], penalty[row] = self.tok[i], self.pos[i], self.seen[i], self.penalty[i]
         self.rows = [a for _, a in active] + [None] * (batch - len(active))
         self.cache, self.t, self.tok, self.pos, self.mask = cache, t, tok, pos, mask
+        self.seen, self.penalty = seen, penalty
         self._place_rows()
         for layer in cache.layers:
             layer.cumulative_length.fill_(t)
@@ -1217,14 +1255,16 @@ class BatchDecoder:
             self.mask[row] = 1
             self.mask[row, :answer.start] = 0
             gen = answer.gen
-            sample = gen.temperature > 0
-            procs = logits_processors(gen, sample, [], self.device, lengths[i], self.tokenizer.eos_token_id)
-            if sample or procs:
-                answer.procs = procs
+            if gen.temperature > 0:  # sampling: generate()'s processors and warpers, this row alone
+                answer.procs = logits_processors(gen, True, [], self.device, lengths[i], self.tokenizer.eos_token_id)
                 answer.seq = torch.empty(1, lengths[i] + answer.max_new_tokens, dtype=torch.long, device=self.device)
                 answer.seq[0, :lengths[i]] = ids[i, :lengths[i]]
+            # greedy rows: the penalty with all rows at once (its first token has no answer tokens to penalize)
+            self.penalty[row] = gen.repetition_penalty if gen.temperature == 0 else 1.0
+            self.seen[row] = False
             self.tok[row, 0], self.pos[row, 0] = self._choose(answer, logits[i:i + 1], 0)[0], lengths[i]
             self.rows[row] = answer
+        remember(self.seen, self.tok, self.tokenizer.eos_token_id)  # the other rows' tokens are there already
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
@@ -1253,12 +1293,21 @@ class BatchDecoder:
         rows = list(self.rows)
         steps = min(self.check_every, max(a.to_queue for a in rows if a))
         chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)
+        # Greedy rows with a repetition penalty: AnswerRepetitionPenalty's arithmetic for all rows in a few kernels
+        # (per row, generate()'s processors were ~10 small kernels a step).
+        penalized = any(a is not None and a.procs is None and a.gen.repetition_penalty != 1.0 for a in rows)
+        eos = self.tokenizer.eos_token_id
         for s in range(steps):
             placed = {} if self.layout is None else {"kv_layout": self.layout}
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
-            # One argmax for every row, then the rows that sample or penalize overwrite theirs.
-            token = logits.argmax(-1)  # (batch,)
+            # One argmax for every row, then the rows that sample overwrite theirs.
+            if penalized:
+                scores, p = logits.float(), self.penalty[:, None]
+                token = torch.where(self.seen, torch.where(scores < 0, scores * p, scores / p), scores).argmax(-1)
+                remember(self.seen, token[:, None], eos)
+            else:
+                token = logits.argmax(-1)  # (batch,)
             for row, answer in enumerate(rows):
                 made = 1 + answer.queued + s if answer is not None else 0  # tokens before this one
                 if answer is not None and answer.procs is not None and made < answer.max_new_tokens:

@@ -129,6 +129,13 @@ def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
         assert fast.generate_ids([prompt], ARGMAX, ignore_eos=True) == chat_model.generate_ids([prompt], ARGMAX,
                                                                                               ignore_eos=True)
     assert fast._decoder._loops  # that path ran
+    strong = dataclasses.replace(ARGMAX, repetition_penalty=1.8)
+    for prompt in prompts[:2]:  # one row with a repetition penalty: applied inside the compiled step too
+        penalized = fast.generate_ids([prompt], strong, ignore_eos=True)
+        assert penalized == chat_model.generate_ids([prompt], strong, ignore_eos=True)
+        assert penalized != fast.generate_ids([prompt], ARGMAX, ignore_eos=True)  # the penalty changed the answer
+        assert fast.generate_ids([prompt], strong, ignore_eos=True) == penalized  # the next call starts afresh
+    assert any(loop.seen.any() for loop in fast._decoder._loops.values())  # inside the step
     ids, fast_logits = fast.generate_with_logits(prompts[:1], GREEDY, 20)
     plain_ids, plain_logits = chat_model.generate_with_logits(prompts[:1], GREEDY, 20)
     assert ids == plain_ids and (fast_logits - plain_logits).abs().max() < 1e-4
@@ -460,9 +467,9 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tokenizer):
     """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: four kernels a layer;
-    without a repetition penalty the greedy token picked inside the step) against transformers' generate, fp32:
-    the same greedy tokens, one row (two prompts in turn: the loop's buffers reset) and batched with left padding,
-    the same logits within 1e-4."""
+    the greedy token picked inside the step, with and without a repetition penalty) against transformers' generate,
+    fp32: the same greedy tokens, one row (two prompts in turn: the loop's buffers reset) and batched with left
+    padding, the same logits within 1e-4."""
     if not triton_supported(torch.device("cuda"), torch.float32):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     plain = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=False)
@@ -470,10 +477,12 @@ def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tok
     assert all(layer.step_kernels for layer in fast.model.model.layers)
     rng = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
-    for batch, gen in ((prompts[:1], ARGMAX), (prompts[1:2], ARGMAX), (prompts[:1], GREEDY), (prompts, GREEDY)):
+    strong = dataclasses.replace(ARGMAX, repetition_penalty=1.8)
+    for batch, gen in ((prompts[:1], ARGMAX), (prompts[1:2], ARGMAX), (prompts[:1], GREEDY), (prompts[1:2], strong),
+                       (prompts, GREEDY)):
         assert fast.generate_ids(batch, gen, 40, ignore_eos=True) == plain.generate_ids(batch, gen, 40,
                                                                                        ignore_eos=True)
-    assert fast._decoder._loops  # one row without a penalty: the token picked inside the CUDA-graphed step
+    assert any(loop.seen.any() for loop in fast._decoder._loops.values())  # one row: tokens picked inside the step
     ids, logits = fast.generate_with_logits(prompts[1:2], GREEDY, 20)
     plain_ids, plain_logits = plain.generate_with_logits(prompts[1:2], GREEDY, 20)
     assert ids == plain_ids and (logits - plain_logits).abs().max() < 1e-4
@@ -813,6 +822,23 @@ def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch,
         assert {rows for rows, _ in shapes} == {1, chat_model._batcher.slots}
         assert all(isinstance(cache, DecodeCache) for cache in shapes.values())
     assert steps[0] < 0.5 * steps_alone
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_penalized_answers_decoded_together_are_generates_answers(tokenizer, fast):
+    """Greedy answers decoded together, with and without a repetition penalty (applied to all rows at once): each is
+    the answer generate() gives alone with AnswerRepetitionPenalty (on TiedPhi: "a b a a ..." with 1.1, "a a a ..."
+    without)."""
+    a, b = (tokenizer.convert_tokens_to_ids(t) for t in ("a", "b"))
+    penalized = dataclasses.replace(PENALIZED, max_new_tokens=24)
+    settings = [penalized, dataclasses.replace(penalized, repetition_penalty=1.0), penalized]
+    plain = tied(tokenizer, top=a, runner_up=b, fast=False)
+    expected = [plain.chat_batch([c], g, batch_size=1)[0] for c, g in zip(TOGETHER, settings)]  # generate(), alone
+    assert expected[0].text != expected[1].text  # the penalty changes the answer
+    chat = tied(tokenizer, top=a, runner_up=b, fast=fast)
+    answers = [chat.start(chat.prompt_ids(c, g.max_new_tokens)[0], g) for c, g in zip(TOGETHER, settings)]
+    assert finish(answers) == expected
+    assert chat._batcher.most_rows >= 2
 
 
 def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch):
