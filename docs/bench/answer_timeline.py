@@ -4,8 +4,10 @@ answers, then one 256-token answer under torch.profiler: GPU busy time (union of
 prefill's span. With --penalty, last, the 256-token answer with the app's default repetition penalty (1.1).
 
     python docs/bench/answer_timeline.py [--penalty]     # from the repo root, on a CUDA GPU
-Output of the 2026-11-30 H200 run: docs/bench/h200-answer-timeline-2026-11-30.log (without --penalty),
-h200-answer-timeline-penalty-2026-11-30.log."""
+Output of the 2026-11-30 H200 runs: docs/bench/h200-answer-timeline-2026-11-30.log (without --penalty),
+h200-answer-timeline-penalty-2026-11-30.log (the penalty applied by generate()'s processors each token) and
+h200-answer-timeline-penalty-step-2026-11-30.log (the penalty inside the greedy step; cut by its time limit before
+the penalty's row)."""
 import sys, time
 sys.path.insert(0, ".")
 import numpy as np
