@@ -986,7 +986,7 @@ def _greedy_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor
     if suppress >= 0:
         logits[:, suppress] = float("-inf")
     if seen is not None:
-        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        logits = penalize(logits, seen, penalty)
     token = logits.argmax(-1)  # (batch,)
     if seen is not None:
         remember(seen, token[:, None], eos)
@@ -996,6 +996,12 @@ def _greedy_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor
     at.add_(1)
     if layout is not None:
         layout[2].add_(1)
+
+
+def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """AnswerRepetitionPenalty's arithmetic on fp32 scores (rows, vocab) of the tokens marked in `seen` (rows,
+    vocab; remember): negative ones times the penalty, others divided by it. penalty: a tensor, () or (rows, 1)."""
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
 def remember(seen: torch.Tensor, token: torch.Tensor, eos: int) -> None:
@@ -1303,8 +1309,7 @@ class BatchDecoder:
                                past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
             # One argmax for every row, then the rows that sample overwrite theirs.
             if penalized:
-                scores, p = logits.float(), self.penalty[:, None]
-                token = torch.where(self.seen, torch.where(scores < 0, scores * p, scores / p), scores).argmax(-1)
+                token = penalize(logits.float(), self.seen, self.penalty[:, None]).argmax(-1)
                 remember(self.seen, token[:, None], eos)
             else:
                 token = logits.argmax(-1)  # (batch,)
