@@ -26,6 +26,7 @@ from transformers import (CompileConfig, DynamicCache, LogitsProcessor, LogitsPr
                           SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 from transformers.cache_utils import Cache, StaticLayer
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_attention_forward
 
@@ -34,6 +35,7 @@ from data_utils import HUMAN
 
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
+PREFILL_GRAPH_TOKENS = 1024  # FastDecoder: one-row prompts up to this long prefill through CUDA graphs (_PrefillGraph)
 PREFILL_TOKENS = 4096  # BatchDecoder prefills prompts that wait together in passes of up to this many (padded) tokens
 
 
@@ -793,6 +795,12 @@ class FastDecoder:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._caches: dict[tuple[int, int], StaticCache] = {}
         self._loops: dict[tuple[int, int], _GreedyLoop] = {}
+        # One-row prompts prefill through CUDA graphs where the one-row step runs the layer kernels (the GPUs those
+        # were measured on); tests set it on the CPU, where the same padded prefill runs eagerly.
+        layers = model.model.layers if self.fused else []
+        self.prefill_graphs = bool(layers) and model.device.type == "cuda" and layers[0].step_kernels
+        self._prefills: dict[tuple[int, int], _PrefillGraph] = {}
+        self._prefill_pool = None  # the prefill graphs' shared memory pool: they never run at the same time
 
     def cache_size(self, batch: int, length: int) -> int:
         """Static cache length for `length` tokens. Each (batch, size) compiles once (30-42 s for Phi-2), so a chat
@@ -838,9 +846,13 @@ class FastDecoder:
         eos = self.tokenizer.eos_token_id
         suppress = [eos] if ignore_eos else []  # ignore_eos: benchmarks
         procs = logits_processors(gen, sample, suppress, device, width, eos)
-        with prefill_attention(device):
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        prefill = self._prefill_graph(cache, attention_mask) if self.prefill_graphs else None
+        if prefill is not None:
+            logits = prefill(input_ids)  # (1, vocab)
+        else:
+            with prefill_attention(device):
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_position = position[:, -1:] + 1  # (batch, 1)
         # Greedy decoding of one row picks each token inside the compiled step, whose inputs live in one _GreedyLoop
         # per shape: no kernel between two replays of the step's CUDA graph; the repetition penalty too (on an H200,
@@ -921,6 +933,24 @@ class FastDecoder:
         steps = torch.stack(raw_logits, 1).cpu() if output_logits else None
         return new_ids, steps
 
+    def _prefill_graph(self, cache: StaticCache, attention_mask: torch.Tensor) -> "_PrefillGraph | None":
+        """The prefill graph for one prompt without padding of at most PREFILL_GRAPH_TOKENS into `cache` (a
+        DecodeCache of one row), made on first use; None for anything else (eager prefill)."""
+        batch, width = attention_mask.shape
+        # (flash_attention_2 would unpad the prompt, reading its lengths on the host: not capturable)
+        if batch != 1 or width > PREFILL_GRAPH_TOKENS or not isinstance(cache, DecodeCache) or \
+                self.model.config._attn_implementation not in ("sdpa", "eager") or \
+                not bool(attention_mask.all()):  # the GPU is idle here: the check waits for nothing
+            return None
+        size = cache.layers[0].max_cache_len
+        bucket = min(size, max(64, 1 << (width - 1).bit_length()))
+        key = (bucket, size)
+        if key not in self._prefills:
+            if self._prefill_pool is None and attention_mask.device.type == "cuda":
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+            self._prefills[key] = _PrefillGraph(self.model, cache, bucket, self._prefill_pool)
+        return self._prefills[key]
+
     def _loop(self, batch: int, size: int, mask: torch.Tensor, position: torch.Tensor,
               layout: torch.Tensor | None, penalty: float | None) -> "_GreedyLoop":
         """The greedy step's inputs for a (batch, cache) shape, set for a new call; tokens come from step 1 on."""
@@ -938,6 +968,66 @@ class FastDecoder:
             loop.seen.zero_()
             loop.penalty.fill_(penalty)
         return loop
+
+
+class _PrefillGraph:
+    """FastDecoder's prefill of one prompt into one DecodeCache (one row), for every prompt of up to `bucket` tokens,
+    replayed as one CUDA graph. Why: the eager prefill is ~1,241 kernel launches for Phi-2, which the host issues
+    slower than the GPU runs them (a 1-token answer, mostly prefill, took 19.5-38.5 ms on H200s, docs/PERFORMANCE.md);
+    a graph launches them at once. Captured on first use (an eager warm-up, then the capture: no compilation).
+
+    The prompt is padded on the right to the bucket: each token sees only the slots before it (causal), so the
+    padding changes none of the prompt's results; the padding's keys and values land in the slots after the prompt,
+    which the decode steps overwrite before any step reads them (each writes its slot, then attends), and each
+    layer's write index is set back to the prompt's end. On the CPU (tests) the same padded prefill runs eagerly."""
+
+    def __init__(self, model, cache: DecodeCache, bucket: int, pool):
+        self.model, self.cache, self.pool = model, cache, pool
+        size = cache.layers[0].max_cache_len
+        device = model.device
+        self.ids = torch.zeros(1, bucket, dtype=torch.long, device=device)  # the prompt, then leftovers
+        self.positions = torch.arange(bucket, device=device)[None]  # (1, bucket)
+        # Token i attends to slots 0..i, in the form the model's attention takes (transformers' own mask, made once
+        # here with the cache empty; a 4D mask goes through as it is, None means causal).
+        self.mask = create_causal_mask(
+            config=model.config, inputs_embeds=torch.empty(1, bucket, 0, dtype=model.dtype, device=device),
+            attention_mask=torch.ones(1, size, dtype=torch.long, device=device), past_key_values=cache,
+            position_ids=self.positions)
+        self.last = torch.zeros(1, dtype=torch.long, device=device)  # the prompt's last token: its logits
+        self.width = torch.zeros((), dtype=torch.long, device=device)  # the prompt's length
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # (1, vocab), the graph's output
+
+    def _forward(self) -> torch.Tensor:
+        with prefill_attention(self.ids.device):
+            logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=self.last).logits[:, -1]
+        for layer in self.cache.layers:  # the next write goes after the prompt, not after the padding
+            layer.cumulative_length.copy_(self.width)
+        return logits
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt's last logits (1, vocab); the cache holds the prompt. A graph output: read it before the next
+        call."""
+        width = input_ids.shape[1]
+        self.ids[:, :width].copy_(input_ids)
+        self.last.fill_(width - 1)
+        self.width.fill_(width)
+        if self.ids.device.type != "cuda":
+            return self._forward()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the warm-up, as capture needs: cuBLAS handles, the cache allocated
+                self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (the app's server) may use CUDA while this one captures
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self.logits = self._forward()
+            self.graph = graph
+        self.graph.replay()
+        return self.logits
 
 
 @dataclass

@@ -153,6 +153,26 @@ def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
 
 
+def test_one_row_prompts_prefilled_padded_to_their_bucket_keep_their_answers(chat_model):
+    """On a GPU a one-row prompt prefills through a CUDA graph made once for all prompts up to its bucket's length,
+    padded on the right (decoding._PrefillGraph). The padded prefill, eager on the CPU, must leave every answer as
+    generate() gives it: prompts sharing a bucket and in the next one, with and without the repetition penalty, and
+    the first logits."""
+    fast = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+    fast._decoder.prefill_graphs = True
+    rng = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, len(chat_model.tokenizer), (n,), generator=rng).tolist() for n in (3, 64, 65)]
+    strong = dataclasses.replace(ARGMAX, repetition_penalty=1.8)
+    for prompt in prompts:
+        for gen in (ARGMAX, strong):
+            assert fast.generate_ids([prompt], gen, ignore_eos=True) == chat_model.generate_ids([prompt], gen,
+                                                                                              ignore_eos=True)
+    ids, fast_logits = fast.generate_with_logits(prompts[:1], GREEDY, 20)
+    plain_ids, plain_logits = chat_model.generate_with_logits(prompts[:1], GREEDY, 20)
+    assert ids == plain_ids and (fast_logits - plain_logits).abs().max() < 1e-4
+    assert sorted(bucket for bucket, _ in fast._decoder._prefills) == [64, 128]  # both buckets prefilled padded
+
+
 def test_fused_layers_cost_no_memory_and_save_the_ordinary_model(chat_model, tmp_path):
     """The fast path fuses each layer's six products into two in place: the weights take no extra memory (a copy
     would double them), and --save-merged from a fused model writes the same model as from an unfused one."""
@@ -467,8 +487,9 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tokenizer):
     """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: four kernels a layer;
-    the greedy token picked inside the step, with and without a repetition penalty) against transformers' generate,
-    fp32: the same greedy tokens, one row (two prompts in turn: the loop's buffers reset) and batched with left
+    the greedy token picked inside the step, with and without a repetition penalty; one row's prompt prefilled by a
+    CUDA graph) against transformers' generate, fp32: the same greedy tokens, one row (prompts in turn: the loop's
+    buffers reset; two lengths through one prefill graph, one through the next bucket's) and batched with left
     padding, the same logits within 1e-4."""
     if not triton_supported(torch.device("cuda"), torch.float32):
         pytest.skip("needs Triton and compute capability 8.0 or later")
@@ -476,13 +497,15 @@ def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tok
     fast = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True)
     assert all(layer.step_kernels for layer in fast.model.model.layers)
     rng = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
+    prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30, 70)]
     strong = dataclasses.replace(ARGMAX, repetition_penalty=1.8)
     for batch, gen in ((prompts[:1], ARGMAX), (prompts[1:2], ARGMAX), (prompts[:1], GREEDY), (prompts[1:2], strong),
-                       (prompts, GREEDY)):
+                       (prompts[3:], ARGMAX), (prompts[:3], GREEDY)):
         assert fast.generate_ids(batch, gen, 40, ignore_eos=True) == plain.generate_ids(batch, gen, 40,
                                                                                        ignore_eos=True)
     assert any(loop.seen.any() for loop in fast._decoder._loops.values())  # one row: tokens picked inside the step
+    prefills = fast._decoder._prefills
+    assert sorted(bucket for bucket, _ in prefills) == [64, 128] and all(p.graph for p in prefills.values())
     ids, logits = fast.generate_with_logits(prompts[1:2], GREEDY, 20)
     plain_ids, plain_logits = plain.generate_with_logits(prompts[1:2], GREEDY, 20)
     assert ids == plain_ids and (logits - plain_logits).abs().max() < 1e-4

@@ -1,7 +1,8 @@
 """Issue 18: where a bf16 batch-1 answer's time goes outside the decode step. ChatModel(fast) as bench generate runs
 it (random-init Phi-2, 64-token prompt, 256 new tokens, greedy, no penalty); wall times of 1-, 2- and 256-token
-answers, then one 256-token answer under torch.profiler: GPU busy time (union of kernels), idle gaps by size, the
-prefill's span. With --penalty, last, the 256-token answer with the app's default repetition penalty (1.1).
+answers, again with the eager prefill where FastDecoder prefills through CUDA graphs (_PrefillGraph); with --penalty,
+the 256-token answer with the app's default repetition penalty (1.1); then one 256-token answer under
+torch.profiler: GPU busy time (union of kernels), idle gaps by size, the prefill's span, the kernels by GPU time.
 
     python docs/bench/answer_timeline.py [--penalty]     # from the repo root, on a CUDA GPU
 Output of the 2026-11-30 H200 runs: docs/bench/h200-answer-timeline-2026-11-30.log (without --penalty),
@@ -29,10 +30,24 @@ def timed(n, reps=5):
         chat.generate_ids([prompt], gen, max_new_tokens=n, ignore_eos=True)
         torch.cuda.synchronize(); out.append(time.perf_counter() - t0)
     return sorted(out)[reps // 2]
-timed(256, 2)
-t1, t2, t256 = timed(1), timed(2), timed(256)
-print(f"ROW wall: 1 token {t1 * 1e3:.2f} ms, 2 tokens {t2 * 1e3:.2f}, 256 tokens {t256 * 1e3:.2f} -> "
-      f"{256 / t256:.1f} tok/s; per later token {(t256 - t1) / 255 * 1e3:.4f} ms", flush=True)
+def wall(label):
+    timed(256, 2)
+    t1, t2, t256 = timed(1), timed(2), timed(256)
+    print(f"ROW wall{label}: 1 token {t1 * 1e3:.2f} ms, 2 tokens {t2 * 1e3:.2f}, 256 tokens {t256 * 1e3:.2f} -> "
+          f"{256 / t256:.1f} tok/s; per later token {(t256 - t1) / 255 * 1e3:.4f} ms", flush=True)
+    return t256
+plain = wall("")
+if chat._decoder.prefill_graphs:  # the same answers with the eager prefill
+    chat._decoder.prefill_graphs = False
+    wall(", eager prefill")
+    chat._decoder.prefill_graphs = True
+if "--penalty" in sys.argv:
+    gen = GenerationSettings(max_new_tokens=256, temperature=0.0, repetition_penalty=1.1)
+    timed(256, 2)  # its step compiles
+    t = timed(256)
+    print(f"ROW 256 tokens with repetition penalty 1.1: {t * 1e3:.2f} ms -> {256 / t:.1f} tok/s "
+          f"(without: {plain * 1e3:.2f} ms -> {256 / plain:.1f})", flush=True)
+    gen = GenerationSettings(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0)
 from torch.profiler import profile, ProfilerActivity
 with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
     torch.cuda.synchronize(); t0 = time.perf_counter()
@@ -63,10 +78,4 @@ first_step = next(i for i, k in enumerate(kernels) if "kernel" == k[2] or "gemv"
 print(f"ROW prefill: {first_step} kernels, {(kernels[first_step][0] - kernels[0][0]) / 1e3:.2f} ms from first kernel "
       f"to the step's first ({kernels[first_step][2][:40]})", flush=True)
 print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
-if "--penalty" in sys.argv:
-    plain = timed(256)
-    gen = GenerationSettings(max_new_tokens=256, temperature=0.0, repetition_penalty=1.1)
-    timed(256, 2)  # its step compiles
-    t = timed(256)
-    print(f"ROW 256 tokens with repetition penalty 1.1: {t * 1e3:.2f} ms -> {256 / t:.1f} tok/s "
-          f"(without: {plain * 1e3:.2f} ms -> {256 / plain:.1f})", flush=True)
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90), flush=True)
