@@ -245,7 +245,7 @@ def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[to
     q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (1, 1, heads * head dim) each but ff
     cos, sin = position_embeddings  # (1, 1, rotary dims)
     out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
-                                                     self.self_attn.scaling)  # (1, 1, heads * head dim)
+                                                     self.self_attn.scaling, cache.step_counts)  # (1, 1, heads * dim)
     return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
 
 
@@ -483,8 +483,10 @@ class _TokenMajorLayer(StaticLayer):
         self.token_values = torch.zeros(*rows, self.v_head_dim, dtype=self.dtype, device=self.device)
         self.keys, self.values = self.token_keys.transpose(1, 2), self.token_values.transpose(1, 2)
         self.cumulative_length = self.cumulative_length.to(self.device)
+        # the step attention's arrival counts (split_attention's counts), zero between its launches
+        self.step_counts = torch.zeros(self.batch_size * self.num_heads, dtype=torch.int32, device=self.device)
         if not torch.compiler.is_compiling():  # as StaticLayer: CUDA graphs read the cache in place
-            for t in (self.token_keys, self.token_values, self.cumulative_length):
+            for t in (self.token_keys, self.token_values, self.cumulative_length, self.step_counts):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
@@ -565,6 +567,8 @@ def split_attention_kernels():
     - partial: one program per (row, head, block of SPLIT slots) walks the block's used slots BLOCK_N at a time
       (online softmax) and writes the block's softmax statistics (max, sum, in log2 units) and weighted values;
     - combine: one program per (row, head) rescales its blocks' partial results to one max and adds them up.
+      With FOLD, partial does this itself: the last of a (row, head)'s programs to finish (an atomic count of
+      arrivals) combines them, as CUDA's threadFenceReduction sample does, and combine is not launched.
     The cache is read through its strides (token- or head-major); fp32 sums whatever its dtype; head dims padded to
     a power of two (Phi-2's 80 -> 128, masked)."""
     import triton
@@ -572,9 +576,10 @@ def split_attention_kernels():
 
     @triton.jit
     def partial(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
-                head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, HEADS: tl.constexpr, DIM: tl.constexpr,
-                SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                NEW: tl.constexpr, ROT: tl.constexpr):
+                head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr, HEADS: tl.constexpr,
+                DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr, ROT: tl.constexpr,
+                FOLD: tl.constexpr):
         pid = tl.program_id(0)  # row * HEADS + head
         block = tl.program_id(1)
         row, head = pid // HEADS, pid % HEADS
@@ -651,6 +656,21 @@ def split_attention_kernels():
         tl.store(acc_ptr + out * BLOCK_D + d, acc)
         tl.store(stats_ptr + out * 2, top)
         tl.store(stats_ptr + out * 2 + 1, total)
+        if FOLD:  # the last of a (row, head)'s blocks to finish does combine's work (count_ptr: zero between launches)
+            tl.debug_barrier()  # every thread's stores above come before this program's arrival (one thread's atomic)
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
+                there = tl.arange(0, SPLITS_P2) < SPLITS
+                # .cg: from L2, where the other programs' results are, never a stale L1 line
+                tops = tl.load(stats_ptr + blocks * 2, mask=there, other=float("-inf"), cache_modifier=".cg")
+                totals = tl.load(stats_ptr + blocks * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
+                accs = tl.load(acc_ptr + blocks[:, None] * BLOCK_D + d[None, :], mask=there[:, None], other=0.0,
+                               cache_modifier=".cg")
+                w = tl.exp2(tops - tl.max(tops, 0))  # the first block always holds a used slot: the max is finite
+                o = tl.sum(w[:, None] * accs, 0) / tl.sum(w * totals, 0)
+                tl.store(o_ptr + pid * DIM + d, o.to(o_ptr.dtype.element_ty), mask=d < DIM)
+                tl.store(count_ptr + pid, 0)  # every block has arrived: ready for the next launch
 
     @triton.jit
     def combine(acc_ptr, stats_ptr, o_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -670,15 +690,18 @@ def split_attention_kernels():
 
 
 def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                    config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None
-                    ) -> torch.Tensor:
+                    config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None,
+                    counts: torch.Tensor | None = None) -> torch.Tensor:
     """Run split_attention_kernels: q (batch, heads, 1, head dim), or (batch, 1, heads * head dim) in any row
     stride; keys/values (batch, cache, heads, head dim) in any strides (a transposed view of a head-major cache
     too); config: SPLIT_CONFIGS' (slots a program, slots a step, warps, stages). Returns (batch, 1, heads * head
     dim). wrap: torch.library.wrap_triton inside an op.
     new: this step's (key, value, cos, sin), keys/values (batch, 1, heads * head dim) in q's row stride, cos/sin
     (batch, 1, rotary dims): q and the key are rotated (partial rotary, rotate_half) and the key and value written
-    to the row's newest slot (decode_layout's last used one), all inside the kernel."""
+    to the row's newest slot (decode_layout's last used one), all inside the kernel.
+    counts: (batch * heads) int32, zero (each launch leaves it so; _TokenMajorLayer.step_counts): the last block of
+    each (row, head) to finish, counting arrivals there, combines the blocks inside the first kernel, and the
+    combine kernel is not launched."""
     import triton
     partial, combine = split_attention_kernels()
     if wrap is not None:
@@ -699,12 +722,17 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     if new is not None:
         assert k_new.stride() == q.stride() == v_new.stride(), "the new key and value in q's layout"
         cos, sin = cos.expand(batch, 1, -1).contiguous(), sin.expand(batch, 1, -1).contiguous()
+    fold = counts is not None
+    if fold:
+        assert counts.shape == (batch * heads,) and counts.dtype == torch.int32, "one arrival count per (row, head)"
     partial[(batch * heads, blocks)](
         q, keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride, q.stride(0),
-        k_new, v_new, cos, sin, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks, BLOCK_N=step, BLOCK_D=block_d,
-        NEW=new is not None, ROT=0 if new is None else cos.shape[-1], num_warps=warps, num_stages=stages)
-    combine[(batch * heads,)](acc, stats, out, DIM=dim, SPLITS=blocks, SPLITS_P2=triton.next_power_of_2(blocks),
-                              BLOCK_D=block_d)
+        k_new, v_new, cos, sin, out, counts if fold else stats, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks,
+        SPLITS_P2=triton.next_power_of_2(blocks), BLOCK_N=step, BLOCK_D=block_d, NEW=new is not None,
+        ROT=0 if new is None else cos.shape[-1], FOLD=fold, num_warps=warps, num_stages=stages)
+    if not fold:
+        combine[(batch * heads,)](acc, stats, out, DIM=dim, SPLITS=blocks, SPLITS_P2=triton.next_power_of_2(blocks),
+                                  BLOCK_D=block_d)
     return out
 
 
@@ -714,9 +742,10 @@ def triton_decode_attention():
     and CUDA graphs take it in: one query a row against the row's used slots only (decode_layout), split into
     blocks read in parallel (split_attention_kernels, launched as SPLIT_CONFIGS says for the batch size), so that a
     step reads what the answers hold, not the whole cache, at any batch size. A fused Phi layer's decode step calls
-    its sibling phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale), which also rotates
-    q and k and writes the step's key and value into the cache (in place: the op mutates keys and values): the
-    rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200.
+    its sibling phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale, counts), which
+    also rotates q and k and writes the step's key and value into the cache (in place: the op mutates keys and
+    values): the rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200;
+    and combines the blocks in its first kernel (counts: the cache's step_counts), one launch a layer instead of two.
 
     Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
     with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
@@ -730,11 +759,12 @@ def triton_decode_attention():
                scale: float) -> torch.Tensor:
         return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton)
 
-    @triton_op("phi2_qlora::decode_step_attention", mutates_args={"keys", "values"})
+    @triton_op("phi2_qlora::decode_step_attention", mutates_args={"keys", "values", "counts"})
     def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float) -> torch.Tensor:
+                   keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
+                   counts: torch.Tensor) -> torch.Tensor:
         return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
-                               new=(k, v, cos, sin))
+                               new=(k, v, cos, sin), counts=counts)
 
     return attend
 
@@ -1077,7 +1107,7 @@ def _greedy_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor
         logits[:, suppress] = float("-inf")
     if seen is not None:
         logits = penalize(logits, seen, penalty)
-    token = logits.argmax(-1)  # (batch,)
+    token = chunked_argmax(logits)  # (batch,)
     if seen is not None:
         remember(seen, token[:, None], eos)
     tokens.index_copy_(1, at, token[:, None])
@@ -1086,6 +1116,20 @@ def _greedy_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor
     at.add_(1)
     if layout is not None:
         layout[2].add_(1)
+
+
+def chunked_argmax(scores: torch.Tensor, chunks: int = 64) -> torch.Tensor:
+    """scores.argmax(-1), (rows, vocab) -> (rows,), in two passes for compiled code: under inductor one row's argmax
+    is one program walking all of Phi-2's 51,200 logits, 9.8 us of each 1.7 ms step on an H200 (docs/PERFORMANCE.md);
+    here `chunks` programs a row each find their chunk's maximum, then the first chunk holding the row's maximum
+    gives the index. The same token as argmax: the first index of the maximum."""
+    rows, vocab = scores.shape
+    width = -(-vocab // chunks)
+    if width * chunks > vocab:  # -inf after the last: never before a real maximum
+        scores = F.pad(scores, (0, width * chunks - vocab), value=float("-inf"))
+    best, where = scores.view(rows, chunks, width).max(-1)  # (rows, chunks) each
+    chunk = best.argmax(-1, keepdim=True)  # (rows, 1)
+    return (chunk * width + where.gather(1, chunk))[:, 0]
 
 
 def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

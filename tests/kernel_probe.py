@@ -47,9 +47,10 @@ for config in set(SPLIT_CONFIGS.values()):
     for dtype in (torch.float32, torch.bfloat16):
         kk, vv = keys.to(dtype), values.to(dtype)
         step_q = q.transpose(1, 2).reshape(rows, 1, -1).to(dtype)
+        counts = torch.zeros(rows * keys.shape[2], dtype=torch.int32)  # the last block combines: zero again after
         o = split_attention(step_q, kk, vv, layout, scale, config,
-                            new=(k_new.to(dtype), v_new.to(dtype), cos.to(dtype), sin.to(dtype)))
-        out[f"step {config} {dtype}"] = (o, kk, vv)
+                            new=(k_new.to(dtype), v_new.to(dtype), cos.to(dtype), sin.to(dtype)), counts=counts)
+        out[f"step {config} {dtype}"] = (o, kk, vv, counts)
 layer_in, layer_out = triton_layer_products()
 for dtype in (torch.float32, torch.bfloat16):
     hidden, norm_w, norm_b, w, b = (inputs[f"layer {n}"].to(dtype) for n in ("hidden", "norm weight", "norm bias",

@@ -153,6 +153,20 @@ def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
 
 
+@pytest.mark.parametrize("vocab", [51200, 822])  # Phi-2's, and the tiny model's (not a multiple of the chunks)
+def test_the_greedy_steps_argmax_picks_argmaxs_token_even_among_ties(vocab):
+    """The compiled greedy step finds the maximum in chunks (decoding.chunked_argmax): its token must be argmax's,
+    the first index of the maximum, also where many logits tie, eager and compiled."""
+    gen = torch.Generator().manual_seed(0)
+    compiled = torch.compile(decoding.chunked_argmax)
+    for _ in range(20):
+        tied = torch.randint(-3, 4, (3, vocab), generator=gen).float()  # every value ~vocab / 7 times
+        assert torch.equal(decoding.chunked_argmax(tied), tied.argmax(-1))
+        assert torch.equal(compiled(tied), tied.argmax(-1))
+    spread = torch.randn(2, vocab, generator=gen).bfloat16()
+    assert torch.equal(compiled(spread), spread.argmax(-1))
+
+
 def test_one_row_prompts_prefilled_padded_to_their_bucket_keep_their_answers(chat_model):
     """On a GPU a one-row prompt prefills through a CUDA graph made once for all prompts up to its bucket's length,
     padded on the right (decoding._PrefillGraph). The padded prefill, eager on the CPU, must leave every answer as
@@ -290,7 +304,8 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     (TRITON_INTERPRET=1 must be set before Triton builds them), against reference products:
     - split attention with each launch SPLIT_CONFIGS uses, on token- and head-major caches, each row reading only
       its own slots of loud_cache; and with the step's own key and value (rotary on q and k, both written to each
-      row's newest slot, nothing else of the cache touched);
+      row's newest slot, nothing else of the cache touched; the blocks combined inside the first kernel, its
+      arrival counts left at zero);
     - the GEMV for one row and for a few; the fused layer's layer_in (layer norm, product, gelu on fc1's rows) and
       layer_out (two inputs, product, residual);
     - the tiny model's greedy decoding through those kernels (one row: the four-kernel layer, with and without the
@@ -348,10 +363,11 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     steps = [k for k in out if k.startswith("step ")]
     assert len(steps) == 2 * len(set(decoding.SPLIT_CONFIGS.values()))
     for name in steps:
-        got, got_keys, got_values = out[name]
+        got, got_keys, got_values, counts = out[name]
         tolerance = 0.02 if "bfloat16" in name else 1e-5
         assert near(got, expected, tolerance), name
         assert near(got_keys, written_keys, tolerance) and near(got_values, written_values, tolerance), name
+        assert not counts.any(), name  # the blocks' arrival counts are back to zero for the next step
         untouched = torch.ones(batch, size, dtype=torch.bool).index_put_((torch.arange(batch), newest),
                                                                          torch.tensor(False))
         dtype = got_keys.dtype
@@ -437,8 +453,8 @@ def test_triton_gemv_is_the_linear_product_on_gpu(rows, dtype):
 def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
     """A one-row step's layer kernels at Phi-2's shapes (layer_in: layer norm, [q; k; v; fc1], gelu on fc1's rows;
     layer_out: [dense | fc2] of [attention | gelu(fc1)] plus the residual) and the step attention with the step's
-    own key and value (rotary, cache writes; 1 and 7 rows of loud_cache), eager and compiled: under inductor the
-    attention op must still write the cache it was given. Tolerance: bf16 rounding; fp32 sums in another order."""
+    own key and value (rotary, cache writes, the blocks combined in its first kernel; 1 and 7 rows of loud_cache),
+    eager and compiled, three launches each: under inductor the attention op must still write the cache it was given. Tolerance: bf16 rounding; fp32 sums in another order."""
     if not triton_supported(torch.device("cuda"), dtype):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     layer_in, layer_out = decoding.triton_layer_products()
@@ -467,8 +483,9 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
                                                                                         hidden)):
         assert y.dtype == dtype and y.shape == (1, 1, 2560) and near(y, expected, tolerance)
 
-    def step(q, k, v, cos, sin, keys, values, layout):
-        return torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5)
+    def step(q, k, v, cos, sin, keys, values, layout, counts):
+        return torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5,
+                                                          counts)
 
     for batch in (1, 7):
         _, keys, values, starts, used = loud_cache(batch, "cuda")
@@ -477,11 +494,14 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
         cos, sin = (torch.cat((f(angle), f(angle)), -1).to(dtype) for f in (torch.cos, torch.sin))
         expected, written_keys, written_values = step_reference(q.float(), k.float(), v.float(), cos.float(),
                                                                 sin.float(), keys, values, starts, used)
+        counts = torch.zeros(batch * 32, dtype=torch.int32, device="cuda")  # the blocks' arrivals, kept at zero
         for run in (step, torch.compile(step)):
-            cache_k, cache_v = keys.to(dtype), values.to(dtype)
-            out = run(q, k, v, cos, sin, cache_k, cache_v, decode_layout(starts, used, keys.shape[1]))
-            assert out.dtype == dtype and out.shape == (batch, 1, 2560) and near(out, expected, tolerance)
-            assert near(cache_k, written_keys, tolerance) and near(cache_v, written_values, tolerance)  # in place
+            for _ in range(3):  # the blocks combined inside the first kernel: each launch leaves the counts at zero
+                cache_k, cache_v = keys.to(dtype), values.to(dtype)
+                out = run(q, k, v, cos, sin, cache_k, cache_v, decode_layout(starts, used, keys.shape[1]), counts)
+                assert out.dtype == dtype and out.shape == (batch, 1, 2560) and near(out, expected, tolerance)
+                assert near(cache_k, written_keys, tolerance) and near(cache_v, written_values, tolerance)  # in place
+                assert not counts.any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
