@@ -211,7 +211,7 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     if kv_layout is not None and q.shape[-2] == 1 and isinstance(past_key_values, DecodeCache):
         layer = past_key_values.layers[attn.layer_idx]
         out = decode_attention(q, layer.token_keys, layer.token_values, kv_layout, attn.scaling,
-                               self.decode_kernel)  # (batch, 1, heads * head dim)
+                               self.decode_kernel, layer.step_counts)  # (batch, 1, heads * head dim)
     else:
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         if q.shape[-2] == 1 and q.dtype == torch.float32 and attention_mask is not None:
@@ -527,7 +527,7 @@ def decode_layout(starts: torch.Tensor, used: torch.Tensor, size: int) -> torch.
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                     kernel: str) -> torch.Tensor:
+                     kernel: str, counts: torch.Tensor | None = None) -> torch.Tensor:
     """One query per row, q: (batch, heads, 1, head dim), against that row's slots (decode_layout) of a
     token-major cache, keys/values: (batch, cache, heads, head dim); returns (batch, 1, heads * head dim).
     kernel (decode_kernel decides it):
@@ -535,11 +535,14 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     - "flash": FlashAttention-2's varlen kernel (cu_seqlens_k + seqused_k) reads only the row's used slots: 7.2 us
       a layer at batch 1 on an H200, against 8.4 us for cuDNN over the whole cache. At batch 64 its one-query tiles
       made it slower than cuDNN (61 us a layer for 65 slots), so with it batches keep transformers' attention;
-    - "products" (the CPU): two small batched products and a softmax over the row's slots, masked."""
+    - "products" (the CPU): two small batched products and a softmax over the row's slots, masked.
+    counts: "split"'s arrival counts (split_attention), the cache's step_counts; zeros made here without."""
     batch, heads, _, dim = q.shape
     size = keys.shape[1]
     if kernel == "split":
-        return torch.ops.phi2_qlora.decode_attention(q, keys, values, layout, scale)
+        if counts is None:
+            counts = torch.zeros(batch * keys.shape[2], dtype=torch.int32, device=q.device)
+        return torch.ops.phi2_qlora.decode_attention(q, keys, values, layout, scale, counts)
     if kernel == "flash":
         out = torch.ops.aten._flash_attention_forward(
             q.reshape(batch, heads, dim), keys.view(batch * size, heads, dim), values.view(batch * size, heads, dim),
@@ -721,7 +724,10 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     k_new, v_new, cos, sin = (q, q, q, q) if new is None else new
     if new is not None:
         assert k_new.stride() == q.stride() == v_new.stride(), "the new key and value in q's layout"
-        cos, sin = cos.expand(batch, 1, -1).contiguous(), sin.expand(batch, 1, -1).contiguous()
+        if cos.shape[0] != batch or not (cos.is_contiguous() and sin.is_contiguous()):
+            # (only then: under inductor the expanded copy recomputed the rotary's cos and sin for every layer, six
+            # kernels a one-row step on an H200)
+            cos, sin = cos.expand(batch, 1, -1).contiguous(), sin.expand(batch, 1, -1).contiguous()
     fold = counts is not None
     if fold:
         assert counts.shape == (batch * heads,) and counts.dtype == torch.int32, "one arrival count per (row, head)"
@@ -744,8 +750,8 @@ def triton_decode_attention():
     step reads what the answers hold, not the whole cache, at any batch size. A fused Phi layer's decode step calls
     its sibling phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale, counts), which
     also rotates q and k and writes the step's key and value into the cache (in place: the op mutates keys and
-    values): the rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200;
-    and combines the blocks in its first kernel (counts: the cache's step_counts), one launch a layer instead of two.
+    values): the rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200.
+    Both combine the blocks in their first kernel (counts: the cache's step_counts), one launch a layer, not two.
 
     Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
     with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
@@ -754,10 +760,11 @@ def triton_decode_attention():
     products over the whole cache; this kernel 6.5-7.8)."""
     from torch.library import triton_op, wrap_triton
 
-    @triton_op("phi2_qlora::decode_attention", mutates_args={})
+    @triton_op("phi2_qlora::decode_attention", mutates_args={"counts"})
     def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton)
+               scale: float, counts: torch.Tensor) -> torch.Tensor:
+        return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
+                               counts=counts)
 
     @triton_op("phi2_qlora::decode_step_attention", mutates_args={"keys", "values", "counts"})
     def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
