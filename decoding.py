@@ -724,10 +724,7 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     k_new, v_new, cos, sin = (q, q, q, q) if new is None else new
     if new is not None:
         assert k_new.stride() == q.stride() == v_new.stride(), "the new key and value in q's layout"
-        if cos.shape[0] != batch or not (cos.is_contiguous() and sin.is_contiguous()):
-            # (only then: under inductor the expanded copy recomputed the rotary's cos and sin for every layer, six
-            # kernels a one-row step on an H200)
-            cos, sin = cos.expand(batch, 1, -1).contiguous(), sin.expand(batch, 1, -1).contiguous()
+        cos, sin = cos.expand(batch, 1, -1).contiguous(), sin.expand(batch, 1, -1).contiguous()
     fold = counts is not None
     if fold:
         assert counts.shape == (batch * heads,) and counts.dtype == torch.int32, "one arrival count per (row, head)"

@@ -4,7 +4,7 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
     python docs/bench/decode_step_fused.py            # from the repo root, on a CUDA GPU
     python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
     python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
-    python docs/bench/decode_step_fused.py rows       # 8 users' rows: cuBLAS or the Triton rows kernel, own slots
+    python docs/bench/decode_step_fused.py rows [--own]  # 8 users' rows: cuBLAS or the Triton rows kernel, own slots
     python docs/bench/decode_step_fused.py b64        # 64 rows, own slots, the kernels' profile
     python docs/bench/decode_step_fused.py kernels [--before]  # one row, bf16 and fp32: a layer in four kernels
 
@@ -64,7 +64,7 @@ def measure(model, label, batch, size=384, width=64, profile=False, own_slots=Fa
         from torch.profiler import profile as prof_, ProfilerActivity
         with prof_(activities=[ProfilerActivity.CUDA]) as prof:
             run(10); torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=24, max_name_column_width=90), flush=True)
 
 
 def attempt(*args, **kwargs):
@@ -115,10 +115,12 @@ if sys.argv[1:2] == ["rows"]:  # 8 users' step (BatchDecoder's slots): cuBLAS, t
     gemv = model.model.layers[0].gemv
     for layer in model.model.layers:
         layer.gemv = None
-    attempt(model, "bf16 fused, whole cache, cuBLAS", 8)
+    if "--own" not in sys.argv:  # --own: only the step BatchDecoder runs
+        attempt(model, "bf16 fused, whole cache, cuBLAS", 8)
     for layer in model.model.layers:
         layer.gemv = gemv
-    attempt(model, "bf16 fused, whole cache, triton rows [q; k; v; fc1]", 8, profile=True)
+    if "--own" not in sys.argv:
+        attempt(model, "bf16 fused, whole cache, triton rows [q; k; v; fc1]", 8, profile=True)
     attempt(model, "bf16 fused, own slots, triton rows [q; k; v; fc1]", 8, profile=True, own_slots=True)
     sys.exit()
 if sys.argv[1:] == ["fp32"]:  # where the fp32 step's time goes, and what TF32 matmuls change
