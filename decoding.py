@@ -231,10 +231,11 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
 def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                        cache: "_TokenMajorLayer", layout: torch.Tensor) -> torch.Tensor:
     """A fused Phi layer's one-row decode step where the Triton kernels run (layer.step_kernels), hidden (1, 1,
-    hidden), in four kernels: layer_in (layer norm, [q; k; v; fc1], gelu), the split attention's two (rotary, the
-    cache writes, attention over the row's slots) and layer_out ([dense | fc2], the residual), instead of ~11. On an
-    H200, with the greedy token picked inside the step, batch 1 went from 485.6 to 556.5-571.2 tok/s in bf16 and
-    from 300.4 to 338.9 in fp32 (docs/PERFORMANCE.md). The step's key and value go to the row's newest
+    hidden), in three kernels: layer_in (layer norm, [q; k; v; fc1], gelu), the split attention (rotary, the cache
+    writes, attention over the row's slots, its blocks combined by the last to finish) and layer_out ([dense | fc2],
+    the residual), instead of ~11. On an H200, with the greedy token picked inside the step, batch 1 went from 485.6
+    to 556.5-571.2 tok/s in bf16 and from 300.4 to 338.9 in fp32 with four kernels (the combine its own); with three
+    and the argmax in chunks, a later token took 1.650-1.656 ms instead of 1.695 (docs/PERFORMANCE.md). The step's key and value go to the row's newest
     slot of decode_layout, not to the cache's shared write index: the cache's cumulative_length is not advanced
     (the decoders keep their own).
     Batches keep the layer as before: with the step attention, 64 rows took 3.26 ms a step alone instead of 2.96
@@ -807,14 +808,14 @@ class FastDecoder:
     the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
-    Phi-2, docs/PERFORMANCE.md): 553-571 tok/s at batch 1 and 16,374-16,526 at batch 64 in bf16, 339 at batch 1 in
-    fp32, against 46-60, 2,773-3,891 and 63-66 for generate(). At batch 1 each layer is four Triton kernels
-    (_fused_decode_step) and a greedy token is picked inside the compiled step (_greedy_step); every row attends over
-    its own used slots only (DecodeCache, decode_attention).
+    Phi-2, docs/PERFORMANCE.md): 594.5-600.8 tok/s at batch 1 and 16,940-16,998 at batch 64 in bf16, 339 at batch 1 in
+    fp32, against 35-60, 2,773-3,891 and 63-66 for generate(). At batch 1 each layer is three Triton kernels
+    (_fused_decode_step), a greedy token is picked inside the compiled step (_greedy_step) and the prompt is prefilled
+    by a CUDA graph (_PrefillGraph); every row attends over its own used slots only (DecodeCache, decode_attention).
 
     Pieces are transformers' own where they suffice: StaticCache (DecodeCache where rows read their own slots), the
-    model's compiled call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Prefill
-    runs eagerly (one call; its shapes vary; prefill_attention's kernels). Batches of up to FEW_ROWS rows read
+    model's compiled call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Batches
+    prefill eagerly (one call; their shapes vary; prefill_attention's kernels). Batches of up to FEW_ROWS rows read
     [q; k; v; fc1] with triton_gemv. Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the
     model stays usable everywhere.
     """
