@@ -235,9 +235,9 @@ def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[to
     writes, attention over the row's slots, its blocks combined by the last to finish) and layer_out ([dense | fc2],
     the residual), instead of ~11. On an H200, with the greedy token picked inside the step, batch 1 went from 485.6
     to 556.5-571.2 tok/s in bf16 and from 300.4 to 338.9 in fp32 with four kernels (the combine its own); with three
-    and the argmax in chunks, a later token took 1.650-1.656 ms instead of 1.695 (docs/PERFORMANCE.md). The step's key and value go to the row's newest
-    slot of decode_layout, not to the cache's shared write index: the cache's cumulative_length is not advanced
-    (the decoders keep their own).
+    and the argmax in chunks, a later token took 1.650-1.656 ms instead of 1.695 (docs/PERFORMANCE.md). The step's
+    key and value go to the row's newest slot of decode_layout, not to the cache's shared write index: the cache's
+    cumulative_length is not advanced (the decoders keep their own).
     Batches keep the layer as before: with the step attention, 64 rows took 3.26 ms a step alone instead of 2.96
     (its first kernel 31.5 us a layer instead of 16.8; cause not found)."""
     y = torch.ops.phi2_qlora.layer_in(hidden, self.input_layernorm.weight, self.norm_sums,

@@ -59,7 +59,7 @@ for dtype in (torch.float32, torch.bfloat16):
     out[f"layer_in {dtype}"] = layer_in(hidden, norm_w, sums, 1e-5, w, folded, inputs["gelu from"])
     args = [inputs[f"layer {n}"].to(dtype) for n in ("attention", "ff", "w out", "b out", "hidden")]
     out[f"layer_out {dtype}"] = layer_out(*args)
-# the tiny model decoding greedily: one row through the four-kernel layer (and the greedy loop), three left-padded
+# the tiny model decoding greedily: one row through the three-kernel layer (and the greedy loop), three left-padded
 # rows through the split attention
 decoding.triton_supported = lambda device, dtype: True
 decoding.one_row_blocks = lambda k, dtype, norm=False: (64, 128, 4, 1)  # fewer programs: the interpreter runs them

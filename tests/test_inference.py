@@ -308,7 +308,7 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
       arrival counts left at zero);
     - the GEMV for one row and for a few; the fused layer's layer_in (layer norm, product, gelu on fc1's rows) and
       layer_out (two inputs, product, residual);
-    - the tiny model's greedy decoding through those kernels (one row: the four-kernel layer, with and without the
+    - the tiny model's greedy decoding through those kernels (one row: the three-kernel layer, with and without the
       greedy loop; three left-padded rows: the split attention): the tokens and logits of the CPU's path.
     The GPU tests below run the same kernels compiled. Tolerance: bf16 rounding of inputs and outputs; fp32 sums
     in another order."""
@@ -454,7 +454,8 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
     """A one-row step's layer kernels at Phi-2's shapes (layer_in: layer norm, [q; k; v; fc1], gelu on fc1's rows;
     layer_out: [dense | fc2] of [attention | gelu(fc1)] plus the residual) and the step attention with the step's
     own key and value (rotary, cache writes, the blocks combined in its first kernel; 1 and 7 rows of loud_cache),
-    eager and compiled, three launches each: under inductor the attention op must still write the cache it was given. Tolerance: bf16 rounding; fp32 sums in another order."""
+    eager and compiled, three launches each: under inductor the attention op must still write the cache it was
+    given. Tolerance: bf16 rounding; fp32 sums in another order."""
     if not triton_supported(torch.device("cuda"), dtype):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     layer_in, layer_out = decoding.triton_layer_products()
@@ -506,7 +507,7 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tokenizer):
-    """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: four kernels a layer;
+    """The compiled, CUDA-graphed fast path with the fused layers' Triton kernels (one row: three kernels a layer;
     the greedy token picked inside the step, with and without a repetition penalty; one row's prompt prefilled by a
     CUDA graph) against transformers' generate, fp32: the same greedy tokens, one row (prompts in turn: the loop's
     buffers reset; two lengths through one prefill graph, one through the next bucket's) and batched with left
