@@ -566,13 +566,13 @@ SPLIT_CONFIGS = {1: (32, 32, 2, 1), 8: (64, 8, 1, 3), 64: (128, 8, 1, 3)}  # oth
 
 
 @functools.cache
-def split_attention_kernels():
-    """The two Triton kernels of triton_decode_attention ("flash decoding"):
-    - partial: one program per (row, head, block of SPLIT slots) walks the block's used slots BLOCK_N at a time
-      (online softmax) and writes the block's softmax statistics (max, sum, in log2 units) and weighted values;
-    - combine: one program per (row, head) rescales its blocks' partial results to one max and adds them up.
-      With FOLD, partial does this itself: the last of a (row, head)'s programs to finish (an atomic count of
-      arrivals) combines them, as CUDA's threadFenceReduction sample does, and combine is not launched.
+def split_attention_kernel():
+    """triton_decode_attention's Triton kernel ("flash decoding"), one launch: one program per (row, head, block of
+    SPLIT slots) walks the block's used slots BLOCK_N at a time (online softmax) and writes the block's softmax
+    statistics (max, sum, in log2 units) and weighted values; the last of a (row, head)'s programs to finish (an
+    atomic count of arrivals, as CUDA's threadFenceReduction sample does) rescales its blocks' results to one max
+    and adds them up. (The adding up was a second kernel: one launch and one gap more a layer, 1.85 us at batch 1 on
+    an H200, docs/PERFORMANCE.md.)
     The cache is read through its strides (token- or head-major); fp32 sums whatever its dtype; head dims padded to
     a power of two (Phi-2's 80 -> 128, masked)."""
     import triton
@@ -582,8 +582,7 @@ def split_attention_kernels():
     def partial(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
                 head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr, HEADS: tl.constexpr,
                 DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr, ROT: tl.constexpr,
-                FOLD: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr, ROT: tl.constexpr):
         pid = tl.program_id(0)  # row * HEADS + head
         block = tl.program_id(1)
         row, head = pid // HEADS, pid % HEADS
@@ -660,37 +659,23 @@ def split_attention_kernels():
         tl.store(acc_ptr + out * BLOCK_D + d, acc)
         tl.store(stats_ptr + out * 2, top)
         tl.store(stats_ptr + out * 2 + 1, total)
-        if FOLD:  # the last of a (row, head)'s blocks to finish does combine's work (count_ptr: zero between launches)
-            tl.debug_barrier()  # every thread's stores above come before this program's arrival (one thread's atomic)
-            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLITS - 1:
-                blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
-                there = tl.arange(0, SPLITS_P2) < SPLITS
-                # .cg: from L2, where the other programs' results are, never a stale L1 line
-                tops = tl.load(stats_ptr + blocks * 2, mask=there, other=float("-inf"), cache_modifier=".cg")
-                totals = tl.load(stats_ptr + blocks * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
-                accs = tl.load(acc_ptr + blocks[:, None] * BLOCK_D + d[None, :], mask=there[:, None], other=0.0,
-                               cache_modifier=".cg")
-                w = tl.exp2(tops - tl.max(tops, 0))  # the first block always holds a used slot: the max is finite
-                o = tl.sum(w[:, None] * accs, 0) / tl.sum(w * totals, 0)
-                tl.store(o_ptr + pid * DIM + d, o.to(o_ptr.dtype.element_ty), mask=d < DIM)
-                tl.store(count_ptr + pid, 0)  # every block has arrived: ready for the next launch
+        # the last of a (row, head)'s blocks to finish adds them up (count_ptr: zero between launches)
+        tl.debug_barrier()  # every thread's stores above come before this program's arrival (one thread's atomic)
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
+            there = tl.arange(0, SPLITS_P2) < SPLITS
+            # .cg: from L2, where the other programs' results are, never a stale L1 line
+            tops = tl.load(stats_ptr + blocks * 2, mask=there, other=float("-inf"), cache_modifier=".cg")
+            totals = tl.load(stats_ptr + blocks * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
+            accs = tl.load(acc_ptr + blocks[:, None] * BLOCK_D + d[None, :], mask=there[:, None], other=0.0,
+                           cache_modifier=".cg")
+            w = tl.exp2(tops - tl.max(tops, 0))  # the first block always holds a used slot: the max is finite
+            o = tl.sum(w[:, None] * accs, 0) / tl.sum(w * totals, 0)
+            tl.store(o_ptr + pid * DIM + d, o.to(o_ptr.dtype.element_ty), mask=d < DIM)
+            tl.store(count_ptr + pid, 0)  # every block has arrived: ready for the next launch
 
-    @triton.jit
-    def combine(acc_ptr, stats_ptr, o_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-        pid = tl.program_id(0)  # row * heads + head
-        blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
-        there = tl.arange(0, SPLITS_P2) < SPLITS
-        top = tl.load(stats_ptr + blocks * 2, mask=there, other=float("-inf"))
-        total = tl.load(stats_ptr + blocks * 2 + 1, mask=there, other=0.0)
-        d = tl.arange(0, BLOCK_D)
-        acc = tl.load(acc_ptr + blocks[:, None] * BLOCK_D + d[None, :], mask=there[:, None], other=0.0)
-        w = tl.exp2(top - tl.max(top, 0))  # the first block always holds a used slot: the max is finite
-        o = tl.sum(w[:, None] * acc, 0) / tl.sum(w * total, 0)
-        tl.store(o_ptr + pid * DIM + d, o.to(o_ptr.dtype.element_ty), mask=d < DIM)
-
-    return partial, combine
+    return partial
 
 
 def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
@@ -703,13 +688,12 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     new: this step's (key, value, cos, sin), keys/values (batch, 1, heads * head dim) in q's row stride, cos/sin
     (batch, 1, rotary dims): q and the key are rotated (partial rotary, rotate_half) and the key and value written
     to the row's newest slot (decode_layout's last used one), all inside the kernel.
-    counts: (batch * heads) int32, zero (each launch leaves it so; _TokenMajorLayer.step_counts): the last block of
-    each (row, head) to finish, counting arrivals there, combines the blocks inside the first kernel, and the
-    combine kernel is not launched."""
+    counts: (batch * heads) int32, zero (each launch leaves it so; _TokenMajorLayer.step_counts), where the
+    blocks of each (row, head) count their arrivals; zeros made here without."""
     import triton
-    partial, combine = split_attention_kernels()
+    partial = split_attention_kernel()
     if wrap is not None:
-        partial, combine = wrap(partial), wrap(combine)
+        partial = wrap(partial)
     batch, heads, dim = q.shape[0], keys.shape[2], keys.shape[3]
     size = keys.shape[1]
     slots, step, warps, stages = config
@@ -726,17 +710,14 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     if new is not None:
         assert k_new.stride() == q.stride() == v_new.stride(), "the new key and value in q's layout"
         cos, sin = cos.expand(batch, 1, -1).contiguous(), sin.expand(batch, 1, -1).contiguous()
-    fold = counts is not None
-    if fold:
-        assert counts.shape == (batch * heads,) and counts.dtype == torch.int32, "one arrival count per (row, head)"
+    if counts is None:
+        counts = torch.zeros(batch * heads, dtype=torch.int32, device=q.device)
+    assert counts.shape == (batch * heads,) and counts.dtype == torch.int32, "one arrival count per (row, head)"
     partial[(batch * heads, blocks)](
         q, keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride, q.stride(0),
-        k_new, v_new, cos, sin, out, counts if fold else stats, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks,
+        k_new, v_new, cos, sin, out, counts, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks,
         SPLITS_P2=triton.next_power_of_2(blocks), BLOCK_N=step, BLOCK_D=block_d, NEW=new is not None,
-        ROT=0 if new is None else cos.shape[-1], FOLD=fold, num_warps=warps, num_stages=stages)
-    if not fold:
-        combine[(batch * heads,)](acc, stats, out, DIM=dim, SPLITS=blocks, SPLITS_P2=triton.next_power_of_2(blocks),
-                                  BLOCK_D=block_d)
+        ROT=0 if new is None else cos.shape[-1], num_warps=warps, num_stages=stages)
     return out
 
 
@@ -744,12 +725,12 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
 def triton_decode_attention():
     """decode_attention's "split" kernel, registered as the PyTorch op phi2_qlora::decode_attention so that inductor
     and CUDA graphs take it in: one query a row against the row's used slots only (decode_layout), split into
-    blocks read in parallel (split_attention_kernels, launched as SPLIT_CONFIGS says for the batch size), so that a
+    blocks read in parallel (split_attention_kernel, launched as SPLIT_CONFIGS says for the batch size), so that a
     step reads what the answers hold, not the whole cache, at any batch size. A fused Phi layer's decode step calls
     its sibling phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale, counts), which
     also rotates q and k and writes the step's key and value into the cache (in place: the op mutates keys and
     values): the rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200.
-    Both combine the blocks in their first kernel (counts: the cache's step_counts), one launch a layer, not two.
+    Both add up the blocks in the one kernel (counts: the cache's step_counts).
 
     Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
     with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
@@ -832,8 +813,7 @@ class FastDecoder:
         self._loops: dict[tuple[int, int], _GreedyLoop] = {}
         # One-row prompts prefill through CUDA graphs where the one-row step runs the layer kernels (the GPUs those
         # were measured on); tests set it on the CPU, where the same padded prefill runs eagerly.
-        layers = model.model.layers if self.fused else []
-        self.prefill_graphs = bool(layers) and model.device.type == "cuda" and layers[0].step_kernels
+        self.prefill_graphs = self.fused and model.device.type == "cuda" and model.model.layers[0].step_kernels
         self._prefills: dict[tuple[int, int], _PrefillGraph] = {}
         self._prefill_pool = None  # the prefill graphs' shared memory pool: they never run at the same time
 
