@@ -36,6 +36,8 @@ from data_utils import HUMAN
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
 PREFILL_GRAPH_TOKENS = 1024  # FastDecoder: one-row prompts up to this long prefill through CUDA graphs (_PrefillGraph)
+# BatchDecoder: a prompt that joins alone prefills through the CUDA graph of the first of these lengths it fits
+PREFILL_BUCKETS = (64, 128, 192, 256, 384, 512, 768, 1024)
 PREFILL_TOKENS = 4096  # BatchDecoder prefills prompts that wait together in passes of up to this many (padded) tokens
 
 
@@ -473,15 +475,26 @@ class _TokenMajorLayer(StaticLayer):
     the split kernel reads either layout: head-major was 1-5% faster for it at batch 64, not worth a second cache).
     `keys`/`values` are (batch, heads, cache, head dim) views of that storage for eager code (the decoders' row
     copies, reset); compiled code touches only `token_keys`/`token_values` (a view of a mutated graph input made
-    inductor copy the whole cache every layer: 4.8k instead of 12.6k tok/s at batch 64 on an H200)."""
+    inductor copy the whole cache every layer: 4.8k instead of 12.6k tok/s at batch 64 on an H200).
+    storage: flat (keys, values) buffers to view instead of allocating (BatchDecoder's prefill graphs' scratch
+    caches, which never hold anything at the same time, share one pair a layer)."""
+
+    def __init__(self, max_cache_len: int, storage: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__(max_cache_len=max_cache_len)
+        self.storage = storage
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         rows = (self.batch_size, self.max_cache_len, self.num_heads)
-        self.token_keys = torch.zeros(*rows, self.k_head_dim, dtype=self.dtype, device=self.device)
-        self.token_values = torch.zeros(*rows, self.v_head_dim, dtype=self.dtype, device=self.device)
+        if self.storage is None:
+            self.token_keys = torch.zeros(*rows, self.k_head_dim, dtype=self.dtype, device=self.device)
+            self.token_values = torch.zeros(*rows, self.v_head_dim, dtype=self.dtype, device=self.device)
+        else:
+            keys, values = self.storage
+            self.token_keys = keys[:rows[0] * rows[1] * rows[2] * self.k_head_dim].view(*rows, self.k_head_dim)
+            self.token_values = values[:rows[0] * rows[1] * rows[2] * self.v_head_dim].view(*rows, self.v_head_dim)
         self.keys, self.values = self.token_keys.transpose(1, 2), self.token_values.transpose(1, 2)
         self.cumulative_length = self.cumulative_length.to(self.device)
         # the step attention's arrival counts (split_attention's counts), zero between its launches
@@ -504,11 +517,21 @@ class _TokenMajorLayer(StaticLayer):
 
 
 class DecodeCache(StaticCache):
-    """The decoders' static KV cache: StaticCache with token-major storage (_TokenMajorLayer)."""
+    """The decoders' static KV cache: StaticCache with token-major storage (_TokenMajorLayer); storage: a layer's
+    flat (keys, values) buffers to view, one pair a layer (None: each layer allocates its own)."""
 
-    def __init__(self, config, max_cache_len: int):
-        Cache.__init__(self, layers=[_TokenMajorLayer(max_cache_len=max_cache_len)
-                                     for _ in range(config.num_hidden_layers)])
+    def __init__(self, config, max_cache_len: int, storage: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        Cache.__init__(self, layers=[_TokenMajorLayer(max_cache_len, None if storage is None else storage[i])
+                                     for i in range(config.num_hidden_layers)])
+
+
+def allocated(cache: StaticCache, model, batch: int) -> StaticCache:
+    """`cache` with its tensors allocated now for `batch` rows of the model's heads, dtype and device."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    cache.early_initialization(batch, config.num_key_value_heads or config.num_attention_heads, head_dim,
+                               model.dtype, model.device)
+    return cache
 
 
 def decode_layout(starts: torch.Tensor, used: torch.Tensor, size: int) -> torch.Tensor:
@@ -863,7 +886,7 @@ class FastDecoder:
         procs = logits_processors(gen, sample, suppress, device, width, eos)
         prefill = self._prefill_graph(cache, attention_mask) if self.prefill_graphs else None
         if prefill is not None:
-            logits = prefill(input_ids)  # (1, vocab)
+            logits = prefill(input_ids, write_at=width)  # (1, vocab)
         else:
             with prefill_attention(device):
                 logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
@@ -986,15 +1009,19 @@ class FastDecoder:
 
 
 class _PrefillGraph:
-    """FastDecoder's prefill of one prompt into one DecodeCache (one row), for every prompt of up to `bucket` tokens,
-    replayed as one CUDA graph. Why: the eager prefill is ~1,241 kernel launches for Phi-2, which the host issues
-    slower than the GPU runs them (a 1-token answer, mostly prefill, took 19.5-38.5 ms on H200s, docs/PERFORMANCE.md);
-    a graph launches them at once. Captured on first use (an eager warm-up, then the capture: no compilation).
+    """A prefill of one prompt of up to `bucket` tokens into `cache` (a DecodeCache of one row), replayed as one CUDA
+    graph: FastDecoder's prompts, straight into the row's cache, and BatchDecoder's prompts that join alone, into a
+    scratch cache they are copied out of. Why: the eager prefill is ~1,241 kernel launches for Phi-2, which the host
+    issues slower than the GPU runs them (a 1-token answer, mostly prefill, took 19.5-38.5 ms on H200s; a 140-token
+    prompt 16-17 ms eager, 6.2 ms as a graph: docs/PERFORMANCE.md). (Several prompts at once keep the GPU busy
+    anyway: 8 x 192 tokens took 24.7 ms as a graph, 26 eager.) Captured once (an eager warm-up, then the capture: no
+    compilation).
 
     The prompt is padded on the right to the bucket: each token sees only the slots before it (causal), so the
     padding changes none of the prompt's results; the padding's keys and values land in the slots after the prompt,
-    which the decode steps overwrite before any step reads them (each writes its slot, then attends), and each
-    layer's write index is set back to the prompt's end. On the CPU (tests) the same padded prefill runs eagerly."""
+    which FastDecoder's steps overwrite before any step reads them (each writes its slot, then attends) and
+    BatchDecoder never copies out; each layer's write index is then set to `write_at`. On the CPU (tests) the same
+    padded prefill runs eagerly."""
 
     def __init__(self, model, cache: DecodeCache, bucket: int, pool):
         self.model, self.cache, self.pool = model, cache, pool
@@ -1009,7 +1036,7 @@ class _PrefillGraph:
             attention_mask=torch.ones(1, size, dtype=torch.long, device=device), past_key_values=cache,
             position_ids=self.positions)
         self.last = torch.zeros(1, dtype=torch.long, device=device)  # the prompt's last token: its logits
-        self.width = torch.zeros((), dtype=torch.long, device=device)  # the prompt's length
+        self.write_at = torch.zeros((), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (1, vocab), the graph's output
 
@@ -1017,30 +1044,35 @@ class _PrefillGraph:
         with prefill_attention(self.ids.device):
             logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=self.last).logits[:, -1]
-        for layer in self.cache.layers:  # the next write goes after the prompt, not after the padding
-            layer.cumulative_length.copy_(self.width)
+        for layer in self.cache.layers:  # where the next write goes: not after the padding
+            layer.cumulative_length.copy_(self.write_at)
         return logits
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The prompt's last logits (1, vocab); the cache holds the prompt. A graph output: read it before the next
-        call."""
+    def capture(self) -> None:
+        """Record the graph now (CUDA; nothing to do elsewhere), on the thread that will replay it."""
+        if self.graph is not None or self.ids.device.type != "cuda":
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the warm-up, as capture needs: cuBLAS handles, the cache allocated
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (the app's server) may use CUDA while this one captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            self.logits = self._forward()
+        self.graph = graph
+
+    def __call__(self, input_ids: torch.Tensor, write_at: int) -> torch.Tensor:
+        """The prompt's last logits (1, vocab); the cache holds the prompt from slot 0. input_ids: (1, width) on the
+        model's device. A graph output: read it before the next call."""
         width = input_ids.shape[1]
         self.ids[:, :width].copy_(input_ids)
         self.last.fill_(width - 1)
-        self.width.fill_(width)
+        self.write_at.fill_(write_at)
         if self.ids.device.type != "cuda":
             return self._forward()
-        if self.graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # the warm-up, as capture needs: cuBLAS handles, the cache allocated
-                self._forward()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads (the app's server) may use CUDA while this one captures
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self.logits = self._forward()
-            self.graph = graph
+        self.capture()
         self.graph.replay()
         return self.logits
 
@@ -1163,8 +1195,8 @@ class BatchDecoder:
 
     A request that arrives while others are being generated joins them at the next chunk boundary (every
     CHECK_EVERY steps when compiled, every step otherwise): its prompt is run (prefill; the prompts waiting at one
-    boundary in one forward pass) and its keys and values are copied into a free row of the shared static KV cache;
-    a finished or cancelled answer frees its row at the next boundary. Each answer still streams to its own client,
+    boundary in one forward pass; on a GPU, one alone through a CUDA graph captured at load: _PrefillGraph)
+    and its keys and values are copied into a free row of the shared static KV cache; a finished or cancelled answer frees its row at the next boundary. Each answer still streams to its own client,
     with its own sampling settings, stop rules and seed (greedy rows' repetition penalties applied to all rows at
     once, as AnswerRepetitionPenalty computes them).
     The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as FastDecoder), so
@@ -1205,6 +1237,13 @@ class BatchDecoder:
         # cache moves, first tokens), decode steps queued, answers in those steps (answer_steps / steps = rows), and
         # steps by compiled shape
         self.record = Counter()
+        # A prompt that joins alone prefills through a CUDA graph of its padded length (_PrefillGraph), all captured
+        # at load (capture_prefill_graphs), where the one-row step runs the layer kernels (as FastDecoder's); tests
+        # set it on the CPU, where the same padded prefill runs eagerly. The graphs' scratch caches share storage.
+        self.prefill_graphs = self.fused and self.device.type == "cuda" and model.model.layers[0].step_kernels
+        self._prefills: dict[int, _PrefillGraph] = {}
+        self._prefill_pool = None
+        self._scratch: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -1273,13 +1312,43 @@ class BatchDecoder:
         key = (batch, size)
         if key not in self._caches:
             own = self.fused and reads_own_slots(self.model, batch)
-            cache = (DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size)
-            config = self.model.config
-            head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-            cache.early_initialization(batch, config.num_key_value_heads or config.num_attention_heads, head_dim,
-                                       self.model.dtype, self.device)
-            self._caches[key] = cache
+            self._caches[key] = allocated((DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size),
+                                          self.model, batch)
         return self._caches[key]
+
+    # ------------------------------------------------------------------------------------------------------------
+    def prefill_bucket(self, prompts: int, width: int) -> int | None:
+        """The length of the prefill graph that takes a group of `prompts` prompts of up to `width` tokens: one prompt
+        (a user who joins alone: its eager prefill is launch-bound) up to PREFILL_BUCKETS[-1] tokens, with attention
+        the padded mask goes through (flash_attention_2 unpads on the host); None: eager."""
+        if prompts != 1 or self.model.config._attn_implementation not in ("sdpa", "eager"):
+            return None
+        return next((bucket for bucket in PREFILL_BUCKETS if bucket >= width), None)
+
+    def capture_prefill_graphs(self) -> None:
+        """Capture every prefill graph now, on the generation thread where they replay (ChatModel.warm_up): the user
+        who brought a new length would otherwise wait for its warm-up and capture, two eager prefills."""
+        if not self.prefill_graphs:
+            return
+
+        def capture():
+            with torch.inference_mode():
+                for bucket in PREFILL_BUCKETS:
+                    self._prefill_graph(bucket).capture()
+        self.executor().submit(capture).result()
+
+    def _prefill_graph(self, bucket: int) -> "_PrefillGraph":
+        if bucket not in self._prefills:
+            if self._scratch is None:  # one (keys, values) pair a layer for every graph's scratch cache
+                config = self.model.config
+                numel = PREFILL_BUCKETS[-1] * config.hidden_size  # tokens x heads x head dim
+                self._scratch = [tuple(torch.zeros(numel, dtype=self.model.dtype, device=self.device)
+                                       for _ in range(2)) for _ in range(config.num_hidden_layers)]
+                if self.device.type == "cuda":
+                    self._prefill_pool = torch.cuda.graph_pool_handle()
+            scratch = allocated(DecodeCache(self.model.config, bucket, storage=self._scratch), self.model, 1)
+            self._prefills[bucket] = _PrefillGraph(self.model, scratch, bucket, self._prefill_pool)
+        return self._prefills[bucket]
 
     def _relayout(self, batch: int, size: int, t: int) -> None:
         """Move the active rows to rows 0.. of the (batch, size) cache, every row shifted by the same amount so that
@@ -1358,24 +1427,38 @@ class BatchDecoder:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
         prompt's tokens from seeing the padding after them, so each row computes what it computes alone), copy each
         one's keys and values into a free row of the shared cache, ending at the write index, and choose its first
-        token."""
+        token. One prompt alone is a prefill graph's pass (padded further to its bucket), several an eager one."""
         lengths = [len(a.ids) for a in group]
         ids = torch.full((len(group), max(lengths)), self.tokenizer.eos_token_id, dtype=torch.long)
         for i, answer in enumerate(group):
             ids[i, :lengths[i]] = torch.tensor(answer.ids)
-        ids = ids.to(self.device)
-        last = torch.tensor(lengths, device=self.device)[:, None] - 1  # (prompts, 1): each prompt's last position
-        scratch = DynamicCache(config=self.model.config)
-        with prefill_attention(self.device):
-            logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device)[None],
-                                past_key_values=scratch, use_cache=True, logits_to_keep=last).logits[:, -1]
         rows = [i for i, a in enumerate(self.rows) if a is None][:len(group)]
+        # Every prompt's slots as index lists (prompt's row and slot in the prefill's cache, row and slot in the
+        # shared one: [start, t)), for one gather and one scatter per tensor and layer below (a copy per prompt and
+        # layer was 2 x 32 x prompts launches); sent with the ids, while the GPU is idle.
+        sizes = torch.tensor(lengths)
+        slots = torch.cat([torch.arange(n) for n in lengths])
+        where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes), slots,
+                             torch.tensor(rows).repeat_interleave(sizes),
+                             slots + self.t - sizes.repeat_interleave(sizes)])
+        ids, (source_rows, source_slots, target_rows, target_slots) = ids.to(self.device), where.to(self.device)
+        bucket = self.prefill_bucket(len(group), max(lengths)) if self.prefill_graphs else None
+        if bucket is not None:
+            graph = self._prefill_graph(bucket)
+            logits = graph(ids, write_at=0)  # (1, vocab)
+            scratch = graph.cache  # the prompt from slot 0
+            self.record["graph_prefills"] += 1
+        else:
+            last = torch.tensor(lengths, device=self.device)[:, None] - 1  # (prompts, 1): each one's last position
+            scratch = DynamicCache(config=self.model.config)
+            with prefill_attention(self.device):
+                logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device)[None],
+                                    past_key_values=scratch, use_cache=True, logits_to_keep=last).logits[:, -1]
         for answer, length in zip(group, lengths):
             answer.start = self.t - length
-        for source, target in zip(scratch.layers, self.cache.layers):
-            for i, (row, answer) in enumerate(zip(rows, group)):
-                target.keys[row, :, answer.start:self.t] = source.keys[i, :, :lengths[i]]
-                target.values[row, :, answer.start:self.t] = source.values[i, :, :lengths[i]]
+        for source, target in zip(scratch.layers, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
+            target.keys[target_rows, :, target_slots] = source.keys[source_rows, :, source_slots]
+            target.values[target_rows, :, target_slots] = source.values[source_rows, :, source_slots]
         for i, (row, answer) in enumerate(zip(rows, group)):
             self.mask[row] = 1
             self.mask[row, :answer.start] = 0

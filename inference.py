@@ -267,9 +267,10 @@ class ChatModel:
 
     def warm_up(self, gen: GenerationSettings) -> None:
         """Compile the fast path at load for the usual cache size (a short prompt + max_new_tokens), in both batch
-        shapes (one user; several at once), so the first users do not wait for it; longer chats compile a larger
-        size (at most 2 more per shape) when they first occur."""
+        shapes (one user; several at once), and capture the prefill graphs of users' prompts, so the first users
+        do not wait for them; longer chats compile a larger size (at most 2 more per shape) when they first occur."""
         if self.fast:
+            self._batcher.capture_prefill_graphs()
             ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
             # one answer alone (the one-row shape), then two at once (the batch_slots-row shape)
             for together in ([1, 2] if self.batch_slots > 1 else [1]):

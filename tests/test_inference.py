@@ -532,6 +532,31 @@ def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tok
     assert ids == plain_ids and (logits - plain_logits).abs().max() < 1e-4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_joining_prompts_prefill_through_graphs_captured_at_load_on_gpu(tokenizer):
+    """BatchDecoder on a GPU, fp32: the warm-up captures the prefill graph of every bucket; users who arrive one by
+    one are prefilled by them, no graph is captured while serving, and each greedy answer (alone or joining) is the
+    one it gets alone on the plain path."""
+    if not triton_supported(torch.device("cuda"), torch.float32):
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+    plain = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=False)
+    fast = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True)
+    batcher = fast._batcher
+    assert batcher.prefill_graphs
+    fast.warm_up(GREEDY)
+    graphs = dict(batcher._prefills)
+    assert sorted(graphs) == list(decoding.PREFILL_BUCKETS) and all(g.graph for g in graphs.values())
+    expected = [plain.chat(c, GREEDY) for c in TOGETHER]
+    batcher.record.clear()
+    answers = []
+    for conversation in TOGETHER:  # each joins the answers before it, alone
+        answers.append(fast.start(fast.prompt_ids(conversation, GREEDY.max_new_tokens)[0], GREEDY))
+        next(iter(answers[-1]))
+    replies = finish(answers)
+    assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in expected]
+    assert batcher.record["graph_prefills"] == len(TOGETHER) and batcher._prefills == graphs
+
+
 def test_prefill_never_takes_cudnn_attention_on_cuda():
     """cuDNN's attention, PyTorch's first choice on an H100/H200, builds a plan for every new (rows, length) shape:
     a prefill of a new shape took 55-66 ms there instead of 15-20, and every user who joins a batch brings one. The
@@ -940,6 +965,59 @@ def test_questions_that_arrive_together_are_prefilled_together(chat_model):
     replies = finish([first] + others)
     assert prefills == [1, 4]
     assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
+
+
+def test_a_prompt_that_joins_alone_prefilled_padded_to_its_bucket_keeps_its_answer(chat_model, monkeypatch):
+    """On a GPU BatchDecoder prefills a prompt that joins alone through the CUDA graph of its padded length
+    (decoding._PrefillGraph, PREFILL_BUCKETS), captured at load, into a scratch cache its slots are copied out of;
+    several prompts at once go through one eager pass. Eager on the CPU, the same padded prefill: one answer being
+    written, five questions (one a longer multi-turn chat) join it; each greedy answer is exactly (fp32) the one
+    generate() gives alone, and the prompt that came alone went through its bucket."""
+    chat = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+    batcher = chat._batcher
+    batcher.prefill_graphs = True
+    gen = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    expected = chat_model.chat_batch(TOGETHER, gen, batch_size=1)  # transformers' generate, one at a time
+    prefills, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
+    forward, step = chat.model.forward, batcher.step
+
+    def watched(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefills.append(tuple(kwargs["input_ids"].shape))  # (prompts, padded length) of a prefill pass
+        return forward(*args, **kwargs)
+
+    def held_step(*args, **kwargs):
+        if hold.is_set():  # a decode step, held until the others have arrived
+            inside.set()
+            release.wait(30)
+        return step(*args, **kwargs)
+
+    chat.model.forward = watched
+    monkeypatch.setattr(batcher, "step", held_step)
+    hold.set()
+    first = chat.start(chat.prompt_ids(TOGETHER[0], gen.max_new_tokens)[0], gen)
+    assert inside.wait(30)  # its first decode step: the others arrive while it is being written
+    others = [chat.start(chat.prompt_ids(c, gen.max_new_tokens)[0], gen) for c in TOGETHER[1:]]
+    hold.clear()
+    release.set()
+    replies = finish([first] + others)
+    assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in expected]
+    widest = max(len(chat.prompt_ids(c, gen.max_new_tokens)[0]) for c in TOGETHER[1:])
+    assert prefills == [(1, 64), (5, widest)] and batcher.record["graph_prefills"] == 1
+    assert all(r.text for r in replies) and len({r.text for r in replies}) > 2
+
+
+def test_every_prompt_a_prefill_graph_can_take_is_captured_at_load(chat_model):
+    """Capturing a graph while serving would cost the user who brings a new length two eager prefills: every
+    group a prefill graph takes (one prompt of up to 1,024 tokens) has its bucket among those captured at load,
+    the bucket holds the prompt, and anything else prefills eagerly."""
+    batcher = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)._batcher
+    taken = {(prompts, width): batcher.prefill_bucket(prompts, width)
+             for prompts in range(1, batcher.slots + 1) for width in range(1, decoding.PREFILL_BUCKETS[-1] + 2)}
+    assert {bucket for bucket in taken.values() if bucket} == set(decoding.PREFILL_BUCKETS)
+    assert all(bucket is None or bucket >= width for (_, width), bucket in taken.items())
+    assert taken[(1, 140)] == 192 and taken[(1, 1024)] == 1024
+    assert taken[(1, 1025)] is None and taken[(2, 10)] is None  # longer, or several at once: eager
 
 
 def test_sampled_answers_keep_their_seed_in_company(chat_model):
