@@ -187,9 +187,8 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     kv_layout: where a decode step's rows sit in the decoders' DecodeCache (decode_layout); without it,
     transformers' attention over the whole cache. One row with layer.step_kernels goes to _fused_decode_step."""
     attn = self.self_attn
-    stepping = self.step_kernels and kv_layout is not None and hidden_states.shape[1] == 1 and \
-        isinstance(past_key_values, DecodeCache)
-    if stepping and hidden_states.shape[0] == 1:
+    if self.step_kernels and kv_layout is not None and hidden_states.shape[:2] == (1, 1) and \
+            isinstance(past_key_values, DecodeCache):
         return _fused_decode_step(self, hidden_states, position_embeddings, past_key_values.layers[attn.layer_idx],
                                   kv_layout)
     x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
@@ -201,15 +200,6 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     linear_in = self.gemv if few else F.linear
     linear_out = self.gemv if few and x.shape[0] == 1 else F.linear
     q, k, v, ff = linear_in(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
-    if stepping and x.shape[0] <= STEP_ATTENTION_ROWS:
-        # A few users' step (BatchDecoder's rows): the rotary, the cache writes and the attention in the one-row
-        # step's kernel (decode_step_attention), not four kernels; no write index advanced (the decoders keep theirs).
-        layer = past_key_values.layers[attn.layer_idx]
-        cos, sin = position_embeddings  # (batch, 1, rotary dims)
-        out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, layer.token_keys, layer.token_values,
-                                                         kv_layout, attn.scaling, layer.step_counts)
-        return linear_out(torch.cat((out, self.mlp.activation_fn(ff)), dim=-1), self.fused_out_weight,
-                          self.fused_out_bias) + hidden_states
     heads = (*x.shape[:-1], -1, attn.head_dim)
     q, k, v = q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
     if attn.qk_layernorm:
@@ -371,10 +361,6 @@ def rows_kernel():
 # step, 65 slots filled, but served 8 users slower end to end, 2,405 against 2,526 tok/s: not used for batches.)
 FEW_ROWS = 8  # at most 16: rows_kernel pads x to 16 rows
 ROWS_BLOCKS = (64, 128, 4, 4)  # rows_kernel's BLOCK_N, BLOCK_K, warps, stages: the fastest of 8 for [q; k; v; fc1]
-# Decode steps of 2 up to this many rows (where layer.step_kernels) attend with the one-row step's kernel, the rotary
-# and cache writes inside (decode_step_attention). 64 rows were slower with it (3.26 ms a step alone against 2.96 on
-# an H200: its kernel 31.5 us a layer against 16.8; docs/PERFORMANCE.md).
-STEP_ATTENTION_ROWS = FEW_ROWS
 
 
 @functools.cache
@@ -650,12 +636,10 @@ def split_attention_kernel():
             newest = used - 1
             owner = (newest >= lo) & (newest < hi)
             slot = base + (start + newest).to(tl.int64) * slot_stride + d
-            v_new = v_new.to(v_ptr.dtype.element_ty)
-            if SPLIT == BLOCK_N:  # (the walk below stores them after its loop)
-                tl.store(k_ptr + slot, k_new, mask=(d < DIM) & owner)
-                tl.store(v_ptr + slot, v_new, mask=(d < DIM) & owner)
+            tl.store(k_ptr + slot, k_new, mask=(d < DIM) & owner)
+            tl.store(v_ptr + slot, v_new.to(v_ptr.dtype.element_ty), mask=(d < DIM) & owner)
             k_new = k_new.to(tl.float32)
-            v_new = v_new.to(tl.float32)
+            v_new = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
         q = (q * scale).to(tl.float32) * 1.4426950408889634  # scores in log2 units: exp2 below
         if SPLIT == BLOCK_N:  # one step, no loop: 1-1.5 us a layer less at batch 1 on an H200
             slots = lo + tl.arange(0, BLOCK_N)
@@ -694,9 +678,6 @@ def split_attention_kernel():
                 total = total * alpha + tl.sum(p, 0)
                 acc = acc * alpha + tl.sum(p[:, None] * v, 0)
                 top = new
-            if NEW:  # stored after the walk, not ahead of its loads from the same cache (see STEP_ATTENTION_ROWS)
-                tl.store(k_ptr + slot, k_new.to(k_ptr.dtype.element_ty), mask=(d < DIM) & owner)
-                tl.store(v_ptr + slot, v_new.to(v_ptr.dtype.element_ty), mask=(d < DIM) & owner)
         out = pid * SPLITS + block
         tl.store(acc_ptr + out * BLOCK_D + d, acc)
         tl.store(stats_ptr + out * 2, top)

@@ -4,8 +4,7 @@ Phi-2: bf16 at batch 1 and 64, with inductor's coordinate-descent tuning, and fp
     python docs/bench/decode_step_fused.py            # from the repo root, on a CUDA GPU
     python docs/bench/decode_step_fused.py fp32       # the fp32 step's kernels, and with TF32 matmuls
     python docs/bench/decode_step_fused.py attention [--all]  # each row's own slots, Triton GEMV (--all: before)
-    python docs/bench/decode_step_fused.py rows [--own] [--before]  # 8 users' rows: cuBLAS or the Triton rows kernel,
-                                                      # own slots (--before: attention apart from rotary and writes)
+    python docs/bench/decode_step_fused.py rows [--own]  # 8 users' rows: cuBLAS or the Triton rows kernel, own slots
     python docs/bench/decode_step_fused.py b64        # 64 rows, own slots, the kernels' profile
     python docs/bench/decode_step_fused.py kernels [--before]  # one row, bf16 and fp32: a layer in four kernels
 
@@ -122,12 +121,6 @@ if sys.argv[1:2] == ["rows"]:  # 8 users' step (BatchDecoder's slots): cuBLAS, t
         layer.gemv = gemv
     if "--own" not in sys.argv:
         attempt(model, "bf16 fused, whole cache, triton rows [q; k; v; fc1]", 8, profile=True)
-    if "--before" in sys.argv:  # 8 rows as before the fifteenth session: rotary, cache writes, attention apart
-        import decoding
-        rows, decoding.STEP_ATTENTION_ROWS = decoding.STEP_ATTENTION_ROWS, 1
-        attempt(model, "bf16 fused, own slots, triton rows [q; k; v; fc1], attention apart (before)", 8,
-                profile=True, own_slots=True)
-        decoding.STEP_ATTENTION_ROWS = rows
     attempt(model, "bf16 fused, own slots, triton rows [q; k; v; fc1]", 8, profile=True, own_slots=True)
     sys.exit()
 if sys.argv[1:] == ["fp32"]:  # where the fp32 step's time goes, and what TF32 matmuls change
