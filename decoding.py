@@ -35,8 +35,9 @@ from data_utils import HUMAN
 
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
-PREFILL_GRAPH_TOKENS = 1024  # FastDecoder: one-row prompts up to this long prefill through CUDA graphs (_PrefillGraph)
-# BatchDecoder: a prompt that joins alone prefills through the CUDA graph of the first of these lengths it fits
+# One-row prompts up to PREFILL_BUCKETS[-1] tokens prefill through CUDA graphs (_PrefillGraph): BatchDecoder pads a
+# prompt that joins alone to the first of these lengths it fits; FastDecoder pads to a power of two from 64 (its rule
+# when measured; not re-measured with these)
 PREFILL_BUCKETS = (64, 128, 192, 256, 384, 512, 768, 1024)
 PREFILL_TOKENS = 4096  # BatchDecoder prefills prompts that wait together in passes of up to this many (padded) tokens
 
@@ -972,11 +973,11 @@ class FastDecoder:
         return new_ids, steps
 
     def _prefill_graph(self, cache: StaticCache, attention_mask: torch.Tensor) -> "_PrefillGraph | None":
-        """The prefill graph for one prompt without padding of at most PREFILL_GRAPH_TOKENS into `cache` (a
+        """The prefill graph for one prompt without padding of at most PREFILL_BUCKETS[-1] tokens into `cache` (a
         DecodeCache of one row), made on first use; None for anything else (eager prefill)."""
         batch, width = attention_mask.shape
         # (flash_attention_2 would unpad the prompt, reading its lengths on the host: not capturable)
-        if batch != 1 or width > PREFILL_GRAPH_TOKENS or not isinstance(cache, DecodeCache) or \
+        if batch != 1 or width > PREFILL_BUCKETS[-1] or not isinstance(cache, DecodeCache) or \
                 self.model.config._attn_implementation not in ("sdpa", "eager") or \
                 not bool(attention_mask.all()):  # the GPU is idle here: the check waits for nothing
             return None
