@@ -585,8 +585,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 # triton_decode_attention's launch by batch size: (slots a program reads, slots a step of its walk, warps, pipeline
 # stages); for each, the fastest on average at 65, 192 and 320 used slots of the 11 in
-# docs/bench/decode_attention_split.py on an H200 (docs/PERFORMANCE.md). One step (slots == step) takes no loop.
-SPLIT_CONFIGS = {1: (32, 32, 2, 1), 8: (64, 8, 1, 3), 64: (128, 8, 1, 3)}  # others: the next larger batch's
+# docs/bench/decode_attention_split.py on an H200 (docs/PERFORMANCE.md); 8 rows since blocks past a row's used slots
+# leave one-step launches early (docs/bench/decode_attention_versions.py: 8.4 / 11.4 / 17.2 us a layer against
+# 14.2 / 15.1 / 16.4 for the walking (64, 8, 1, 3) before). One step (slots == step) takes no loop.
+SPLIT_CONFIGS = {1: (32, 32, 2, 1), 8: (32, 32, 2, 1), 64: (128, 8, 1, 3)}  # others: the next larger batch's
 
 
 @functools.cache
@@ -596,7 +598,8 @@ def split_attention_kernel():
     statistics (max, sum, in log2 units) and weighted values; the last of a (row, head)'s programs to finish (an
     atomic count of arrivals, as CUDA's threadFenceReduction sample does) rescales its blocks' results to one max
     and adds them up. (The adding up was a second kernel: one launch and one gap more a layer, 1.85 us at batch 1 on
-    an H200, docs/PERFORMANCE.md.)
+    an H200, docs/PERFORMANCE.md.) In one-step launches (SPLIT == BLOCK_N) a block that holds none of the row's used
+    slots takes no part.
     The cache is read through its strides (token- or head-major); fp32 sums whatever its dtype; head dims padded to
     a power of two (Phi-2's 80 -> 128, masked)."""
     import triton
@@ -612,6 +615,19 @@ def split_attention_kernel():
         row, head = pid // HEADS, pid % HEADS
         start = tl.load(layout_ptr + batch + 1 + row) - row * size  # the row's first slot
         used = tl.load(layout_ptr + 2 * (batch + 1) + row)
+        if SPLIT == BLOCK_N:
+            # The grid is sized by the cache (a CUDA graph's launch is fixed), so early in an answer most blocks
+            # hold none of the row's used slots: their programs leave at once, and the combine waits for the blocks
+            # that hold some (the first always, so that a row without any still gets its output). At 8 rows x 512
+            # slots, 32-slot blocks: 8.4 / 11.4 / 17.2 us a layer at 65 / 192 / 320 used slots, against 15.5 /
+            # 17.2 / 19.4 with every program at work (H200, docs/PERFORMANCE.md).
+            held = tl.maximum((used + SPLIT - 1) // SPLIT, 1)
+            if block >= held:
+                return
+        else:
+            # Walking launches keep every program (an empty block's walk takes no step): with the loop inside a
+            # branch they ran 4-8 us a layer slower at 64 rows on an H200 (docs/PERFORMANCE.md).
+            held = SPLITS
         d = tl.arange(0, BLOCK_D)
         at = row * q_stride + head * DIM  # this row's head in q (and in the new keys and values)
         q = tl.load(q_ptr + at + d, mask=d < DIM, other=0.0).to(tl.float32)
@@ -645,7 +661,8 @@ def split_attention_kernel():
         if SPLIT == BLOCK_N:  # one step, no loop: 1-1.5 us a layer less at batch 1 on an H200
             slots = lo + tl.arange(0, BLOCK_N)
             live = slots < hi
-            offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]  # (BLOCK_N, BLOCK_D)
+            # the block's (BLOCK_N, BLOCK_D) keys and values
+            offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]
             read = live[:, None] & (d < DIM)[None, :]
             # both loads issued before any math: two reads in flight, not one after the other
             k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
@@ -654,12 +671,12 @@ def split_attention_kernel():
                 k = tl.where((slots == used - 1)[:, None], k_new[None, :], k)
                 v = tl.where((slots == used - 1)[:, None], v_new[None, :], v)
             s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,) scores in log2 units
-            top = tl.max(s, 0)  # -inf for a block past the row's slots: it then adds nothing
+            top = tl.max(s, 0)  # -inf only in a row without used slots
             p = tl.exp2(s - tl.where(top == float("-inf"), 0.0, top))
             total = tl.sum(p, 0)
             acc = tl.sum(p[:, None] * v, 0)
         else:  # walk the block BLOCK_N slots at a time, online softmax
-            top = float("-inf")  # stays -inf for a block past the row's slots: it then adds nothing
+            top = float("-inf")  # stays -inf in a block past the row's used slots: it then adds nothing
             total = 0.0
             acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
             for n0 in range(lo, hi, BLOCK_N):
@@ -686,9 +703,9 @@ def split_attention_kernel():
         # the last of a (row, head)'s blocks to finish adds them up (count_ptr: zero between launches)
         tl.debug_barrier()  # every thread's stores above come before this program's arrival (one thread's atomic)
         arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
+        if arrived == held - 1:
             blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
-            there = tl.arange(0, SPLITS_P2) < SPLITS
+            there = tl.arange(0, SPLITS_P2) < held
             # .cg: from L2, where the other programs' results are, never a stale L1 line
             tops = tl.load(stats_ptr + blocks * 2, mask=there, other=float("-inf"), cache_modifier=".cg")
             totals = tl.load(stats_ptr + blocks * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
