@@ -7,7 +7,8 @@ also timed as the step runs them (this step's key and value rotated and written 
     python docs/bench/decode_attention_versions.py /tmp/decoding_before.py decoding.py   # repo root, CUDA GPU
 
 Output of the 2026-11-30 H200 runs: docs/bench/h200-decode-attention-early-exit-first-version-2026-11-30.log and
-h200-decode-attention-early-exit-2026-11-30.log (then as a session script taking module names).
+h200-decode-attention-early-exit-2026-11-30.log (from the session script this was made from, which took module
+names; this file has not run on a GPU itself).
 """
 import importlib.util
 import sys

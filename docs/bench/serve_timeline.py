@@ -6,7 +6,8 @@ what to make faster; a GPU time per chunk above 8 bare steps would show the GPU 
     python docs/bench/serve_timeline.py [MODEL_DIR]     # from the repo root, on a CUDA GPU (random Phi-2, bf16)
 
 It serves 1, 8, 1, 8, 1, 8 clients, so the spread between runs in one process shows too. Output of the 2026-11-30
-H200 run: docs/bench/h200-serve-chunk-timeline-2026-11-30.log (run there as a session script; the same code).
+H200 run: docs/bench/h200-serve-chunk-timeline-2026-11-30.log (from the session script this was made from, which also
+marked admissions; this file has not run on a GPU itself).
 """
 import statistics
 import sys
