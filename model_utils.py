@@ -34,6 +34,7 @@ class DeviceChoice:
     device: str          # "cuda" or "cpu"
     dtype: torch.dtype   # compute dtype: AMP dtype for training and the 4-bit compute dtype
     reason: str
+    capability: tuple[int, int] | None = None  # the GPU's compute capability (None on the CPU)
 
     @property
     def name(self) -> str:
@@ -63,18 +64,19 @@ def decide_device_dtype(requested: str, cuda_available: bool | None = None,
     has_bf16 = cuda_capability >= (8, 0)
     where = f"{gpu_name or 'GPU'} (sm_{cuda_capability[0]}{cuda_capability[1]})"
     if requested == "fp32":
-        return DeviceChoice("cuda", torch.float32, f"fp32 on {where} as requested")
+        return DeviceChoice("cuda", torch.float32, f"fp32 on {where} as requested", cuda_capability)
     if has_bf16:
-        return DeviceChoice("cuda", torch.bfloat16, f"{where} supports bf16")
+        return DeviceChoice("cuda", torch.bfloat16, f"{where} supports bf16", cuda_capability)
     if requested == "bf16":
         raise ValueError(f"model.dtype bf16 was requested but {where} has no native bf16 (needs sm_80+, e.g. A100, "
                          "L4, RTX 30xx); use model.dtype auto, which computes in fp32 on this GPU")
     return DeviceChoice("cuda", torch.float32,
                         f"{where} has no bf16 and fp16 overflows in Phi-2's attention: computing in fp32 "
-                        "(correct, ~2x slower than bf16 would be)")
+                        "(correct, ~2x slower than bf16 would be)", cuda_capability)
 
 
-def resolve_compile(requested: str, choice: DeviceChoice, gradient_checkpointing: bool = False) -> bool:
+def resolve_compile(requested: str, choice: DeviceChoice, gradient_checkpointing: bool = False,
+                    log: bool = True) -> bool:
     """torch.compile for training: on by default where it pays (bf16 GPUs with Triton), never forced on the CPU.
 
     auto also stays off with gradient checkpointing: on torch 2.11 (H200, 2026-11) inductor failed to partition
@@ -92,7 +94,7 @@ def resolve_compile(requested: str, choice: DeviceChoice, gradient_checkpointing
             raise ValueError("training.torch_compile on needs Triton (pip install triton); use auto or off")
         return True
     enabled = choice.device == "cuda" and choice.dtype == torch.bfloat16 and has_triton and not gradient_checkpointing
-    if choice.device == "cuda" and not enabled:
+    if choice.device == "cuda" and not enabled and log:
         why = ("Triton is not installed" if not has_triton else "no bf16 on this GPU"
                if choice.dtype != torch.bfloat16 else "gradient checkpointing is on")
         logger.info("torch.compile off (auto): %s", why)
