@@ -226,7 +226,7 @@ def update_model_card(cfg: Config, result: dict[str, Any]) -> None:
     history = json.loads((folder / "log_history.json").read_text()) if (folder / "log_history.json").is_file() else []
     run_info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     report_utils.write_model_card(folder / "README.md", trained, stats, history, run_info.get("compute", "?"),
-                                  eval_metrics=result)
+                                  eval_metrics=result, products=run_info.get("products"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,3 +147,13 @@ def use_fp8_products(model: torch.nn.Module, both_layouts: bool = True) -> int:
         logger.warning("fp8 products need widths that are multiples of 16; %d layers keep QLoRA's products: %s",
                        len(kept), ", ".join(kept))
     return converted
+
+
+def products_used(model: torch.nn.Module) -> str:
+    """How the model's frozen 4-bit layers multiplied, as recorded next to the adapter (run.json, the model card):
+    what the adapter was trained against."""
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8ProductsLinear4bit)]
+    if not fp8:
+        return "dequantized (QLoRA's: the 4-bit weights dequantized to the compute dtype in each product)"
+    layouts = "both layouts" if fp8[0].fp8_weight_t is not None else "one layout"
+    return f"fp8 ({len(fp8)} layers: e4m3 weights scaled per output channel, inputs and gradients per row; {layouts})"

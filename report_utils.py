@@ -50,7 +50,7 @@ def _public(value: str) -> str:
 
 
 def write_model_card(path: str | Path, cfg: Config, stats: dict[str, Any], history: list[dict[str, Any]],
-                     compute: str, eval_metrics: dict[str, Any] | None = None) -> Path:
+                     compute: str, eval_metrics: dict[str, Any] | None = None, products: str | None = None) -> Path:
     train, evals = loss_points(history)
     lines = [
         "---", "library_name: peft", f"base_model: {_public(cfg.model.name_or_path)}", "tags: [qlora, lora, trl, sft]",
@@ -59,6 +59,7 @@ def write_model_card(path: str | Path, cfg: Config, stats: dict[str, Any], histo
         f"- Base model: `{_public(cfg.model.name_or_path)}` (revision `{cfg.model.revision or 'main'}`)",
         f"- Data: `{_public(cfg.data.dataset)}`; split: {stats.get('split', '?')}",
         f"- Quantization: {cfg.quantization.mode} (double quant {cfg.quantization.double_quant}); compute: {compute}",
+        *([f"- Products of the frozen base: {products}"] if products else []),
         f"- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, "
         f"targets {', '.join(cfg.lora.target_modules)}",
         "", "## Template", "",

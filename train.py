@@ -43,7 +43,7 @@ from config import (Config, ConfigError, DataConfig, LoraSettings, QuantizationC
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
 from model_utils import (DeviceChoice, ModelLoadError, check_context, decide_device_dtype, fsdp_enabled, load_model,
                          load_model_config, load_tokenizer, resolve_attention, resolve_compile)
-from quantization_utils import build_bnb_config, resolve_products, use_fp8_products
+from quantization_utils import build_bnb_config, products_used, resolve_products, use_fp8_products
 
 logger = logging.getLogger("train")
 
@@ -772,14 +772,14 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
     (tmp / "data_stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
     history = trainer.state.log_history
     (tmp / "log_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
-    run = {"compute": choice.reason}
+    run = {"compute": choice.reason, "products": products_used(trainer.model)}
     if clock is not None:
         clock.mark("saved")  # the adapter and tokenizer are written; the rest is small records
         run["timing"] = clock.summary()
         logger.info("time to adapter: %s", json.dumps(run["timing"]))
     (tmp / "run.json").write_text(json.dumps(run), encoding="utf-8")
     report_utils.write_loss_plot(history, tmp / "loss.png")
-    report_utils.write_model_card(tmp / "README.md", cfg, stats, history, choice.reason)
+    report_utils.write_model_card(tmp / "README.md", cfg, stats, history, choice.reason, products=run["products"])
     if final.exists():
         old = out / f"{FINAL_DIR}.old"
         shutil.rmtree(old, ignore_errors=True)

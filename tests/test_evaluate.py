@@ -114,6 +114,7 @@ def test_model_card_keeps_the_training_runs_hyperparameters(smoke_run, tmp_path)
     assert "### evaluate.py" in text
     assert "| learning_rate | 0.005 |" in text and "r=32" in text and "| max_length | 128 |" in text
     assert "0.123" not in text and "r=7" not in text
+    assert "- Products of the frozen base: dequantized (QLoRA's" in text  # from the run's run.json
 
 
 def test_a_merged_folder_is_evaluated_by_either_name(chat_model, smoke_run, tmp_path):

@@ -33,6 +33,9 @@ def test_smoke_run_writes_adapter_checkpoints_and_records(smoke_run):
         assert img.format == "PNG" and img.size[0] > 100
     card = (final / "README.md").read_text()
     assert "duplicate_id" in card and "Final train loss" in card and "/work/" not in card
+    # what the adapter was trained against, for whoever takes it elsewhere (the CPU: QLoRA's products)
+    assert json.loads((final / "run.json").read_text())["products"].startswith("dequantized (QLoRA's")
+    assert "- Products of the frozen base: dequantized (QLoRA's" in card
 
 
 def test_fine_tuning_learned_the_answers(smoke_cfg, chat_model, tokenizer):
@@ -186,6 +189,9 @@ def test_fp8_products_keep_the_loss(tmp_path):
         losses[products] = [h["loss"] for h in history if "loss" in h]
     assert "fp8 products: 12 frozen 4-bit layers" in logs["fp8"]
     assert "fp8 products" not in logs["dequantized"]
+    recorded = "fp8 (12 layers: e4m3 weights scaled per output channel, inputs and gradients per row; both layouts)"
+    assert json.loads((tmp_path / "fp8" / "final" / "run.json").read_text())["products"] == recorded
+    assert f"- Products of the frozen base: {recorded}" in (tmp_path / "fp8" / "final" / "README.md").read_text()
     assert len(losses["fp8"]) == 20
     assert losses["fp8"][0] == pytest.approx(losses["dequantized"][0], rel=5e-3)
     assert losses["fp8"] == pytest.approx(losses["dequantized"], rel=5e-2)
