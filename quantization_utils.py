@@ -144,8 +144,8 @@ def use_fp8_products(model: torch.nn.Module, both_layouts: bool = True) -> int:
         module.__class__ = Fp8ProductsLinear4bit
         converted += 1
     if kept:
-        logger.warning("fp8 products need widths that are multiples of 16; %d layers keep QLoRA's products: %s",
-                       len(kept), ", ".join(kept))
+        logger.warning("fp8 products need widths that are multiples of 16; these 4-bit layers keep QLoRA's "
+                       "products: %s", ", ".join(kept))
     return converted
 
 

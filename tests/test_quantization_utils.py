@@ -120,6 +120,20 @@ def test_fp8_products_give_qlora_products_within_fp8_rounding_and_save_the_same_
     assert len(wrapped) == 12 and all(isinstance(m.base_layer, Fp8ProductsLinear4bit) for m in wrapped)
 
 
+def test_fp8_products_leave_layers_of_other_widths_to_qlora_and_say_which(caplog):
+    """fp8 products need widths that are multiples of 16 (torch._scaled_mm): another model's odd-width layer keeps
+    QLoRA's products, is named in the log, and still computes its product."""
+    from quantization_utils import use_fp8_products
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(100, 30, quant_type="nf4"),
+                                bnb.nn.Linear4bit(32, 64, quant_type="nf4")).to("cpu")  # .to quantizes
+    with caplog.at_level("WARNING", logger="quantization_utils"):
+        assert use_fp8_products(model) == 1
+    assert type(model[0]) is bnb.nn.Linear4bit and isinstance(model[1], Fp8ProductsLinear4bit)
+    assert "these 4-bit layers keep QLoRA's products: 0" in caplog.text
+    x = torch.randn(3, 100)
+    assert torch.allclose(model[0](x), _dequantized_product(model[0], x), rtol=1e-4, atol=1e-4)
+
+
 def _gpu(capability=(9, 0), dtype=torch.bfloat16):
     from model_utils import DeviceChoice
     return DeviceChoice("cuda", dtype, "test", capability)
