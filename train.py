@@ -214,9 +214,11 @@ def fp8_layouts(cfg: Config, model_config, choice: DeviceChoice, autocast: bool,
 
 def memory_budget_gib(t: TrainingConfig) -> tuple[float, str]:
     """What this process may use on its GPU, and where the figure comes from. A per-process cap already set
-    (torch.cuda.set_per_process_memory_fraction) counts; memory_budget_gib sets one."""
+    (torch.cuda.set_per_process_memory_fraction) counts; memory_budget_gib sets one. What the process already holds
+    counts as free, so the figure after the model is loaded (fp8_layouts) is the one the plan had at start."""
     device = int(os.environ.get("LOCAL_RANK", "0"))
     free, total = (x / 2**30 for x in torch.cuda.mem_get_info(device))
+    free = min(total, free + torch.cuda.memory_reserved(device) / 2**30)
     if t.memory_budget_gib is not None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, t.memory_budget_gib / total), device)
     cap = torch.cuda.get_per_process_memory_fraction(device) * total
