@@ -280,7 +280,9 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     t = values.setdefault("training", {})
     # One log line, at the end of the timed steps: a log reads the loss back from the GPU, which train.py does every
     # logging_steps (10), not every step.
-    t.update({"output_dir": tempfile.mkdtemp(prefix="bench-"), "max_steps": warmup + steps + (2 if profile else 0),
+    # With a profile, 2 profiled steps and one more: the last step of a run ends with its save and the check that the
+    # weights are finite (a host wait per adapter tensor), which is not a training step's work.
+    t.update({"output_dir": tempfile.mkdtemp(prefix="bench-"), "max_steps": warmup + steps + (3 if profile else 0),
               "report_to": ["none"],
               "save_steps": 10**6, "eval_steps": 0, "logging_steps": warmup + steps, "warmup_ratio": 0.0})
     if tiny:  # what the CPU and the tiny model can run; the code path stays the same
@@ -332,7 +334,7 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
                 losses.append(logs["loss"])
 
     class Profile(TrainerCallback):
-        """Profiles the 2 steps after the timed ones (so the timing is never disturbed)."""
+        """Profiles the 2 steps after the timed ones (so the timing is never disturbed), not the run's last."""
         prof, start = None, 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -354,7 +356,8 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
                     idle = idle_summary(self.prof, 2)
                 except Exception as e:  # a diagnostic that breaks on another torch must not lose the measured row
                     idle = f"idle summary failed: {e!r}"
-                profile.write_text(kernel_summary(self.prof, 2, wall) + "\n\n" + idle + "\n\n" + table)
+                profile.write_text(f"steps {warmup + steps + 1}-{warmup + steps + 2} of {args.max_steps}: "
+                                   + kernel_summary(self.prof, 2, wall) + "\n\n" + idle + "\n\n" + table)
 
     trainer.add_callback(Timer())
     if profile is not None:
