@@ -199,7 +199,7 @@ def fp8_copy_gib(model_config) -> float:
 def fp8_layouts(cfg: Config, model_config, choice: DeviceChoice, autocast: bool,
                 budget: tuple[float, str] | None = None) -> tuple[bool, str]:
     """Whether fp8 products keep both layouts of each weight (no transposes in the backward: the speed preset ran
-    46.2k tok/s with both and 44.7k with one, on two H200s) or one (1 byte a weight less: Phi-2's 2.3 GiB), and why.
+    45.6k tok/s with both and 45.4k with one, on one H200) or one (1 byte a weight less: Phi-2's 2.3 GiB), and why.
     Both when the run's estimated peak with them fits the share of the budget the memory plan sizes for."""
     if choice.device != "cuda":
         return True, "no GPU memory to save"

@@ -11,6 +11,8 @@ Timed as one CUDA graph of all 192 (no host time between them), replayed 20 time
 checked byte for byte against ATen's. Run from the repo root on a CUDA GPU:
 
     python docs/bench/fp8_transpose.py
+
+Log: docs/bench/h200-fp8-transpose-2026-11-30.log (inductor's 2.1 ms a step, the best Triton way 1.55 ms).
 """
 import torch
 import triton

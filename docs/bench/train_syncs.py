@@ -1,6 +1,8 @@
 """Where the training step waits for the GPU: every host wait (cudaStreamSynchronize and kin) of two steps of a
 preset, with the thread, the operators around it and the Python stack, and the syncs torch's sync debug mode reports
-with their Python stacks. Diagnostic for the ~196 waits a step that bench.py's profiles show ("after a wait ... in ?").
+with their Python stacks. Written for the ~196 waits a step that bench.py's profiles showed ("after a wait ... in ?"):
+they were the run's last step (its save's finiteness check), which those profiles included; log:
+docs/bench/h200-train-syncs-2026-11-30.log.
 
     python docs/bench/train_syncs.py [preset] [--model-dir /tmp/phi2]     # on a CUDA GPU, from the repo root
 """
