@@ -139,6 +139,7 @@ def fuse_phi_layers(model) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
         ins, outs = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc1], [attn.dense, mlp.fc2]
         layer.fused_in_sizes = [m.out_features for m in ins]
+        layer.qkv_width = sum(layer.fused_in_sizes[:3])  # [q; k; v] are the first rows, fc1's the rest
         layer.fused_in_weight = torch.cat([m.weight.detach() for m in ins])  # (q + k + v + ff, hidden)
         layer.fused_in_bias = torch.cat([m.bias.detach() for m in ins])
         for m, w, b in zip(ins, layer.fused_in_weight.split(layer.fused_in_sizes),
@@ -188,11 +189,15 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     kv_layout: where a decode step's rows sit in the decoders' DecodeCache (decode_layout); without it,
     transformers' attention over the whole cache. One row with layer.step_kernels goes to _fused_decode_step."""
     attn = self.self_attn
-    if self.step_kernels and kv_layout is not None and hidden_states.shape[:2] == (1, 1) and \
-            isinstance(past_key_values, DecodeCache):
+    stepping = self.step_kernels and kv_layout is not None and hidden_states.shape[1] == 1 and \
+        isinstance(past_key_values, DecodeCache)
+    if stepping and hidden_states.shape[0] == 1:
         return _fused_decode_step(self, hidden_states, position_embeddings, past_key_values.layers[attn.layer_idx],
                                   kv_layout)
     x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
+    if stepping and x.shape[0] <= FEW_ROWS and x.dtype in HALF:
+        return _few_rows_decode_step(self, x, hidden_states, position_embeddings,
+                                     past_key_values.layers[attn.layer_idx], kv_layout)
     # A decode step of one row, or of a few users' rows: matrix-vector products, where triton_gemv reads the weights
     # faster than cuBLAS; for 2-8 rows only [q; k; v; fc1] (docs/bench/gemv_rows_triton.py: its rows kernel took
     # 25.5 us against 28.8 at 8 rows on an H200, but 29.4 against 22.1 on the 2560-row [dense | fc2]).
@@ -234,23 +239,41 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
 def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                        cache: "_TokenMajorLayer", layout: torch.Tensor) -> torch.Tensor:
     """A fused Phi layer's one-row decode step where the Triton kernels run (layer.step_kernels), hidden (1, 1,
-    hidden), in three kernels: layer_in (layer norm, [q; k; v; fc1], gelu), the split attention (rotary, the cache
-    writes, attention over the row's slots, its blocks combined by the last to finish) and layer_out ([dense | fc2],
-    the residual), instead of ~11. On an H200, with the greedy token picked inside the step, batch 1 went from 485.6
-    to 556.5-571.2 tok/s in bf16 and from 300.4 to 338.9 in fp32 with four kernels (the combine its own); with three
-    and the argmax in chunks, a later token took 1.650-1.656 ms instead of 1.695 (docs/PERFORMANCE.md). The step's
-    key and value go to the row's newest slot of decode_layout, not to the cache's shared write index: the cache's
-    cumulative_length is not advanced (the decoders keep their own).
-    Batches keep the layer as before: with the step attention, 64 rows took 3.26 ms a step alone instead of 2.96
-    (its first kernel 31.5 us a layer instead of 16.8; cause not found)."""
-    y = torch.ops.phi2_qlora.layer_in(hidden, self.input_layernorm.weight, self.norm_sums,
-                                      self.input_layernorm.eps, self.fused_in_weight, self.norm_bias,
-                                      sum(self.fused_in_sizes[:3]))
-    q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (1, 1, heads * head dim) each but ff
+    hidden), in three kernels: layer_in (layer norm, [q; k; v]), attend_ff (the split attention with the rotary, the
+    cache writes and its blocks combined by the last to finish; in the same launch, fc1 of the normed input through
+    gelu) and layer_out ([dense | fc2], the residual), instead of ~11. On an H200, with the greedy token picked
+    inside the step, batch 1 went from 485.6 to 556.5-571.2 tok/s in bf16 and from 300.4 to 338.9 in fp32 with four
+    kernels (the combine its own); with three ([q; k; v; fc1] in layer_in, the attention alone) and the argmax in
+    chunks, a later token took 1.650-1.656 ms instead of 1.695 (docs/PERFORMANCE.md). The step's key and value go to
+    the row's newest slot of decode_layout, not to the cache's shared write index: the cache's cumulative_length is
+    not advanced (the decoders keep their own)."""
+    norm, qkv = self.input_layernorm, self.qkv_width
+    y = torch.ops.phi2_qlora.layer_in(hidden, norm.weight, self.norm_sums[:qkv], norm.eps, self.fused_in_weight[:qkv],
+                                      self.norm_bias[:qkv], qkv)  # (1, 1, q + k + v); gelu from row qkv: none
+    q, k, v = y.split(self.fused_in_sizes[:3], dim=-1)
     cos, sin = position_embeddings  # (1, 1, rotary dims)
-    out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
-                                                     self.self_attn.scaling, cache.step_counts)  # (1, 1, heads * dim)
+    out, ff = torch.ops.phi2_qlora.attend_ff(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
+                                             self.self_attn.scaling, cache.step_counts, hidden,
+                                             self.fused_in_weight[qkv:], self.norm_bias[qkv:], norm.weight,
+                                             self.norm_sums[qkv:], norm.eps)  # (1, 1, heads * dim), (1, 1, ff)
     return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
+
+
+def _few_rows_decode_step(self, x: torch.Tensor, hidden: torch.Tensor,
+                          position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: "_TokenMajorLayer",
+                          layout: torch.Tensor) -> torch.Tensor:
+    """A fused Phi layer's decode step of 2 to FEW_ROWS rows (BatchDecoder's users) in bf16/fp16 where the Triton
+    kernels run: x the layer-normed input (batch, 1, hidden) of the residual stream `hidden`. [q; k; v] with
+    triton_gemv's rows kernel, then attend_ff (the split attention with the rotary and cache writes, and fc1 through
+    gelu in the same launch), then [dense | fc2] with cuBLAS (faster than the rows kernel there: FEW_ROWS) and the
+    residual. As in _fused_decode_step, the step's keys and values go to each row's newest slot of decode_layout."""
+    qkv = self.qkv_width
+    q, k, v = self.gemv(x, self.fused_in_weight[:qkv], self.fused_in_bias[:qkv]).split(self.fused_in_sizes[:3], -1)
+    cos, sin = position_embeddings  # (batch, 1, rotary dims)
+    out, ff = torch.ops.phi2_qlora.attend_ff(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
+                                             self.self_attn.scaling, cache.step_counts, x,
+                                             self.fused_in_weight[qkv:], self.fused_in_bias[qkv:], None, None, 0.0)
+    return F.linear(torch.cat((out, ff), dim=-1), self.fused_out_weight, self.fused_out_bias) + hidden
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -271,26 +294,19 @@ def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def gemv_kernel():
-    """The Triton kernel of one-row products: y[n] = sum_k w[n, k] x[k] + b[n], each program BLOCK_N rows of w over
-    the whole input, fp32 sums (docs/bench/gemv_triton.py times it against cuBLAS). What a fused layer's decode
-    step does around its two products happens inside it (constexpr switches, all off for a plain product), so that
-    the layer norm, the concatenation, gelu and the residual add take no kernels of their own:
-    - NORM: x is the residual stream, layer-normed on the way in: each program gathers the row's mean and variance
-      along its product (from L2) and applies them at the end, with the norm's weight folded into two per-row
-      vectors (norm_folded); a first pass for the statistics made [q; k; v; fc1] take 50 us instead of 28 with
-      the layer norm's own kernel (bf16, H200);
-    - K1 < K: x is [x; x2], K1 columns from x and the rest from x2 ([attention | gelu(fc1)] read in place);
-    - GELU: rows from gelu_from on (fc1's) come out through gelu_new, the tanh approximation Phi uses;
-    - RESIDUAL: res[n] added (the residual stream)."""
+def kernel_programs():
+    """One program's work for each kind of this module's decode-step kernels, as Triton functions (inlined where a
+    kernel calls them): `one_row` (gemv_kernel's), `few_rows` (rows_kernel's) and `attend` (split_attention_kernel's).
+    attend_ff_kernel runs programs of two kinds in one launch. Returns (one_row, few_rows, attend)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kernel(w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, gelu_from, K: tl.constexpr,
-               K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def one_row(pid, w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, gelu_from,
+                K: tl.constexpr, K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[n] = sum_k w[n, k] x[k] + b[n] for the BLOCK_N rows n of program `pid`, with gemv_kernel's switches."""
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if NORM:  # the row's statistics gathered along the product: sums of x - x[0] (less cancellation than x)
             shift = tl.load(x_ptr).to(tl.float32)
@@ -326,20 +342,12 @@ def gemv_kernel():
                                                                        other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
-    return kernel
-
-
-@functools.cache
-def rows_kernel():
-    """The Triton kernel of triton_gemv for 2 to FEW_ROWS rows x: y[m, n] = sum_k x[m, k] w[n, k] + b[n], each
-    program BLOCK_N rows of w over the whole input, read once for every row of x: one tensor-core product a block
-    (x padded to 16 rows, the smallest it takes), fp32 sums (docs/bench/gemv_rows_triton.py times it)."""
-    import triton
-    import triton.language as tl
-
     @triton.jit
-    def kernel(w_ptr, x_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def few_rows(pid, w_ptr, x_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+        """y[m, n] = sum_k x[m, k] w[n, k] + b[n] for the BLOCK_N rows n of program `pid` and every row m < M <= 16
+        of x, through gelu_new where GELU (as one_row's)."""
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -350,8 +358,174 @@ def rows_kernel():
                         other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)
         acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
         tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(ms[:, None] < M) & (rows[None, :] < N))
+
+    @triton.jit
+    def attend(pid, block, q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride,
+               slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr,
+               HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+               SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr,
+               ROT: tl.constexpr):
+        """Block `block` of the (row, head) pid = row * HEADS + head of split_attention_kernel."""
+        row, head = pid // HEADS, pid % HEADS
+        start = tl.load(layout_ptr + batch + 1 + row) - row * size  # the row's first slot
+        used = tl.load(layout_ptr + 2 * (batch + 1) + row)
+        if SPLIT == BLOCK_N:
+            # The grid is sized by the cache (a CUDA graph's launch is fixed), so early in an answer most blocks
+            # hold none of the row's used slots: their programs leave at once, and the combine waits for the blocks
+            # that hold some (the first always, so that a row without any still gets its output). At 8 rows x 512
+            # slots, 32-slot blocks: 8.4 / 11.4 / 17.2 us a layer at 65 / 192 / 320 used slots, against 15.5 /
+            # 17.2 / 19.4 with every program at work (H200, docs/PERFORMANCE.md).
+            held = tl.maximum((used + SPLIT - 1) // SPLIT, 1)
+            takes_part = block < held
+        else:
+            # Walking launches keep every program (an empty block's walk takes no step): with the loop inside a
+            # branch they ran 4-8 us a layer slower at 64 rows on an H200 (docs/PERFORMANCE.md).
+            held = SPLITS
+            takes_part = True  # (a constant: no branch)
+        if takes_part:
+            d = tl.arange(0, BLOCK_D)
+            at = row * q_stride + head * DIM  # this row's head in q (and in the new keys and values)
+            q = tl.load(q_ptr + at + d, mask=d < DIM, other=0.0).to(tl.float32)
+            base = row.to(tl.int64) * row_stride + head * head_stride
+            lo = block * SPLIT
+            hi = tl.minimum(used, lo + SPLIT)
+            if NEW:  # this step's key and value, slot used - 1: rotated here, written to the cache by its block
+                k_new = tl.load(knew_ptr + at + d, mask=d < DIM, other=0.0).to(tl.float32)
+                v_new = tl.load(vnew_ptr + at + d, mask=d < DIM, other=0.0)
+                if ROT > 0:  # partial rotary, rotate_half's pairs: d and d + ROT / 2 for the first ROT dims
+                    turn = d < ROT
+                    partner = tl.where(d < ROT // 2, d + ROT // 2, d - ROT // 2)
+                    sign = tl.where(d < ROT // 2, -1.0, 1.0)
+                    cos = tl.load(cos_ptr + row * ROT + d, mask=turn, other=1.0).to(tl.float32)
+                    sin = tl.load(sin_ptr + row * ROT + d, mask=turn, other=0.0).to(tl.float32)
+                    q_pair = tl.load(q_ptr + at + partner, mask=turn, other=0.0).to(tl.float32)
+                    k_pair = tl.load(knew_ptr + at + partner, mask=turn, other=0.0).to(tl.float32)
+                    q = q * cos + sign * q_pair * sin
+                    k_new = k_new * cos + sign * k_pair * sin
+                # in the model's dtype, as the plain path's rotary and the cache hold them
+                q = q.to(knew_ptr.dtype.element_ty).to(tl.float32)
+                k_new = k_new.to(k_ptr.dtype.element_ty)
+                newest = used - 1
+                owner = (newest >= lo) & (newest < hi)
+                slot = base + (start + newest).to(tl.int64) * slot_stride + d
+                tl.store(k_ptr + slot, k_new, mask=(d < DIM) & owner)
+                tl.store(v_ptr + slot, v_new.to(v_ptr.dtype.element_ty), mask=(d < DIM) & owner)
+                k_new = k_new.to(tl.float32)
+                v_new = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
+            q = (q * scale).to(tl.float32) * 1.4426950408889634  # scores in log2 units: exp2 below
+            if SPLIT == BLOCK_N:  # one step, no loop: 1-1.5 us a layer less at batch 1 on an H200
+                slots = lo + tl.arange(0, BLOCK_N)
+                live = slots < hi
+                # the block's (BLOCK_N, BLOCK_D) keys and values
+                offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]
+                read = live[:, None] & (d < DIM)[None, :]
+                # both loads issued before any math: two reads in flight, not one after the other
+                k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                v = tl.load(v_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                if NEW:  # the newest slot from registers: its store above need not be visible to this program yet
+                    k = tl.where((slots == used - 1)[:, None], k_new[None, :], k)
+                    v = tl.where((slots == used - 1)[:, None], v_new[None, :], v)
+                s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,) scores in log2 units
+                top = tl.max(s, 0)  # -inf only in a row without used slots
+                p = tl.exp2(s - tl.where(top == float("-inf"), 0.0, top))
+                total = tl.sum(p, 0)
+                acc = tl.sum(p[:, None] * v, 0)
+            else:  # walk the block BLOCK_N slots at a time, online softmax
+                top = float("-inf")  # stays -inf in a block past the row's used slots: it then adds nothing
+                total = 0.0
+                acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                for n0 in range(lo, hi, BLOCK_N):
+                    slots = n0 + tl.arange(0, BLOCK_N)
+                    live = slots < hi
+                    offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]
+                    read = live[:, None] & (d < DIM)[None, :]
+                    k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                    v = tl.load(v_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                    if NEW:
+                        k = tl.where((slots == used - 1)[:, None], k_new[None, :], k)
+                        v = tl.where((slots == used - 1)[:, None], v_new[None, :], v)
+                    s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))
+                    new = tl.maximum(top, tl.max(s, 0))  # finite: every step holds a used slot
+                    p = tl.exp2(s - new)
+                    alpha = tl.exp2(top - new)
+                    total = total * alpha + tl.sum(p, 0)
+                    acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+                    top = new
+            out = pid * SPLITS + block
+            tl.store(acc_ptr + out * BLOCK_D + d, acc)
+            tl.store(stats_ptr + out * 2, top)
+            tl.store(stats_ptr + out * 2 + 1, total)
+            # the last of a (row, head)'s blocks to finish adds them up (count_ptr: zero between launches)
+            tl.debug_barrier()  # every thread's stores above come before this program's arrival (one thread's
+            # atomic)
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == held - 1:
+                blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
+                there = tl.arange(0, SPLITS_P2) < held
+                # .cg: from L2, where the other programs' results are, never a stale L1 line
+                tops = tl.load(stats_ptr + blocks * 2, mask=there, other=float("-inf"), cache_modifier=".cg")
+                totals = tl.load(stats_ptr + blocks * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
+                accs = tl.load(acc_ptr + blocks[:, None] * BLOCK_D + d[None, :], mask=there[:, None], other=0.0,
+                               cache_modifier=".cg")
+                w = tl.exp2(tops - tl.max(tops, 0))  # the first block always holds a used slot: the max is finite
+                o = tl.sum(w[:, None] * accs, 0) / tl.sum(w * totals, 0)
+                tl.store(o_ptr + pid * DIM + d, o.to(o_ptr.dtype.element_ty), mask=d < DIM)
+                tl.store(count_ptr + pid, 0)  # every block has arrived: ready for the next launch
+
+    # Kernels call these by their module-level names: Triton's interpreter (the CPU tests) runs a kernel's source
+    # with the module's globals, without its closure.
+    global _one_row_program, _few_rows_program, _attend_program
+    _one_row_program, _few_rows_program, _attend_program = one_row, few_rows, attend
+    return one_row, few_rows, attend
+
+
+_one_row_program = _few_rows_program = _attend_program = None  # kernel_programs() makes them (Triton's functions)
+
+
+@functools.cache
+def gemv_kernel():
+    """The Triton kernel of one-row products: y[n] = sum_k w[n, k] x[k] + b[n], each program BLOCK_N rows of w over
+    the whole input, fp32 sums (docs/bench/gemv_triton.py times it against cuBLAS). What a fused layer's decode
+    step does around its two products happens inside it (constexpr switches, all off for a plain product), so that
+    the layer norm, the concatenation, gelu and the residual add take no kernels of their own:
+    - NORM: x is the residual stream, layer-normed on the way in: each program gathers the row's mean and variance
+      along its product (from L2) and applies them at the end, with the norm's weight folded into two per-row
+      vectors (norm_folded); a first pass for the statistics made [q; k; v; fc1] take 50 us instead of 28 with
+      the layer norm's own kernel (bf16, H200);
+    - K1 < K: x is [x; x2], K1 columns from x and the rest from x2 ([attention | gelu(fc1)] read in place);
+    - GELU: rows from gelu_from on (fc1's) come out through gelu_new, the tanh approximation Phi uses;
+    - RESIDUAL: res[n] added (the residual stream)."""
+    import triton
+    import triton.language as tl
+    kernel_programs()
+
+    @triton.jit
+    def kernel(w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, gelu_from, K: tl.constexpr,
+               K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        _one_row_program(tl.program_id(0), w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps,
+                         gelu_from, K, K1, NORM, GELU, RESIDUAL, BLOCK_N, BLOCK_K)
+
+    return kernel
+
+
+@functools.cache
+def rows_kernel():
+    """The Triton kernel of triton_gemv for 2 to FEW_ROWS rows x: y[m, n] = sum_k x[m, k] w[n, k] + b[n], each
+    program BLOCK_N rows of w over the whole input, read once for every row of x: one tensor-core product a block
+    (x padded to 16 rows, the smallest it takes), fp32 sums (docs/bench/gemv_rows_triton.py times it)."""
+    import triton
+    import triton.language as tl
+    kernel_programs()
+
+    @triton.jit
+    def kernel(w_ptr, x_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        _few_rows_program(tl.program_id(0), w_ptr, x_ptr, b_ptr, y_ptr, M, N, K, False, BLOCK_N, BLOCK_K)
 
     return kernel
 
@@ -441,8 +615,9 @@ def norm_folded(weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Ten
 def triton_layer_products():
     """A one-row decode step's two products of a fused Phi layer with what surrounds them (gemv_kernel's switches),
     registered as PyTorch ops so that inductor and CUDA graphs take them in:
-    - phi2_qlora::layer_in(hidden, norm weight, weight sums, eps, [q; k; v; fc1] weight, folded bias, gelu_from):
-      layer_norm(hidden) through [q; k; v; fc1] (norm_folded gives the sums and bias), fc1's part through gelu_new;
+    - phi2_qlora::layer_in(hidden, norm weight, weight sums, eps, weight, folded bias, gelu_from):
+      layer_norm(hidden) through the weight (norm_folded gives the sums and bias), rows from gelu_from on through
+      gelu_new (none where gelu_from is the weight's height: the decode step's [q; k; v]);
     - phi2_qlora::layer_out(attention, gelu(fc1), [dense | fc2] weight, bias, hidden): the layer's output, the
       product of [attention | gelu(fc1)] plus the residual stream.
     Why: around its products, a compiled one-row step ran a layer norm (with the residual add), a gelu and a
@@ -456,7 +631,7 @@ def triton_layer_products():
         hidden = hidden.contiguous()
         y = hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
         one_row_product(wrap_triton(kernel), weight, hidden, bias, y, norm=(norm_weight, sums, eps),
-                        gelu_from=gelu_from)
+                        gelu_from=gelu_from if gelu_from < weight.shape[0] else None)
         return y
 
     @triton_op("phi2_qlora::layer_out", mutates_args={})
@@ -604,117 +779,17 @@ def split_attention_kernel():
     a power of two (Phi-2's 80 -> 128, masked)."""
     import triton
     import triton.language as tl
+    kernel_programs()
 
     @triton.jit
     def partial(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
                 head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr, HEADS: tl.constexpr,
                 DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr, ROT: tl.constexpr):
-        pid = tl.program_id(0)  # row * HEADS + head
-        block = tl.program_id(1)
-        row, head = pid // HEADS, pid % HEADS
-        start = tl.load(layout_ptr + batch + 1 + row) - row * size  # the row's first slot
-        used = tl.load(layout_ptr + 2 * (batch + 1) + row)
-        if SPLIT == BLOCK_N:
-            # The grid is sized by the cache (a CUDA graph's launch is fixed), so early in an answer most blocks
-            # hold none of the row's used slots: their programs leave at once, and the combine waits for the blocks
-            # that hold some (the first always, so that a row without any still gets its output). At 8 rows x 512
-            # slots, 32-slot blocks: 8.4 / 11.4 / 17.2 us a layer at 65 / 192 / 320 used slots, against 15.5 /
-            # 17.2 / 19.4 with every program at work (H200, docs/PERFORMANCE.md).
-            held = tl.maximum((used + SPLIT - 1) // SPLIT, 1)
-            if block >= held:
-                return
-        else:
-            # Walking launches keep every program (an empty block's walk takes no step): with the loop inside a
-            # branch they ran 4-8 us a layer slower at 64 rows on an H200 (docs/PERFORMANCE.md).
-            held = SPLITS
-        d = tl.arange(0, BLOCK_D)
-        at = row * q_stride + head * DIM  # this row's head in q (and in the new keys and values)
-        q = tl.load(q_ptr + at + d, mask=d < DIM, other=0.0).to(tl.float32)
-        base = row.to(tl.int64) * row_stride + head * head_stride
-        lo = block * SPLIT
-        hi = tl.minimum(used, lo + SPLIT)
-        if NEW:  # this step's key and value, slot used - 1: rotated here, written to the cache by its block
-            k_new = tl.load(knew_ptr + at + d, mask=d < DIM, other=0.0).to(tl.float32)
-            v_new = tl.load(vnew_ptr + at + d, mask=d < DIM, other=0.0)
-            if ROT > 0:  # partial rotary, rotate_half's pairs: d and d + ROT / 2 for the first ROT dims
-                turn = d < ROT
-                partner = tl.where(d < ROT // 2, d + ROT // 2, d - ROT // 2)
-                sign = tl.where(d < ROT // 2, -1.0, 1.0)
-                cos = tl.load(cos_ptr + row * ROT + d, mask=turn, other=1.0).to(tl.float32)
-                sin = tl.load(sin_ptr + row * ROT + d, mask=turn, other=0.0).to(tl.float32)
-                q_pair = tl.load(q_ptr + at + partner, mask=turn, other=0.0).to(tl.float32)
-                k_pair = tl.load(knew_ptr + at + partner, mask=turn, other=0.0).to(tl.float32)
-                q = q * cos + sign * q_pair * sin
-                k_new = k_new * cos + sign * k_pair * sin
-            # in the model's dtype, as the plain path's rotary and the cache hold them
-            q = q.to(knew_ptr.dtype.element_ty).to(tl.float32)
-            k_new = k_new.to(k_ptr.dtype.element_ty)
-            newest = used - 1
-            owner = (newest >= lo) & (newest < hi)
-            slot = base + (start + newest).to(tl.int64) * slot_stride + d
-            tl.store(k_ptr + slot, k_new, mask=(d < DIM) & owner)
-            tl.store(v_ptr + slot, v_new.to(v_ptr.dtype.element_ty), mask=(d < DIM) & owner)
-            k_new = k_new.to(tl.float32)
-            v_new = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
-        q = (q * scale).to(tl.float32) * 1.4426950408889634  # scores in log2 units: exp2 below
-        if SPLIT == BLOCK_N:  # one step, no loop: 1-1.5 us a layer less at batch 1 on an H200
-            slots = lo + tl.arange(0, BLOCK_N)
-            live = slots < hi
-            # the block's (BLOCK_N, BLOCK_D) keys and values
-            offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]
-            read = live[:, None] & (d < DIM)[None, :]
-            # both loads issued before any math: two reads in flight, not one after the other
-            k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            v = tl.load(v_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            if NEW:  # the newest slot from registers: its store above need not be visible to this program yet
-                k = tl.where((slots == used - 1)[:, None], k_new[None, :], k)
-                v = tl.where((slots == used - 1)[:, None], v_new[None, :], v)
-            s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,) scores in log2 units
-            top = tl.max(s, 0)  # -inf only in a row without used slots
-            p = tl.exp2(s - tl.where(top == float("-inf"), 0.0, top))
-            total = tl.sum(p, 0)
-            acc = tl.sum(p[:, None] * v, 0)
-        else:  # walk the block BLOCK_N slots at a time, online softmax
-            top = float("-inf")  # stays -inf in a block past the row's used slots: it then adds nothing
-            total = 0.0
-            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
-                slots = n0 + tl.arange(0, BLOCK_N)
-                live = slots < hi
-                offsets = base + (start + slots).to(tl.int64)[:, None] * slot_stride + d[None, :]
-                read = live[:, None] & (d < DIM)[None, :]
-                k = tl.load(k_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                v = tl.load(v_ptr + offsets, mask=read, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                if NEW:
-                    k = tl.where((slots == used - 1)[:, None], k_new[None, :], k)
-                    v = tl.where((slots == used - 1)[:, None], v_new[None, :], v)
-                s = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))
-                new = tl.maximum(top, tl.max(s, 0))  # finite: every step holds a used slot
-                p = tl.exp2(s - new)
-                alpha = tl.exp2(top - new)
-                total = total * alpha + tl.sum(p, 0)
-                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-                top = new
-        out = pid * SPLITS + block
-        tl.store(acc_ptr + out * BLOCK_D + d, acc)
-        tl.store(stats_ptr + out * 2, top)
-        tl.store(stats_ptr + out * 2 + 1, total)
-        # the last of a (row, head)'s blocks to finish adds them up (count_ptr: zero between launches)
-        tl.debug_barrier()  # every thread's stores above come before this program's arrival (one thread's atomic)
-        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == held - 1:
-            blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
-            there = tl.arange(0, SPLITS_P2) < held
-            # .cg: from L2, where the other programs' results are, never a stale L1 line
-            tops = tl.load(stats_ptr + blocks * 2, mask=there, other=float("-inf"), cache_modifier=".cg")
-            totals = tl.load(stats_ptr + blocks * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
-            accs = tl.load(acc_ptr + blocks[:, None] * BLOCK_D + d[None, :], mask=there[:, None], other=0.0,
-                           cache_modifier=".cg")
-            w = tl.exp2(tops - tl.max(tops, 0))  # the first block always holds a used slot: the max is finite
-            o = tl.sum(w[:, None] * accs, 0) / tl.sum(w * totals, 0)
-            tl.store(o_ptr + pid * DIM + d, o.to(o_ptr.dtype.element_ty), mask=d < DIM)
-            tl.store(count_ptr + pid, 0)  # every block has arrived: ready for the next launch
+        _attend_program(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr,
+                        scale, batch, size, row_stride, slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr,
+                        cos_ptr, sin_ptr, o_ptr, count_ptr, HEADS, DIM, SPLIT, SPLITS, SPLITS_P2, BLOCK_N, BLOCK_D,
+                        NEW, ROT)
 
     return partial
 
@@ -722,7 +797,7 @@ def split_attention_kernel():
 def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
                     config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None,
                     counts: torch.Tensor | None = None) -> torch.Tensor:
-    """Run split_attention_kernels: q (batch, heads, 1, head dim), or (batch, 1, heads * head dim) in any row
+    """Run split_attention_kernel: q (batch, heads, 1, head dim), or (batch, 1, heads * head dim) in any row
     stride; keys/values (batch, cache, heads, head dim) in any strides (a transposed view of a head-major cache
     too); config: SPLIT_CONFIGS' (slots a program, slots a step, warps, stages). Returns (batch, 1, heads * head
     dim). wrap: torch.library.wrap_triton inside an op.
@@ -731,13 +806,24 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     to the row's newest slot (decode_layout's last used one), all inside the kernel.
     counts: (batch * heads) int32, zero (each launch leaves it so; _TokenMajorLayer.step_counts), where the
     blocks of each (row, head) count their arrivals; zeros made here without."""
-    import triton
     partial = split_attention_kernel()
     if wrap is not None:
         partial = wrap(partial)
+    _, _, warps, stages = config
+    grid, args, constants, out = _attention_launch(q, keys, values, layout, scale, config, new, counts)
+    partial[grid](*args, **constants, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _attention_launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
+                      config: tuple[int, int, int, int], new: tuple[torch.Tensor, ...] | None,
+                      counts: torch.Tensor | None) -> tuple[tuple[int, int], list, dict, torch.Tensor]:
+    """split_attention's launch (split_attention's arguments): the grid ((row, head)s, blocks a row), the kernel's
+    arguments and constants, and the output it writes."""
+    import triton
     batch, heads, dim = q.shape[0], keys.shape[2], keys.shape[3]
     size = keys.shape[1]
-    slots, step, warps, stages = config
+    slots, step, _, _ = config
     blocks = triton.cdiv(size, slots)
     block_d = triton.next_power_of_2(dim)
     acc = q.new_empty(batch * heads * blocks * block_d, dtype=torch.float32)  # each block's weighted values
@@ -754,12 +840,83 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     if counts is None:
         counts = torch.zeros(batch * heads, dtype=torch.int32, device=q.device)
     assert counts.shape == (batch * heads,) and counts.dtype == torch.int32, "one arrival count per (row, head)"
-    partial[(batch * heads, blocks)](
-        q, keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride, q.stride(0),
-        k_new, v_new, cos, sin, out, counts, HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks,
-        SPLITS_P2=triton.next_power_of_2(blocks), BLOCK_N=step, BLOCK_D=block_d, NEW=new is not None,
-        ROT=0 if new is None else cos.shape[-1], num_warps=warps, num_stages=stages)
-    return out
+    args = [q, keys, values, layout, acc, stats, scale, batch, size, row_stride, slot_stride, head_stride,
+            q.stride(0), k_new, v_new, cos, sin, out, counts]
+    constants = dict(HEADS=heads, DIM=dim, SPLIT=slots, SPLITS=blocks, SPLITS_P2=triton.next_power_of_2(blocks),
+                     BLOCK_N=step, BLOCK_D=block_d, NEW=new is not None, ROT=0 if new is None else cos.shape[-1])
+    return (batch * heads, blocks), args, constants, out
+
+
+@functools.cache
+def attend_ff_kernel():
+    """One launch for two things a fused Phi layer's decode step does at once: the step attention
+    (split_attention_kernel's programs, the step's own key and value: rotary, cache writes) and the product of
+    [fc1] with the layer's normed input through gelu (gemv_kernel's programs for one row, with the layer norm
+    inside; rows_kernel's for a few rows of an input normed before). Neither needs the other's result, and the
+    attention reads a few hundred KB where the product reads fc1's weights (52 MB in Phi-2's bf16): apart, the
+    attention's ~5 us a layer at batch 1 on an H200 left the memory idle (docs/PERFORMANCE.md). The attention's
+    programs come first in the grid (the GPU starts programs in order): they are short, and the launch ends with
+    the last product programs, not with a late attention."""
+    import triton
+    import triton.language as tl
+    kernel_programs()
+
+    @triton.jit
+    def kernel(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
+               head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr,
+               w_ptr, x_ptr, b_ptr, nw_ptr, ws_ptr, y_ptr, M, N, eps,
+               HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+               SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr,
+               ROT: tl.constexpr, K: tl.constexpr, ONE_ROW: tl.constexpr, NORM: tl.constexpr,
+               PRODUCT_N: tl.constexpr, PRODUCT_K: tl.constexpr):
+        pid = tl.program_id(0)
+        heads = batch * HEADS
+        attending = heads * SPLITS  # programs: every (row, head)'s block 0, then every block 1, ...
+        if pid < attending:
+            _attend_program(pid % heads, pid // heads, q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale,
+                            batch, size, row_stride, slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr,
+                            sin_ptr, o_ptr, count_ptr, HEADS, DIM, SPLIT, SPLITS, SPLITS_P2, BLOCK_N, BLOCK_D, NEW,
+                            ROT)
+        elif ONE_ROW:
+            _one_row_program(pid - attending, w_ptr, x_ptr, x_ptr, b_ptr, x_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, 0, K,
+                             K, NORM, True, False, PRODUCT_N, PRODUCT_K)
+        else:
+            _few_rows_program(pid - attending, w_ptr, x_ptr, b_ptr, y_ptr, M, N, K, True, PRODUCT_N, PRODUCT_K)
+
+    return kernel
+
+
+def attend_ff(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float, counts: torch.Tensor,
+              x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, wrap=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run attend_ff_kernel: the step attention as split_attention(q, keys, values, layout, scale, new=(k, v, cos,
+    sin), counts) and gelu_new(weight x + bias) for x (batch, 1, in), batch <= FEW_ROWS; one row with norm (the layer
+    norm's weight, norm_folded's weight sums, eps; `bias` then norm_folded's too) takes the residual stream as x,
+    more rows an input normed before (norm None). Returns (attention (batch, 1, heads * head dim), product (batch, 1,
+    out)). wrap: torch.library.wrap_triton inside an op."""
+    import triton
+    kernel = attend_ff_kernel()
+    if wrap is not None:
+        kernel = wrap(kernel)
+    batch = q.shape[0]
+    (heads, blocks), args, constants, out = _attention_launch(q, keys, values, layout, scale, _split_config(batch),
+                                                              (k, v, cos, sin), counts)
+    n, width = weight.shape
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], n)
+    one = x.numel() == width
+    if one:
+        block_n, block_k, warps, stages = one_row_blocks(width, weight.dtype, norm is not None)
+    else:
+        assert norm is None and batch <= FEW_ROWS, "a few rows take an input normed before"
+        block_n, block_k, warps, stages = ROWS_BLOCKS
+    norm_weight, sums, eps = norm if norm is not None else (x, x, 0.0)
+    kernel[(heads * blocks + triton.cdiv(n, block_n),)](
+        *args, weight, x, bias, norm_weight, sums, y, x.numel() // width, n, eps, **constants, K=width, ONE_ROW=one,
+        NORM=norm is not None, PRODUCT_N=block_n, PRODUCT_K=block_k, num_warps=warps, num_stages=stages)
+    return out, y
 
 
 @functools.cache
@@ -792,6 +949,16 @@ def triton_decode_attention():
                    counts: torch.Tensor) -> torch.Tensor:
         return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
                                new=(k, v, cos, sin), counts=counts)
+
+    @triton_op("phi2_qlora::attend_ff", mutates_args={"keys", "values", "counts"})
+    def attend_and_ff(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
+                      counts: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      norm_weight: torch.Tensor | None, sums: torch.Tensor | None, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = None if norm_weight is None else (norm_weight, sums, eps)
+        return attend_ff(q, k, v, cos, sin, keys, values, layout, scale, counts, x, weight, bias, norm,
+                         wrap=wrap_triton)
 
     return attend
 
