@@ -195,9 +195,6 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
         return _fused_decode_step(self, hidden_states, position_embeddings, past_key_values.layers[attn.layer_idx],
                                   kv_layout)
     x = self.input_layernorm(hidden_states)  # (batch, seq, hidden)
-    if stepping and x.shape[0] <= FEW_ROWS and x.dtype in HALF:
-        return _few_rows_decode_step(self, x, hidden_states, position_embeddings,
-                                     past_key_values.layers[attn.layer_idx], kv_layout)
     # A decode step of one row, or of a few users' rows: matrix-vector products, where triton_gemv reads the weights
     # faster than cuBLAS; for 2-8 rows only [q; k; v; fc1] (docs/bench/gemv_rows_triton.py: its rows kernel took
     # 25.5 us against 28.8 at 8 rows on an H200, but 29.4 against 22.1 on the 2560-row [dense | fc2]).
@@ -206,6 +203,16 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     linear_in = self.gemv if few else F.linear
     linear_out = self.gemv if few and x.shape[0] == 1 else F.linear
     q, k, v, ff = linear_in(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
+    if stepping and x.shape[0] <= FEW_ROWS:
+        # A few users' step (BatchDecoder's rows): the rotary, the cache writes and the attention in the one-row
+        # step's attention kernel (decode_step_attention) instead of ~4 kernels; no write index advanced (the
+        # decoders keep theirs). (attend_out's rows-kernel product was slower than cuBLAS here: docs/PERFORMANCE.md.)
+        layer = past_key_values.layers[attn.layer_idx]
+        cos, sin = position_embeddings  # (batch, 1, rotary dims)
+        out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, layer.token_keys, layer.token_values,
+                                                         kv_layout, attn.scaling, layer.step_counts)
+        return linear_out(torch.cat((out, self.mlp.activation_fn(ff)), dim=-1), self.fused_out_weight,
+                          self.fused_out_bias) + hidden_states
     heads = (*x.shape[:-1], -1, attn.head_dim)
     q, k, v = q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
     if attn.qk_layernorm:
@@ -239,41 +246,21 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
 def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                        cache: "_TokenMajorLayer", layout: torch.Tensor) -> torch.Tensor:
     """A fused Phi layer's one-row decode step where the Triton kernels run (layer.step_kernels), hidden (1, 1,
-    hidden), in three kernels: layer_in (layer norm, [q; k; v]), attend_ff (the split attention with the rotary, the
-    cache writes and its blocks combined by the last to finish; in the same launch, fc1 of the normed input through
-    gelu) and layer_out ([dense | fc2], the residual), instead of ~11. On an H200, with the greedy token picked
-    inside the step, batch 1 went from 485.6 to 556.5-571.2 tok/s in bf16 and from 300.4 to 338.9 in fp32 with four
-    kernels (the combine its own); with three ([q; k; v; fc1] in layer_in, the attention alone) and the argmax in
-    chunks, a later token took 1.650-1.656 ms instead of 1.695 (docs/PERFORMANCE.md). The step's key and value go to
-    the row's newest slot of decode_layout, not to the cache's shared write index: the cache's cumulative_length is
-    not advanced (the decoders keep their own)."""
-    norm, qkv = self.input_layernorm, self.qkv_width
-    y = torch.ops.phi2_qlora.layer_in(hidden, norm.weight, self.norm_sums[:qkv], norm.eps, self.fused_in_weight[:qkv],
-                                      self.norm_bias[:qkv], qkv)  # (1, 1, q + k + v); gelu from row qkv: none
-    q, k, v = y.split(self.fused_in_sizes[:3], dim=-1)
+    hidden), in two kernels: layer_in (layer norm, [q; k; v; fc1], gelu on fc1's rows) and attend_out (the split
+    attention with the rotary and the cache writes, its blocks combined by the last to finish; in the same launch
+    [dense | fc2] and the residual, fc2's columns read while the attention runs). On an H200, with the greedy token
+    picked inside the step, batch 1 went from 485.6 to 556.5-571.2 tok/s in bf16 and from 300.4 to 338.9 in fp32
+    with four kernels a layer; with three and the argmax in chunks, a later token took 1.650-1.656 ms instead of 1.695
+    (docs/PERFORMANCE.md). The step's key and value go to the row's newest slot of decode_layout, not to the cache's
+    shared write index: the cache's cumulative_length is not advanced (the decoders keep their own)."""
+    norm = self.input_layernorm
+    y = torch.ops.phi2_qlora.layer_in(hidden, norm.weight, self.norm_sums, norm.eps, self.fused_in_weight,
+                                      self.norm_bias, self.qkv_width)
+    q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (1, 1, heads * head dim) each but ff
     cos, sin = position_embeddings  # (1, 1, rotary dims)
-    out, ff = torch.ops.phi2_qlora.attend_ff(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
-                                             self.self_attn.scaling, cache.step_counts, hidden,
-                                             self.fused_in_weight[qkv:], self.norm_bias[qkv:], norm.weight,
-                                             self.norm_sums[qkv:], norm.eps)  # (1, 1, heads * dim), (1, 1, ff)
-    return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
-
-
-def _few_rows_decode_step(self, x: torch.Tensor, hidden: torch.Tensor,
-                          position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: "_TokenMajorLayer",
-                          layout: torch.Tensor) -> torch.Tensor:
-    """A fused Phi layer's decode step of 2 to FEW_ROWS rows (BatchDecoder's users) in bf16/fp16 where the Triton
-    kernels run: x the layer-normed input (batch, 1, hidden) of the residual stream `hidden`. [q; k; v] with
-    triton_gemv's rows kernel, then attend_ff (the split attention with the rotary and cache writes, and fc1 through
-    gelu in the same launch), then [dense | fc2] with cuBLAS (faster than the rows kernel there: FEW_ROWS) and the
-    residual. As in _fused_decode_step, the step's keys and values go to each row's newest slot of decode_layout."""
-    qkv = self.qkv_width
-    q, k, v = self.gemv(x, self.fused_in_weight[:qkv], self.fused_in_bias[:qkv]).split(self.fused_in_sizes[:3], -1)
-    cos, sin = position_embeddings  # (batch, 1, rotary dims)
-    out, ff = torch.ops.phi2_qlora.attend_ff(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
-                                             self.self_attn.scaling, cache.step_counts, x,
-                                             self.fused_in_weight[qkv:], self.fused_in_bias[qkv:], None, None, 0.0)
-    return F.linear(torch.cat((out, ff), dim=-1), self.fused_out_weight, self.fused_out_bias) + hidden
+    return torch.ops.phi2_qlora.attend_out(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
+                                           self.self_attn.scaling, cache.step_counts, cache.step_sync, ff,
+                                           self.fused_out_weight, self.fused_out_bias, hidden)
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -295,36 +282,64 @@ def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def kernel_programs():
-    """One program's work for each kind of this module's decode-step kernels, as Triton functions (inlined where a
-    kernel calls them): `one_row` (gemv_kernel's), `few_rows` (rows_kernel's) and `attend` (split_attention_kernel's).
-    attend_ff_kernel runs programs of two kinds in one launch. Returns (one_row, few_rows, attend)."""
+    """One program's work for each kind of this module's decode-step kernels, as Triton functions that kernels
+    call (inlined): `_one_row_program` (gemv_kernel's) and `_attend_program` (split_attention_kernel's).
+    attend_out_kernel runs programs of both kinds in one launch: the product's then wait (`_wait_for`) for what the
+    attention's write."""
+    global _wait_for, _one_row_program, _attend_program
     import triton
     import triton.language as tl
 
     @triton.jit
-    def one_row(pid, w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, gelu_from,
-                K: tl.constexpr, K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[n] = sum_k w[n, k] x[k] + b[n] for the BLOCK_N rows n of program `pid`, with gemv_kernel's switches."""
+    def _wait_for(done_ptr, need):
+        """Until the count at done_ptr reaches `need` (other programs of this launch add to it as they finish);
+        what they wrote before is visible after (acquire)."""
+        done = tl.atomic_add(done_ptr, 0, sem="acquire", scope="gpu")
+        while done < need:
+            done = tl.atomic_add(done_ptr, 0, sem="acquire", scope="gpu")
+
+    @triton.jit
+    def _one_row_program(pid, w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, gelu_from,
+                         done_ptr, need, K: tl.constexpr, K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr,
+                         RESIDUAL: tl.constexpr, WAIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[n] = sum_k w[n, k] x[k] + b[n] for the BLOCK_N rows n of program `pid`, with gemv_kernel's switches;
+        WAIT: x2's columns first, then x's (K1 of them, written by other programs of the launch) once `need` have
+        signalled at done_ptr."""
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if NORM:  # the row's statistics gathered along the product: sums of x - x[0] (less cancellation than x)
             shift = tl.load(x_ptr).to(tl.float32)
             s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
             s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
-                        mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + cols, mask=cols < K1, other=0.0).to(tl.float32)
-            if K1 < K:
-                x += tl.load(x2_ptr + cols - K1, mask=(cols >= K1) & (cols < K), other=0.0).to(tl.float32)
-            if NORM:
-                centred = tl.where(cols < K, x - shift, 0.0)
-                s1 += centred
-                s2 += centred * centred
-                x = x * tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+        if WAIT:
+            for k0 in range(K1, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
+                            mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0, eviction_policy="evict_first")
+                x = tl.load(x2_ptr + cols - K1, mask=cols < K, other=0.0).to(tl.float32)
+                acc += w.to(tl.float32) * x[None, :]
+            _wait_for(done_ptr, need)
+            for k0 in range(0, K1, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
+                            mask=(rows[:, None] < N) & (cols[None, :] < K1), other=0.0, eviction_policy="evict_first")
+                # .cg: from L2, where the other programs wrote it
+                x = tl.load(x_ptr + cols, mask=cols < K1, other=0.0, cache_modifier=".cg").to(tl.float32)
+                acc += w.to(tl.float32) * x[None, :]
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
+                            mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_ptr + cols, mask=cols < K1, other=0.0).to(tl.float32)
+                if K1 < K:
+                    x += tl.load(x2_ptr + cols - K1, mask=(cols >= K1) & (cols < K), other=0.0).to(tl.float32)
+                if NORM:
+                    centred = tl.where(cols < K, x - shift, 0.0)
+                    s1 += centred
+                    s2 += centred * centred
+                    x = x * tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                acc += w.to(tl.float32) * x[None, :]
         if NORM:  # W (g * (x - mean) * rstd + beta) + b = rstd (W (g * x) - mean W g) + (W beta + b): b_ptr holds the
             # last term, ws_ptr W g (norm_folded)
             m = tl.sum(s1, 0) / K
@@ -343,34 +358,13 @@ def kernel_programs():
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def few_rows(pid, w_ptr, x_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-        """y[m, n] = sum_k x[m, k] w[n, k] + b[n] for the BLOCK_N rows n of program `pid` and every row m < M <= 16
-        of x, through gelu_new where GELU (as one_row's)."""
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        ms = tl.arange(0, 16)
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
-                        mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K),
-                        other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
-        acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        if GELU:
-            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-            acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
-        tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(ms[:, None] < M) & (rows[None, :] < N))
-
-    @triton.jit
-    def attend(pid, block, q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride,
-               slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr,
-               HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-               SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr,
-               ROT: tl.constexpr):
-        """Block `block` of the (row, head) pid = row * HEADS + head of split_attention_kernel."""
+    def _attend_program(pid, block, q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size,
+                        row_stride, slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr,
+                        count_ptr, done_ptr, HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr,
+                        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        NEW: tl.constexpr, ROT: tl.constexpr, SIGNAL: tl.constexpr):
+        """Block `block` of the (row, head) pid = row * HEADS + head of split_attention_kernel. SIGNAL: the program
+        that writes a (row, head)'s output then adds 1 at done_ptr (attend_out_kernel's programs wait for them)."""
         row, head = pid // HEADS, pid % HEADS
         start = tl.load(layout_ptr + batch + 1 + row) - row * size  # the row's first slot
         used = tl.load(layout_ptr + 2 * (batch + 1) + row)
@@ -476,15 +470,16 @@ def kernel_programs():
                 o = tl.sum(w[:, None] * accs, 0) / tl.sum(w * totals, 0)
                 tl.store(o_ptr + pid * DIM + d, o.to(o_ptr.dtype.element_ty), mask=d < DIM)
                 tl.store(count_ptr + pid, 0)  # every block has arrived: ready for the next launch
-
-    # Kernels call these by their module-level names: Triton's interpreter (the CPU tests) runs a kernel's source
-    # with the module's globals, without its closure.
-    global _one_row_program, _few_rows_program, _attend_program
-    _one_row_program, _few_rows_program, _attend_program = one_row, few_rows, attend
-    return one_row, few_rows, attend
+                if SIGNAL:
+                    tl.debug_barrier()  # every thread's part of the output is stored before the signal
+                    tl.atomic_add(done_ptr, 1, sem="release", scope="gpu")
 
 
-_one_row_program = _few_rows_program = _attend_program = None  # kernel_programs() makes them (Triton's functions)
+
+# kernel_programs() defines these (Triton functions) as module globals: kernels call them by these names, because
+# Triton's interpreter (the CPU tests) runs a kernel's source with the module's globals, without its closure, and
+# inductor copies a called Triton function's source into its generated code under its own name.
+_wait_for = _one_row_program = _attend_program = None
 
 
 @functools.cache
@@ -509,7 +504,7 @@ def gemv_kernel():
                K1: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         _one_row_program(tl.program_id(0), w_ptr, x_ptr, x2_ptr, b_ptr, res_ptr, nw_ptr, ws_ptr, y_ptr, N, eps,
-                         gelu_from, K, K1, NORM, GELU, RESIDUAL, BLOCK_N, BLOCK_K)
+                         gelu_from, y_ptr, 0, K, K1, NORM, GELU, RESIDUAL, False, BLOCK_N, BLOCK_K)
 
     return kernel
 
@@ -521,11 +516,22 @@ def rows_kernel():
     (x padded to 16 rows, the smallest it takes), fp32 sums (docs/bench/gemv_rows_triton.py times it)."""
     import triton
     import triton.language as tl
-    kernel_programs()
 
     @triton.jit
     def kernel(w_ptr, x_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        _few_rows_program(tl.program_id(0), w_ptr, x_ptr, b_ptr, y_ptr, M, N, K, False, BLOCK_N, BLOCK_K)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = tl.arange(0, 16)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
+                        mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K),
+                        other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(ms[:, None] < M) & (rows[None, :] < N))
 
     return kernel
 
@@ -615,11 +621,10 @@ def norm_folded(weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Ten
 def triton_layer_products():
     """A one-row decode step's two products of a fused Phi layer with what surrounds them (gemv_kernel's switches),
     registered as PyTorch ops so that inductor and CUDA graphs take them in:
-    - phi2_qlora::layer_in(hidden, norm weight, weight sums, eps, weight, folded bias, gelu_from):
-      layer_norm(hidden) through the weight (norm_folded gives the sums and bias), rows from gelu_from on through
-      gelu_new (none where gelu_from is the weight's height: the decode step's [q; k; v]);
+    - phi2_qlora::layer_in(hidden, norm weight, weight sums, eps, [q; k; v; fc1] weight, folded bias, gelu_from):
+      layer_norm(hidden) through [q; k; v; fc1] (norm_folded gives the sums and bias), fc1's part through gelu_new;
     - phi2_qlora::layer_out(attention, gelu(fc1), [dense | fc2] weight, bias, hidden): the layer's output, the
-      product of [attention | gelu(fc1)] plus the residual stream.
+      product of [attention | gelu(fc1)] plus the residual stream (the decode step's attend_out does this itself).
     Why: around its products, a compiled one-row step ran a layer norm (with the residual add), a gelu and a
     concatenation as kernels of their own, ~4 us a layer on an H200 (docs/PERFORMANCE.md)."""
     from torch.library import triton_op, wrap_triton
@@ -631,7 +636,7 @@ def triton_layer_products():
         hidden = hidden.contiguous()
         y = hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
         one_row_product(wrap_triton(kernel), weight, hidden, bias, y, norm=(norm_weight, sums, eps),
-                        gelu_from=gelu_from if gelu_from < weight.shape[0] else None)
+                        gelu_from=gelu_from)
         return y
 
     @triton_op("phi2_qlora::layer_out", mutates_args={})
@@ -673,10 +678,12 @@ class _TokenMajorLayer(StaticLayer):
             self.token_values = values[:rows[0] * rows[1] * rows[2] * self.v_head_dim].view(*rows, self.v_head_dim)
         self.keys, self.values = self.token_keys.transpose(1, 2), self.token_values.transpose(1, 2)
         self.cumulative_length = self.cumulative_length.to(self.device)
-        # the step attention's arrival counts (split_attention's counts), zero between its launches
+        # the step attention's arrival counts (split_attention's counts) and attend_out's sync counts, zero between
+        # their launches
         self.step_counts = torch.zeros(self.batch_size * self.num_heads, dtype=torch.int32, device=self.device)
+        self.step_sync = torch.zeros(3, dtype=torch.int32, device=self.device)
         if not torch.compiler.is_compiling():  # as StaticLayer: CUDA graphs read the cache in place
-            for t in (self.token_keys, self.token_values, self.cumulative_length, self.step_counts):
+            for t in (self.token_keys, self.token_values, self.cumulative_length, self.step_counts, self.step_sync):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
@@ -788,8 +795,8 @@ def split_attention_kernel():
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr, ROT: tl.constexpr):
         _attend_program(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr,
                         scale, batch, size, row_stride, slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr,
-                        cos_ptr, sin_ptr, o_ptr, count_ptr, HEADS, DIM, SPLIT, SPLITS, SPLITS_P2, BLOCK_N, BLOCK_D,
-                        NEW, ROT)
+                        cos_ptr, sin_ptr, o_ptr, count_ptr, count_ptr, HEADS, DIM, SPLIT, SPLITS, SPLITS_P2, BLOCK_N,
+                        BLOCK_D, NEW, ROT, False)
 
     return partial
 
@@ -848,15 +855,21 @@ def _attention_launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 @functools.cache
-def attend_ff_kernel():
-    """One launch for two things a fused Phi layer's decode step does at once: the step attention
-    (split_attention_kernel's programs, the step's own key and value: rotary, cache writes) and the product of
-    [fc1] with the layer's normed input through gelu (gemv_kernel's programs for one row, with the layer norm
-    inside; rows_kernel's for a few rows of an input normed before). Neither needs the other's result, and the
-    attention reads a few hundred KB where the product reads fc1's weights (52 MB in Phi-2's bf16): apart, the
-    attention's ~5 us a layer at batch 1 on an H200 left the memory idle (docs/PERFORMANCE.md). The attention's
-    programs come first in the grid (the GPU starts programs in order): they are short, and the launch ends with
-    the last product programs, not with a late attention."""
+def attend_out_kernel():
+    """One launch for the rest of a fused Phi layer's one-row decode step after layer_in: the step attention
+    (split_attention_kernel's programs, with the step's own key and value: rotary, cache writes) and the layer's
+    output, [dense | fc2] of [attention | gelu(fc1)] plus the residual (gemv_kernel's programs). The product's
+    programs read fc2's columns first (80% of the weights; gelu(fc1) is there already) and dense's last, once every
+    head's attention is out (a count the attention's combining programs add to: _wait_for): the attention, ~5 us a
+    layer that left the memory idle as a kernel of its own, runs while the product streams its weights, and a layer
+    takes two launches instead of three. On an H200 (docs/bench/attend_out.py, 32 layers in a CUDA graph, 65 used
+    slots) a layer took 46.4 us instead of 48.2 in bf16 and 78.5 instead of 80.5 in fp32. (Launching the attention
+    with fc1's product instead, the other half of the layer that does not need it, took 47.1-50.1 us; at 8 rows
+    both were slower than before: docs/PERFORMANCE.md.)
+    Roles go by the order programs start (a ticket from an atomic count), not by program id: every attention
+    program started before any product program that waits for it, so the wait ends whatever order the GPU starts
+    programs in. The sync counts (tickets, heads done, products finished) are zero between launches: the program
+    that takes the last ticket and the last product to finish set them back."""
     import triton
     import triton.language as tl
     kernel_programs()
@@ -864,59 +877,63 @@ def attend_ff_kernel():
     @triton.jit
     def kernel(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride, slot_stride,
                head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr,
-               w_ptr, x_ptr, b_ptr, nw_ptr, ws_ptr, y_ptr, M, N, eps,
+               w_ptr, ff_ptr, b_ptr, res_ptr, y_ptr, sync_ptr, N, products,
                HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
                SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr,
-               ROT: tl.constexpr, K: tl.constexpr, ONE_ROW: tl.constexpr, NORM: tl.constexpr,
-               PRODUCT_N: tl.constexpr, PRODUCT_K: tl.constexpr):
-        pid = tl.program_id(0)
-        heads = batch * HEADS
-        attending = heads * SPLITS  # programs: every (row, head)'s block 0, then every block 1, ...
-        if pid < attending:
-            _attend_program(pid % heads, pid // heads, q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale,
-                            batch, size, row_stride, slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr,
-                            sin_ptr, o_ptr, count_ptr, HEADS, DIM, SPLIT, SPLITS, SPLITS_P2, BLOCK_N, BLOCK_D, NEW,
-                            ROT)
-        elif ONE_ROW:
-            _one_row_program(pid - attending, w_ptr, x_ptr, x_ptr, b_ptr, x_ptr, nw_ptr, ws_ptr, y_ptr, N, eps, 0, K,
-                             K, NORM, True, False, PRODUCT_N, PRODUCT_K)
+               ROT: tl.constexpr, K: tl.constexpr, K1: tl.constexpr, PRODUCT_N: tl.constexpr,
+               PRODUCT_K: tl.constexpr):
+        attending = HEADS * SPLITS  # tickets: every head's block 0, then every block 1, ...; then the product's
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+        if ticket == attending + products - 1:
+            tl.store(sync_ptr, 0)  # every program holds its ticket: ready for the next launch
+        if ticket < attending:
+            _attend_program(ticket % HEADS, ticket // HEADS, q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr,
+                            scale, batch, size, row_stride, slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr,
+                            cos_ptr, sin_ptr, o_ptr, count_ptr, sync_ptr + 1, HEADS, DIM, SPLIT, SPLITS, SPLITS_P2,
+                            BLOCK_N, BLOCK_D, NEW, ROT, True)
         else:
-            _few_rows_program(pid - attending, w_ptr, x_ptr, b_ptr, y_ptr, M, N, K, True, PRODUCT_N, PRODUCT_K)
+            _one_row_program(ticket - attending, w_ptr, o_ptr, ff_ptr, b_ptr, res_ptr, b_ptr, b_ptr, y_ptr, N, 0.0, N,
+                             sync_ptr + 1, HEADS, K, K1, False, False, True, True, PRODUCT_N, PRODUCT_K)
+            left = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel", scope="gpu")
+            if left == products - 1:  # the last product program to finish: every program is past its wait
+                tl.store(sync_ptr + 1, 0)
+                tl.store(sync_ptr + 2, 0)
 
     return kernel
 
 
-def attend_ff(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float, counts: torch.Tensor,
-              x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-              norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, wrap=None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run attend_ff_kernel: the step attention as split_attention(q, keys, values, layout, scale, new=(k, v, cos,
-    sin), counts) and gelu_new(weight x + bias) for x (batch, 1, in), batch <= FEW_ROWS; one row with norm (the layer
-    norm's weight, norm_folded's weight sums, eps; `bias` then norm_folded's too) takes the residual stream as x,
-    more rows an input normed before (norm None). Returns (attention (batch, 1, heads * head dim), product (batch, 1,
-    out)). wrap: torch.library.wrap_triton inside an op."""
+# attend_out's product launch (rows a program, input columns a step, warps, stages): the fastest of 7 in bf16 and
+# in fp32 on an H200 (docs/bench/attend_out.py; layer_out's own (8, 1024, 8, 2) took 52.5 us a layer there)
+ATTEND_OUT_BLOCKS = (4, 512, 4, 3)
+
+
+def attend_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float, counts: torch.Tensor,
+               sync: torch.Tensor, ff: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hidden: torch.Tensor,
+               wrap=None) -> torch.Tensor:
+    """Run attend_out_kernel for one row: the step attention as split_attention(q, keys, values, layout, scale,
+    new=(k, v, cos, sin), counts), then weight [attention; ff] + bias + hidden; ff (1, 1, ff width), weight
+    (hidden, heads * head dim + ff width), hidden (1, 1, hidden). sync: 3 int32, zero (each launch leaves them so;
+    _TokenMajorLayer.step_sync). Returns (1, 1, hidden). wrap: torch.library.wrap_triton inside an op."""
     import triton
-    kernel = attend_ff_kernel()
+    kernel = attend_out_kernel()
     if wrap is not None:
         kernel = wrap(kernel)
-    batch = q.shape[0]
-    (heads, blocks), args, constants, out = _attention_launch(q, keys, values, layout, scale, _split_config(batch),
+    assert q.shape[0] == 1, "one row"
+    (heads, blocks), args, constants, out = _attention_launch(q, keys, values, layout, scale, _split_config(1),
                                                               (k, v, cos, sin), counts)
     n, width = weight.shape
-    x = x.contiguous()
-    y = x.new_empty(*x.shape[:-1], n)
-    one = x.numel() == width
-    if one:
-        block_n, block_k, warps, stages = one_row_blocks(width, weight.dtype, norm is not None)
-    else:
-        assert norm is None and batch <= FEW_ROWS, "a few rows take an input normed before"
-        block_n, block_k, warps, stages = ROWS_BLOCKS
-    norm_weight, sums, eps = norm if norm is not None else (x, x, 0.0)
-    kernel[(heads * blocks + triton.cdiv(n, block_n),)](
-        *args, weight, x, bias, norm_weight, sums, y, x.numel() // width, n, eps, **constants, K=width, ONE_ROW=one,
-        NORM=norm is not None, PRODUCT_N=block_n, PRODUCT_K=block_k, num_warps=warps, num_stages=stages)
-    return out, y
+    assert ff.is_contiguous() and width == out.shape[-1] + ff.shape[-1], "[attention | ff] is the weight's input"
+    assert sync.shape == (3,) and sync.dtype == torch.int32, "three sync counts"
+    hidden = hidden.contiguous()
+    y = torch.empty_like(hidden)
+    block_n, block_k, warps, stages = ATTEND_OUT_BLOCKS
+    products = triton.cdiv(n, block_n)
+    kernel[(heads * blocks + products,)](
+        *args, weight, ff, bias, hidden, y, sync, n, products, **constants, K=width, K1=out.shape[-1],
+        PRODUCT_N=block_n, PRODUCT_K=min(block_k, triton.next_power_of_2(width)), num_warps=warps,
+        num_stages=stages)
+    return y
 
 
 @functools.cache
@@ -924,11 +941,14 @@ def triton_decode_attention():
     """decode_attention's "split" kernel, registered as the PyTorch op phi2_qlora::decode_attention so that inductor
     and CUDA graphs take it in: one query a row against the row's used slots only (decode_layout), split into
     blocks read in parallel (split_attention_kernel, launched as SPLIT_CONFIGS says for the batch size), so that a
-    step reads what the answers hold, not the whole cache, at any batch size. A fused Phi layer's decode step calls
-    its sibling phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale, counts), which
-    also rotates q and k and writes the step's key and value into the cache (in place: the op mutates keys and
-    values): the rotary and the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200.
-    Both add up the blocks in the one kernel (counts: the cache's step_counts).
+    step reads what the answers hold, not the whole cache, at any batch size. Its sibling
+    phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale, counts) also rotates q and k
+    and writes the step's key and value into the cache (in place: the op mutates keys and values): the rotary and
+    the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200. A fused Phi layer's
+    decode step of one row calls phi2_qlora::attend_out(q, k, v, cos, sin, keys, values, layout, scale, counts,
+    sync, ff, [dense | fc2] weight, bias, hidden): that attention and the layer's output in one launch
+    (attend_out_kernel); of 2 to FEW_ROWS rows, decode_step_attention. All add up the blocks in the one kernel
+    (counts: the cache's step_counts).
 
     Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
     with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
@@ -950,15 +970,13 @@ def triton_decode_attention():
         return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
                                new=(k, v, cos, sin), counts=counts)
 
-    @triton_op("phi2_qlora::attend_ff", mutates_args={"keys", "values", "counts"})
-    def attend_and_ff(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                      counts: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      norm_weight: torch.Tensor | None, sums: torch.Tensor | None, eps: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = None if norm_weight is None else (norm_weight, sums, eps)
-        return attend_ff(q, k, v, cos, sin, keys, values, layout, scale, counts, x, weight, bias, norm,
-                         wrap=wrap_triton)
+    @triton_op("phi2_qlora::attend_out", mutates_args={"keys", "values", "counts", "sync"})
+    def attend_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
+                       counts: torch.Tensor, sync: torch.Tensor, ff: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return attend_out(q, k, v, cos, sin, keys, values, layout, scale, counts, sync, ff, weight, bias, hidden,
+                          wrap=wrap_triton)
 
     return attend
 

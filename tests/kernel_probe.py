@@ -3,8 +3,9 @@ before Triton is imported), on inputs a test saved, and saves what they computed
 
 Test helper only (tests/test_inference.py): the interpreter runs each kernel's program instances one by one in
 NumPy, the same kernel source the GPU compiles, so CI checks the kernels' arithmetic and indexing without a GPU.
-Last, the tiny model's decode steps run through the fused layers' kernels (decoding._fused_decode_step, as on a
-GPU: triton_supported is made to say yes), eagerly: the interpreter cannot run inside torch.compile's tracing.
+Last, the tiny model's decode steps run through the fused layers' kernels (decoding._fused_decode_step for one row; a
+few rows through the step attention, in fp16 also the rows kernel; as on a GPU: triton_supported is made to say yes),
+eagerly: the interpreter cannot run inside torch.compile's tracing.
 
     TRITON_INTERPRET=1 python tests/kernel_probe.py INPUTS.pt OUTPUTS.pt
 """
@@ -21,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import decoding  # noqa: E402
 from config import GenerationSettings  # noqa: E402
-from decoding import (SPLIT_CONFIGS, FastDecoder, decode_attention, split_attention, triton_decode_attention,  # noqa
-                      norm_folded, triton_gemv, triton_layer_products)
+from decoding import (SPLIT_CONFIGS, FastDecoder, attend_out, decode_attention, decode_layout, norm_folded,  # noqa
+                      split_attention, triton_decode_attention, triton_gemv, triton_layer_products)
 
 inputs = torch.load(sys.argv[1])
 q, keys, values, layout, scale = (inputs[k] for k in ("q", "keys", "values", "layout", "scale"))
@@ -51,6 +52,18 @@ for config in set(SPLIT_CONFIGS.values()):
         o = split_attention(step_q, kk, vv, layout, scale, config,
                             new=(k_new.to(dtype), v_new.to(dtype), cos.to(dtype), sin.to(dtype)), counts=counts)
         out[f"step {config} {dtype}"] = (o, kk, vv, counts)
+# attend_out: the step attention of one row and the layer's output product ([attention | ff] through a weight, plus
+# the residual) in one launch, on copies of the cache
+for rows, dtype in inputs["attend_out cases"]:
+    kk, vv = keys[:rows].to(dtype), values[:rows].to(dtype)
+    step_q = q[:rows].transpose(1, 2).reshape(rows, 1, -1).to(dtype)
+    ff, w, b, hidden = (inputs[f"out {n}"].to(dtype) for n in ("ff", "w", "b", "hidden"))
+    counts = torch.zeros(rows * keys.shape[2], dtype=torch.int32)
+    sync = torch.zeros(3, dtype=torch.int32)
+    y = attend_out(step_q, k_new[:rows].to(dtype), v_new[:rows].to(dtype), cos[:rows].to(dtype), sin[:rows].to(dtype),
+                   kk, vv, decode_layout(inputs["starts"][:rows], inputs["used"][:rows], keys.shape[1]), scale, counts,
+                   sync, ff[:rows], w, b, hidden[:rows])
+    out[f"attend_out {rows} {dtype}"] = (y, kk, vv, counts, sync)
 layer_in, layer_out = triton_layer_products()
 for dtype in (torch.float32, torch.bfloat16):
     hidden, norm_w, norm_b, w, b = (inputs[f"layer {n}"].to(dtype) for n in ("hidden", "norm weight", "norm bias",
@@ -74,4 +87,12 @@ with torch.inference_mode():
         out[f"decoded {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, 8, ignore_eos=True,
                                                               output_logits=True)
         out[f"greedy loop {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, 8, ignore_eos=True)[0]
+# the left-padded rows again in fp16, where a few rows take the Triton rows kernel
+model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float16).eval()
+decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512)
+decoder.step = model.__call__
+ids, mask = inputs["prompts"][1]
+with torch.inference_mode():
+    out[f"decoded fp16 {tuple(ids.shape)}"] = decoder.generate(ids, mask, GenerationSettings(**inputs["greedy"]), 8,
+                                                               ignore_eos=True, output_logits=True)
 torch.save(out, sys.argv[2])

@@ -334,9 +334,15 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     prompts = [torch.randint(1, len(tokenizer), (rows, 12), generator=gen) for rows in (1, 3)]
     prompts = [(ids, torch.ones_like(ids).index_fill_(1, torch.arange(4), 0) if len(ids) > 1 else torch.ones_like(ids))
                for ids in prompts]  # three rows: two of them left-padded
+    # attend_out: [attention | ff] (the attention: 4 heads of 80) through a weight, plus the residual
+    out_product = {"ff": torch.randn(3, 1, 56, generator=gen), "w": torch.randn(96, 320 + 56, generator=gen) / 20,
+                   "b": torch.randn(96, generator=gen), "hidden": torch.randn(3, 1, 96, generator=gen)}
+    out_cases = [(1, torch.float32), (1, torch.bfloat16)]  # one row (the decode step's)
     torch.save({"q": q, "keys": keys, "values": values, "layout": layout, "scale": dim ** -0.5, "gemv w": w,
                 "gemv b": b, "gemv x": x, "gemv cases": cases, "k new": k_new, "v new": v_new, "cos": cos,
                 "sin": sin, **{f"layer {k}": t for k, t in layer.items()}, "gelu from": 120, "model": str(TINY),
+                **{f"out {k}": t for k, t in out_product.items()}, "attend_out cases": out_cases, "starts": starts,
+                "used": used,
                 "prompts": prompts, "greedy": {"max_new_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0}},
                tmp_path / "in.pt")
     run_script("tests/kernel_probe.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
@@ -375,7 +381,22 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
         assert torch.equal(got_values[untouched], values.to(dtype)[untouched]), name
     assert not near(expected, reference, 0.02)  # the new key and value matter: a kernel ignoring them fails
 
+    # attend_out: the same step attention, then the layer's output product of it, from one launch
     F = torch.nn.functional  # noqa: N806
+    for rows, dtype in out_cases:
+        got, got_keys, got_values, counts, sync = out[f"attend_out {rows} {dtype}"]
+        tolerance = 1e-5 if dtype == torch.float32 else 0.02
+        attention, written_keys, written_values = step_reference(
+            q[:rows].transpose(1, 2).reshape(rows, 1, -1).to(dtype).float(), k_new[:rows].to(dtype).float(),
+            v_new[:rows].to(dtype).float(), cos[:rows].to(dtype).float(), sin[:rows].to(dtype).float(),
+            keys[:rows].to(dtype).float(), values[:rows].to(dtype).float(), starts[:rows], used[:rows])
+        t = {k: v.to(dtype).double() for k, v in out_product.items()}
+        expected = F.linear(torch.cat((attention.to(dtype).double(), t["ff"][:rows]), -1), t["w"], t["b"]) + \
+            t["hidden"][:rows]
+        assert got.shape == (rows, 1, 96) and got.dtype == dtype and near(got, expected, tolerance), (rows, dtype)
+        assert near(got_keys, written_keys, tolerance) and near(got_values, written_values, tolerance)
+        assert not counts.any() and not sync.any()  # ready for the next launch
+
     for dtype in (torch.float32, torch.bfloat16):
         tolerance = 1e-5 if dtype == torch.float32 else 0.02
         t = {k: v.to(dtype).double() for k, v in layer.items()}
@@ -397,6 +418,15 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
             got_tokens, got_logits = out[f"decoded {tuple(ids.shape)}"]
             assert got_tokens == tokens and (got_logits - logits).abs().max() < 1e-4, ids.shape
             assert out[f"greedy loop {tuple(ids.shape)}"] == tokens, ids.shape
+    # three left-padded rows in fp16 through the rows kernel and the step attention, against the CPU's path
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float16).eval()
+    plain = FastDecoder(model, tokenizer, 512)
+    plain.step = model.__call__
+    ids, mask = prompts[1]
+    with torch.inference_mode():
+        tokens, logits = plain.generate(ids, mask, greedy, 8, ignore_eos=True, output_logits=True)
+    got_tokens, got_logits = out[f"decoded fp16 {tuple(ids.shape)}"]
+    assert got_tokens == tokens and (got_logits - logits).abs().max() < 0.02 * logits.abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -452,10 +482,12 @@ def test_triton_gemv_is_the_linear_product_on_gpu(rows, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
     """A one-row step's layer kernels at Phi-2's shapes (layer_in: layer norm, [q; k; v; fc1], gelu on fc1's rows;
-    layer_out: [dense | fc2] of [attention | gelu(fc1)] plus the residual) and the step attention with the step's
-    own key and value (rotary, cache writes, the blocks combined in its first kernel; 1 and 7 rows of loud_cache),
-    eager and compiled, three launches each: under inductor the attention op must still write the cache it was
-    given. Tolerance: bf16 rounding; fp32 sums in another order."""
+    layer_out: [dense | fc2] of [attention | gelu(fc1)] plus the residual), the step attention with the step's
+    own key and value (rotary, cache writes, the blocks combined in its first kernel; 1 and 7 rows of loud_cache)
+    and attend_out (that attention of one row and the layer's output product in one launch), eager and
+    compiled, three launches each: under inductor the attention op must still write the cache it was given, and
+    every launch leaves its counts at zero for the next.
+    Tolerance: bf16 rounding; fp32 sums in another order."""
     if not triton_supported(torch.device("cuda"), dtype):
         pytest.skip("needs Triton and compute capability 8.0 or later")
     layer_in, layer_out = decoding.triton_layer_products()
@@ -504,6 +536,33 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
                 assert near(cache_k, written_keys, tolerance) and near(cache_v, written_values, tolerance)  # in place
                 assert not counts.any()
 
+    # attend_out: the same step attention of one row and, in the same launch, the layer's output ([dense | fc2] of
+    # [attention | gelu(fc1)] plus the residual)
+    def attend_out(q, k, v, cos, sin, keys, values, layout, counts, sync, ff):
+        return torch.ops.phi2_qlora.attend_out(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5, counts, sync, ff,
+                                               w_out, b_out, residual)
+
+    for batch in (1,):
+        _, keys, values, starts, used = loud_cache(batch, "cuda")
+        q, k, v, ff = randn(batch, 1, 3 * 2560 + 10240).split([2560] * 3 + [10240], -1)  # layer_in's output
+        angle = torch.randn(batch, 1, 16, generator=gen, device="cuda") * 3
+        cos, sin = (torch.cat((f(angle), f(angle)), -1).to(dtype) for f in (torch.cos, torch.sin))
+        attention, written_keys, written_values = step_reference(q.float(), k.float(), v.float(), cos.float(),
+                                                                 sin.float(), keys, values, starts, used)
+        residual = randn(batch, 1, 2560, scale=3) + 1
+        expected = F.linear(torch.cat((attention.to(dtype), ff), -1).double(), w_out.double(), b_out.double()) + \
+            residual.double()
+        counts = torch.zeros(batch * 32, dtype=torch.int32, device="cuda")
+        sync = torch.zeros(3, dtype=torch.int32, device="cuda")
+        for run in (attend_out, torch.compile(attend_out)):
+            for _ in range(3):
+                cache_k, cache_v = keys.to(dtype), values.to(dtype)
+                y = run(q, k, v, cos, sin, cache_k, cache_v, decode_layout(starts, used, keys.shape[1]), counts, sync,
+                        ff)
+                assert y.dtype == dtype and y.shape == (batch, 1, 2560) and near(y, expected, tolerance), batch
+                assert near(cache_k, written_keys, tolerance) and near(cache_v, written_values, tolerance)
+                assert not counts.any() and not sync.any()
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tokenizer):
@@ -530,6 +589,25 @@ def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tok
     ids, logits = fast.generate_with_logits(prompts[1:2], GREEDY, 20)
     plain_ids, plain_logits = plain.generate_with_logits(prompts[1:2], GREEDY, 20)
     assert ids == plain_ids and (logits - plain_logits).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_few_rows_through_the_layer_kernels_decode_the_plain_tokens_on_gpu(tokenizer):
+    """A few rows in fp16 (BatchDecoder's users): the compiled step's Triton rows kernel ([q; k; v; fc1]) and the
+    step attention (rotary and cache writes inside) against transformers' generate in fp16, left-padded rows of
+    different lengths: the same greedy tokens, the logits within fp16 rounding."""
+    if not triton_supported(torch.device("cuda"), torch.float16):
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+
+    def model():
+        return AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float16).cuda()
+
+    plain, fast = ChatModel(model(), tokenizer, fast=False), ChatModel(model(), tokenizer, fast=True)
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
+    ids, logits = fast.generate_with_logits(prompts, GREEDY, 20)
+    plain_ids, plain_logits = plain.generate_with_logits(prompts, GREEDY, 20)
+    assert ids == plain_ids and (logits - plain_logits).abs().max() < 0.02 * plain_logits.abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,7 +11,9 @@ graph, us a layer from 200 replays; the cache holds 65 used slots of 512 (the 64
   eagerly under the graph.)
 Outputs of after are compared with before's (the same sums, in another grouping).
 
-    python docs/bench/attend_ff.py one rows        # from the repo root, on a CUDA GPU
+    python docs/bench/attend_ff.py one rows        # from the repo root, on a CUDA GPU, at commit aecc5c3
+Output of the 2026-11-30 H200 run: docs/bench/h200-attend-ff-2026-11-30.log. attend_ff did not help and was replaced
+by attend_out in the next commit (docs/bench/attend_out.py); this script needs aecc5c3's decoding.py.
 """
 import sys
 import time
