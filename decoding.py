@@ -203,10 +203,12 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     linear_in = self.gemv if few else F.linear
     linear_out = self.gemv if few and x.shape[0] == 1 else F.linear
     q, k, v, ff = linear_in(x, self.fused_in_weight, self.fused_in_bias).split(self.fused_in_sizes, dim=-1)
-    if stepping and x.shape[0] <= FEW_ROWS:
+    if stepping and x.shape[0] <= FEW_ROWS and x.dtype in HALF:
         # A few users' step (BatchDecoder's rows): the rotary, the cache writes and the attention in the one-row
         # step's attention kernel (decode_step_attention) instead of ~4 kernels; no write index advanced (the
-        # decoders keep theirs). (attend_out's rows-kernel product was slower than cuBLAS here: docs/PERFORMANCE.md.)
+        # decoders keep theirs). On an H200 the bf16 8-row step took 2.099 ms instead of 2.243 (65 used slots; fp32
+        # not measured, so it keeps the kernels before). attend_out with a rows-kernel product was slower than
+        # cuBLAS here (docs/PERFORMANCE.md).
         layer = past_key_values.layers[attn.layer_idx]
         cos, sin = position_embeddings  # (batch, 1, rotary dims)
         out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, layer.token_keys, layer.token_values,
@@ -246,11 +248,13 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
 def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                        cache: "_TokenMajorLayer", layout: torch.Tensor) -> torch.Tensor:
     """A fused Phi layer's one-row decode step where the Triton kernels run (layer.step_kernels), hidden (1, 1,
-    hidden), in two kernels: layer_in (layer norm, [q; k; v; fc1], gelu on fc1's rows) and attend_out (the split
+    hidden): layer_in (layer norm, [q; k; v; fc1], gelu on fc1's rows), then in bf16/fp16 attend_out (the split
     attention with the rotary and the cache writes, its blocks combined by the last to finish; in the same launch
-    [dense | fc2] and the residual, fc2's columns read while the attention runs). On an H200, with the greedy token
-    picked inside the step, batch 1 went from 485.6 to 556.5-571.2 tok/s in bf16 and from 300.4 to 338.9 in fp32
-    with four kernels a layer; with three and the argmax in chunks, a later token took 1.650-1.656 ms instead of 1.695
+    [dense | fc2] and the residual, fc2's columns read while the attention runs), in fp32 that attention
+    (decode_step_attention) and layer_out ([dense | fc2], the residual) one after the other. On an H200, with the
+    greedy token picked inside the step, batch 1 went from 485.6 to 556.5-571.2 tok/s in bf16 and from 300.4 to 338.9
+    in fp32 with four kernels a layer; with three and the argmax in chunks, a later token took 1.650-1.656 ms instead
+    of 1.695; with attend_out, 604.7 tok/s against 591.7 in bf16 on one machine, but 327.8 against 339.3 in fp32
     (docs/PERFORMANCE.md). The step's key and value go to the row's newest slot of decode_layout, not to the cache's
     shared write index: the cache's cumulative_length is not advanced (the decoders keep their own)."""
     norm = self.input_layernorm
@@ -258,9 +262,13 @@ def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[to
                                       self.norm_bias, self.qkv_width)
     q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (1, 1, heads * head dim) each but ff
     cos, sin = position_embeddings  # (1, 1, rotary dims)
-    return torch.ops.phi2_qlora.attend_out(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
-                                           self.self_attn.scaling, cache.step_counts, cache.step_sync, ff,
-                                           self.fused_out_weight, self.fused_out_bias, hidden)
+    if hidden.dtype in HALF:
+        return torch.ops.phi2_qlora.attend_out(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
+                                               self.self_attn.scaling, cache.step_counts, cache.step_sync, ff,
+                                               self.fused_out_weight, self.fused_out_bias, hidden)
+    out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
+                                                     self.self_attn.scaling, cache.step_counts)  # (1, 1, heads * dim)
+    return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -863,9 +871,10 @@ def attend_out_kernel():
     head's attention is out (a count the attention's combining programs add to: _wait_for): the attention, ~5 us a
     layer that left the memory idle as a kernel of its own, runs while the product streams its weights, and a layer
     takes two launches instead of three. On an H200 (docs/bench/attend_out.py, 32 layers in a CUDA graph, 65 used
-    slots) a layer took 46.4 us instead of 48.2 in bf16 and 78.5 instead of 80.5 in fp32. (Launching the attention
-    with fc1's product instead, the other half of the layer that does not need it, took 47.1-50.1 us; at 8 rows
-    both were slower than before: docs/PERFORMANCE.md.)
+    slots) a layer took 46.4 us instead of 48.2 in bf16 and 78.5 instead of 80.5 in fp32; a 256-token bf16 answer
+    ran at 604.7 tok/s instead of 591.7, but the compiled fp32 step was slower (327.8 against 339.3 tok/s), so fp32
+    keeps the three launches. (Launching the attention with fc1's product instead, the other half of the layer that
+    does not need it, took 47.1-50.1 us; at 8 rows both were slower than before: docs/PERFORMANCE.md.)
     Roles go by the order programs start (a ticket from an atomic count), not by program id: every attention
     program started before any product program that waits for it, so the wait ends whatever order the GPU starts
     programs in. The sync counts (tickets, heads done, products finished) are zero between launches: the program
@@ -945,10 +954,10 @@ def triton_decode_attention():
     phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale, counts) also rotates q and k
     and writes the step's key and value into the cache (in place: the op mutates keys and values): the rotary and
     the two cache writes were kernels of their own, ~3.7 us a layer at batch 1 on an H200. A fused Phi layer's
-    decode step of one row calls phi2_qlora::attend_out(q, k, v, cos, sin, keys, values, layout, scale, counts,
-    sync, ff, [dense | fc2] weight, bias, hidden): that attention and the layer's output in one launch
-    (attend_out_kernel); of 2 to FEW_ROWS rows, decode_step_attention. All add up the blocks in the one kernel
-    (counts: the cache's step_counts).
+    decode step of one row in bf16/fp16 calls phi2_qlora::attend_out(q, k, v, cos, sin, keys, values, layout, scale,
+    counts, sync, ff, [dense | fc2] weight, bias, hidden): that attention and the layer's output in one launch
+    (attend_out_kernel); of one row in fp32, and of 2 to FEW_ROWS rows in bf16/fp16, decode_step_attention. All add
+    up the blocks in the one kernel (counts: the cache's step_counts).
 
     Why (H200, bf16, one layer, docs/bench/decode_attention_split.py): batches attended over every row's whole cache
     with cuDNN, 86 us at batch 64 and 384 slots however many were used; this kernel takes 25, 43 and 65 us at 65,
@@ -1015,16 +1024,17 @@ class FastDecoder:
     the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
-    Phi-2, docs/PERFORMANCE.md): 594.5-600.8 tok/s at batch 1 and 16,940-16,998 at batch 64 in bf16, 339 at batch 1 in
-    fp32, against 35-60, 2,773-3,891 and 63-66 for generate(). At batch 1 each layer is three Triton kernels
-    (_fused_decode_step), a greedy token is picked inside the compiled step (_greedy_step) and the prompt is prefilled
-    by a CUDA graph (_PrefillGraph); every row attends over its own used slots only (DecodeCache, decode_attention).
+    Phi-2, docs/PERFORMANCE.md): 604.2-605.8 tok/s at batch 1 and 16,860-16,895 at batch 64 in bf16, 339 at batch 1 in
+    fp32, against 35-60, 2,773-3,891 and 63-66 for generate(). At batch 1 each layer is two Triton launches in
+    bf16/fp16 and three in fp32 (_fused_decode_step), a greedy token is picked inside the compiled step
+    (_greedy_step) and the prompt is prefilled by a CUDA graph (_PrefillGraph); every row attends over its own used
+    slots only (DecodeCache, decode_attention).
 
     Pieces are transformers' own where they suffice: StaticCache (DecodeCache where rows read their own slots), the
     model's compiled call (`get_compiled_call`, inductor with CUDA graphs on CUDA) and the logits processors. Batches
     prefill eagerly (one call; their shapes vary; prefill_attention's kernels). Batches of up to FEW_ROWS rows read
-    [q; k; v; fc1] with triton_gemv. Making a decoder fuses the model's Phi layers in place (fuse_phi_layers); the
-    model stays usable everywhere.
+    [q; k; v; fc1] with triton_gemv and (bf16/fp16) attend with the step attention. Making a decoder fuses the
+    model's Phi layers in place (fuse_phi_layers); the model stays usable everywhere.
     """
 
     def __init__(self, model, tokenizer, context_window: int):

@@ -3,9 +3,9 @@ before Triton is imported), on inputs a test saved, and saves what they computed
 
 Test helper only (tests/test_inference.py): the interpreter runs each kernel's program instances one by one in
 NumPy, the same kernel source the GPU compiles, so CI checks the kernels' arithmetic and indexing without a GPU.
-Last, the tiny model's decode steps run through the fused layers' kernels (decoding._fused_decode_step for one row; a
-few rows through the step attention, in fp16 also the rows kernel; as on a GPU: triton_supported is made to say yes),
-eagerly: the interpreter cannot run inside torch.compile's tracing.
+Last, the tiny model's decode steps run through the fused layers' kernels (decoding._fused_decode_step for one row, in
+fp32 and in fp16 (attend_out); a few rows in fp16 through the rows kernel and the step attention; as on a GPU:
+triton_supported is made to say yes), eagerly: the interpreter cannot run inside torch.compile's tracing.
 
     TRITON_INTERPRET=1 python tests/kernel_probe.py INPUTS.pt OUTPUTS.pt
 """
@@ -87,12 +87,12 @@ with torch.inference_mode():
         out[f"decoded {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, 8, ignore_eos=True,
                                                               output_logits=True)
         out[f"greedy loop {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, 8, ignore_eos=True)[0]
-# the left-padded rows again in fp16, where a few rows take the Triton rows kernel
+# again in fp16, where one row's layer takes attend_out and a few rows the rows kernel and the step attention
 model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float16).eval()
 decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512)
 decoder.step = model.__call__
-ids, mask = inputs["prompts"][1]
 with torch.inference_mode():
-    out[f"decoded fp16 {tuple(ids.shape)}"] = decoder.generate(ids, mask, GenerationSettings(**inputs["greedy"]), 8,
-                                                               ignore_eos=True, output_logits=True)
+    for ids, mask in inputs["prompts"]:
+        out[f"decoded fp16 {tuple(ids.shape)}"] = decoder.generate(ids, mask, GenerationSettings(**inputs["greedy"]),
+                                                                   8, ignore_eos=True, output_logits=True)
 torch.save(out, sys.argv[2])

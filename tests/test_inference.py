@@ -418,15 +418,16 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
             got_tokens, got_logits = out[f"decoded {tuple(ids.shape)}"]
             assert got_tokens == tokens and (got_logits - logits).abs().max() < 1e-4, ids.shape
             assert out[f"greedy loop {tuple(ids.shape)}"] == tokens, ids.shape
-    # three left-padded rows in fp16 through the rows kernel and the step attention, against the CPU's path
+    # fp16, against the CPU's path in fp16: one row through attend_out, three left-padded rows through the rows
+    # kernel and the step attention
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float16).eval()
     plain = FastDecoder(model, tokenizer, 512)
     plain.step = model.__call__
-    ids, mask = prompts[1]
-    with torch.inference_mode():
-        tokens, logits = plain.generate(ids, mask, greedy, 8, ignore_eos=True, output_logits=True)
-    got_tokens, got_logits = out[f"decoded fp16 {tuple(ids.shape)}"]
-    assert got_tokens == tokens and (got_logits - logits).abs().max() < 0.02 * logits.abs().max()
+    for ids, mask in prompts:
+        with torch.inference_mode():
+            tokens, logits = plain.generate(ids, mask, greedy, 8, ignore_eos=True, output_logits=True)
+        got_tokens, got_logits = out[f"decoded fp16 {tuple(ids.shape)}"]
+        assert got_tokens == tokens and (got_logits - logits).abs().max() < 0.02 * logits.abs().max(), ids.shape
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -592,10 +593,11 @@ def test_fast_path_through_the_layer_kernels_decodes_the_plain_tokens_on_gpu(tok
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_few_rows_through_the_layer_kernels_decode_the_plain_tokens_on_gpu(tokenizer):
-    """A few rows in fp16 (BatchDecoder's users): the compiled step's Triton rows kernel ([q; k; v; fc1]) and the
-    step attention (rotary and cache writes inside) against transformers' generate in fp16, left-padded rows of
-    different lengths: the same greedy tokens, the logits within fp16 rounding."""
+def test_fp16_steps_through_the_layer_kernels_decode_the_plain_tokens_on_gpu(tokenizer):
+    """fp16, where one row's layer takes attend_out (the attention and the layer's output in one launch) and a few
+    rows (BatchDecoder's users) the Triton rows kernel and the step attention: the compiled steps against
+    transformers' generate in fp16, one row and left-padded rows of different lengths: the same greedy tokens, the
+    logits within fp16 rounding."""
     if not triton_supported(torch.device("cuda"), torch.float16):
         pytest.skip("needs Triton and compute capability 8.0 or later")
 
@@ -605,9 +607,12 @@ def test_a_few_rows_through_the_layer_kernels_decode_the_plain_tokens_on_gpu(tok
     plain, fast = ChatModel(model(), tokenizer, fast=False), ChatModel(model(), tokenizer, fast=True)
     rng = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
-    ids, logits = fast.generate_with_logits(prompts, GREEDY, 20)
-    plain_ids, plain_logits = plain.generate_with_logits(prompts, GREEDY, 20)
-    assert ids == plain_ids and (logits - plain_logits).abs().max() < 0.02 * plain_logits.abs().max()
+    for batch in (prompts[:1], prompts):
+        ids, logits = fast.generate_with_logits(batch, GREEDY, 20)
+        plain_ids, plain_logits = plain.generate_with_logits(batch, GREEDY, 20)
+        assert ids == plain_ids and (logits - plain_logits).abs().max() < 0.02 * plain_logits.abs().max(), len(batch)
+    assert fast.generate_ids(prompts[1:2], GREEDY, 20, ignore_eos=True) == plain.generate_ids(prompts[1:2], GREEDY,
+                                                                                            20, ignore_eos=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
