@@ -463,8 +463,7 @@ def kernel_programs():
             tl.store(stats_ptr + out * 2, top)
             tl.store(stats_ptr + out * 2 + 1, total)
             # the last of a (row, head)'s blocks to finish adds them up (count_ptr: zero between launches)
-            tl.debug_barrier()  # every thread's stores above come before this program's arrival (one thread's
-            # atomic)
+            tl.debug_barrier()  # every thread's stores come before this program's arrival (one thread's atomic)
             arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if arrived == held - 1:
                 blocks = pid * SPLITS + tl.arange(0, SPLITS_P2)
@@ -481,7 +480,6 @@ def kernel_programs():
                 if SIGNAL:
                     tl.debug_barrier()  # every thread's part of the output is stored before the signal
                     tl.atomic_add(done_ptr, 1, sem="release", scope="gpu")
-
 
 
 # kernel_programs() defines these (Triton functions) as module globals: kernels call them by these names, because

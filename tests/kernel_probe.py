@@ -54,16 +54,16 @@ for config in set(SPLIT_CONFIGS.values()):
         out[f"step {config} {dtype}"] = (o, kk, vv, counts)
 # attend_out: the step attention of one row and the layer's output product ([attention | ff] through a weight, plus
 # the residual) in one launch, on copies of the cache
-for rows, dtype in inputs["attend_out cases"]:
-    kk, vv = keys[:rows].to(dtype), values[:rows].to(dtype)
-    step_q = q[:rows].transpose(1, 2).reshape(rows, 1, -1).to(dtype)
+for dtype in (torch.float32, torch.bfloat16):
+    kk, vv = keys[:1].to(dtype), values[:1].to(dtype)
+    step_q = q[:1].transpose(1, 2).reshape(1, 1, -1).to(dtype)
     ff, w, b, hidden = (inputs[f"out {n}"].to(dtype) for n in ("ff", "w", "b", "hidden"))
-    counts = torch.zeros(rows * keys.shape[2], dtype=torch.int32)
+    counts = torch.zeros(keys.shape[2], dtype=torch.int32)
     sync = torch.zeros(3, dtype=torch.int32)
-    y = attend_out(step_q, k_new[:rows].to(dtype), v_new[:rows].to(dtype), cos[:rows].to(dtype), sin[:rows].to(dtype),
-                   kk, vv, decode_layout(inputs["starts"][:rows], inputs["used"][:rows], keys.shape[1]), scale, counts,
-                   sync, ff[:rows], w, b, hidden[:rows])
-    out[f"attend_out {rows} {dtype}"] = (y, kk, vv, counts, sync)
+    y = attend_out(step_q, k_new[:1].to(dtype), v_new[:1].to(dtype), cos[:1].to(dtype), sin[:1].to(dtype), kk, vv,
+                   decode_layout(inputs["starts"][:1], inputs["used"][:1], keys.shape[1]), scale, counts, sync, ff, w,
+                   b, hidden)
+    out[f"attend_out {dtype}"] = (y, kk, vv, counts, sync)
 layer_in, layer_out = triton_layer_products()
 for dtype in (torch.float32, torch.bfloat16):
     hidden, norm_w, norm_b, w, b = (inputs[f"layer {n}"].to(dtype) for n in ("hidden", "norm weight", "norm bias",

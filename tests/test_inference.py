@@ -306,10 +306,13 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
       its own slots of loud_cache; and with the step's own key and value (rotary on q and k, both written to each
       row's newest slot, nothing else of the cache touched; the blocks combined inside the first kernel, its
       arrival counts left at zero);
+    - attend_out, one row: that step attention and, in the same launch, the layer's output product of it (the
+      product waiting for the attention's programs), its counts left at zero;
     - the GEMV for one row and for a few; the fused layer's layer_in (layer norm, product, gelu on fc1's rows) and
       layer_out (two inputs, product, residual);
-    - the tiny model's greedy decoding through those kernels (one row: the three-kernel layer, with and without the
-      greedy loop; three left-padded rows: the split attention): the tokens and logits of the CPU's path.
+    - the tiny model's greedy decoding through those kernels (fp32 one row: layer_in, the step attention, layer_out,
+      with and without the greedy loop; three left-padded rows: the split attention) and in fp16 (one row: layer_in
+      and attend_out; three rows: the rows kernel and the step attention): the tokens and logits of the CPU's path.
     The GPU tests below run the same kernels compiled. Tolerance: bf16 rounding of inputs and outputs; fp32 sums
     in another order."""
     q, keys, values, starts, used = loud_cache(5, "cpu", heads=4)
@@ -334,16 +337,14 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     prompts = [torch.randint(1, len(tokenizer), (rows, 12), generator=gen) for rows in (1, 3)]
     prompts = [(ids, torch.ones_like(ids).index_fill_(1, torch.arange(4), 0) if len(ids) > 1 else torch.ones_like(ids))
                for ids in prompts]  # three rows: two of them left-padded
-    # attend_out: [attention | ff] (the attention: 4 heads of 80) through a weight, plus the residual
-    out_product = {"ff": torch.randn(3, 1, 56, generator=gen), "w": torch.randn(96, 320 + 56, generator=gen) / 20,
-                   "b": torch.randn(96, generator=gen), "hidden": torch.randn(3, 1, 96, generator=gen)}
-    out_cases = [(1, torch.float32), (1, torch.bfloat16)]  # one row (the decode step's)
+    # attend_out, one row: [attention | ff] (the attention: 4 heads of 80) through a weight, plus the residual
+    out_product = {"ff": torch.randn(1, 1, 56, generator=gen), "w": torch.randn(96, 320 + 56, generator=gen) / 20,
+                   "b": torch.randn(96, generator=gen), "hidden": torch.randn(1, 1, 96, generator=gen)}
     torch.save({"q": q, "keys": keys, "values": values, "layout": layout, "scale": dim ** -0.5, "gemv w": w,
                 "gemv b": b, "gemv x": x, "gemv cases": cases, "k new": k_new, "v new": v_new, "cos": cos,
                 "sin": sin, **{f"layer {k}": t for k, t in layer.items()}, "gelu from": 120, "model": str(TINY),
-                **{f"out {k}": t for k, t in out_product.items()}, "attend_out cases": out_cases, "starts": starts,
-                "used": used,
-                "prompts": prompts, "greedy": {"max_new_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0}},
+                **{f"out {k}": t for k, t in out_product.items()}, "starts": starts, "used": used, "prompts": prompts,
+                "greedy": {"max_new_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0}},
                tmp_path / "in.pt")
     run_script("tests/kernel_probe.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
                env={"TRITON_INTERPRET": "1"})
@@ -383,17 +384,16 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
 
     # attend_out: the same step attention, then the layer's output product of it, from one launch
     F = torch.nn.functional  # noqa: N806
-    for rows, dtype in out_cases:
-        got, got_keys, got_values, counts, sync = out[f"attend_out {rows} {dtype}"]
+    for dtype in (torch.float32, torch.bfloat16):
+        got, got_keys, got_values, counts, sync = out[f"attend_out {dtype}"]
         tolerance = 1e-5 if dtype == torch.float32 else 0.02
         attention, written_keys, written_values = step_reference(
-            q[:rows].transpose(1, 2).reshape(rows, 1, -1).to(dtype).float(), k_new[:rows].to(dtype).float(),
-            v_new[:rows].to(dtype).float(), cos[:rows].to(dtype).float(), sin[:rows].to(dtype).float(),
-            keys[:rows].to(dtype).float(), values[:rows].to(dtype).float(), starts[:rows], used[:rows])
+            q[:1].transpose(1, 2).reshape(1, 1, -1).to(dtype).float(), k_new[:1].to(dtype).float(),
+            v_new[:1].to(dtype).float(), cos[:1].to(dtype).float(), sin[:1].to(dtype).float(),
+            keys[:1].to(dtype).float(), values[:1].to(dtype).float(), starts[:1], used[:1])
         t = {k: v.to(dtype).double() for k, v in out_product.items()}
-        expected = F.linear(torch.cat((attention.to(dtype).double(), t["ff"][:rows]), -1), t["w"], t["b"]) + \
-            t["hidden"][:rows]
-        assert got.shape == (rows, 1, 96) and got.dtype == dtype and near(got, expected, tolerance), (rows, dtype)
+        expected = F.linear(torch.cat((attention.to(dtype).double(), t["ff"]), -1), t["w"], t["b"]) + t["hidden"]
+        assert got.shape == (1, 1, 96) and got.dtype == dtype and near(got, expected, tolerance), dtype
         assert near(got_keys, written_keys, tolerance) and near(got_values, written_values, tolerance)
         assert not counts.any() and not sync.any()  # ready for the next launch
 
@@ -543,26 +543,24 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
         return torch.ops.phi2_qlora.attend_out(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5, counts, sync, ff,
                                                w_out, b_out, residual)
 
-    for batch in (1,):
-        _, keys, values, starts, used = loud_cache(batch, "cuda")
-        q, k, v, ff = randn(batch, 1, 3 * 2560 + 10240).split([2560] * 3 + [10240], -1)  # layer_in's output
-        angle = torch.randn(batch, 1, 16, generator=gen, device="cuda") * 3
-        cos, sin = (torch.cat((f(angle), f(angle)), -1).to(dtype) for f in (torch.cos, torch.sin))
-        attention, written_keys, written_values = step_reference(q.float(), k.float(), v.float(), cos.float(),
-                                                                 sin.float(), keys, values, starts, used)
-        residual = randn(batch, 1, 2560, scale=3) + 1
-        expected = F.linear(torch.cat((attention.to(dtype), ff), -1).double(), w_out.double(), b_out.double()) + \
-            residual.double()
-        counts = torch.zeros(batch * 32, dtype=torch.int32, device="cuda")
-        sync = torch.zeros(3, dtype=torch.int32, device="cuda")
-        for run in (attend_out, torch.compile(attend_out)):
-            for _ in range(3):
-                cache_k, cache_v = keys.to(dtype), values.to(dtype)
-                y = run(q, k, v, cos, sin, cache_k, cache_v, decode_layout(starts, used, keys.shape[1]), counts, sync,
-                        ff)
-                assert y.dtype == dtype and y.shape == (batch, 1, 2560) and near(y, expected, tolerance), batch
-                assert near(cache_k, written_keys, tolerance) and near(cache_v, written_values, tolerance)
-                assert not counts.any() and not sync.any()
+    _, keys, values, starts, used = loud_cache(1, "cuda")
+    q, k, v, ff = randn(1, 1, 3 * 2560 + 10240).split([2560] * 3 + [10240], -1)  # layer_in's output
+    angle = torch.randn(1, 1, 16, generator=gen, device="cuda") * 3
+    cos, sin = (torch.cat((f(angle), f(angle)), -1).to(dtype) for f in (torch.cos, torch.sin))
+    attention, written_keys, written_values = step_reference(q.float(), k.float(), v.float(), cos.float(),
+                                                             sin.float(), keys, values, starts, used)
+    residual = randn(1, 1, 2560, scale=3) + 1
+    expected = F.linear(torch.cat((attention.to(dtype), ff), -1).double(), w_out.double(), b_out.double()) + \
+        residual.double()
+    counts = torch.zeros(32, dtype=torch.int32, device="cuda")
+    sync = torch.zeros(3, dtype=torch.int32, device="cuda")
+    for run in (attend_out, torch.compile(attend_out)):
+        for _ in range(3):
+            cache_k, cache_v = keys.to(dtype), values.to(dtype)
+            y = run(q, k, v, cos, sin, cache_k, cache_v, decode_layout(starts, used, keys.shape[1]), counts, sync, ff)
+            assert y.dtype == dtype and y.shape == (1, 1, 2560) and near(y, expected, tolerance)
+            assert near(cache_k, written_keys, tolerance) and near(cache_v, written_values, tolerance)
+            assert not counts.any() and not sync.any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -611,8 +609,9 @@ def test_fp16_steps_through_the_layer_kernels_decode_the_plain_tokens_on_gpu(tok
         ids, logits = fast.generate_with_logits(batch, GREEDY, 20)
         plain_ids, plain_logits = plain.generate_with_logits(batch, GREEDY, 20)
         assert ids == plain_ids and (logits - plain_logits).abs().max() < 0.02 * plain_logits.abs().max(), len(batch)
-    assert fast.generate_ids(prompts[1:2], GREEDY, 20, ignore_eos=True) == plain.generate_ids(prompts[1:2], GREEDY,
-                                                                                            20, ignore_eos=True)
+    # one row's greedy loop (its step compiled with the greedy token inside)
+    assert fast.generate_ids(prompts[:1], GREEDY, 20, ignore_eos=True) == plain.generate_ids(prompts[:1], GREEDY, 20,
+                                                                                           ignore_eos=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
