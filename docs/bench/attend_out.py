@@ -126,5 +126,6 @@ def main():
         del made
         torch.cuda.empty_cache()
 
+
 if __name__ == "__main__":
     main()
