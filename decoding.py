@@ -139,7 +139,6 @@ def fuse_phi_layers(model) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
         ins, outs = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc1], [attn.dense, mlp.fc2]
         layer.fused_in_sizes = [m.out_features for m in ins]
-        layer.qkv_width = sum(layer.fused_in_sizes[:3])  # [q; k; v] are the first rows, fc1's the rest
         layer.fused_in_weight = torch.cat([m.weight.detach() for m in ins])  # (q + k + v + ff, hidden)
         layer.fused_in_bias = torch.cat([m.bias.detach() for m in ins])
         for m, w, b in zip(ins, layer.fused_in_weight.split(layer.fused_in_sizes),
@@ -259,7 +258,7 @@ def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[to
     shared write index: the cache's cumulative_length is not advanced (the decoders keep their own)."""
     norm = self.input_layernorm
     y = torch.ops.phi2_qlora.layer_in(hidden, norm.weight, self.norm_sums, norm.eps, self.fused_in_weight,
-                                      self.norm_bias, self.qkv_width)
+                                      self.norm_bias, sum(self.fused_in_sizes[:3]))  # gelu from fc1's rows on
     q, k, v, ff = y.split(self.fused_in_sizes, dim=-1)  # (1, 1, heads * head dim) each but ff
     cos, sin = position_embeddings  # (1, 1, rotary dims)
     if hidden.dtype in HALF:
