@@ -7,6 +7,7 @@
     python bench.py train --tiny               # the same code on a tiny model on the CPU (its test; never rots)
     python bench.py epoch --presets speed --runs 2   # time to adapter, oasst1-sized set: cold, then warm compile cache
     python bench.py epoch --tiny               # the same on the tiny model and a small set on the CPU
+    python bench.py epoch --presets speed --processes 1 2   # 1 GPU, then 2 through accelerate launch (DDP)
     python bench.py serve --dtypes bf16 --clients 1 8   # concurrent streaming clients of the OpenAI-compatible API
     python bench.py serve --tiny               # the same on the tiny model on the CPU
     python bench.py serve --dtypes bf16 --penalty 1.1   # greedy with the app's default repetition penalty
@@ -28,7 +29,9 @@ conversations, 5.9M tokens; train.py's count is reported). It reports train.py's
 final evaluation, save), the interpreter start + imports before them, and the steady tokens/s. The time to adapter
 is process start to the last file of `final/` written (the process exit after it is reported apart). `--cache` keeps
 inductor's and Triton's compile caches in a folder, so a second run reports the warm figure; by default each run
-gets an empty one (cold).
+gets an empty one (cold). `--processes 1 2` runs each preset on 1 process (GPU) and then through `accelerate launch`
+(configs/accelerate/ddp.yaml: data-parallel, the same per-device micro-batch) on 2, sharing the preset's compile
+cache, and gives each row's steady tokens/s (all processes' tokens) as a multiple of the 1-process run's.
 
 The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves
 openai_api's routes (the app's OpenAI-compatible endpoint, without the Gradio page) with uvicorn, and sends N
@@ -147,11 +150,18 @@ def sync() -> None:
 # Training benchmark
 # ----------------------------------------------------------------------------------------------------------------
 
+def variant_parts(spec: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """'name' or 'name=preset:key=value,key=value' -> (row name, preset, [("section.key", "value"), ...])."""
+    name, _, rest = spec.partition("=")
+    preset, _, overrides = (rest or name).partition(":")
+    return name, preset, [(key, value) for key, _, value in
+                          (item.partition("=") for item in filter(None, overrides.split(",")))]
+
+
 def preset_values(spec: str) -> tuple[str, dict]:
     """'name' or 'name=preset:key=value,key=value' -> (row name, nested config values)."""
     import yaml
-    name, _, rest = spec.partition("=")
-    preset, _, overrides = (rest or name).partition(":")
+    name, preset, overrides = variant_parts(spec)
     if preset == "baseline":
         values = json.loads(json.dumps(BASELINE))
     elif preset in PRESET_FILES:
@@ -159,8 +169,7 @@ def preset_values(spec: str) -> tuple[str, dict]:
         values.setdefault("lora", {}).update(BENCH_LORA)
     else:
         raise SystemExit(f"unknown preset {preset!r}: use baseline or one of {', '.join(PRESET_FILES)}")
-    for item in filter(None, overrides.split(",")):
-        key, _, value = item.partition("=")
+    for key, value in overrides:
         section, _, field = key.partition(".")
         values.setdefault(section, {})[field] = yaml.safe_load(value)
     return name, values
@@ -407,9 +416,13 @@ def epoch_conversations(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def run_epoch(name: str, preset: str, model_path: Path, conversations: int, tiny: bool, cache: Path,
-              log_dir: Path, timeout: int | None) -> dict:
-    """train.py on the epoch set as a user runs it; time to adapter split into train.py's phases."""
+def run_epoch(name: str, preset: str, overrides: list[tuple[str, str]], processes: int, model_path: Path,
+              conversations: int, tiny: bool, cache: Path, log_dir: Path, timeout: int | None) -> dict:
+    """train.py on the epoch set as a user runs it; time to adapter split into train.py's phases.
+
+    With processes > 1 it runs through `accelerate launch` with configs/accelerate/ddp.yaml, as README's 'Several
+    GPUs' says (each process its own GPU and its own 4-bit copy, the same per-device micro-batch); the token counts
+    train.py logs are gathered over all processes, so steady tok/s is the whole run's."""
     work = Path(tempfile.mkdtemp(prefix="bench-epoch-"))
     data = work / "conversations.jsonl"
     with data.open("w") as f:
@@ -418,11 +431,15 @@ def run_epoch(name: str, preset: str, model_path: Path, conversations: int, tiny
     cold = not any(p.is_file() for p in cache.rglob("*"))
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
            "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / PRESET_FILES[preset]),
+    launch = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
+        "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    cmd = [*launch, str(ROOT / "train.py"), "--config", str(ROOT / PRESET_FILES[preset]),
            "--model.name_or_path", str(model_path), "--model.tokenizer", str(TINY_MODEL), "--data.dataset", str(data),
            "--training.output_dir", str(work / "out"), "--training.report_to", "none"]
     if tiny:
         cmd += ["--data.max_length", "128", "--training.max_steps", "30", "--training.logging_steps", "5"]
+    cmd += [arg for key, value in overrides for arg in (f"--{key}", value)]
     log = log_dir / f"bench-epoch-{name}.log"
     start, started_at = time.perf_counter(), time.time()
     with log.open("w") as f:
@@ -439,10 +456,19 @@ def run_epoch(name: str, preset: str, model_path: Path, conversations: int, tiny
     timing = run["timing"]
     # The time to adapter: process start to the last file of final/ written (the process then still exits).
     written = max(p.stat().st_mtime for p in (work / "out" / "final").iterdir()) - started_at
-    return {"name": name, "preset": preset, "to_final_s": round(written, 1), "wall_s": round(wall, 1),
+    return {"name": name, "preset": preset, "overrides": dict(overrides), "processes": processes,
+            "to_final_s": round(written, 1), "wall_s": round(wall, 1),
             "start_and_imports_s": round(written - timing["total_s"], 1), **timing,
             "train_tokens": stats["train"]["tokens"], "train_sequences": stats["train"]["sequences"],
             "compile_cache": "cold" if cold else "warm", "log": str(log)}
+
+
+def scale_to_one_process(rows: list[dict]) -> None:
+    """Each row's steady tok/s as a multiple of the first 1-process row's (the same preset), where there is one."""
+    one = next((r for r in rows if r.get("processes") == 1 and r.get("steady_tokens_per_s")), None)
+    for r in rows:
+        if one and r.get("steady_tokens_per_s"):
+            r["x_one_process"] = round(r["steady_tokens_per_s"] / one["steady_tokens_per_s"], 3)
 
 
 def epoch_table(rows: list[dict]) -> str:
@@ -450,15 +476,16 @@ def epoch_table(rows: list[dict]) -> str:
     keys = [k for k in done[0] if k.endswith("_s") and not k.endswith("per_s")
             and k not in ("to_final_s", "wall_s", "total_s")] if done else []
     lines = ["| run | time to adapter (s) | process exit (s) | " + " | ".join(keys)
-             + " | steady tok/s | train tokens |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+             + " | steady tok/s | x 1 process | train tokens |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} (log {r['log']}) |")
             continue
         lines.append(f"| {r['name']} ({r['compile_cache']} cache) | {r['to_final_s']:.1f} | {r['wall_s']:.1f} | "
                      + " | ".join(f"{r.get(k, 0):.1f}" for k in keys)
-                     + f" | {r.get('steady_tokens_per_s', float('nan')):,.0f} | {r['train_tokens']:,} |")
+                     + f" | {r.get('steady_tokens_per_s', float('nan')):,.0f} | "
+                     f"{r.get('x_one_process', float('nan')):.2f} | {r['train_tokens']:,} |")
     return "\n".join(lines)
 
 
@@ -768,6 +795,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="train: profile 2 steps after the timed ones (bench-train-<name>-profile.md beside --out)")
     parser.add_argument("--runs", type=int, default=1, help="epoch: runs per preset (with --cache: cold, then warm)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1],
+                        help="epoch: data-parallel processes (GPUs) per run; more than 1 runs through accelerate "
+                             "launch (configs/accelerate/ddp.yaml), and each row's steady tok/s is also given as a "
+                             "multiple of the first 1-process run's")
     args = parser.parse_args(argv)
     if args.one:
         return child(args)
@@ -783,14 +814,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "epoch":
         presets = args.presets if args.presets != parser.get_default("presets") else ["smoke" if args.tiny else "speed"]
         n = args.conversations or (200 if args.tiny else 9500)
-        for preset in presets:
+        for spec in presets + args.variant:
+            name, preset, overrides = variant_parts(spec)
+            if preset not in PRESET_FILES:
+                raise SystemExit(f"epoch runs train.py with a preset file: use one of {', '.join(PRESET_FILES)} "
+                                 f"(got {preset!r})")
             # Runs of one preset share a cache (the first is cold); without --cache it starts empty.
             cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-compile-cache-"))
-            for i in range(args.runs):
-                name = preset if args.runs == 1 else f"{preset}-run{i + 1}"
-                logger.info("epoch %s ...", name)
-                rows.append(run_epoch(name, preset, model_path, n, args.tiny, cache, out.parent, args.timeout))
-                logger.info("  %s", rows[-1])
+            first = len(rows)
+            for processes in args.processes:
+                for i in range(args.runs):
+                    label = name + (f"-{processes}proc" if args.processes != [1] else "")
+                    label += f"-run{i + 1}" if args.runs > 1 else ""
+                    logger.info("epoch %s ...", label)
+                    rows.append(run_epoch(label, preset, overrides, processes, model_path, n, args.tiny, cache,
+                                          out.parent, args.timeout))
+                    logger.info("  %s", rows[-1])
+            scale_to_one_process(rows[first:])
         table = epoch_table(rows)
     elif args.kind == "train":
         specs = [preset_values(p) for p in args.presets] + [preset_values(v) for v in args.variant]
