@@ -431,6 +431,9 @@ def run_epoch(name: str, preset: str, overrides: list[tuple[str, str]], processe
     cold = not any(p.is_file() for p in cache.rglob("*"))
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
            "PYTHONUNBUFFERED": "1"}
+    if torch.cuda.device_count() > processes and "CUDA_VISIBLE_DEVICES" not in env:
+        # one process per GPU: a lone train.py that sees several refuses to run (transformers would use DataParallel)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(processes))
     launch = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
         "--num_processes", str(processes), "--main_process_port", str(free_port())]

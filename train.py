@@ -636,6 +636,13 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
         # (speed preset: 36,480 against 36,083). docs/PERFORMANCE.md, issue 17's ninth session.
         from torch._inductor import config as inductor_config
         inductor_config.fallback_random = cfg.lora.dropout > 0
+        # `accelerate launch` exports ACCELERATE_DYNAMO_USE_DYNAMIC=False unless given --dynamo_use_dynamic, and
+        # accelerate then compiles with dynamic=False, which turns off dynamo's automatic dynamic shapes: each new
+        # packed-conversation count (varlen attention's cu_seq_lens) compiled the layers anew until dynamo's limit
+        # of 8, after which they ran uncompiled (2 H200s, speed preset: 32.8k tok/s together, less than one GPU;
+        # docs/PERFORMANCE.md). Without the variable (a plain `python train.py`) dynamo compiles static first and
+        # makes dynamic what changes, once.
+        os.environ.pop("ACCELERATE_DYNAMO_USE_DYNAMIC", None)
         logger.info("dropout in compiled layers: %s", "ATen's kernels (adapter dropout %g)" % cfg.lora.dropout
                     if cfg.lora.dropout > 0 else "inductor's, fused (no adapter dropout)")
     trainer = SFTTrainerMetricsOnDevice(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
