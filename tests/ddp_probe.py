@@ -1,8 +1,8 @@
 """Runs train.main under `accelerate launch` and records, per rank, the token ids that rank trained on.
 
 Test helper only (tests/test_distributed.py): it wraps the trainer's collator after train.py builds it, so the
-production code stays as users run it. It also records the rank's process id (to signal one rank) and the rows it
-evaluated (to see evaluation sharded, not repeated).
+production code stays as users run it. It also records the rank's process id (to signal one rank), the rows it
+evaluated (to see evaluation sharded, not repeated) and how many graphs torch.compile had made at each batch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ build_trainer = train.build_trainer
 
 def recording_build_trainer(*args, **kwargs):
     trainer = build_trainer(*args, **kwargs)
-    collate, seen, evaluated, evaluating = trainer.data_collator, [], [], [False]
+    from torch._dynamo.utils import counters
+    collate, seen, evaluated, evaluating, compiled = trainer.data_collator, [], [], [False], []
     evaluate = trainer.evaluate
 
     def recording_evaluate(*args, **kwargs):
@@ -39,7 +40,10 @@ def recording_build_trainer(*args, **kwargs):
         # written whole, then renamed: a test reading it while training goes on never sees a half-written file (one
         # CI run read an empty one)
         partial = out.with_suffix(".tmp")
+        if trainer.model.training:  # graphs torch.compile has made so far, as each training batch is collated
+            compiled.append(counters["stats"]["unique_graphs"])
         partial.write_text(json.dumps({"world_size": trainer.args.world_size, "pid": os.getpid(), "examples": seen,
+                                       "compiled": compiled,
                                        "evaluated": evaluated,
                                        "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset else 0}))
         os.replace(partial, out)

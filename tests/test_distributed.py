@@ -55,6 +55,26 @@ def test_two_processes_train_one_adapter_on_different_data(tmp_path):
     assert all(len(e) <= rows / 2 + 16 for e in evaluated) and len(evaluated[0] & evaluated[1]) < 16
 
 
+def test_compiled_layers_stop_compiling_when_lengths_vary(tmp_path):
+    """Under `accelerate launch` (which exports ACCELERATE_DYNAMO_USE_DYNAMIC=False) every new batch length compiled
+    the layers again until dynamo's limit of 8, after which they ran uncompiled: on 2 H200s the speed preset trained
+    slower than on one. Compiled with automatic dynamic shapes, new lengths compile nothing after the first few."""
+    data = tmp_path / "lengths.jsonl"  # every conversation a different length: each step brings a new shape
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Question {i}: " + "why " * i},
+        {"role": "assistant", "content": "Because so."}]}) + "\n" for i in range(1, 35)))
+    out = tmp_path / "ddp"
+    proc = run_script(*launch_two(out, "--data.dataset", str(data), "--training.per_device_train_batch_size", "1",
+                                  "--training.max_steps", "10", "--training.torch_compile", "on",
+                                  "--training.packing", "false", "--training.eval_steps", "0")[1:], timeout=600)
+    assert "recompile_limit" not in proc.stderr
+    for rank in (0, 1):
+        record = json.loads((out / f"probe-rank{rank}.json").read_text())
+        lengths, compiled = [len(x) for x in record["examples"]], record["compiled"]
+        assert len(set(lengths)) == len(lengths) >= 10 and compiled[-1] > 0  # a new length each step; compile is on
+        assert compiled[-1] == compiled[len(compiled) // 2], compiled  # nothing compiled in the second half
+
+
 def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
     """A SIGTERM that reaches one rank stops every rank at the same step with one checkpoint (before, the other
     rank trained on and waited forever in the next gradient all-reduce)."""
