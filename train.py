@@ -385,6 +385,10 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         data_seed=t.seed,
         dataloader_num_workers=t.dataloader_num_workers,
         ddp_find_unused_parameters=False,
+        # DDP broadcasts every module buffer from rank 0 before each forward. Here the buffers are the frozen
+        # layers' fp8 copies (quantization_utils, up to 5 GB) and rotary tables, the same on every rank by
+        # construction: the broadcast moved gigabytes a step for nothing.
+        ddp_broadcast_buffers=False,
         save_only_model=False,
     )
 
