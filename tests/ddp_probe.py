@@ -44,6 +44,7 @@ def recording_build_trainer(*args, **kwargs):
             compiled.append(counters["stats"]["unique_graphs"])
         partial.write_text(json.dumps({"world_size": trainer.args.world_size, "pid": os.getpid(), "examples": seen,
                                        "compiled": compiled,
+                                       "broadcast_buffers": getattr(trainer.model_wrapped, "broadcast_buffers", None),
                                        "evaluated": evaluated,
                                        "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset else 0}))
         os.replace(partial, out)
