@@ -1021,7 +1021,7 @@ class FastDecoder:
     the host waits for the GPU at each step before queuing the next. Here the host queues steps without waiting and
     looks at the new tokens (EOS, the stop marker, streaming) every CHECK_EVERY steps, one chunk behind the GPU; the
     price is up to 2 * CHECK_EVERY steps computed after a stop and thrown away. Measured on an H200 (random-init
-    Phi-2, docs/PERFORMANCE.md): 604.2-605.8 tok/s at batch 1 and 16,860-16,895 at batch 64 in bf16, 339 at batch 1 in
+    Phi-2, docs/PERFORMANCE.md): 604.2-610.7 tok/s at batch 1 and 16,858-16,895 at batch 64 in bf16, 339 at batch 1 in
     fp32, against 35-60, 2,773-3,891 and 63-66 for generate(). At batch 1 each layer is two Triton launches in
     bf16/fp16 and three in fp32 (_fused_decode_step), a greedy token is picked inside the compiled step
     (_greedy_step) and the prompt is prefilled by a CUDA graph (_PrefillGraph); every row attends over its own used
