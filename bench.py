@@ -595,11 +595,12 @@ def questions(n: int, words: int) -> list[str]:
     return [" ".join(vocab[rng.integers(0, len(vocab), size=words)]) + "?" for _ in range(n)]
 
 
-def stream_completion(port: int, question: str, max_tokens: int) -> dict:
+def stream_completion(port: int, question: str, max_tokens: int, model: str) -> dict:
     """One streaming request as an OpenAI client sends it; times the first content token and the end."""
     import http.client
-    body = json.dumps({"model": "phi2-qlora", "messages": [{"role": "user", "content": question}],
-                       "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
     start = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -613,7 +614,7 @@ def stream_completion(port: int, question: str, max_tokens: int) -> dict:
         event = json.loads(line[6:])
         if "error" in event:
             raise RuntimeError(event["error"]["message"])
-        content = event["choices"][0]["delta"].get("content")
+        content = event["choices"][0]["delta"].get("content") if event["choices"] else None
         if content and first is None:
             first = time.perf_counter() - start
         text += content or ""
@@ -656,11 +657,12 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(FastAPI(routes=openai_api.routes(chat, cfg.generation, AppConfig())),
                                            host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
     while not server.started:
         time.sleep(0.05)
     asked = questions(max(clients), prompt_words)
-    alone = [stream_completion(port, q, new_tokens) for q in asked]  # one at a time; also warms every shape used
+    alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; also warms every shape used
     rows = []
     # Clients run in processes of their own, as remote clients would: in this process their threads would take the
     # interpreter lock from the server's generation loop.
@@ -672,19 +674,24 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{max(clients)} client processes did not all start within 300 s")
         for n in clients:
-            chat._batcher.most_rows = 0
-            chat._batcher.record.clear()
+            chat.batcher.most_rows = 0
+            chat.batcher.record.clear()
             start = time.perf_counter()
-            got = pool.starmap(stream_completion, [(port, q, new_tokens) for q in asked[:n]], chunksize=1)
+            got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name) for q in asked[:n]], chunksize=1)
             wall = time.perf_counter() - start
-            rows.append(serve_row(dtype, n, got, alone, wall, chat._batcher.most_rows, load_s)
-                        | {"decoder": dict(chat._batcher.record)})
+            rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, load_s)
+                        | {"decoder": dict(chat.batcher.record)})
             if partial is not None:
                 partial.write_text(json.dumps(rows, default=str))
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base else None
+    # Stopped in order, as app.py stops: the server, then the model freed on its own thread, before the interpreter
+    # exits (a process left to tear down live CUDA graphs at exit ended with a segfault on an H200).
     server.should_exit = True
+    serving.join(timeout=30)
+    chat.shutdown()
+    chat.close()
     return rows
 
 

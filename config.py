@@ -129,13 +129,69 @@ class TrainingConfig:
     seed: int = doc(42, "seed of adapter init, shuffling and dropout")
 
 
+# Sampling divides the scores by the temperature: below this floor the quotient overflows fp32 (1e-300 gave inf, a
+# NaN softmax and a failed sampler), and the distribution is one token anyway, so such temperatures decode greedily.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = doc(256, "upper bound on the answer length in tokens")
-    temperature: float = doc(0.7, "sampling temperature; 0 = greedy (deterministic)")
-    top_p: float = doc(0.9, "nucleus sampling: keep the smallest token set with this much probability")
+    temperature: float = doc(0.7, f"sampling temperature, 0 to 2; below {MIN_TEMPERATURE:g} (0 too) greedy, "
+                                  "deterministic")
+    top_p: float = doc(0.9, "nucleus sampling: keep the smallest token set with this much probability (0.01 to 1)")
     top_k: int = doc(50, "sample only among the k most likely tokens (0 = off)")
     repetition_penalty: float = doc(1.1, ">1 discourages repeating tokens")
+
+    @property
+    def samples(self) -> bool:
+        """Whether answers are sampled; below MIN_TEMPERATURE they are greedy."""
+        return self.temperature >= MIN_TEMPERATURE
+
+
+# What a request may set (the app's page, gradio_client and the API alike) and its range; checked in one place,
+# request_settings. max_new_tokens is also bounded by the context window left after the prompt.
+REQUEST_LIMITS: dict[str, tuple[type, float, float]] = {
+    "max_new_tokens": (int, 1, math.inf),
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.01, 1.0),
+}
+
+
+class SettingsError(ValueError):
+    """Generation settings a request may not use; `param` names the first bad one in the caller's own words."""
+
+    def __init__(self, problems: list[str], param: str):
+        super().__init__("; ".join(problems))
+        self.problems, self.param = problems, param
+
+
+def request_settings(defaults: GenerationSettings, given: dict[str, Any], context_window: int,
+                     names: dict[str, str] | None = None) -> GenerationSettings:
+    """The defaults with a request's values (None keeps the default), each checked against REQUEST_LIMITS; raises
+    SettingsError listing every bad value under the name the caller knows it by (`names`: "max_tokens" for the
+    API, say). Numbers only: a bool or a string is refused, an integral float is an integer (a slider's 40.0)."""
+    names = names or {}
+    problems, first, values = [], None, {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        kind, low, high = REQUEST_LIMITS[key]
+        if key == "max_new_tokens":
+            high = context_window - 1
+        name = names.get(key, key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if kind is int and number and float(value).is_integer():
+            value = int(value)
+        if not number or (kind is int and not isinstance(value, int)) or not low <= value <= high:
+            what = "an integer" if kind is int else "a number"
+            problems.append(f"{name} must be {what} between {low:g} and {high:g} (got {value!r})")
+            first = first or name
+            continue
+        values[key] = kind(value)
+    if problems:
+        raise SettingsError(problems, first)
+    return dataclasses.replace(defaults, **values)
 
 
 @dataclass
@@ -158,9 +214,11 @@ class AppConfig:
     share: bool = doc(False, "create a public gradio.live link (off: the model stays on your machine)")
     auth: str | None = doc(None, "user:password required to open the app; the API takes the password as its "
                                  "bearer key. Never saved to a config file", secret=True)
-    concurrency_limit: int = doc(8, "app chat requests answered at once (decoded together, up to inference."
-                                    "batch_slots of them); more wait in the app's queue")
-    max_queue: int = doc(32, "requests that may wait; more are turned away with a message")
+    max_queue: int = doc(32, "chat requests (page and API together) that may wait for one of inference.batch_slots; "
+                             "more are turned away at once: the API with 429 and Retry-After, the page with a notice")
+    model_id: str | None = doc(None, "the model's name in the API (/v1/models, responses, the `model` a request "
+                                     "must name); None = the served adapter's folder name (its run's for `final`) "
+                                     "or the model folder's")
     max_messages: int = doc(64, "most messages in one conversation the app or the API accepts")
     max_chars: int = doc(32000, "most characters in one conversation (all messages) the app or the API accepts")
 
@@ -324,18 +382,20 @@ def validate(cfg: Config, problems: list[str] | None = None) -> None:
          "model.dtype: fp16 training is refused: Phi-2's attention overflows in fp16, and trl keeps QLoRA adapter "
          "weights in bf16, which the fp16 grad scaler rejects. Use model.dtype: auto (bf16, or fp32 on GPUs "
          "without bf16 such as the T4); fp16 remains available for serving via inference.dtype")
-    need(num(g.max_new_tokens) and g.max_new_tokens > 0, f"generation.max_new_tokens: must be > 0 (got {g.max_new_tokens})")
-    need(num(g.temperature) and g.temperature >= 0, f"generation.temperature: must be >= 0 (got {g.temperature})")
-    need(num(g.top_p) and 0 < g.top_p <= 1, f"generation.top_p: must be in (0, 1] (got {g.top_p})")
+    try:  # the limits every request is held to (request_settings): the defaults are held to them too
+        request_settings(GenerationSettings(), {k: getattr(g, k) for k in REQUEST_LIMITS}, math.inf,
+                         {k: f"generation.{k}" for k in REQUEST_LIMITS})
+    except SettingsError as e:
+        problems += e.problems
     need(num(g.top_k) and g.top_k >= 0, f"generation.top_k: must be >= 0 (got {g.top_k})")
     need(num(g.repetition_penalty) and g.repetition_penalty > 0,
          f"generation.repetition_penalty: must be > 0 (got {g.repetition_penalty})")
     need(num(cfg.inference.batch_slots) and cfg.inference.batch_slots > 0,
          f"inference.batch_slots: must be > 0 (got {cfg.inference.batch_slots})")
     need(num(a.port) and 0 < a.port < 65536, f"app.port: must be in 1..65535 (got {a.port})")
-    need(a.auth is None or (isinstance(a.auth, str) and ":" in a.auth and a.auth.split(":", 1)[0] != ""),
-         "app.auth: must look like user:password")
-    need(num(a.concurrency_limit) and a.concurrency_limit > 0, f"app.concurrency_limit: must be > 0 (got {a.concurrency_limit})")
+    user, _, password = (a.auth or "").partition(":")
+    need(a.auth is None or (isinstance(a.auth, str) and ":" in a.auth and user.strip() != "" and password != ""),
+         "app.auth: must look like user:password, with neither part empty (an empty password would let anyone in)")
     need(num(a.max_queue) and a.max_queue > 0, f"app.max_queue: must be > 0 (got {a.max_queue})")
     need(num(a.max_messages) and a.max_messages > 0, f"app.max_messages: must be > 0 (got {a.max_messages})")
     need(num(a.max_chars) and a.max_chars > 0, f"app.max_chars: must be > 0 (got {a.max_chars})")

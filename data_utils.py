@@ -96,6 +96,15 @@ def neutralize(text: str) -> str:
     return text
 
 
+def is_text(s: str) -> bool:
+    """Whether a string is text a tokenizer can read: JSON can carry a lone surrogate ("\\ud800"), UTF-8 cannot."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def has_marker(text: str) -> bool:
     return any(marker in text for marker in NEUTRALIZED)
 
@@ -120,7 +129,7 @@ CHAT_TEMPLATE = (
     " | join(' ') -%}{%- endif -%}"
     "{%- set content = content | trim | replace('### Human:', '### Human :')"
     " | replace('### Assistant:', '### Assistant :') -%}"
-    "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + content + '\n\n' -%}"
+    "{%- if message['role'] in ('system', 'developer') -%}{%- set ns.system = ns.system + content + '\n\n' -%}"
     "{%- elif message['role'] == 'user' -%}"
     "{{- ('' if ns.first else ' ') + '### Human: ' + ns.system + content -}}"
     "{%- set ns.system = '' -%}{%- set ns.first = false -%}"
@@ -234,16 +243,24 @@ def encode_prompt(tokenizer, messages: list[Message], max_prompt_tokens: int) ->
     if not pairs[-1][0].strip():
         raise ValueError("the message is empty: type a question")
     eos = tokenizer.eos_token_id
-    for start in range(len(pairs)):
-        ids: list[int] = []
-        for i, (q, a) in enumerate(pairs[start:]):
-            ids += _ids(tokenizer, turn_prompt_text(q, first=i == 0))
-            if a is not None:
-                ids += _ids(tokenizer, turn_answer_text(a)) + [eos]
-        if len(ids) <= max_prompt_tokens:
+    # Every segment tokenized once, in one call: each question as the first turn and as a later one (the first has
+    # no leading space), each answer; then the start is found from suffix sums. Linear in the turns.
+    texts = [turn_prompt_text(q, first=True) for q, _ in pairs] + [turn_prompt_text(q, first=False) for q, _ in pairs]
+    texts += [turn_answer_text(a) for _, a in pairs if a is not None]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    n = len(pairs)
+    first, later, answers = encoded[:n], encoded[n:2 * n], [a + [eos] for a in encoded[2 * n:]] + [[]]
+    after = [0] * (n + 1)  # after[i]: tokens of turns i.. rendered as later turns
+    for i in range(n - 1, -1, -1):
+        after[i] = after[i + 1] + len(later[i]) + len(answers[i])
+    for start in range(n):
+        if len(first[start]) + after[start] - len(later[start]) <= max_prompt_tokens:
+            ids = list(first[start]) + answers[start]
+            for i in range(start + 1, n):
+                ids += later[i] + answers[i]
             return ids, start
     raise PromptTooLong(
-        f"the message is {len(ids)} tokens but at most {max_prompt_tokens} fit before the answer "
+        f"the message is {len(first[-1])} tokens but at most {max_prompt_tokens} fit before the answer "
         f"(context window minus max_new_tokens); shorten it or lower generation.max_new_tokens")
 
 
@@ -429,12 +446,14 @@ def _content_text(content: Any) -> Any:
     return content
 
 
-def normalize_chat(value: Any, ends_with: Literal["assistant", "user"] = "assistant") -> list[Message]:
+def normalize_chat(value: Any, ends_with: Literal["assistant", "user"] = "assistant", join_repeated: bool = False
+                   ) -> list[Message]:
     """A list of {role, content} -> alternating user/assistant messages, starting with the user.
 
-    System messages have no slot in the template: they go before the first question. ends_with="assistant" (training
-    data) cuts a trailing unanswered question; ends_with="user" (a chat request) requires one. Raises
-    BadConversation naming the message at fault."""
+    System messages (and OpenAI's `developer` role, its newer name) have no slot in the template: they go before the
+    first question. ends_with="assistant" (training data) cuts a trailing unanswered question; ends_with="user" (a
+    chat request) requires one. join_repeated (chat requests): consecutive messages of one role are one turn, their
+    texts joined by a blank line, instead of an error. Raises BadConversation naming the message at fault."""
     if not isinstance(value, list) or not value:
         raise BadConversation("bad_type", "messages must be a non-empty list of {role, content} objects")
     out: list[Message] = []
@@ -445,15 +464,18 @@ def normalize_chat(value: Any, ends_with: Literal["assistant", "user"] = "assist
             raise BadConversation("bad_type", f"messages[{i}] must be an object with a string role and a string "
                                               "content (or a list of text parts)")
         role = m["role"].lower()
-        if role == "system":
+        if role in ("system", "developer"):
             system += content.strip() + "\n\n"
             continue
         if role not in CHAT_ROLES:
-            raise BadConversation("unknown_role", f"messages[{i}].role {m['role']!r} is not one of system, user, "
-                                                  "assistant")
+            raise BadConversation("unknown_role", f"messages[{i}].role {m['role']!r} is not one of system, "
+                                                  "developer, user, assistant")
         if not content.strip():
             raise BadConversation("empty_text", f"messages[{i}].content is empty")
-        out.append({"role": CHAT_ROLES[role], "content": content.strip()})
+        if join_repeated and out and out[-1]["role"] == CHAT_ROLES[role]:
+            out[-1] = {"role": out[-1]["role"], "content": out[-1]["content"] + "\n\n" + content.strip()}
+        else:
+            out.append({"role": CHAT_ROLES[role], "content": content.strip()})
     if ends_with == "assistant" and out and out[-1]["role"] == "user":
         out = out[:-1]
     if (not out or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(out))

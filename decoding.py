@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,8 @@ from transformers.models.phi.modeling_phi import apply_rotary_pos_emb, eager_att
 
 from config import GenerationSettings
 from data_utils import HUMAN
+
+logger = logging.getLogger(__name__)
 
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
@@ -1090,7 +1092,7 @@ class FastDecoder:
         step_kwargs = {} if layout is None else {"kv_layout": layout}
         seq = torch.empty(batch, width + max_new_tokens, dtype=torch.long, device=device)
         seq[:, :width] = input_ids  # what the repetition penalty looks at, like generate's input_ids
-        sample = gen.temperature > 0
+        sample = gen.samples
         eos = self.tokenizer.eos_token_id
         suppress = [eos] if ignore_eos else []  # ignore_eos: benchmarks
         procs = logits_processors(gen, sample, suppress, device, width, eos)
@@ -1372,22 +1374,44 @@ def remember(seen: torch.Tensor, token: torch.Tensor, eos: int) -> None:
     seen[:, eos] = False
 
 
+class Busy(RuntimeError):
+    """Every place in the queue is taken: the request is turned away now (HTTP 429) rather than waiting unbounded.
+    retry_after: seconds after which a place is likely free."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NonFiniteScores(RuntimeError):
+    """The model's scores for one answer were NaN or infinite: that answer is stopped, the others go on."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping: answers in flight end with this error, new ones are refused."""
+
+
 @dataclass(eq=False)
 class _Answer:
     """One streamed answer in BatchDecoder: what was asked, and where it stands."""
     ids: list[int]
     gen: GenerationSettings
-    max_new_tokens: int
-    streamer: object | None
-    cancel: threading.Event
+    sink: object                              # gets put(new token ids) and end(error or None); see submit
     generator: torch.Generator
-    future: Future = field(default_factory=Future)
     procs: LogitsProcessorList | None = None  # None: greedy (one argmax, and the penalty, for all such rows at once)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None        # a failure of this answer alone, found in the batch loop
+    done: bool = False
+    began: float = field(default_factory=time.monotonic)
     seq: torch.Tensor | None = None           # (1, prompt + max_new_tokens) on the device: what the penalty reads
     start: int = 0                            # cache slot of its first prompt token; it occupies [start, write index)
     new: list[int] = field(default_factory=list)  # tokens the host has seen
     queued: int = 0                           # decode steps queued on the device (the host sees them a chunk later)
     streamed: int = 0
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.gen.max_new_tokens
 
     @property
     def remaining(self) -> int:
@@ -1423,12 +1447,28 @@ class BatchDecoder:
     each (rows, cache size) shape is compiled once, like FastDecoder's. Fused, each row attends over its own slots
     [start, t] of a DecodeCache (decode_layout; with FlashAttention, the one-row shape only), as FastDecoder's rows.
 
-    Runs on the ChatModel's generation thread (`executor().submit`); `submit` is safe from any thread.
+    Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order; past that, submit
+    raises Busy at once (the caller answers 429). The rows share one write index, so a prompt joins only if
+    max(held, its length) + max(steps left, its max_new_tokens) fits the context window. An answer that does not fit
+    yet waits at the head; one behind it may join first only if it fits now and will have finished (at its
+    max_new_tokens) by the time the answers already running reach theirs: it never pushes back the moment at which
+    the waiting one is sure to fit, so that one is never starved; it joins as soon as it fits, before later arrivals.
+
+    One request cannot fail another: what comes from a request (its settings, its sampling processors, its prompt)
+    is checked and built in `submit`, in the caller's thread, so a value that cannot be used raises to that caller
+    alone; in the loop, what is done for one answer (its sampled token, its stop rules, handing its tokens over) is
+    guarded per answer, and a row whose scores are not finite is found on the device without an assert (its token
+    marked -1 for the host) and fails alone (NonFiniteScores). Only a failure of the shared model step fails every
+    answer it held, and then every client hears of it.
+
+    Runs on the ChatModel's generation thread (`executor().submit`); `submit`, `cancel` and `shutdown` are safe from
+    any thread.
     """
 
-    def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor):
+    def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor,
+                 max_waiting: int = 32):
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
-        self.slots, self.executor = slots, executor
+        self.slots, self.executor, self.max_waiting = slots, executor, max_waiting
         self.fused = compiled and fuse_phi_layers(model)
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
@@ -1441,7 +1481,10 @@ class BatchDecoder:
         self.check_every = CHECK_EVERY if compiled else 1
         self._lock = threading.Lock()
         self._waiting: list[_Answer] = []
+        self._in_flight = 0  # answers submitted and not yet finished: waiting, being admitted or in a row
         self._running = False
+        self._closed: ShuttingDown | None = None
+        self._durations: list[float] = []  # seconds of the last answers, for Busy's retry_after
         self._caches: dict[tuple[int, int], StaticCache] = {}
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (prefill,
@@ -1469,21 +1512,65 @@ class BatchDecoder:
         self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
 
     # ------------------------------------------------------------------------------------------------------------
-    def submit(self, ids: list[int], gen: GenerationSettings, max_new_tokens: int, streamer=None,
-               cancel: threading.Event | None = None, seed: int | None = None) -> Future:
-        """Queue one answer; the Future gives ([new ids], None) like ChatModel._submit's."""
+    def submit(self, ids: list[int], gen: GenerationSettings, sink, seed: int | None = None) -> _Answer:
+        """Queue one answer to prompt `ids`, of up to gen.max_new_tokens tokens; returns its handle (for cancel).
+
+        `sink` gets, on the generation thread, put(list of new token ids) as they are decided (cut after the token
+        that ends the answer: EOS or the `### Human:` marker) and then end(None), or end(error) when the answer
+        failed. Raises ValueError for a request that cannot be decoded, Busy when the queue is full, ShuttingDown
+        after shutdown; all of it here, in the caller's thread."""
+        vocab = self.model.config.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"the prompt must be 1 or more token ids in [0, {vocab})")
+        if len(ids) + gen.max_new_tokens > self.context_window:
+            raise ValueError(f"{len(ids)} prompt tokens + {gen.max_new_tokens} new tokens exceed the "
+                             f"{self.context_window}-token context window")
         generator = torch.Generator(device=self.device)
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        answer = _Answer(list(ids), gen, max_new_tokens, streamer, cancel or threading.Event(), generator)
+        # sampling: generate()'s processors and warpers, this answer alone (their constructors check the values)
+        procs = logits_processors(gen, True, [], self.device, len(ids), self.tokenizer.eos_token_id) \
+            if gen.samples else None
+        answer = _Answer(list(ids), gen, sink, generator, procs)
         with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            if self._in_flight >= self.slots + self.max_waiting:
+                raise Busy(f"the server is busy: {self.slots} answers are being written and {self.max_waiting} "
+                           "more are waiting; try again shortly", self._retry_after())
+            self._in_flight += 1
             self._waiting.append(answer)
             if not self._running:
                 self._running = True
                 self.executor().submit(self._serve)
-        return answer.future
+        return answer
+
+    def _retry_after(self) -> int:
+        """Seconds until a place is likely free: the recent answers' mean time, per slot, for the queue ahead."""
+        mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
+        return max(1, min(60, round(mean * (1 + len(self._waiting) / self.slots))))
+
+    def cancel(self, answer: _Answer) -> None:
+        """Stop an answer: one still waiting leaves the queue now; one being written frees its row at the next
+        chunk boundary (the host stops looking at its tokens then)."""
+        answer.cancel.set()
+        with self._lock:
+            waiting = answer in self._waiting
+            if waiting:
+                self._waiting.remove(answer)
+        if waiting:
+            self._finish(answer)
+
+    def shutdown(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new answers and end every answer in flight with ShuttingDown (waiting ones now, the ones being
+        written at the loop's next chunk boundary)."""
+        with self._lock:
+            self._closed = ShuttingDown(reason)
+            waiting, self._waiting = self._waiting, []
+        for answer in waiting:
+            self._finish(answer, self._closed)
 
     def _serve(self) -> None:
         """The batch loop: admit, decode a chunk, hand out its tokens; until no answer is left."""
@@ -1491,15 +1578,19 @@ class BatchDecoder:
             with torch.inference_mode():
                 while True:
                     with self._lock:
-                        if not self._waiting and not any(self.rows) and self._pending is None:
+                        if self._closed is not None:
+                            self._waiting, closed = [], self._closed
+                        elif not self._waiting and not any(self.rows) and self._pending is None:
                             self._running = False
                             self._reset()
                             return
-                        joining = bool(self._waiting) and sum(a is not None for a in self.rows) < self.slots
-                    if joining:
+                    if self._closed is not None:
+                        raise closed
+                    self._free_cancelled()
+                    while group := self._pick():
                         self._flush()  # the layout may change: every queued token must be seen first
                         begun = time.perf_counter()
-                        self._admit()
+                        self._admit(group)
                         self.record["admit_s"] += time.perf_counter() - begun
                     if any(a is not None and a.to_queue > 0 for a in self.rows):
                         self._decode_chunk()
@@ -1513,7 +1604,8 @@ class BatchDecoder:
                 self._reset()
             for a in answers:
                 self._finish(a, error=error)
-            raise
+            if not isinstance(error, ShuttingDown):
+                raise
 
     # ------------------------------------------------------------------------------------------------------------
     def _size_for(self, length: int) -> int:
@@ -1599,40 +1691,53 @@ class BatchDecoder:
             starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
             self.layout = decode_layout(starts, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
 
-    def _admit(self) -> None:
-        """Move waiting answers into free rows. The answers waiting at one chunk boundary are prefilled together,
-        one forward pass for their prompts (up to PREFILL_TOKENS padded tokens a pass), so the last of several
-        users who arrive at once does not wait behind the others' prefills for its first token."""
-        while True:
-            group, cancelled = [], []
-            with self._lock:
-                active = [a for a in self.rows if a]
-                left = max([self.t - a.start for a in active], default=0)  # the smallest write index that fits all
-                need = max([a.to_queue for a in active], default=0)
-                while self._waiting and len(active) + len(group) < self.slots:
-                    answer = self._waiting[0]
-                    if answer.cancel.is_set():  # cancelled before its turn: it never runs
-                        cancelled.append(self._waiting.pop(0))
-                        continue
-                    length = len(answer.ids)
-                    wider, longer = max(left, length), max(need, answer.max_new_tokens)
-                    if (active or group) and wider + longer > self.context_window:
-                        break  # joins once earlier answers have finished
-                    if group and (len(group) + 1) * max(length, *(len(a.ids) for a in group)) > PREFILL_TOKENS:
-                        break  # the next pass takes it
-                    group.append(self._waiting.pop(0))
-                    left, need = wider, longer
-            for answer in cancelled:
+    def _free_cancelled(self) -> None:
+        """Rows whose client left are freed now, before another chunk is queued for them (their queued tokens are
+        never looked at)."""
+        for row, answer in enumerate(self.rows):
+            if answer is not None and answer.cancel.is_set():
+                self.rows[row] = None
                 self._finish(answer)
-            if not group:
-                return
+
+    def _pick(self) -> list[_Answer]:
+        """The waiting answers that join at this boundary, by the admission rule in the class docstring; the
+        prompts of one group are prefilled in one pass of up to PREFILL_TOKENS padded tokens (the rest join in the
+        next pass), so the last of several users who arrive at once does not wait behind the others' prefills."""
+        group: list[_Answer] = []
+        with self._lock:
+            active = [a for a in self.rows if a]
+            left = max([self.t - a.start for a in active], default=0)  # the smallest write index that fits all
+            need = max([a.to_queue for a in active], default=0)
+            blocked = False
+            for answer in list(self._waiting):
+                if len(active) + len(group) >= self.slots:
+                    break
+                length, budget = len(answer.ids), answer.max_new_tokens
+                wider, longer = max(left, length), max(need, budget)
+                if (active or group) and wider + longer > self.context_window:
+                    blocked = True  # it joins once earlier answers have ended
+                    continue
+                if blocked and budget - 1 > need:
+                    continue  # it would outlast the running answers: the waiting one goes first
+                if group and (len(group) + 1) * max(length, *(len(a.ids) for a in group)) > PREFILL_TOKENS:
+                    break
+                self._waiting.remove(answer)
+                group.append(answer)
+                left, need = wider, longer
             self._admitting = group
-            batch = self.slots if active or len(group) > 1 else 1
-            if (not active or batch != len(self.rows) or self.t < left
-                    or self.t + need > self.cache.layers[0].max_cache_len):
-                self._relayout(batch, self._size_for(left + need), left)
-            self._prefill(group)
-            self._admitting = []
+        return group
+
+    def _admit(self, group: list[_Answer]) -> None:
+        """Move `group` into free rows: the cache re-laid out if its shape or room must change, then the prefill."""
+        active = [a for a in self.rows if a]
+        left = max([self.t - a.start for a in active] + [len(a.ids) for a in group])
+        need = max([a.to_queue for a in active] + [a.max_new_tokens for a in group])
+        batch = self.slots if active or len(group) > 1 else 1
+        if (not active or batch != len(self.rows) or self.t < left
+                or self.t + need > self.cache.layers[0].max_cache_len):
+            self._relayout(batch, self._size_for(left + need), left)
+        self._prefill(group)
+        self._admitting = []
 
     def _prefill(self, group: list[_Answer]) -> None:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
@@ -1671,41 +1776,48 @@ class BatchDecoder:
         for source, target in zip(scratch.layers, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
             target.keys[target_rows, :, target_slots] = source.keys[source_rows, :, source_slots]
             target.values[target_rows, :, target_slots] = source.values[source_rows, :, source_slots]
+        eos = self.tokenizer.eos_token_id
+        first = torch.empty(len(group), dtype=torch.long, device=self.device)
         for i, (row, answer) in enumerate(zip(rows, group)):
             self.mask[row] = 1
             self.mask[row, :answer.start] = 0
-            gen = answer.gen
-            if gen.temperature > 0:  # sampling: generate()'s processors and warpers, this row alone
-                answer.procs = logits_processors(gen, True, [], self.device, lengths[i], self.tokenizer.eos_token_id)
+            if answer.procs is not None:  # sampling: what the penalty reads, like generate()'s input_ids
                 answer.seq = torch.empty(1, lengths[i] + answer.max_new_tokens, dtype=torch.long, device=self.device)
                 answer.seq[0, :lengths[i]] = ids[i, :lengths[i]]
             # greedy rows: the penalty with all rows at once (its first token has no answer tokens to penalize)
-            self.penalty[row] = gen.repetition_penalty if gen.temperature == 0 else 1.0
+            self.penalty[row] = 1.0 if answer.gen.samples else answer.gen.repetition_penalty
             self.seen[row] = False
-            self.tok[row, 0], self.pos[row, 0] = self._choose(answer, logits[i:i + 1], 0)[0], lengths[i]
+            token, ok = self._choose(answer, logits[i:i + 1], 0)
+            first[i] = torch.where(ok, token, -1)[0]
+            self.tok[row, 0], self.pos[row, 0] = torch.where(ok, token, eos)[0], lengths[i]
             self.rows[row] = answer
-        remember(self.seen, self.tok, self.tokenizer.eos_token_id)  # the other rows' tokens are there already
+        remember(self.seen, self.tok, eos)  # the other rows' tokens are there already
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
-        first = self.tok[rows, 0].tolist()  # one wait for the GPU for the whole group
-        for answer, token in zip(group, first):
-            if answer.streamer is not None:
-                answer.streamer.put(torch.tensor(answer.ids))  # the streamer skips the prompt it is handed first
+        for answer, token in zip(group, first.tolist()):  # one wait for the GPU for the whole group
             self._take(answer, [token])
 
-    def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """The next token of one answer from its logits (1, vocab), as generate() would choose it."""
+    def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token of one answer from its logits (1, vocab), as generate() would choose it, and whether its
+        scores were finite (1,) bool. Nothing here waits for the GPU or can assert on it: scores with a NaN or an
+        infinity (their maximum is not finite) sample from a uniform stand-in, and the host fails the answer."""
+        if answer.error is not None:
+            return logits.new_zeros(1, dtype=torch.long), logits.new_zeros(1, dtype=torch.bool)
         if answer.procs is None:
-            return logits.argmax(-1)
+            best, token = logits.max(-1)  # the first index of the maximum, as argmax; NaN propagates to best
+            return token, torch.isfinite(best)
         width = len(answer.ids)
-        scores = answer.procs(answer.seq[:, :width + step], logits.to(torch.float32, copy=True))
-        if answer.gen.temperature > 0:
-            token = torch.multinomial(scores.softmax(-1), 1, generator=answer.generator)[:, 0]
-        else:
-            token = scores.argmax(-1)
+        try:
+            scores = answer.procs(answer.seq[:, :width + step], logits.to(torch.float32, copy=True))
+            ok = torch.isfinite(scores.max(-1).values)
+            probs = torch.where(ok[:, None], scores.softmax(-1), 1.0)
+            token = torch.multinomial(probs, 1, generator=answer.generator)[:, 0]
+        except Exception as error:  # this answer's own processors: it fails alone
+            answer.error = error
+            return logits.new_zeros(1, dtype=torch.long), logits.new_zeros(1, dtype=torch.bool)
         answer.seq[0, width + step] = token[0]
-        return token
+        return token, ok
 
     def _decode_chunk(self) -> None:
         """Queue up to check_every steps for every row without waiting for the GPU; then look at the chunk queued
@@ -1721,17 +1833,20 @@ class BatchDecoder:
             placed = {} if self.layout is None else {"kv_layout": self.layout}
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
-            # One argmax for every row, then the rows that sample overwrite theirs.
+            # One argmax for every row, then the rows that sample overwrite theirs. A row whose best score is not
+            # finite (NaN propagates to the maximum) goes to the host as -1 and to the next step as EOS.
             if penalized:
-                token = penalize(logits.float(), self.seen, self.penalty[:, None]).argmax(-1)
+                best, token = penalize(logits.float(), self.seen, self.penalty[:, None]).max(-1)
                 remember(self.seen, token[:, None], eos)
             else:
-                token = logits.argmax(-1)  # (batch,)
+                best, token = logits.max(-1)  # (batch,) each
+            ok = torch.isfinite(best)
             for row, answer in enumerate(rows):
                 made = 1 + answer.queued + s if answer is not None else 0  # tokens before this one
                 if answer is not None and answer.procs is not None and made < answer.max_new_tokens:
-                    token[row] = self._choose(answer, logits[row:row + 1], made)[0]
-            chunk[:, s] = token
+                    token[row], ok[row] = (t[0] for t in self._choose(answer, logits[row:row + 1], made))
+            chunk[:, s] = torch.where(ok, token, -1)
+            token = torch.where(ok, token, eos)
             self.tok = token[:, None]
             self.pos = self.pos + 1
             if self.layout is not None:
@@ -1770,31 +1885,47 @@ class BatchDecoder:
             ready.synchronize()
         new = host.tolist()
         for row, answer in enumerate(rows):
-            if answer is not None and not answer.future.done():
+            if answer is not None and not answer.done:
                 self._take(answer, new[row])
 
     def _take(self, answer: _Answer, tokens: list[int]) -> None:
-        """New tokens of one answer: stop rules, streaming, and the end of the answer."""
-        checked = len(answer.new)
-        answer.new.extend(tokens[:answer.remaining])
-        stop = stop_index(self.tokenizer, answer.new, checked)
-        if stop is not None:
-            answer.new = answer.new[:stop + 1]
-        if answer.streamer is not None and len(answer.new) > answer.streamed:
-            answer.streamer.put(torch.tensor(answer.new[answer.streamed:]))
-            answer.streamed = len(answer.new)
-        if stop is not None or answer.remaining <= 0 or answer.cancel.is_set():
+        """New tokens of one answer (-1: its scores were not finite): stop rules, handing them over, and the end of
+        the answer. Whatever fails here fails this answer alone."""
+        stop = None
+        try:
+            if answer.error is not None:
+                raise answer.error
+            checked = len(answer.new)
+            tokens = tokens[:answer.remaining]
+            bad = tokens.index(-1) if -1 in tokens else None
+            answer.new.extend(tokens[:bad])
+            stop = stop_index(self.tokenizer, answer.new, checked)
+            if stop is not None:
+                answer.new = answer.new[:stop + 1]
+            if len(answer.new) > answer.streamed:
+                answer.sink.put(answer.new[answer.streamed:])
+                answer.streamed = len(answer.new)
+            if bad is not None and stop is None:
+                raise NonFiniteScores(
+                    f"the model's scores for this answer were not finite (NaN or infinity) at token "
+                    f"{len(answer.new) + 1}: it was stopped there. Other answers are not affected; the model or its "
+                    "dtype overflowed (fp16 often does: serve in bf16 or fp32)")
+        except Exception as error:
+            answer.error = error
+        if answer.error is not None or stop is not None or answer.remaining <= 0 or answer.cancel.is_set():
             if answer in self.rows:
                 self.rows[self.rows.index(answer)] = None
-            self._finish(answer)
+            self._finish(answer, answer.error)
 
-    @staticmethod
-    def _finish(answer: _Answer, error: BaseException | None = None) -> None:
-        if answer.streamer is not None:
-            answer.streamer.end()
-        if answer.future.done():
-            return
-        if error is not None:
-            answer.future.set_exception(error)
-        else:
-            answer.future.set_result(([answer.new], None))
+    def _finish(self, answer: _Answer, error: BaseException | None = None) -> None:
+        """The answer's end, told to its sink once; its place in the queue is free again."""
+        with self._lock:
+            if answer.done:
+                return
+            answer.done = True
+            self._in_flight -= 1
+            self._durations = self._durations[-31:] + [time.monotonic() - answer.began]
+        try:
+            answer.sink.end(error)
+        except Exception:  # a sink that fails must not stop the loop for the others
+            logger.exception("the end of an answer could not be handed over")

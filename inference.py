@@ -24,6 +24,7 @@ to load one.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import logging
@@ -32,7 +33,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import torch
 from peft import PeftModel
@@ -108,7 +109,7 @@ def _held_back(text: str, stop: tuple[str, ...] = ()) -> int:
 
 
 def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | None = None) -> GenerationConfig:
-    sample = gen.temperature > 0
+    sample = gen.samples
     return GenerationConfig(
         max_new_tokens=max_new_tokens or gen.max_new_tokens,
         do_sample=sample,
@@ -126,16 +127,19 @@ def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | 
 class ChatModel:
     """A merged model plus tokenizer that answers in the training template."""
 
-    def __init__(self, model, tokenizer, fast: bool = False, batch_slots: int = 8):
+    def __init__(self, model, tokenizer, fast: bool = False, batch_slots: int = 8, max_waiting: int = 32,
+                 name: str = "phi2-qlora"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.fast = fast
+        self.name = name  # what the API calls the model
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         self._decoder = FastDecoder(model, tokenizer, self.context_window) if fast else None
-        # Chat answers (CLI, app, API) of all users are decoded together; batches given at once (evaluate.py,
-        # bench.py) go to FastDecoder or generate().
+        # Chat answers (CLI, app, API) of all users are decoded together, at most batch_slots at once and
+        # max_waiting more in its queue; batches given at once (evaluate.py, bench.py) go to FastDecoder or generate().
         self.batch_slots = batch_slots
-        self._batcher = BatchDecoder(model, tokenizer, self.context_window, batch_slots, fast, generation_thread)
+        self.batcher = BatchDecoder(model, tokenizer, self.context_window, batch_slots, fast, generation_thread,
+                                    max_waiting)
 
     @property
     def device(self) -> torch.device:
@@ -155,17 +159,6 @@ class ChatModel:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=self.device)
         return {"input_ids": input_ids, "attention_mask": mask}
-
-    def _reply(self, new_ids: list[int], dropped: int, stop: tuple[str, ...] = (), cancelled: bool = False
-               ) -> Reply:
-        eos = self.tokenizer.eos_token_id
-        ended = eos in new_ids
-        if ended:
-            new_ids = new_ids[:new_ids.index(eos) + 1]
-        text, reason = split_answer(self.tokenizer.decode(new_ids, skip_special_tokens=True), ended, stop)
-        if cancelled and reason == "length":
-            reason = "cancelled"
-        return Reply(text=text, new_tokens=len(new_ids), stop=reason, turns_dropped=dropped)
 
     def _generate_plain(self, inputs: dict[str, torch.Tensor], gen: GenerationSettings, max_new_tokens: int,
                         ignore_eos: bool, output_logits: bool):
@@ -237,13 +230,14 @@ class ChatModel:
             outs = self._submit(batch, gen, gen.max_new_tokens, cache_length=cache_length,
                                 seed=None if seed is None else seed + number).result()[0]
             for i, new in zip(idx, outs):
-                replies[i] = self._reply(new, encoded[i][1])
+                replies[i] = reply_for(self.tokenizer, new, encoded[i][1])
         return replies  # type: ignore[return-value]
 
     def start(self, ids: list[int], gen: GenerationSettings, stop: tuple[str, ...] = (), seed: int | None = None,
               turns_dropped: int = 0) -> AnswerStream:
-        """Begin generating the answer to prompt ids (from prompt_ids); iterate the result for the growing text."""
-        return AnswerStream(self, ids, gen, stop, seed, turns_dropped)
+        """Begin generating the answer to prompt ids (from prompt_ids); iterate the result for the growing text.
+        Raises decoding.Busy when the queue is full, decoding.ShuttingDown after shutdown()."""
+        return AnswerStream(self.batcher, self.tokenizer, ids, gen, stop, seed, turns_dropped)
 
     def stream(self, messages: list[Message], gen: GenerationSettings) -> Iterator[str]:
         """Yields the answer so far, growing token by token; a stop marker is never shown. Closing the generator
@@ -255,10 +249,16 @@ class ChatModel:
         finally:
             answer.cancel()
 
+    def shutdown(self, reason: str = "the server is shutting down", timeout: float = 60) -> None:
+        """End every answer in flight with an error that says `reason` (streams get it as their last event), refuse
+        new ones, and wait until the generation thread is idle."""
+        self.batcher.shutdown(reason)
+        generation_thread().submit(lambda: None).result(timeout=timeout)
+
     def close(self) -> None:
         """Free the model now (evaluate.py loads one model at a time): weights, compiled step, caches. The
         ChatModel cannot generate afterwards."""
-        self.model = self._decoder = self._batcher = None
+        self.model = self._decoder = self.batcher = None
         if self.fast:  # compiled code and CUDA-graph trees are per thread: reset them on the generation thread
             generation_thread().submit(torch._dynamo.reset).result()
         gc.collect()
@@ -273,7 +273,7 @@ class ChatModel:
         occur."""
         if not self.fast:
             return
-        self._batcher.capture_prefill_graphs()
+        self.batcher.capture_prefill_graphs()
         ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
         for _ in self.start(ids, gen):  # one answer alone: the one-row shape
             pass
@@ -306,49 +306,140 @@ class ChatModel:
         return out
 
 
+def reply_for(tokenizer, new_ids: list[int], dropped: int = 0, stop: tuple[str, ...] = (), cancelled: bool = False
+              ) -> Reply:
+    """The Reply of an answer's new token ids: cut after EOS, at a `### Human:` or a stop string."""
+    eos = tokenizer.eos_token_id
+    ended = eos in new_ids
+    if ended:
+        new_ids = new_ids[:new_ids.index(eos) + 1]
+    text, reason = split_answer(tokenizer.decode(new_ids, skip_special_tokens=True), ended, stop)
+    if cancelled and reason == "length":
+        reason = "cancelled"
+    return Reply(text=text, new_tokens=len(new_ids), stop=reason, turns_dropped=dropped)
+
+
 class AnswerStream:
     """One answer being generated on the generation thread.
 
-    Iterate it for the answer so far (growing; the stop marker and stop strings are never shown); `reply` holds the
-    finished Reply afterwards; `cancel()` stops the generation within one decode chunk (compiled path) or one token
-    (eager, the CPU) and frees its row for the next request. A stop string ends the answer and the generation."""
+    Iterate it -- `for`, or `async for`, whose waiting holds no thread -- for the answer so far (growing; the stop
+    marker and stop strings are never shown, nor half a character); `reply` holds the finished Reply afterwards;
+    `cancel()` stops the generation within one decode chunk and frees its row, or its place in the queue (a reader
+    that leaves calls it: iterating again starts from the first piece). A stop string ends the answer and the generation. A failure of this answer (its scores
+    not finite, the server shutting down) is raised by the iteration, after the text it had."""
 
-    def __init__(self, model: ChatModel, ids: list[int], gen: GenerationSettings, stop: tuple[str, ...],
-                 seed: int | None, turns_dropped: int):
-        self.model, self.stop, self.turns_dropped = model, tuple(s for s in stop if s), turns_dropped
+    def __init__(self, batcher: BatchDecoder, tokenizer, ids: list[int], gen: GenerationSettings,
+                 stop: tuple[str, ...], seed: int | None, turns_dropped: int):
+        self.tokenizer, self.stop, self.turns_dropped = tokenizer, tuple(s for s in stop if s), turns_dropped
         self.prompt_tokens = len(ids)
         self.reply: Reply | None = None
-        self._cancel = threading.Event()
-        self._streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                              timeout=600)
-        self._future = model._batcher.submit(ids, gen, gen.max_new_tokens, streamer=self._streamer,
-                                             cancel=self._cancel, seed=seed)
-        # A failed generation must end the iteration, so its error can surface below.
-        self._future.add_done_callback(lambda f: self._streamer.end() if f.exception() is not None else None)
+        self._tokens: list[int] = []
+        self._marks: list[int] = []  # len(_tokens) after each put: every put is a piece of the stream
+        self._ended, self._error, self._cancelled = False, None, False
+        self._changed = threading.Condition()
+        self._wakers: list = []  # async readers' wake-ups, called on the generation thread
+        self._batcher = batcher
+        self._handle = batcher.submit(ids, gen, self, seed)
+
+    # The batcher's sink (decoding.BatchDecoder.submit), called on the generation thread.
+    def put(self, tokens: list[int]) -> None:
+        with self._changed:
+            self._tokens += tokens
+            self._marks.append(len(self._tokens))
+            self._wake()
+
+    def end(self, error: BaseException | None) -> None:
+        with self._changed:
+            self._ended, self._error = True, error
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.notify_all()
+        for wake in self._wakers:
+            wake()
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self._cancelled = True
+        self._batcher.cancel(self._handle)
+
+    def _shown(self, tokens: list[int], ended: bool) -> tuple[str, bool]:
+        """(the text to show for these tokens, whether a stop string or the marker ended the answer)."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        hit = first_stop(text, self.stop)
+        if hit is not None:
+            return text[:hit[0]].strip(), True
+        if not ended:  # what may still become a marker, a stop string or a whole character is held back
+            text = text.rstrip("\ufffd")
+            text = text[:len(text) - _held_back(text, self.stop)]
+        return text.strip(), False
+
+    def _ready(self, state: dict) -> bool:
+        """Whether a piece (or the end) is there that this reader has not looked at; under the lock."""
+        return (bool(self._marks) and self._marks[-1] > state["seen"]) or self._ended
+
+    def _step(self, state: dict) -> tuple[bool, str | None]:
+        """Look at the next piece that arrived: (whether there was one, the new text to yield or None);
+        state["over"] once the answer is done."""
+        with self._changed:
+            later = [m for m in self._marks if m > state["seen"]]
+            ended = self._ended
+            upto = later[0] if later else len(self._tokens)
+            tokens = self._tokens[:upto]
+            last = ended and upto == len(self._tokens)
+        if not later and not ended:
+            return False, None
+        state["seen"] = upto
+        text, stopped = self._shown(tokens, last)
+        if stopped and not ended:
+            self.cancel()  # the answer is complete; the rest would be thrown away
+        if stopped or last:
+            state["over"] = True
+            self.reply = reply_for(self.tokenizer, tokens, self.turns_dropped, self.stop,
+                                   cancelled=self._cancelled and not stopped)
+            if self._error is not None and not stopped:
+                state["error"] = self._error
+        if text and text != state["shown"]:
+            state["shown"] = text
+            return True, text
+        return True, None
 
     def __iter__(self) -> Iterator[str]:
-        text = ""
-        stopped_early = False
-        for piece in self._streamer:
-            text += piece
-            hit = first_stop(text, self.stop)
-            if hit is not None:
-                self._cancel.set()  # the answer is complete; the rest would be thrown away
-                stopped_early = True
-                yield text[:hit[0]].strip()
-                break
-            shown = text[:len(text) - _held_back(text, self.stop)]
-            if shown.strip():
-                yield shown.strip()
-        else:
-            if text.strip():
-                yield text.strip()
-        new_ids = self._future.result()[0][0]  # re-raises an error of the generation thread here
-        self.reply = self.model._reply(new_ids, self.turns_dropped, self.stop,
-                                       cancelled=self._cancel.is_set() and not stopped_early)
+        state = {"seen": 0, "shown": "", "over": False, "error": None}
+        while not state["over"]:
+            with self._changed:
+                self._changed.wait_for(lambda: self._ready(state))
+            _, text = self._step(state)
+            if text is not None:
+                yield text
+        if state["error"] is not None:
+            raise state["error"]
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(arrived.set)
+            except RuntimeError:  # the reader's loop has closed: nobody is waiting any more
+                pass
+
+        with self._changed:
+            self._wakers.append(wake)
+        state = {"seen": 0, "shown": "", "over": False, "error": None}
+        try:
+            while not state["over"]:
+                arrived.clear()  # before looking: a put after the look sets it again
+                progressed, text = self._step(state)
+                if text is not None:
+                    yield text
+                elif not progressed:
+                    await arrived.wait()
+        finally:
+            with self._changed:
+                self._wakers.remove(wake)
+        if state["error"] is not None:
+            raise state["error"]
 
 
 def probe_ids(tokenizer) -> torch.Tensor:
@@ -401,8 +492,7 @@ def load_model_folder(name_or_path: str, cfg: Config, tokenizer=None) -> ChatMod
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model {name_or_path!r}: {e}. Without network access, pass a local "
                              "folder") from e
-    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device),
-                     batch_slots=cfg.inference.batch_slots)
+    return _serving(model, tokenizer, cfg, device, name_or_path)
 
 
 def trained_base(cfg: Config, adapter_config: dict) -> str:
@@ -450,7 +540,24 @@ def _merge_for_chat(cfg: Config, allow_pickle: bool, device: str) -> ChatModel:
     logger.info("merged %s into %s (fp32); max |logit diff| merged vs unmerged on a probe: %.2e",
                 adapter_dir, base_name, diff)
     merged = merged.to(device=device, dtype=DTYPE_NAMES[icfg.dtype])
-    return ChatModel(merged, tokenizer, fast=use_fast_path(icfg, device), batch_slots=icfg.batch_slots)
+    return _serving(merged, tokenizer, cfg, device, adapter_dir)
+
+
+def model_id(served: str | Path) -> str:
+    """The name the API gives a served folder: its own name; a training run's `final` or `checkpoint-N` adapter is
+    named after its run (`model/final` -> `model`, `runs/a/checkpoint-200` -> `a-checkpoint-200`)."""
+    path = Path(served)
+    if path.name == "final" and path.parent.name:
+        return path.parent.name
+    if path.name.startswith("checkpoint-") and path.parent.name:
+        return f"{path.parent.name}-{path.name}"
+    return path.name or str(served)
+
+
+def _serving(model, tokenizer, cfg: Config, device: str, served: str | Path) -> ChatModel:
+    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device),
+                     batch_slots=cfg.inference.batch_slots, max_waiting=cfg.app.max_queue,
+                     name=cfg.app.model_id or model_id(served))
 
 
 def chat_loop(model: ChatModel, gen: GenerationSettings, read=input, write=print) -> None:

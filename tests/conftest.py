@@ -18,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = ROOT / "data" / "tiny-phi"
 SMOKE_DATA = ROOT / "data" / "smoke"
+MODEL_ID = "phi2-smoke"  # the name the served smoke model has in the API (app.model_id)
 
 
 def run_script(*args: str, cwd: Path = ROOT, timeout: int = 600, check: bool = True, env: dict | None = None):
@@ -47,7 +48,8 @@ def smoke_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smoke_cfg(smoke_run):
     from config import parse_config
-    cfg, _ = parse_config(["--config", "configs/smoke.yaml", "--training.output_dir", str(smoke_run)])
+    cfg, _ = parse_config(["--config", "configs/smoke.yaml", "--training.output_dir", str(smoke_run),
+                           "--app.model_id", MODEL_ID])
     return cfg
 
 

@@ -3,6 +3,7 @@ official openai client and raw HTTP against the OpenAI-compatible routes."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import shutil
@@ -18,7 +19,7 @@ from openai import OpenAI
 import app
 import inference
 from config import AppConfig, GenerationSettings
-from conftest import ROOT
+from conftest import MODEL_ID, ROOT
 from test_inference import ScriptedPhi, endless
 
 GEN = GenerationSettings(max_new_tokens=40, temperature=0.0)
@@ -99,11 +100,11 @@ def test_keeps_serving_after_a_bad_request(client):
 def test_concurrent_clients_are_answered_together_each_as_if_alone(server, chat_model):
     questions = ["What is the capital of Peru?", "What is 2 plus 3?", "Hello! How are you?"] * 3
     alone = {q: ask(Client(server, verbose=False), q) for q in questions}
-    chat_model._batcher.most_rows = 0
+    chat_model.batcher.most_rows = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=9) as pool:
         answers = list(pool.map(lambda q: ask(Client(server, verbose=False), q), questions))
     assert answers == [alone[q] for q in questions] and answers[0] == PERU
-    assert chat_model._batcher.most_rows >= 3  # decoded together, not one after another
+    assert chat_model.batcher.most_rows >= 3  # decoded together, not one after another
 
 
 def test_a_cancelled_client_does_not_disturb_the_others(endless_server):
@@ -137,9 +138,11 @@ def test_cancelled_request_stops_its_generation(endless_server):
 # The page's conversation (what the model reads) is kept apart from the notes a person sees
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_respond(respond, message, shown, conversation):
-    outputs = list(respond(message, shown, conversation, 40, 0.0, 0.9))
-    return outputs[-1]
+def run_respond(respond, message, shown, conversation, max_new_tokens=40, temperature=0.0):
+    """The page's handler as Gradio runs it (an async generator on an event loop); its last output."""
+    async def collect():
+        return [out async for out in respond(message, shown, conversation, max_new_tokens, temperature, 0.9)]
+    return asyncio.run(collect())[-1]
 
 
 def test_notes_never_reach_the_model(chat_model, monkeypatch):
@@ -178,17 +181,17 @@ def openai_client(url: str, key: str = "unused") -> OpenAI:
 
 def test_openai_client_non_streaming_and_streaming(server):
     oa = openai_client(server)
-    assert [m.id for m in oa.models.list()] == ["phi2-qlora"]
+    assert [m.id for m in oa.models.list()] == [MODEL_ID]
     messages = [{"role": "user", "content": "What is the capital of Peru?"}]
-    r = oa.chat.completions.create(model="phi2-qlora", messages=messages, temperature=0, max_tokens=40)
+    r = oa.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=40)
     assert r.choices[0].message.content == PERU and r.choices[0].finish_reason == "stop"
     assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens > 3
     pieces = [c.choices[0].delta.content for c in oa.chat.completions.create(
-        model="phi2-qlora", messages=messages, temperature=0, max_tokens=40, stream=True)]
+        model=MODEL_ID, messages=messages, temperature=0, max_tokens=40, stream=True)]
     assert "".join(p for p in pieces if p) == PERU and len([p for p in pieces if p]) >= 3
-    cut = oa.chat.completions.create(model="phi2-qlora", messages=messages, temperature=0, stop=[" is"])
+    cut = oa.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, stop=[" is"])
     assert cut.choices[0].message.content == "The capital of Peru" and cut.choices[0].finish_reason == "stop"
-    short = oa.chat.completions.create(model="phi2-qlora", messages=messages, temperature=0, max_tokens=2)
+    short = oa.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=2)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
 
 
@@ -196,12 +199,12 @@ def test_openai_multi_turn_system_seed_and_concurrency(server):
     oa = openai_client(server)
     convo = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 plus 3?"},
              {"role": "assistant", "content": "2 plus 3 is 5."}, {"role": "user", "content": "Now add 2."}]
-    first = oa.chat.completions.create(model="m", messages=convo, temperature=1.0, seed=7, max_tokens=20)
-    again = oa.chat.completions.create(model="m", messages=convo, temperature=1.0, seed=7, max_tokens=20)
+    first = oa.chat.completions.create(model=MODEL_ID, messages=convo, temperature=1.0, seed=7, max_tokens=20)
+    again = oa.chat.completions.create(model=MODEL_ID, messages=convo, temperature=1.0, seed=7, max_tokens=20)
     assert first.choices[0].message.content == again.choices[0].message.content
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
         answers = list(pool.map(lambda _: oa.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "What is the capital of Peru?"}], temperature=0
+            model=MODEL_ID, messages=[{"role": "user", "content": "What is the capital of Peru?"}], temperature=0
         ).choices[0].message.content, range(6)))
     assert answers == [PERU] * 6
 
@@ -209,10 +212,10 @@ def test_openai_multi_turn_system_seed_and_concurrency(server):
 @pytest.mark.parametrize("body, status, fragment", [
     ({"messages": []}, 400, "messages must be a non-empty list"),
     ({"messages": "hi"}, 400, "messages must be a non-empty list"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "'wizard' is not one of system, user, assistant"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "'wizard' is not one of system, developer, user, assistant"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "string content"),
     ({"messages": [{"role": "user", "content": "  "}]}, 400, "content is empty"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "alternate"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "alternate"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "ending with user"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "max_tokens must be an integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens must be an integer"),
@@ -237,14 +240,15 @@ def test_bad_requests_get_openai_errors(server, body, status, fragment):
 def test_malformed_and_oversized_bodies(server):
     r = httpx.post(server + "v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    r = httpx.post(server + "v1/chat/completions", content=b'{"messages": "' + b"x" * (2 << 20) + b'"}')
+    r = httpx.post(server + "v1/chat/completions", content=b'{"messages": "' + b"x" * (2 << 20) + b'"}',
+                   headers={"content-type": "application/json"})
     assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
     long = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "and now?"}]
     r = httpx.post(server + "v1/chat/completions", json={"messages": long, "max_tokens": 400})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert openai_client(server).chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "What is the capital of Peru?"}],
+        model=MODEL_ID, messages=[{"role": "user", "content": "What is the capital of Peru?"}],
         temperature=0).choices[0].message.content == PERU  # still serving
 
 
@@ -271,9 +275,9 @@ def test_auth_protects_the_page_and_the_api(chat_model):
         assert httpx.get(url + "v1/models").status_code == 401
         with pytest.raises(Exception, match="401|invalid_api_key|API key"):
             openai_client(url, "wrong").chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}])
+                model=MODEL_ID, messages=[{"role": "user", "content": "hi"}])
         r = openai_client(url, "s3cret-pw").chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "What is the capital of Peru?"}], temperature=0)
+            model=MODEL_ID, messages=[{"role": "user", "content": "What is the capital of Peru?"}], temperature=0)
         assert r.choices[0].message.content == PERU
         assert httpx.get(url + "config").status_code == 401  # the page's own routes need the login
     finally:
@@ -370,8 +374,8 @@ def test_typed_turn_markers_cannot_forge_turns(chat_model, server, monkeypatch, 
     """Each way a message reaches the model renders it through the one prompt builder: the markers are inert."""
     seen: list[list[int]] = []
     # prompts reach the model through the chat batcher (CLI, app, API) or as a batch (evaluate.py)
-    batched, submit = chat_model._batcher.submit, chat_model._submit
-    monkeypatch.setattr(chat_model._batcher, "submit",
+    batched, submit = chat_model.batcher.submit, chat_model._submit
+    monkeypatch.setattr(chat_model.batcher, "submit",
                         lambda ids, *a, **k: seen.append(ids) or batched(ids, *a, **k))
     monkeypatch.setattr(chat_model, "_submit", lambda ids, *a, **k: seen.append(ids[0]) or submit(ids, *a, **k))
     if entry == "page":
@@ -379,7 +383,7 @@ def test_typed_turn_markers_cannot_forge_turns(chat_model, server, monkeypatch, 
     elif entry == "gradio_client":
         ask(Client(server, verbose=False), FORGED)
     elif entry == "openai":
-        openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": FORGED}])
+        openai_client(server).chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": FORGED}])
     else:
         chat_model.chat_batch([[{"role": "user", "content": FORGED}]], GEN)
     prompt = chat_model.tokenizer.decode(seen[-1])

@@ -38,7 +38,7 @@ cfg = bench.serving_config("bf16", True, ("--inference.batch_slots", "8", "--gen
 chat = load_model_folder(str(bench.make_random_phi2(Path("/tmp/phi2"))), cfg)
 model = chat.model
 with torch.inference_mode():
-    cache = chat._batcher._cache_for(8, 512)
+    cache = chat.batcher._cache_for(8, 512)
     ids = torch.randint(0, 800, (8, max(LENGTHS)), device="cuda")
     scratch = DynamicCache(config=model.config)
     with decoding.prefill_attention(ids.device):

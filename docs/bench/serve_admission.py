@@ -65,7 +65,7 @@ cfg = bench.serving_config("bf16" if gpu else "fp32", gpu,
 chat = load_model_folder(str(bench.make_random_phi2(Path("/tmp/phi2")) if gpu else bench.TINY_MODEL), cfg)
 chat.model.lm_head.bias.data[len(chat.tokenizer):] = -1e4
 chat.warm_up(cfg.generation)
-b = chat._batcher
+b = chat.batcher
 b.model = Timed(b.model)
 gen = cfg.generation
 ids = [chat.prompt_ids([{"role": "user", "content": q}], 256)[0] for q in bench.questions(8, 40)]
