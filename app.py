@@ -243,9 +243,6 @@ class Guard:
         self.failures.pop(address, None)
 
 
-GUARD = Guard()
-
-
 class ServerGuard:
     """ASGI middleware in front of every route of the app (page, Gradio's routes, the API):
 
@@ -255,7 +252,7 @@ class ServerGuard:
     - failed logins (POST /login) and API keys (/v1) are counted per address (Guard) and a locked-out address gets
       429 with Retry-After, on /v1 in OpenAI's error shape."""
 
-    def __init__(self, app, app_cfg: AppConfig, guard: Guard = GUARD):
+    def __init__(self, app, app_cfg: AppConfig, guard: Guard):
         self.app, self.app_cfg, self.guard = app, app_cfg, guard
         self.check_host = app_cfg.host in LOOPBACK_NAMES and not app_cfg.share
         self.hosts = {app_cfg.host, *LOOPBACK_NAMES}
@@ -341,7 +338,7 @@ def launch(demo: gr.Blocks, app_cfg: AppConfig, model: ChatModel, gen: Generatio
     return demo.launch(server_name=app_cfg.host, server_port=app_cfg.port, share=app_cfg.share, auth=auth,
                        prevent_thread_lock=not block, show_error=False,
                        app_kwargs={"routes": openai_api.routes(model, gen, app_cfg), "openapi_url": None,
-                                   "middleware": [Middleware(ServerGuard, app_cfg=app_cfg)]})
+                                   "middleware": [Middleware(ServerGuard, app_cfg=app_cfg, guard=Guard())]})
 
 
 def serve_until_stopped(demo: gr.Blocks, app_cfg: AppConfig, model: ChatModel, gen: GenerationSettings) -> None:

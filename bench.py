@@ -308,13 +308,14 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     choice = decide_device_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model)
     from model_utils import load_model_config
-    cfg.training, compiled, autocast = train.decide_training(cfg, choice)  # as train.py decides
+    plan = train.decide_training(cfg, choice)  # as train.py decides
+    cfg.training, compiled, autocast = plan.training, plan.compiled, plan.autocast
     dataset = workload(tiny, load_model_config(cfg.model).vocab_size)
     if cfg.training.packing is False:
         dataset = dataset.map(lambda ex: {k: v[:cfg.data.max_length] for k, v in ex.items()})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model = train.build_model(cfg, choice, compiled, autocast)
+    model = train.build_model(cfg, choice, compiled, autocast, plan.budget)
     trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice, compiled, autocast)
 
     marks: dict[int, tuple[float, int]] = {}

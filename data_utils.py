@@ -640,9 +640,10 @@ def _snapshot(path: Path) -> Path:
 
 
 def local_split_files(path: Path) -> dict[str, list[Path]]:
-    """A file is the train split; for a folder, datasets' own rules find the splits: `train`/`validation` in file
-    or folder names, sharded `data/train-00000-of-00003-<hash>.parquet` files as the Hugging Face CLI downloads them,
-    or the `configs` of a dataset card (README.md)."""
+    """A file is the train split; for a folder, datasets' own rules find the splits: `train`/`validation`/`test` in
+    file or folder names (`valid`, `dev` are validation; `eval`, `testing` are test), sharded
+    `data/train-00000-of-00003-<hash>.parquet` files as the Hugging Face CLI downloads them, or the `configs` of a
+    dataset card (README.md). A split datasets finds that the run cannot use stops it, naming the files."""
     if path.is_file():
         return {"train": [path]}
     path = _snapshot(path)
@@ -659,7 +660,12 @@ def local_split_files(path: Path) -> dict[str, list[Path]]:
                         f"{hint}") from e
     splits = {str(split): sorted(Path(f) for f in files if _extension(Path(f)) in DATA_EXTENSIONS)
               for split, files in data_files.items()}
-    splits = {split: files for split, files in splits.items() if files and split in ("train", "validation")}
+    splits = {split: files for split, files in splits.items() if files}
+    unusable = {split: files for split, files in splits.items() if split not in ("train", "validation", "test")}
+    if unusable:
+        raise DataError(f"{path}: the split(s) {', '.join(unusable)} ({', '.join(f.name for fs in unusable.values() for f in fs)}) "
+                        "are neither train, validation nor test; rename the files (train.<ext>, validation.<ext>) or "
+                        "point data.dataset at one file")
     if "train" not in splits:
         raise DataError(f"{path}: no training split found ({hint}); name the files train.<ext> and "
                         "validation.<ext>, or point data.dataset at one file")
@@ -688,13 +694,26 @@ def read_source(cfg: DataConfig) -> tuple[dict[str, list[dict]], Counter]:
             "Without network access, point data.dataset at a local file or folder (see README, 'Data formats')"
         ) from e
     out = {}
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         if split in dsd:
             ds = dsd[split]
             out[split] = ds.select_columns([c for c in ds.column_names if c in USED_COLUMNS]).to_list()
     if "train" not in out:
         raise DataError(f"data.dataset: {cfg.dataset!r} has no 'train' split (splits: {list(dsd)})")
     return out, counts
+
+
+def validation_split(raw: dict[str, list[dict]], source: str) -> tuple[dict[str, list[dict]], str | None]:
+    """The rows that validate: the source's validation split, else its test split (a folder's eval.jsonl or
+    test.jsonl), named in the log; None when it has neither (then trees are held out of train). A test split beside a
+    validation split is not used, and the log says so."""
+    own = "validation" if "validation" in raw else "test" if "test" in raw else None
+    if own == "test":
+        logger.info("data: %s has no validation split; its test split validates", source)
+    elif own and "test" in raw:
+        logger.warning("data: %s has a validation and a test split; the validation split validates, the test split "
+                       "is not used", source)
+    return {"train": raw["train"], **({"validation": raw[own]} if own else {})}, own
 
 
 def _in_validation(tree_id: str, seed: int, fraction: float) -> bool:
@@ -712,6 +731,7 @@ class ConversationData:
 def load_conversations(cfg: DataConfig) -> ConversationData:
     """Read the source, rebuild conversations and split them (oasst1's own validation split when present)."""
     raw, read_counts = read_source(cfg)
+    raw, own = validation_split(raw, cfg.dataset)
     stats: dict[str, Any] = {"source": cfg.dataset, "read": dict(read_counts)}
     per_split: dict[str, list[dict]] = {}
     for split, rows in raw.items():
@@ -733,7 +753,7 @@ def load_conversations(cfg: DataConfig) -> ConversationData:
         stats["train"]["held_out"] = len(val)
         stats["split"] = f"by tree id, {cfg.validation_fraction:.0%} held out, seed {cfg.seed}"
     else:
-        stats["split"] = "the source's own validation split"
+        stats["split"] = f"the source's own {own} split"
     caps = {"train": cfg.max_train_conversations, "validation": cfg.max_eval_conversations}
     for split, convs in per_split.items():
         if caps[split] is not None:

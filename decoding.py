@@ -1914,7 +1914,14 @@ class BatchDecoder:
             answer.error = error
         if answer.error is not None or stop is not None or answer.remaining <= 0 or answer.cancel.is_set():
             if answer in self.rows:
-                self.rows[self.rows.index(answer)] = None
+                row = self.rows.index(answer)
+                self.rows[row] = None
+                if isinstance(answer.error, NonFiniteScores):
+                    # Its slots may hold NaN, and a masked slot still multiplies: 0 * NaN is NaN. A later answer in
+                    # this row would read them (StaticCache rows attend over the whole row, masked).
+                    for layer in self.cache.layers:
+                        layer.keys[row].zero_()
+                        layer.values[row].zero_()
             self._finish(answer, answer.error)
 
     def _finish(self, answer: _Answer, error: BaseException | None = None) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from peft import prepare_model_for_kbit_training
 from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -118,7 +119,8 @@ def resolve_autocast(requested: str, choice: DeviceChoice) -> bool:
     return requested == "on"
 
 
-def build_model(cfg: Config, choice: DeviceChoice, compiled: bool, autocast: bool = False):
+def build_model(cfg: Config, choice: DeviceChoice, compiled: bool, autocast: bool = False,
+                budget: tuple[float, str] | None = None):
     """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
     model_config = load_model_config(cfg.model)
     check_context(model_config, cfg.data.max_length)
@@ -141,7 +143,7 @@ def build_model(cfg: Config, choice: DeviceChoice, compiled: bool, autocast: boo
     for p in model.parameters():
         p.requires_grad_(False)  # the base is frozen; peft adds the trainable adapters
     if products == "fp8":
-        both, why = fp8_layouts(cfg, model_config, choice, autocast)
+        both, why = fp8_layouts(cfg, model_config, choice, autocast, budget)
         logger.info("fp8 products: %d frozen 4-bit layers, %s (%s)", use_fp8_products(model, both),
                     "both layouts of each weight" if both else "one layout, transposed in each backward", why)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
@@ -303,20 +305,47 @@ def resumed_plan(t: TrainingConfig, explicit: set[str]) -> TrainingConfig | None
     return dataclasses.replace(t, **keep)
 
 
-def decide_training(cfg: Config, choice: DeviceChoice, resume: bool = False) -> tuple[TrainingConfig, bool, bool]:
+@dataclasses.dataclass
+class TrainingPlan:
+    """What decide_training chose, once, for every process of the run alike."""
+    training: TrainingConfig             # with the memory plan's micro-batch, accumulation, checkpointing, optimizer
+    compiled: bool
+    autocast: bool
+    budget: tuple[float, str] | None     # the GPU memory the plan sized for, and where it comes from; None on the CPU
+
+
+def shared_budget(budget: float, source: str) -> tuple[float, str]:
+    """The smallest budget of all processes of a multi-process run, for every one of them. Each process reads its
+    own GPU's free memory; another job on one GPU gives that one less, and processes that planned differently
+    (micro-batch, accumulation, checkpointing) would no longer meet at the same gradient syncs: the run would hang
+    or desync. One process alone: its own budget."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return budget, source
+    state = PartialState()  # the process group accelerate launch set up the environment for (the Trainer's too)
+    smallest = torch.tensor([budget], dtype=torch.float64, device=state.device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    shared = float(smallest.item())
+    return shared, (f"{source}; the smallest of the {world} processes' budgets" if shared >= budget
+                    else f"the smallest of the {world} processes' budgets, another process's; this one's: {source}")
+
+
+def decide_training(cfg: Config, choice: DeviceChoice, resume: bool = False) -> TrainingPlan:
     """The training settings this GPU gets, decided once: precision, the memory plan (on --resume the interrupted
-    run's), then compilation, which follows from checkpointing. Returns (training config, compiled, autocast)."""
+    run's; with several processes, for the smallest budget among them), then compilation, which follows from
+    checkpointing."""
     t = cfg.training
     autocast = resolve_autocast(t.autocast, choice)
+    budget = None
     if choice.device == "cuda":
-        budget = memory_budget_gib(t)
+        budget = shared_budget(*memory_budget_gib(t))
         t = (resume and resumed_plan(t, cfg.explicit)) or plan_memory(
             t, cfg.lora, cfg.explicit, cfg.data.max_length, load_model_config(cfg.model), choice, *budget,
             autocast=autocast, quantization=cfg.quantization)
     if t.optim == "auto":
         t = dataclasses.replace(t, optim=resolve_optim(t.optim, choice, t.gradient_checkpointing))
         logger.info("optimizer: %s (training.optim auto: %s)", t.optim, OPTIM_REASONS[t.optim])
-    return t, resolve_compile(t.torch_compile, choice, t.gradient_checkpointing), autocast
+    return TrainingPlan(t, resolve_compile(t.torch_compile, choice, t.gradient_checkpointing), autocast, budget)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,7 +581,8 @@ class Guard(TrainerCallback):
 
 
 class SFTTrainerMetricsOnDevice(SFTTrainer):
-    """trl's SFTTrainer with its per-micro-batch metrics kept on the GPU until a log line reads them.
+    """trl's SFTTrainer with its per-micro-batch metrics kept on the GPU until a log line reads them (and, under
+    FSDP, the gathered adapter in every checkpoint: save_model).
 
     trl 1.16's `compute_loss` reads entropy, token accuracy and the token count back to the host after every forward
     (`.item()`, `if num_valid > 0`): the host waits there for the GPU, so the backward can only be queued once the
@@ -623,6 +653,16 @@ class SFTTrainerMetricsOnDevice(SFTTrainer):
                 metrics[key][i] = value
         super().log(logs, start_time)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP, a checkpoint also gets the adapter gathered from the shards, as on one GPU (inference.py and
+        evaluate.py load it; --resume's completeness check reads it). It is written here, the first thing the Trainer
+        saves into a checkpoint, before the optimizer state and before it deletes older checkpoints
+        (save_total_limit); written after the deletion (an on_save callback), a kill in between left no complete
+        checkpoint with save_total_limit 1."""
+        super().save_model(output_dir, _internal_call)
+        if _internal_call and self.is_fsdp_enabled:
+            save_fsdp_adapter(self.model, self.processing_class, Path(output_dir), self.is_world_process_zero())
+
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: DeviceChoice,
                   compiled: bool, autocast: bool = False) -> SFTTrainer:
@@ -661,8 +701,6 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
     trainer.add_callback(CompactLog(choice.device))
     trainer.add_callback(Guard())
     trainer.add_callback(TrainModeAfterEvaluation())
-    if trainer.is_fsdp_enabled:
-        trainer.add_callback(FsdpCheckpointAdapter())
     if trainer.is_world_process_zero():
         log_trainable_parameters(trainer.model)
     world = trainer.args.world_size
@@ -751,15 +789,6 @@ def save_fsdp_adapter(model, tokenizer, folder: Path, main_process: bool) -> Non
     if main_process:
         model.save_pretrained(folder, state_dict=state)
         tokenizer.save_pretrained(folder)
-
-
-class FsdpCheckpointAdapter(TrainerCallback):
-    """Under FSDP, every checkpoint also gets the gathered adapter, as on one GPU: inference.py and evaluate.py can
-    load it, and --resume's completeness check reads it."""
-
-    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        save_fsdp_adapter(model, processing_class, folder, state.is_world_process_zero)
 
 
 def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoice,
@@ -855,13 +884,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         choice = decide_device_dtype(cfg.model.dtype)
         check_fsdp(cfg.quantization, choice)
-        cfg.training, compiled, autocast = decide_training(cfg, choice, resume=args.resume)
+        plan = decide_training(cfg, choice, resume=args.resume)
+        cfg.training, compiled, autocast = plan.training, plan.compiled, plan.autocast
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
                     f"on ({cfg.training.compile_scope})" if compiled else "off")
         tokenizer = load_tokenizer(cfg.model)
         train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
         clock.mark("data")
-        model = build_model(cfg, choice, compiled, autocast)
+        model = build_model(cfg, choice, compiled, autocast, plan.budget)
         clock.mark("model")
         trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, compiled, autocast)
         trainer.add_callback(clock)

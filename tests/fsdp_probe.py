@@ -56,5 +56,17 @@ def recording_build_trainer(*args, **kwargs):
 
 train.build_trainer = recording_build_trainer
 
+if os.environ.get("KILL_AFTER_ROTATION_AT_STEP"):  # a kill -9 just after the Trainer deleted older checkpoints
+    import transformers.trainer
+    rotate = transformers.trainer.rotate_checkpoints
+
+    def rotate_then_die(output_dir, *args, **kwargs):
+        rotate(output_dir, *args, **kwargs)
+        newest = max(int(p.name.split("-")[-1]) for p in Path(output_dir).glob("checkpoint-*"))
+        if newest == int(os.environ["KILL_AFTER_ROTATION_AT_STEP"]):
+            os._exit(137)
+
+    transformers.trainer.rotate_checkpoints = rotate_then_die
+
 if __name__ == "__main__":
     sys.exit(train.main())

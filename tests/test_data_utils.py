@@ -186,6 +186,38 @@ def test_prompt_trimming_keeps_the_newest_turns_and_the_question(tokenizer):
         du.encode_prompt(tokenizer, [{"role": "user", "content": "  "}], max_prompt_tokens=80)
 
 
+def test_a_long_chat_is_tokenized_once_linear_in_its_turns(tokenizer):
+    """A 63-message request used to re-tokenize the remaining turns for every start it tried (quadratic: ~1,000
+    texts, ~0.4 s on the event loop); each segment is tokenized once now, with the same ids as rendering the kept
+    turns whole."""
+    messages = []
+    for i in range(31):
+        messages += [{"role": "user", "content": f"question {i} " * 6}, {"role": "assistant", "content": f"answer {i} " * 6}]
+    messages.append({"role": "user", "content": "the last question"})
+    texts = []
+
+    class Counting:
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, text, **kwargs):
+            texts.extend([text] if isinstance(text, str) else text)
+            return tokenizer(text, **kwargs)
+
+    for budget in (10_000, 300):
+        texts.clear()
+        ids, dropped = du.encode_prompt(Counting(), messages, budget)
+        assert len(texts) <= 3 * 32, len(texts)
+        expected = []  # the kept turns rendered one by one, as training renders them
+        for i, m in enumerate(messages[2 * dropped:]):
+            if m["role"] == "user":
+                expected += tokenizer(du.turn_prompt_text(m["content"], first=i == 0), add_special_tokens=False)["input_ids"]
+            else:
+                expected += tokenizer(du.turn_answer_text(m["content"]), add_special_tokens=False)["input_ids"]
+                expected.append(tokenizer.eos_token_id)
+        assert ids == expected
+        assert (dropped > 0) == (budget == 300) and len(ids) <= budget
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -240,6 +272,27 @@ def test_folder_with_train_and_validation_uses_that_split(tmp_path):
     data = load(tmp_path)
     assert (len(data.splits["train"]), len(data.splits["validation"])) == (20, 20)
     assert data.stats["split"] == "the source's own validation split"
+
+
+@pytest.mark.parametrize("name", ["eval.jsonl", "test.jsonl"])
+def test_a_folders_eval_or_test_file_validates_instead_of_being_dropped(tmp_path, name, caplog):
+    """train.jsonl beside eval.jsonl once loaded train alone and held out 5% of it: the second file was dropped."""
+    write_jsonl(tmp_path / "train.jsonl", OASST_ROWS[:20] + OASST_ROWS[40:60])
+    write_jsonl(tmp_path / name, OASST_ROWS[20:40] + OASST_ROWS[60:])
+    with caplog.at_level("INFO", logger="data_utils"):
+        data = load(tmp_path)
+    assert (len(data.splits["train"]), len(data.splits["validation"])) == (20, 20)
+    assert data.stats["split"] == "the source's own test split" and "held_out" not in data.stats["train"]
+    assert "its test split validates" in caplog.text
+
+
+def test_a_folder_split_the_run_cannot_use_stops_it_naming_the_files(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", OASST_ROWS)
+    (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                        "    path: train.jsonl\n  - split: extra\n    path: extra.jsonl\n---\n")
+    write_jsonl(tmp_path / "extra.jsonl", OASST_ROWS[:10])
+    with pytest.raises(du.DataError, match="extra.jsonl"):
+        load(tmp_path)
 
 
 def test_chat_formats(tmp_path):

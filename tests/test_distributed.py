@@ -179,3 +179,30 @@ def test_fsdp_trains_like_ddp_saves_resumes_and_merges(tmp_path):
     answers = [run_script("inference.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(out),
                           "--prompt", "What is the capital of France?").stdout for out in (fsdp, ddp)]
     assert answers[0].strip() and answers[0] == answers[1]
+
+
+def test_processes_with_different_free_memory_make_one_plan(tmp_path):
+    """Each process read its own GPU's free memory before the process group existed: with another job on one GPU,
+    the two chose different micro-batch, accumulation or checkpointing, and their gradient syncs no longer met.
+    Now every process plans for the smallest budget (2 CPU processes given 80 and 16 GiB)."""
+    run_script("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "tests/plan_probe.py", str(tmp_path), timeout=300)
+    plans = [json.loads((tmp_path / f"plan-rank{r}.json").read_text()) for r in (0, 1)]
+    sources = [plan.pop("budget") for plan in plans]
+    assert plans[0] == plans[1], plans
+    assert [b for b, _ in sources] == [16.0, 16.0] and all("smallest of the 2 processes" in s for _, s in sources)
+    assert plans[0]["checkpointing"] is True  # what 16 GiB allows for Phi-2's shape (80 GiB alone plans without)
+
+
+def test_a_kill_right_after_fsdp_rotates_checkpoints_leaves_one_to_resume_from(tmp_path):
+    """With save_total_limit 1 the Trainer deletes the older checkpoint as soon as the new one has its shards; the
+    gathered adapter was written after that (an on_save callback), so a kill in between left no complete checkpoint.
+    The adapter now goes in first."""
+    import train
+    out = tmp_path / "fsdp"
+    proc = run_script(*launch_fsdp("tests/fsdp_probe.py", out, *FSDP_STEPS, "--training.save_total_limit", "1"),
+                      env={"KILL_AFTER_ROTATION_AT_STEP": "8"}, check=False, timeout=600)
+    assert proc.returncode != 0 and not (out / "final").exists()  # it died there
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
+    assert train.newest_complete_checkpoint(out) == out / "checkpoint-8"
