@@ -91,7 +91,7 @@ def check_message(message: Any, conversation: list[Message], app_cfg: AppConfig)
 
 
 def busy_note(error: Busy) -> str:
-    return f"The server is busy right now ({error}); your message stays in the box: send it again in " \
+    return f"The server is busy: {str(error).split(': ', 1)[-1]}. Your message stays in the box: send it again in " \
            f"{error.retry_after} s."
 
 

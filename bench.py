@@ -55,6 +55,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -665,6 +666,16 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     asked = questions(max(clients), prompt_words)
     alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; also warms every shape used
     rows = []
+    # SIGTERM or Ctrl-C: the streams in flight end with the server's error event, the rows measured so far are kept,
+    # and the process stops in order below (exit code 0).
+    stopped = threading.Event()
+
+    def stop(signum, frame):
+        stopped.set()
+        chat.batcher.shutdown("the benchmark was stopped")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     # Clients run in processes of their own, as remote clients would: in this process their threads would take the
     # interpreter lock from the server's generation loop.
     with multiprocessing.get_context("spawn").Pool(max(clients)) as pool:
@@ -678,7 +689,14 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
             chat.batcher.most_rows = 0
             chat.batcher.record.clear()
             start = time.perf_counter()
-            got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name) for q in asked[:n]], chunksize=1)
+            try:
+                got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name) for q in asked[:n]],
+                                   chunksize=1)
+            except RuntimeError:
+                if not stopped.is_set():
+                    raise
+                logging.warning("stopped by a signal: the %d-client run is left out", n)
+                break
             wall = time.perf_counter() - start
             rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, load_s)
                         | {"decoder": dict(chat.batcher.record)})

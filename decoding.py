@@ -1538,8 +1538,8 @@ class BatchDecoder:
             if self._closed is not None:
                 raise self._closed
             if self._in_flight >= self.slots + self.max_waiting:
-                raise Busy(f"the server is busy: {self.slots} answers are being written and {self.max_waiting} "
-                           "more are waiting; try again shortly", self._retry_after())
+                raise Busy(f"the server is busy: all {self.slots} rows are answering and its queue of "
+                           f"{self.max_waiting} is full", self._retry_after())
             self._in_flight += 1
             self._waiting.append(answer)
             if not self._running:
@@ -1578,13 +1578,12 @@ class BatchDecoder:
             with torch.inference_mode():
                 while True:
                     with self._lock:
-                        if self._closed is not None:
-                            self._waiting, closed = [], self._closed
-                        elif not self._waiting and not any(self.rows) and self._pending is None:
+                        closed = self._closed
+                        if closed is None and not self._waiting and not any(self.rows) and self._pending is None:
                             self._running = False
                             self._reset()
                             return
-                    if self._closed is not None:
+                    if closed is not None:  # shutdown: the rows' clients hear of it below
                         raise closed
                     self._free_cancelled()
                     while group := self._pick():
@@ -1788,8 +1787,8 @@ class BatchDecoder:
             self.penalty[row] = 1.0 if answer.gen.samples else answer.gen.repetition_penalty
             self.seen[row] = False
             token, ok = self._choose(answer, logits[i:i + 1], 0)
-            first[i] = torch.where(ok, token, -1)[0]
-            self.tok[row, 0], self.pos[row, 0] = torch.where(ok, token, eos)[0], lengths[i]
+            first[i] = token.where(ok, -1)[0]
+            self.tok[row, 0], self.pos[row, 0] = token[0], lengths[i]
             self.rows[row] = answer
         remember(self.seen, self.tok, eos)  # the other rows' tokens are there already
         self._place_rows()
@@ -1834,7 +1833,8 @@ class BatchDecoder:
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
             # One argmax for every row, then the rows that sample overwrite theirs. A row whose best score is not
-            # finite (NaN propagates to the maximum) goes to the host as -1 and to the next step as EOS.
+            # finite (NaN propagates to the maximum) goes to the host as -1; its token (an index, always in range)
+            # is the next step's input until the host drops the row.
             if penalized:
                 best, token = penalize(logits.float(), self.seen, self.penalty[:, None]).max(-1)
                 remember(self.seen, token[:, None], eos)
@@ -1845,8 +1845,7 @@ class BatchDecoder:
                 made = 1 + answer.queued + s if answer is not None else 0  # tokens before this one
                 if answer is not None and answer.procs is not None and made < answer.max_new_tokens:
                     token[row], ok[row] = (t[0] for t in self._choose(answer, logits[row:row + 1], made))
-            chunk[:, s] = torch.where(ok, token, -1)
-            token = torch.where(ok, token, eos)
+            chunk[:, s] = token.where(ok, -1)
             self.tok = token[:, None]
             self.pos = self.pos + 1
             if self.layout is not None:

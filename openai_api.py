@@ -208,7 +208,8 @@ async def _start(model: ChatModel, req: ChatRequest) -> AnswerStream:
     try:
         return model.start(ids, req.gen, stop=req.stop, seed=req.seed)
     except Busy as e:
-        raise RequestError(str(e), code="rate_limit_exceeded", status=429, kind="rate_limit_error",
+        raise RequestError(f"{e}; retry after {e.retry_after} s", code="rate_limit_exceeded", status=429,
+                           kind="rate_limit_error",
                            headers={"Retry-After": str(e.retry_after)}) from e
     except ShuttingDown as e:
         raise RequestError(str(e), status=503, kind="server_error") from e

@@ -514,3 +514,122 @@ def test_a_signal_ends_the_streams_in_flight_with_an_error_and_exits_0(sig):
     for e in events:
         assert e[-1]["error"]["code"] == "shutting_down" and "shutting down" in e[-1]["error"]["message"]
     assert "Traceback" not in output and "stopped" in output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A crowd
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_a_waiting_page_request_that_is_cancelled_frees_its_place(endless_server_small):
+    url, chat = endless_server_small
+    running = Client(url, verbose=False).submit("Sing", 200, 0.0, 0.9, api_name="/chat")
+    waiting = Client(url, verbose=False).submit("Sing", 200, 0.0, 0.9, api_name="/chat")
+    deadline = time.time() + 60
+    while not running.outputs() or chat.batcher._in_flight < 2:  # one row written, one request waiting
+        assert time.time() < deadline
+        time.sleep(0.05)
+    with pytest.raises(AppError, match="busy"):  # the one place in the queue is taken
+        ask(Client(url, verbose=False), "Sing", max_new_tokens=3)
+    waiting.cancel()
+    while chat.batcher._in_flight > 1:  # it left the queue without ever being written
+        assert time.time() < deadline
+        time.sleep(0.05)
+    running.cancel()
+    assert ask(Client(url, verbose=False), "Sing", max_new_tokens=3) == "la la la"
+
+
+@pytest.fixture()
+def endless_server_small(tokenizer):
+    model, _ = endless(tokenizer, fast=False, delay=0.02)
+    chat = inference.ChatModel(model.model, tokenizer, batch_slots=1, max_waiting=1, name=MODEL_ID)
+    demo, url = serve(chat, GenerationSettings(max_new_tokens=200, temperature=0.0))
+    yield url, chat
+    demo.close()
+
+
+CROWD_QUESTIONS = ["What is the capital of Peru?", "What is 2 plus 3?", "Hello! How are you?", "Name a color.",
+                   "What is the capital of France?", "Hi"]
+
+
+def test_a_crowd_of_careless_and_hostile_clients_hurts_nobody(chat_model):
+    """24 clients at once: 12 ordinary ones (API streamed and not, and the page through gradio_client), 4 that leave
+    early, 8 that send what used to fail a batch or the server (a temperature of 1e-300, nested JSON, huge
+    max_tokens, a lone surrogate, a text/plain body). Every ordinary one gets exactly the answer it gets alone, every
+    bad one a 4xx in OpenAI's shape (the tiny temperature a greedy answer), and the page answers within 1 s
+    throughout. Its figures are docs/RELIABILITY.md's load figure (run with -s)."""
+    demo, url = serve(chat_model, max_queue=32)
+    oa = openai_client(url)
+    alone = {q: ask(Client(url, verbose=False), q) for q in CROWD_QUESTIONS}
+    v1 = url + "v1/chat/completions"
+
+    def api(q, stream):
+        messages = [{"role": "user", "content": q}]
+        if not stream:
+            return oa.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0,
+                                              max_tokens=40).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
+            model=MODEL_ID, messages=messages, temperature=0, max_tokens=40, stream=True) if c.choices)
+
+    def leaver(i):
+        if i % 2:
+            with httpx.stream("POST", v1, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400,
+                                                "stream": True}, timeout=60) as response:
+                next(response.iter_lines())
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(v1, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400}, timeout=0.3)
+        return "left"
+
+    def hostile(i):
+        headers = {"content-type": "application/json"}
+        kind = ["tiny", "nested", "huge", "surrogate", "plain"][i % 5]
+        if kind == "tiny":
+            r = httpx.post(v1, json={"messages": [{"role": "user", "content": CROWD_QUESTIONS[0]}],
+                                     "temperature": 1e-300, "max_tokens": 40}, timeout=120)
+            return r.status_code, r.json()["choices"][0]["message"]["content"]
+        body = {"nested": b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                "huge": json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**12}).encode(),
+                "surrogate": b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+                "plain": json.dumps({"messages": [{"role": "user", "content": "Hi"}]}).encode()}[kind]
+        if kind == "plain":
+            headers = {"content-type": "text/plain"}
+        r = httpx.post(v1, content=body, headers=headers, timeout=120)
+        assert r.json()["error"]["message"], r.text
+        return r.status_code, kind
+
+    page_times: list[float] = []
+    stop = threading.Event()
+
+    def watch_page():
+        while not stop.is_set():
+            for route in ("", "config"):
+                start = time.perf_counter()
+                assert httpx.get(url + route, timeout=30).status_code == 200
+                page_times.append(time.perf_counter() - start)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch_page, daemon=True)
+    watcher.start()
+    ordinary = [(q, kind) for i, q in enumerate(CROWD_QUESTIONS * 2) for kind in [["stream", "plain", "page"][i % 3]]]
+    start = time.perf_counter()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
+            answers = [pool.submit(lambda q=q, k=k: (ask(Client(url, verbose=False), q) if k == "page"
+                                                     else api(q, k == "stream"))) for q, k in ordinary]
+            left = [pool.submit(leaver, i) for i in range(4)]
+            bad = [pool.submit(hostile, i) for i in range(8)]
+            got = [a.result(timeout=300) for a in answers]
+            refused = [b.result(timeout=300) for b in bad]
+            assert [f.result(timeout=300) for f in left] == ["left"] * 4
+        wall = time.perf_counter() - start
+    finally:
+        stop.set()
+        watcher.join(30)
+        demo.close()
+    assert got == [alone[q] for q, _ in ordinary]
+    assert all(status == 400 or (status, text) == (200, alone[CROWD_QUESTIONS[0]]) or status == 415
+               for status, text in refused), refused
+    assert page_times and max(page_times) < 1.0, max(page_times)
+    print(f"\ncrowd: {len(ordinary)} ordinary + 4 leaving + 8 bad clients in {wall:.1f} s; every ordinary answer "
+          f"as alone; page and /config {len(page_times)} times, slowest {max(page_times):.3f} s, median "
+          f"{sorted(page_times)[len(page_times) // 2]:.3f} s")
