@@ -44,7 +44,7 @@ from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, 
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
 from decoding import BatchDecoder, FastDecoder, penalty_processors
-from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer, local_or_hub
+from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer, local_or_hub, readable_by_transformers_4
 
 logger = logging.getLogger("inference")
 
@@ -303,6 +303,7 @@ class ChatModel:
         state = {name: t.contiguous() for name, t in self.model.state_dict().items()}
         self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
+        readable_by_transformers_4(out)
         return out
 
 

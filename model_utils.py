@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -283,3 +284,23 @@ def load_model(cfg: ModelConfig, choice: DeviceChoice, bnb_config: BitsAndBytesC
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return model
+
+
+def readable_by_transformers_4(folder: str | Path) -> None:
+    """Make a saved model folder load right in transformers 4.x as well as 5.x (tools people take the model to still
+    run 4.x). transformers 5 writes Phi's rotary fraction and base only inside `rope_parameters`; 4.57 reads
+    `partial_rotary_factor` from the top level and otherwise takes its default, 0.5 (Phi-2's is 0.4): silently wrong
+    attention. And 5's tokenizer class name, TokenizersBackend, does not exist in 4.x; PreTrainedTokenizerFast reads
+    the same tokenizer.json in both, with the same ids."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for key, value in (config.get("rope_parameters") or {}).items():
+        if key in ("partial_rotary_factor", "rope_theta"):
+            config.setdefault(key, value)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        if settings.get("tokenizer_class") == "TokenizersBackend":
+            settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
