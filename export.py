@@ -316,12 +316,14 @@ def export(cfg: Config, out: Path, outtypes: list[str], lora: bool) -> list[Path
     for outtype in outtypes:
         steps.set_postfix_str(outtype)
         target = out / f"{name}-{outtype}.gguf"
-        if outtype == "q4_k_m":
-            source = out / f"{name}-f16.gguf"
+        if outtype == "q4_k_m":  # llama.cpp quantizes from f16: the f16 file written, or a passing one
+            source = out / f"{name}-f16.gguf" if "f16" in outtypes else out / f".{name}-f16.partial.gguf"
             if not source.is_file():
                 convert(tools, "convert_hf_to_gguf.py", [str(merged), "--outtype", "f16", "--outfile", str(source),
                                                           "--model-name", name], merged)
             quantize(source, target, outtype)
+            if "f16" not in outtypes:
+                source.unlink()
         else:
             convert(tools, "convert_hf_to_gguf.py", [str(merged), "--outtype", outtype, "--outfile", str(target),
                                                       "--model-name", name], merged)

@@ -178,6 +178,15 @@ def test_llama_cpp_runs_the_gguf_as_transformers_runs_the_merged_folder(exported
 
 
 @pytest.mark.slow
+def test_q4_k_m_is_quantized_by_llama_cpp_and_checked(smoke_run, tmp_path):
+    llama_runtime()
+    proc = run_script("export.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(smoke_run),
+                      "--out", str(tmp_path), "--outtype", "q4_k_m")
+    assert f"{smoke_run.name}-q4_k_m.gguf: metadata, template, tokenizer" in proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.gguf")) == [f"{smoke_run.name}-q4_k_m.gguf"]
+
+
+@pytest.mark.slow
 def test_the_lora_gguf_on_the_base_answers_like_the_merged_model(exported, smoke_run, tmp_path):
     """llama.cpp's --lora (Ollama's ADAPTER): the adapter GGUF applied to a GGUF of the base model."""
     base = tmp_path / "base-f16.gguf"
