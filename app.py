@@ -44,7 +44,7 @@ import openai_api
 from adapter_utils import AdapterError
 from config import AppConfig, GenerationSettings, SettingsError, parse_config, request_settings
 from data_utils import Message, PromptTooLong, is_text
-from decoding import Busy, NonFiniteScores, ShuttingDown
+from batching import Busy, NonFiniteScores, ShuttingDown
 from inference import ChatModel, load_chat_model
 from model_utils import ModelLoadError
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import gc
 import json
 import logging
@@ -531,10 +532,10 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
         chat = ChatModel(model, tokenizer, fast=fast)
         label = f"{dtype} {'fast' if fast else 'plain'}"
         t0 = time.perf_counter()
-        chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up/compile
+        chat.generate_ids(prompts[:1], dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)  # warm-up/compile
         sync()
         first_call = time.perf_counter() - t0
-        chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)
+        chat.generate_ids(prompts[:1], dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)
         sync()
         # Time to first token: a 1-token answer. Its first call meets a new cache size (and new cuDNN attention
         # plans), a one-off; the median of the calls after it is what a user waits each time.
@@ -542,7 +543,7 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
         for _ in range(6):
             sync()
             t0 = time.perf_counter()
-            chat.generate_ids(prompts[:1], gen, max_new_tokens=1, ignore_eos=True)
+            chat.generate_ids(prompts[:1], dataclasses.replace(gen, max_new_tokens=1), ignore_eos=True)
             sync()
             firsts.append(time.perf_counter() - t0)
         ttft = sorted(firsts[1:])[2]
@@ -550,7 +551,7 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
         for _ in range(3):
             sync()
             t0 = time.perf_counter()
-            chat.generate_ids(prompts[:1], gen, max_new_tokens=new_tokens, ignore_eos=True)
+            chat.generate_ids(prompts[:1], dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)
             sync()
             times.append(time.perf_counter() - t0)
         row = {"name": label, "batch1_tok_s": new_tokens / sorted(times)[1], "ttft_s": ttft,
@@ -559,16 +560,16 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
             partial.write_text(json.dumps(rows + [row], default=str))
         outputs[fast], logits[fast] = [], []
         for p in prompts[:check_prompts]:
-            ids, step_logits = chat.generate_with_logits([p], gen, 64)
+            ids, step_logits = chat.generate_with_logits([p], dataclasses.replace(gen, max_new_tokens=64))
             outputs[fast].append(ids[0])
             logits[fast].append(step_logits[0])  # (64, vocab)
         if batch > 1:
             t0 = time.perf_counter()
-            chat.generate_ids(prompts, gen, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up/compile
+            chat.generate_ids(prompts, dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)  # warm-up/compile
             sync()
             row[f"batch{batch}_first_call_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            chat.generate_ids(prompts, gen, max_new_tokens=new_tokens, ignore_eos=True)
+            chat.generate_ids(prompts, dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)
             sync()
             row[f"batch{batch}_tok_s"] = batch * new_tokens / (time.perf_counter() - t0)
         rows.append(row)

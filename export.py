@@ -277,7 +277,7 @@ def greedy_problems(model, state: dict, references: list[tuple[torch.Tensor, tor
 
 def reference_sequences(chat: ChatModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each probe's prompt + the merged model's 24 greedy tokens, with the merged model's logits over them."""
-    gen = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+    gen = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)  # 24 tokens, always
     prompts = [chat.prompt_ids([{"role": "user", "content": p}], 24)[0] for p in PROBES]
     answers = chat.generate_ids(prompts, gen, ignore_eos=True)
     sequences = [torch.tensor(p + a[:24]) for p, a in zip(prompts, answers)]

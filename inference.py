@@ -11,7 +11,7 @@ merged with `merge_and_unload`; the merge is checked on a probe batch (max |logi
 can then be cast to bf16/fp16 for serving. Prompts use the training template from data_utils; generation stops at
 EOS or when the model starts a new `### Human:` turn, and returns only the answer.
 
-Chat answers (CLI, app, API) go through decoding.py's `BatchDecoder`, which decodes every user's answer together;
+Chat answers (CLI, app, API) go through batching.py's `BatchDecoder`, which decodes every user's answer together;
 batches given at once (evaluate.py, bench.py) go through transformers' `generate` (the plain path, CPU default) or
 decoding.py's `FastDecoder` (CUDA default, `--inference.fast`). All give the same greedy tokens in fp32. On CUDA both
 decoders use a static KV cache and a decode step compiled with CUDA graphs, driven by a loop that never waits for
@@ -38,12 +38,13 @@ from typing import AsyncIterator, Iterator
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
-from decoding import BatchDecoder, FastDecoder, penalty_processors
+from batching import BatchDecoder
+from decoding import FastDecoder, penalty_processors
 from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer, local_or_hub, readable_by_transformers_4
 
 logger = logging.getLogger("inference")
@@ -108,10 +109,10 @@ def _held_back(text: str, stop: tuple[str, ...] = ()) -> int:
     return 0
 
 
-def generation_config(gen: GenerationSettings, tokenizer, max_new_tokens: int | None = None) -> GenerationConfig:
+def generation_config(gen: GenerationSettings, tokenizer) -> GenerationConfig:
     sample = gen.samples
     return GenerationConfig(
-        max_new_tokens=max_new_tokens or gen.max_new_tokens,
+        max_new_tokens=gen.max_new_tokens,
         do_sample=sample,
         temperature=gen.temperature if sample else None,
         top_p=gen.top_p if sample else None,
@@ -134,12 +135,12 @@ class ChatModel:
         self.fast = fast
         self.name = name  # what the API calls the model
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
-        self._decoder = FastDecoder(model, tokenizer, self.context_window) if fast else None
+        self._decoder = FastDecoder(model, tokenizer, self.context_window, HUMAN) if fast else None
         # Chat answers (CLI, app, API) of all users are decoded together, at most batch_slots at once and
         # max_waiting more in its queue; batches given at once (evaluate.py, bench.py) go to FastDecoder or generate().
         self.batch_slots = batch_slots
         self.batcher = BatchDecoder(model, tokenizer, self.context_window, batch_slots, fast, generation_thread,
-                                    max_waiting)
+                                    HUMAN, max_waiting)
 
     @property
     def device(self) -> torch.device:
@@ -160,11 +161,11 @@ class ChatModel:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=self.device)
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    def _generate_plain(self, inputs: dict[str, torch.Tensor], gen: GenerationSettings, max_new_tokens: int,
-                        ignore_eos: bool, output_logits: bool):
-        config = generation_config(gen, self.tokenizer, max_new_tokens)
+    def _generate_plain(self, inputs: dict[str, torch.Tensor], gen: GenerationSettings, ignore_eos: bool,
+                        output_logits: bool):
+        config = generation_config(gen, self.tokenizer)
         if ignore_eos:  # benchmarks: always generate max_new_tokens
-            config.min_new_tokens, config.stop_strings = max_new_tokens, None
+            config.min_new_tokens, config.stop_strings = gen.max_new_tokens, None
         config.output_logits, config.return_dict_in_generate = output_logits, True
         width = inputs["input_ids"].shape[1]
         out = self.model.generate(
@@ -173,9 +174,8 @@ class ChatModel:
         new_ids = out.sequences[:, width:].tolist()
         return new_ids, (torch.stack(out.logits, 1).float().cpu() if output_logits else None)
 
-    def _submit(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int,
-                ignore_eos: bool = False, output_logits: bool = False, cache_length: int = 0,
-                seed: int | None = None) -> Future:
+    def _submit(self, batch_ids: list[list[int]], gen: GenerationSettings, ignore_eos: bool = False,
+                output_logits: bool = False, cache_length: int = 0, seed: int | None = None) -> Future:
         """Queue one batch generation on the generation thread. seed: seeds sampling for this generation alone (the
         thread runs one generation at a time)."""
         def work():
@@ -184,23 +184,23 @@ class ChatModel:
             with torch.inference_mode():
                 inputs = self._inputs(batch_ids)
                 if self._decoder is not None:
-                    return self._decoder.generate(**inputs, gen=gen, max_new_tokens=max_new_tokens,
-                                                  ignore_eos=ignore_eos, output_logits=output_logits,
-                                                  cache_length=cache_length)
-                return self._generate_plain(inputs, gen, max_new_tokens, ignore_eos, output_logits)
+                    return self._decoder.generate(**inputs, gen=gen, ignore_eos=ignore_eos,
+                                                  output_logits=output_logits, cache_length=cache_length)
+                return self._generate_plain(inputs, gen, ignore_eos, output_logits)
 
         return generation_thread().submit(work)
 
-    def generate_ids(self, batch_ids: list[list[int]], gen: GenerationSettings,
-                     max_new_tokens: int | None = None, ignore_eos: bool = False) -> list[list[int]]:
-        """New token ids per prompt (the plain path pads after EOS, the fast path cuts there); the building block
-        of every other method."""
-        return self._submit(batch_ids, gen, max_new_tokens or gen.max_new_tokens, ignore_eos).result()[0]
+    def generate_ids(self, batch_ids: list[list[int]], gen: GenerationSettings, ignore_eos: bool = False
+                     ) -> list[list[int]]:
+        """New token ids per prompt, up to gen.max_new_tokens (the plain path pads after EOS, the fast path cuts
+        there); ignore_eos: always gen.max_new_tokens (benchmarks)."""
+        return self._submit(batch_ids, gen, ignore_eos).result()[0]
 
-    def generate_with_logits(self, batch_ids: list[list[int]], gen: GenerationSettings, max_new_tokens: int
+    def generate_with_logits(self, batch_ids: list[list[int]], gen: GenerationSettings
                              ) -> tuple[list[list[int]], torch.Tensor]:
-        """New ids and the logits of each step, (batch, steps, vocab); for checking the fast path (bench.py)."""
-        return self._submit(batch_ids, gen, max_new_tokens, ignore_eos=True, output_logits=True).result()
+        """gen.max_new_tokens new ids and the logits of each step, (batch, steps, vocab); for checking the fast path
+        (bench.py)."""
+        return self._submit(batch_ids, gen, ignore_eos=True, output_logits=True).result()
 
     def chat(self, messages: list[Message], gen: GenerationSettings) -> Reply:
         ids, dropped = self.prompt_ids(messages, gen.max_new_tokens)
@@ -227,7 +227,7 @@ class ChatModel:
             batch = [encoded[i][0] for i in idx]
             if self.fast:
                 batch += [batch[0]] * (min(batch_size, len(order)) - len(batch))
-            outs = self._submit(batch, gen, gen.max_new_tokens, cache_length=cache_length,
+            outs = self._submit(batch, gen, cache_length=cache_length,
                                 seed=None if seed is None else seed + number).result()[0]
             for i, new in zip(idx, outs):
                 replies[i] = reply_for(self.tokenizer, new, encoded[i][1])
@@ -236,7 +236,7 @@ class ChatModel:
     def start(self, ids: list[int], gen: GenerationSettings, stop: tuple[str, ...] = (), seed: int | None = None,
               turns_dropped: int = 0) -> AnswerStream:
         """Begin generating the answer to prompt ids (from prompt_ids); iterate the result for the growing text.
-        Raises decoding.Busy when the queue is full, decoding.ShuttingDown after shutdown()."""
+        Raises batching.Busy when the queue is full, batching.ShuttingDown after shutdown()."""
         return AnswerStream(self.batcher, self.tokenizer, ids, gen, stop, seed, turns_dropped)
 
     def stream(self, messages: list[Message], gen: GenerationSettings) -> Iterator[str]:
@@ -342,7 +342,7 @@ class AnswerStream:
         self._batcher = batcher
         self._handle = batcher.submit(ids, gen, self, seed)
 
-    # The batcher's sink (decoding.BatchDecoder.submit), called on the generation thread.
+    # The batcher's sink (batching.BatchDecoder.submit), called on the generation thread.
     def put(self, tokens: list[int]) -> None:
         with self._changed:
             self._tokens += tokens

@@ -34,7 +34,7 @@ from fastapi.routing import APIRoute
 
 from config import AppConfig, GenerationSettings, SettingsError, request_settings
 from data_utils import BadConversation, PromptTooLong, is_text, normalize_chat
-from decoding import Busy, ShuttingDown
+from batching import Busy, ShuttingDown
 from inference import AnswerStream, ChatModel
 
 logger = logging.getLogger(__name__)

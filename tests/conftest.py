@@ -57,3 +57,14 @@ def smoke_cfg(smoke_run):
 def chat_model(smoke_cfg):
     from inference import load_chat_model
     return load_chat_model(smoke_cfg)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA GPU: skipped, and said so, where there is none (CI)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (pytest -m gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

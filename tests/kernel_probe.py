@@ -1,9 +1,9 @@
-"""Runs decoding's Triton kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set by the caller
+"""Runs decode_kernels.py's Triton kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set by the caller
 before Triton is imported), on inputs a test saved, and saves what they computed.
 
 Test helper only (tests/test_inference.py): the interpreter runs each kernel's program instances one by one in
 NumPy, the same kernel source the GPU compiles, so CI checks the kernels' arithmetic and indexing without a GPU.
-Last, the tiny model's decode steps run through the fused layers' kernels (decoding._fused_decode_step for one row, in
+Last, the tiny model's decode steps run through the fused layers' kernels (phi_layers._fused_decode_step for one row, in
 fp32 and in fp16 (attend_out); a few rows in fp16 through the rows kernel and the step attention; as on a GPU:
 triton_supported is made to say yes), eagerly: the interpreter cannot run inside torch.compile's tracing.
 
@@ -20,10 +20,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import decode_kernels  # noqa: E402
 import decoding  # noqa: E402
+import phi_layers  # noqa: E402
 from config import GenerationSettings  # noqa: E402
-from decoding import (SPLIT_CONFIGS, FastDecoder, attend_out, decode_attention, decode_layout, norm_folded,  # noqa
-                      split_attention, triton_decode_attention, triton_gemv, triton_layer_products)
+from data_utils import HUMAN  # noqa: E402
+from decode_kernels import (SPLIT_CONFIGS, attend_out, split_attention, triton_decode_attention,  # noqa: E402
+                            triton_gemv, triton_layer_products)
+from decoding import FastDecoder  # noqa: E402
+from phi_layers import decode_attention, decode_layout, norm_folded  # noqa: E402
 
 inputs = torch.load(sys.argv[1])
 q, keys, values, layout, scale = (inputs[k] for k in ("q", "keys", "values", "layout", "scale"))
@@ -74,25 +79,25 @@ for dtype in (torch.float32, torch.bfloat16):
     out[f"layer_out {dtype}"] = layer_out(*args)
 # the tiny model decoding greedily: one row through the three-kernel layer (and the greedy loop), three left-padded
 # rows through the split attention
-decoding.triton_supported = lambda device, dtype: True
-decoding.one_row_blocks = lambda k, dtype, norm=False: (64, 128, 4, 1)  # fewer programs: the interpreter runs them
+phi_layers.triton_supported = lambda device, dtype: True
+decode_kernels.one_row_blocks = lambda k, dtype, norm=False: (64, 128, 4, 1)  # fewer programs: the interpreter runs them
 # one by one
 model = AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
-decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512)
+decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512, HUMAN)
 out["fused layers"] = all(layer.step_kernels for layer in model.model.layers)
 decoder.step, decoder.greedy_step = model.__call__, decoding._greedy_step  # eager
 with torch.inference_mode():
     for ids, mask in inputs["prompts"]:
-        greedy = GenerationSettings(**inputs["greedy"])
-        out[f"decoded {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, 8, ignore_eos=True,
-                                                              output_logits=True)
-        out[f"greedy loop {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, 8, ignore_eos=True)[0]
+        greedy = GenerationSettings(**{**inputs["greedy"], "max_new_tokens": 8})
+        out[f"decoded {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, ignore_eos=True, output_logits=True)
+        out[f"greedy loop {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, ignore_eos=True)[0]
 # again in fp16, where one row's layer takes attend_out and a few rows the rows kernel and the step attention
 model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float16).eval()
-decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512)
+decoder = FastDecoder(model, AutoTokenizer.from_pretrained(inputs["model"]), 512, HUMAN)
 decoder.step = model.__call__
 with torch.inference_mode():
     for ids, mask in inputs["prompts"]:
-        out[f"decoded fp16 {tuple(ids.shape)}"] = decoder.generate(ids, mask, GenerationSettings(**inputs["greedy"]),
-                                                                   8, ignore_eos=True, output_logits=True)
+        greedy = GenerationSettings(**{**inputs["greedy"], "max_new_tokens": 8})
+        out[f"decoded fp16 {tuple(ids.shape)}"] = decoder.generate(ids, mask, greedy, ignore_eos=True,
+                                                                   output_logits=True)
 torch.save(out, sys.argv[2])

@@ -25,7 +25,7 @@ import app
 import inference
 from config import AppConfig, GenerationSettings
 from conftest import MODEL_ID, ROOT, TINY
-from test_inference import ScriptedPhi, endless
+from doubles import ScriptedPhi, endless
 
 GEN = GenerationSettings(max_new_tokens=40, temperature=0.0)
 PERU = "The capital of Peru is Lima."

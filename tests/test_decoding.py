@@ -1,154 +1,229 @@
-"""decoding.py's BatchDecoder under careless and hostile use: one answer's bad values or bad scores fail only that
-answer, the queue is bounded, a waiting request is not held behind one that cannot join yet, and shutdown ends
-every answer with an error instead of leaving a client hanging."""
+"""decoding.py: the rules every path shares (the repetition penalty, the stops) and FastDecoder against
+transformers' generate, on the CPU; its GPU-only checks are marked gpu."""
 
 from __future__ import annotations
 
-import threading
-import time
+import copy
+import dataclasses
+import warnings
 
 import pytest
 import torch
-from transformers import PhiForCausalLM
+from transformers import AutoModelForCausalLM
 
+import decoding
 from config import GenerationSettings
+from data_utils import HUMAN
+from decoding import CHECK_EVERY, FastDecoder
+from doubles import ARGMAX, GREEDY, PENALIZED, limited, scripted, tied
+from inference import ChatModel, Reply
+from phi_layers import DecodeCache
 from conftest import TINY
-from inference import ChatModel
-from test_inference import ScriptedPhi, endless, finish, start_all
-
-GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
-OTHERS = [[{"role": "user", "content": q}] for q in ("Hi", "What is the capital of France?", "Name a color.")]
-PERU = [{"role": "user", "content": "What is the capital of Peru?"}]
 
 
-def read(answer, timeout: float = 60):
-    """(text, error) of an answer, read on a thread of its own: a client that hangs fails the test, not the run."""
-    out = {"text": "", "error": None}
-
-    def run():
-        try:
-            for out["text"] in answer:
-                pass
-        except Exception as error:
-            out["error"] = error
-
-    reader = threading.Thread(target=run, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    assert not reader.is_alive(), "the client was left hanging"
-    return out["text"], out["error"]
-
-
-def poisoned(chat_model) -> ChatModel:
-    """The smoke model with the embedding of " Lima" made NaN: a row that writes " Lima" (only the answer about Peru
-    does) gets NaN hidden states, keys, values and scores from its next step on."""
-    model = PhiForCausalLM.from_pretrained(TINY).eval()
-    model.load_state_dict(chat_model.model.state_dict())
-    lima = chat_model.tokenizer(" Lima", add_special_tokens=False)["input_ids"]
-    assert len(lima) == 1
-    with torch.no_grad():
-        model.model.embed_tokens.weight[lima[0]] = float("nan")
-    return ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=4)
-
-
-def test_a_row_whose_scores_go_non_finite_fails_alone_and_leaves_nothing_behind(chat_model):
-    chat = poisoned(chat_model)
-    alone = [chat.chat(c, GREEDY).text for c in OTHERS]
-    assert all(alone) and not any("Lima" in a for a in alone)
-    answers = start_all(chat, [PERU] + OTHERS, GREEDY)
-    (peru, error), *others = [read(a) for a in answers]
-    assert isinstance(error, RuntimeError) and "not finite" in str(error)  # a clear error to that client alone
-    assert peru == "The capital of Peru is Lima"                            # with the text it had
-    assert [text for text, _ in others] == alone and all(e is None for _, e in others)
-    # The failed row's slots held NaN; the answers that take the rows next are still their alone-answers.
-    again = [read(a) for a in start_all(chat, OTHERS + OTHERS[:1], GREEDY)]
-    assert [text for text, _ in again] == alone + alone[:1] and all(e is None for _, e in again)
+def test_fast_path_decodes_the_plain_paths_tokens(chat_model):
+    """The compiled static-cache loop (CUDA default, its layers fused) against transformers' generate on the
+    unfused model: same greedy tokens, batched with left padding, same stops, and the same sampled tokens from the
+    same seed."""
+    fast = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+    assert fast._decoder.fused
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, len(chat_model.tokenizer), (n,), generator=rng).tolist() for n in (5, 17, 30)]
+    assert fast.generate_ids(prompts, GREEDY, ignore_eos=True) == chat_model.generate_ids(prompts, GREEDY,
+                                                                                          ignore_eos=True)
+    for prompt in prompts[:2]:  # one row, no penalty: the token picked inside the compiled step
+        assert fast.generate_ids([prompt], ARGMAX, ignore_eos=True) == chat_model.generate_ids([prompt], ARGMAX,
+                                                                                              ignore_eos=True)
+    assert fast._decoder._loops  # that path ran
+    strong = dataclasses.replace(ARGMAX, repetition_penalty=1.8)
+    for prompt in prompts[:2]:  # one row with a repetition penalty: applied inside the compiled step too
+        penalized = fast.generate_ids([prompt], strong, ignore_eos=True)
+        assert penalized == chat_model.generate_ids([prompt], strong, ignore_eos=True)
+        assert penalized != fast.generate_ids([prompt], ARGMAX, ignore_eos=True)  # the penalty changed the answer
+        assert fast.generate_ids([prompt], strong, ignore_eos=True) == penalized  # the next call starts afresh
+    assert any(loop.seen.any() for loop in fast._decoder._loops.values())  # inside the step
+    ids, fast_logits = fast.generate_with_logits(prompts[:1], limited(GREEDY, 20))
+    plain_ids, plain_logits = chat_model.generate_with_logits(prompts[:1], limited(GREEDY, 20))
+    assert ids == plain_ids and (fast_logits - plain_logits).abs().max() < 1e-4
+    questions = ["What is the capital of Peru?", "What is 2 plus 2?", "Hello!"]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    assert [fast.chat(c, GREEDY) for c in convs] == [chat_model.chat(c, GREEDY) for c in convs]
+    assert [r.text for r in fast.chat_batch(convs, GREEDY)] == [chat_model.chat(c, GREEDY).text for c in convs]
+    sampled = GenerationSettings(max_new_tokens=40, temperature=0.9)
+    torch.manual_seed(1)
+    a = fast.generate_ids(prompts[1:2], sampled, ignore_eos=True)
+    torch.manual_seed(1)
+    assert a == chat_model.generate_ids(prompts[1:2], sampled, ignore_eos=True)
+    # The answer (" " + 8 tokens) comes as the prefill's token, then one chunk of CHECK_EVERY: the first piece is a
+    # space, so one piece of text; longer answers stream chunk by chunk (test_cancel_stops_the_generation_...).
+    assert list(fast.stream(convs[0], GREEDY)) == ["The capital of Peru is Lima."]
 
 
-def test_temperatures_below_the_floor_decode_greedily_beside_sampled_rows(chat_model):
-    """1e-300 passes every range check (it is >= 0); dividing the scores by it gave inf, a NaN softmax, and a
-    sampler error that failed every answer in the batch. Below config.MIN_TEMPERATURE, answers are greedy."""
-    greedy = chat_model.chat(PERU, GREEDY).text
-    tiny = GenerationSettings(max_new_tokens=24, temperature=1e-300)
-    sampled = GenerationSettings(max_new_tokens=24, temperature=1.0)
-    answers = [chat_model.start(chat_model.prompt_ids(PERU, 24)[0], g, seed=i)
-               for i, g in enumerate([tiny, sampled, tiny, sampled])]
-    results = [read(a) for a in answers]
-    assert all(error is None for _, error in results), results
-    assert results[0][0] == results[2][0] == greedy
+@pytest.mark.parametrize("vocab", [51200, 822])  # Phi-2's, and the tiny model's (not a multiple of the chunks)
+def test_the_greedy_steps_argmax_picks_argmaxs_token_even_among_ties(vocab):
+    """The compiled greedy step finds the maximum in chunks (decoding.chunked_argmax): its token must be argmax's,
+    the first index of the maximum, also where many logits tie, eager and compiled."""
+    gen = torch.Generator().manual_seed(0)
+    compiled = torch.compile(decoding.chunked_argmax)
+    for _ in range(20):
+        tied = torch.randint(-3, 4, (3, vocab), generator=gen).float()  # every value ~vocab / 7 times
+        assert torch.equal(decoding.chunked_argmax(tied), tied.argmax(-1))
+        assert torch.equal(compiled(tied), tied.argmax(-1))
+    spread = torch.randn(2, vocab, generator=gen).bfloat16()
+    assert torch.equal(compiled(spread), spread.argmax(-1))
 
 
-def test_a_request_that_fits_is_not_held_behind_one_that_does_not(tokenizer):
-    """The rows share one write index: a long prompt (A) cannot join a long-running answer (R) until R has written
-    enough that both fit. A short request that fits and ends before R (B) joins at once instead of waiting behind A;
-    one that would outlast R (C) waits behind A, which joins as soon as it fits: no starvation. (Steps are slowed so
-    that R runs ~3 s.)"""
-    chat, messages = endless(tokenizer, fast=False, delay=0.005)
-    assert chat.context_window == 512
-    running = chat.start(chat.prompt_ids(messages, 420)[0], GenerationSettings(max_new_tokens=420, temperature=0.0))
-    pieces = iter(running)
-    next(pieces)
-    long_question = [{"role": "user", "content": "la " * 150}]
-    events: list[str] = []
-
-    def started(name, answer):
-        def watch():
-            for i, _ in enumerate(answer):
-                if i == 0:
-                    events.append(f"{name} started")
-            events.append(f"{name} ended")
-        thread = threading.Thread(target=watch, daemon=True)
-        thread.start()
-        return thread
-
-    a_ids = chat.prompt_ids(long_question, 60)[0]
-    assert len(a_ids) + 420 > 512  # A does not fit beside R
-    readers = [started("A", chat.start(a_ids, GenerationSettings(max_new_tokens=60, temperature=0.0))),
-               started("B", chat.start(chat.prompt_ids(messages, 3)[0],
-                                       GenerationSettings(max_new_tokens=3, temperature=0.0))),
-               started("C", chat.start(chat.prompt_ids(messages, 450)[0],
-                                       GenerationSettings(max_new_tokens=450, temperature=0.0)))]
-    threading.Thread(target=lambda: [events.append("R ended") for _ in [list(pieces)]], daemon=True).start()
-    for reader in readers:
-        reader.join(120)
-        assert not reader.is_alive()
-    assert events.index("B ended") < events.index("A started")  # B joined at once, not behind A
-    assert events.index("B ended") < events.index("R ended")
-    assert events.index("A started") < events.index("C started")  # C, which would delay A, did not pass it
+def test_one_row_prompts_prefilled_padded_to_their_bucket_keep_their_answers(chat_model):
+    """On a GPU a one-row prompt prefills through a CUDA graph made once for all prompts up to its bucket's length,
+    padded on the right (decoding._PrefillGraph). The padded prefill, eager on the CPU, must leave every answer as
+    generate() gives it: prompts sharing a bucket and in the next one, with and without the repetition penalty, and
+    the first logits."""
+    fast = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+    fast._decoder.prefill_graphs = True
+    rng = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, len(chat_model.tokenizer), (n,), generator=rng).tolist() for n in (3, 64, 65)]
+    strong = dataclasses.replace(ARGMAX, repetition_penalty=1.8)
+    for prompt in prompts:
+        for gen in (ARGMAX, strong):
+            assert fast.generate_ids([prompt], gen, ignore_eos=True) == chat_model.generate_ids([prompt], gen,
+                                                                                              ignore_eos=True)
+    ids, fast_logits = fast.generate_with_logits(prompts[:1], limited(GREEDY, 20))
+    plain_ids, plain_logits = chat_model.generate_with_logits(prompts[:1], limited(GREEDY, 20))
+    assert ids == plain_ids and (fast_logits - plain_logits).abs().max() < 1e-4
+    assert sorted(bucket for bucket, _ in fast._decoder._prefills) == [64, 128]  # both buckets prefilled padded
 
 
-def test_the_queue_is_bounded_and_a_waiting_answer_that_leaves_it_frees_its_place(tokenizer):
-    from decoding import Busy
-    chat, messages = endless(tokenizer, fast=False, delay=0.01)
-    chat = ChatModel(chat.model, tokenizer, batch_slots=2, max_waiting=1)
-    ids = chat.prompt_ids(messages, 200)[0]
-    gen = GenerationSettings(max_new_tokens=200, temperature=0.0)
-    held = [chat.start(ids, gen) for _ in range(3)]  # two rows and one place in the queue
-    with pytest.raises(Busy) as busy:
-        chat.start(ids, gen)
-    assert busy.value.retry_after >= 1 and "busy" in str(busy.value)
-    held[2].cancel()  # the waiting one leaves: its place is free at once, before any row is
-    replacement = chat.start(ids, GenerationSettings(max_new_tokens=3, temperature=0.0))
-    for answer in held[:2]:
-        answer.cancel()
-    assert read(replacement)[0] == "la la la" and read(held[2]) == ("", None)
-    assert held[2].reply.stop == "cancelled" and held[2].reply.new_tokens == 0  # it never ran
+def test_a_growing_chat_meets_few_compiled_cache_sizes(chat_model):
+    """Each static cache size costs a compile (~35 s for Phi-2 on a GPU): a chat growing to Phi-2's 2048-token window
+    meets at most 3, and every size holds its prompt + answer."""
+    decoder = FastDecoder(copy.deepcopy(chat_model.model), chat_model.tokenizer, 2048, HUMAN)
+    sizes = {n: decoder.cache_size(1, n) for n in range(1, 2049)}
+    assert set(sizes.values()) == {512, 1024, 2048} and all(size >= n for n, size in sizes.items())
+    assert decoder.cache_size(32, 300) == 384  # batches: 128-token steps, less attention over empty cache
 
 
-def test_shutdown_ends_every_answer_with_an_error_and_refuses_new_ones(tokenizer):
-    from decoding import ShuttingDown
-    chat, messages = endless(tokenizer, fast=False, delay=0.01)
-    chat = ChatModel(chat.model, tokenizer, batch_slots=2)
-    ids = chat.prompt_ids(messages, 300)[0]
-    gen = GenerationSettings(max_new_tokens=300, temperature=0.0)
-    answers = [chat.start(ids, gen) for _ in range(4)]  # two written, two waiting
-    next(iter(answers[0]))
-    chat.shutdown("the server is shutting down")
-    for answer in answers:
-        _, error = read(answer)
-        assert isinstance(error, ShuttingDown) and "shutting down" in str(error)
-    with pytest.raises(ShuttingDown):
-        chat.start(ids, gen)
-    calls = ScriptedPhi.calls
-    time.sleep(0.3)
-    assert ScriptedPhi.calls == calls  # nothing runs on
+def test_fast_batches_share_one_compiled_shape(chat_model):
+    """evaluate.py's batches on the fast path: one (batch, cache) shape for the whole call — one compile on a GPU,
+    not one per batch — and the same answers as the plain path, each row attending over its own (left-padded)
+    slots."""
+    fast = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+    questions = ["Hi", "What is 2 plus 2?", "What is the capital of Peru?", "Tell me, please: what is 3 plus 4?",
+                 "What is the capital of France? I would really like to know it, if you can tell me."]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    replies = fast.chat_batch(convs, GREEDY, batch_size=2)
+    assert len(fast._decoder._caches) == 1
+    # every row attends over its own slots, as batch 1 does (decode_attention; on a GPU the split kernel)
+    assert isinstance(next(iter(fast._decoder._caches.values())), DecodeCache)
+    assert replies == chat_model.chat_batch(convs, GREEDY, batch_size=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_loop_does_not_wait_for_the_gpu_per_token(tokenizer, batch):
+    """The fast path's host syncs (prefill, streaming setup) do not grow with the answer: a per-token sync would
+    leave the GPU idle between steps. New tokens come back through CUDA events, which sync-debug mode does not
+    count. (A processor that copied its ids from the host each step was such a sync; so was a copy of a batch's
+    tokens into a strided host buffer, once per chunk.)"""
+    fast = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True)
+    prompt = [list(range(5, 25 + b)) for b in range(batch)]
+    for new_tokens in (32, 128):  # compile, capture the graph, meet the one-off costs of a first call
+        for gen in (GREEDY, GenerationSettings(max_new_tokens=40, temperature=0.8)):
+            fast.generate_ids(prompt, limited(gen, new_tokens), ignore_eos=True)
+
+    def syncs(gen: GenerationSettings, new_tokens: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fast.generate_ids(prompt, limited(gen, new_tokens), ignore_eos=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    for gen in (GREEDY, GenerationSettings(max_new_tokens=40, temperature=0.8)):
+        # > 0: the prefill's syncs are seen, so counting works. Runs on an H200 differed by one sync either way
+        # (a one-off); one per chunk would add 12 here, one per token 96.
+        assert 0 < syncs(gen, 128) <= syncs(gen, 32) + 1
+
+
+def test_prefill_never_takes_cudnn_attention_on_cuda():
+    """cuDNN's attention, PyTorch's first choice on an H100/H200, builds a plan for every new (rows, length) shape:
+    a prefill of a new shape took 55-66 ms there instead of 15-20, and every user who joins a batch brings one. The
+    decoders prefill inside prefill_attention: on CUDA the memory-efficient kernel first, cuDNN's never; the
+    setting is back as it was afterwards, and the CPU's choice is left alone."""
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
+    with decoding.prefill_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        order = torch._C._get_sdp_priority_order()
+        assert order.index(int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION)) < \
+            order.index(int(torch.nn.attention.SDPBackend.FLASH_ATTENTION))
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
+    with decoding.prefill_attention(torch.device("cpu")):
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
+
+
+@pytest.mark.gpu
+def test_prefills_of_new_shapes_run_no_cudnn_attention_on_gpu(tokenizer):
+    """What the user waited for: on an H200 the first prefill of each new (rows, length) shape spent ~45 ms building
+    a cuDNN attention plan (docs/PERFORMANCE.md). Prompts of new lengths, alone (FastDecoder) and joining others
+    (BatchDecoder), bf16: no cuDNN attention kernel runs, the memory-efficient one does. (Where PyTorch would not
+    pick cuDNN for the tiny model anyway, the second check still says which kernel the prefills ran.) The kernels
+    the GPU ran are checked, not the ops: the profiler records no ops of ChatModel's generation thread."""
+    from torch.profiler import ProfilerActivity, profile
+    chat = ChatModel(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16).cuda(), tokenizer, fast=True)
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, len(tokenizer), (n,), generator=rng).tolist() for n in (23, 37, 41)]
+    chat.generate_ids(prompts[:1], limited(ARGMAX, 4), ignore_eos=True)  # compiled outside the profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        chat.generate_ids(prompts[1:2], limited(ARGMAX, 4), ignore_eos=True)
+        answers = [chat.start(ids, dataclasses.replace(ARGMAX, max_new_tokens=4)) for ids in prompts]
+        for answer in answers:
+            list(answer)
+    kernels = {event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA}
+    assert not any("cudnn" in name for name in kernels), sorted(kernels)
+    assert any("fmha_cutlass" in name for name in kernels), sorted(kernels)  # PyTorch's memory-efficient kernel
+
+
+@pytest.mark.gpu
+def test_two_fast_models_in_one_process(tokenizer):
+    """evaluate.py holds the base and the fine-tuned model on the fast path at once: CUDA graphs work only in the
+    thread that set them up, so both must generate (a second model on its own thread failed in its first step)."""
+    models = [ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True) for _ in range(2)]
+    prompt = [list(range(5, 25))]
+    first, second = (m.generate_ids(prompt, limited(GREEDY, 16), ignore_eos=True) for m in models)
+    assert len(first[0]) == 16 and second == first  # same weights, same tokens
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_repetition_penalty_never_stops_the_model_from_stopping(tokenizer, fast):
+    """EOS closes every earlier answer of a multi-turn prompt and pads the short rows of a batch: penalizing it
+    there kept the model from stopping, by an amount that depended on the batch."""
+    eos = tokenizer.eos_token_id
+    chat = tied(tokenizer, top=eos, runner_up=tokenizer.convert_tokens_to_ids("a"), fast=fast)
+    multi_turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "user", "content": "How are you?"}]
+    assert chat.chat(multi_turn, PENALIZED) == Reply(text="", new_tokens=1, stop="eos")
+    convs = [[{"role": "user", "content": q}] for q in ("Hi", "What is the capital of France? Please tell me.")]
+    batched = chat.chat_batch(convs, PENALIZED, batch_size=2)
+    assert batched == [chat.chat(c, PENALIZED) for c in convs] == [Reply("", 1, "eos")] * 2
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_repetition_penalty_still_counts_the_answers_own_tokens(tokenizer, fast):
+    a, b = (tokenizer.convert_tokens_to_ids(t) for t in ("a", "b"))
+    chat = tied(tokenizer, top=a, runner_up=b, fast=fast)
+    ids = chat.prompt_ids([{"role": "user", "content": "a a a a"}], 6)[0]  # the prompt's "a"s do not count
+    assert chat.generate_ids([ids], limited(PENALIZED, 3))[0][:2] == [a, b]
+    no_penalty = dataclasses.replace(PENALIZED, repetition_penalty=1.0)
+    assert chat.generate_ids([ids], limited(no_penalty, 3))[0][:2] == [a, a]
+
+
+def test_both_paths_cut_at_whichever_comes_first_eos_or_the_marker(tokenizer):
+    """Within one fast-path chunk, the marker before an EOS ends the answer at the marker, as generate() does."""
+    replies = []
+    for fast in (False, True):
+        chat, messages = scripted(tokenizer, " Hi ### Human:", tail=[tokenizer.eos_token_id] * 20, fast=fast)
+        assert len(chat.prompt_ids(messages, 64)[0]) and len(tokenizer(" Hi ### Human:")["input_ids"]) < CHECK_EVERY
+        replies.append(chat.chat(messages, GenerationSettings(max_new_tokens=30, temperature=0.0)))
+    assert replies[0] == replies[1] and replies[0].stop == "marker" and replies[0].text == "Hi"

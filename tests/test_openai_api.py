@@ -19,7 +19,7 @@ from config import GenerationSettings
 from conftest import MODEL_ID
 from inference import ChatModel
 from test_app import PERU, openai_client, serve, server, wait_until_idle  # noqa: F401 (server: a fixture)
-from test_inference import ScriptedPhi, endless
+from doubles import ScriptedPhi, endless
 
 QUESTION = [{"role": "user", "content": "What is the capital of Peru?"}]
 

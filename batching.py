@@ -1,0 +1,590 @@
+"""Continuous batching: every user's streamed answer decoded together, joining and leaving as they come.
+
+BatchDecoder is the engine behind chat (the CLI, the Gradio page, the OpenAI-compatible API, through inference.py's
+ChatModel): one bounded queue, one model step for every answer being written, each answer streamed to its own sink
+with its own settings, stop rules and seed, and one request unable to fail another (the class docstring says how).
+It uses decoding.py's rules and prefill graphs and phi_layers.py's cache and fused layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from transformers import CompileConfig, DynamicCache, LogitsProcessorList, StaticCache
+
+from config import GenerationSettings
+from decoding import (CHECK_EVERY, PREFILL_BUCKETS, _PrefillGraph, logits_processors, penalize, prefill_attention,
+                      remember, stop_index)
+from phi_layers import DecodeCache, allocated, decode_layout, fuse_phi_layers, reads_own_slots
+
+logger = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 4096  # prompts that wait together are prefilled in passes of up to this many (padded) tokens
+
+
+class Busy(RuntimeError):
+    """Every place in the queue is taken: the request is turned away now (HTTP 429) rather than waiting unbounded.
+    retry_after: seconds after which a place is likely free."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NonFiniteScores(RuntimeError):
+    """The model's scores for one answer were NaN or infinite: that answer is stopped, the others go on."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping: answers in flight end with this error, new ones are refused."""
+
+
+@dataclass(eq=False)
+class _Answer:
+    """One streamed answer in BatchDecoder: what was asked, and where it stands."""
+    ids: list[int]
+    gen: GenerationSettings
+    sink: object                              # gets put(new token ids) and end(error or None); see submit
+    generator: torch.Generator
+    procs: LogitsProcessorList | None = None  # None: greedy (one argmax, and the penalty, for all such rows at once)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None        # a failure of this answer alone, found in the batch loop
+    done: bool = False
+    began: float = field(default_factory=time.monotonic)
+    seq: torch.Tensor | None = None           # (1, prompt + max_new_tokens) on the device: what the penalty reads
+    start: int = 0                            # cache slot of its first prompt token; it occupies [start, write index)
+    new: list[int] = field(default_factory=list)  # tokens the host has seen
+    queued: int = 0                           # decode steps queued on the device (the host sees them a chunk later)
+    streamed: int = 0
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.gen.max_new_tokens
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still allowed, by what the host has seen."""
+        return self.max_new_tokens - len(self.new)
+
+    @property
+    def to_queue(self) -> int:
+        """Decode steps still to queue: the first token comes from the prefill, each step gives one more."""
+        return self.max_new_tokens - 1 - self.queued
+
+
+class BatchDecoder:
+    """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
+
+    A request that arrives while others are being generated joins them at the next chunk boundary (every
+    CHECK_EVERY steps when compiled, every step otherwise): its prompt is run (prefill; the prompts waiting at one
+    boundary in one forward pass; on a GPU, one alone through a CUDA graph captured at load: _PrefillGraph) and its
+    keys and values are copied into a free row of the shared static KV cache; a finished or cancelled answer frees
+    its row at the next boundary. Each answer still streams to its own client, with its own sampling settings, stop
+    rules and seed (greedy rows' repetition penalties applied to all rows at once, as AnswerRepetitionPenalty
+    computes them).
+    The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as FastDecoder), so
+    a finished answer costs up to one chunk of wasted steps; a joining answer first waits for the queued chunk.
+
+    The cache layout: one write index t shared by all rows (transformers' StaticCache writes every row at the same
+    slot); each row holds its prompt and answer in the slots just before t, [start, t), and its attention mask hides
+    the slots before start. Positions (rotary) are per row, so where a row sits in the cache does not change its
+    math: a row's greedy answer is the answer it gets alone (tested exactly in fp32 on the CPU). When a new prompt
+    does not fit before t, or the answers would run past the cache end, the rows are moved together (one block copy
+    per layer) to a tighter or larger cache. The batch has two shapes: 1 row while one answer is generated (the
+    single user gets batch-1 speed, the row moved to the cache's start) and `slots` rows once a second one joins;
+    each (rows, cache size) shape is compiled once, like FastDecoder's. Fused, each row attends over its own slots
+    [start, t] of a DecodeCache (decode_layout; with FlashAttention, the one-row shape only), as FastDecoder's rows.
+
+    Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order; past that, submit
+    raises Busy at once (the caller answers 429). The rows share one write index, so a prompt joins only if
+    max(held, its length) + max(steps left, its max_new_tokens) fits the context window. An answer that does not fit
+    yet waits at the head; one behind it may join first only if it fits now and will have finished (at its
+    max_new_tokens) by the time the answers already running reach theirs: it never pushes back the moment at which
+    the waiting one is sure to fit, so that one is never starved; it joins as soon as it fits, before later arrivals.
+
+    One request cannot fail another: what comes from a request (its settings, its sampling processors, its prompt)
+    is checked and built in `submit`, in the caller's thread, so a value that cannot be used raises to that caller
+    alone; in the loop, what is done for one answer (its sampled token, its stop rules, handing its tokens over) is
+    guarded per answer, and a row whose scores are not finite is found on the device without an assert (its token
+    marked -1 for the host) and fails alone (NonFiniteScores). Only a failure of the shared model step fails every
+    answer it held, and then every client hears of it.
+
+    Runs on the ChatModel's generation thread (`executor().submit`); `submit`, `cancel` and `shutdown` are safe from
+    any thread.
+    """
+
+    def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor, marker: str,
+                 max_waiting: int = 32):
+        self.model, self.tokenizer, self.context_window, self.marker = model, tokenizer, context_window, marker
+        self.slots, self.executor, self.max_waiting = slots, executor, max_waiting
+        self.fused = compiled and fuse_phi_layers(model)
+        if compiled:
+            self.step = model.get_compiled_call(CompileConfig(dynamic=False))
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        else:
+            self.step = model
+        self.device = model.device
+        # The host looks at new tokens (and admits new answers) every CHECK_EVERY steps on the compiled path, which
+        # must not wait for the GPU each token; eager steps (the CPU) wait anyway, so there it streams every token.
+        self.check_every = CHECK_EVERY if compiled else 1
+        self._lock = threading.Lock()
+        self._waiting: list[_Answer] = []
+        self._in_flight = 0  # answers submitted and not yet finished: waiting, being admitted or in a row
+        self._running = False
+        self._closed: ShuttingDown | None = None
+        self._durations: list[float] = []  # seconds of the last answers, for Busy's retry_after
+        self._caches: dict[tuple[int, int], StaticCache] = {}
+        self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
+        # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (prefill,
+        # cache moves, first tokens), decode steps queued, answers in those steps (answer_steps / steps = rows), and
+        # steps by compiled shape
+        self.record = Counter()
+        # A prompt that joins alone prefills through a CUDA graph of its padded length (_PrefillGraph), all captured
+        # at load (capture_prefill_graphs), where the one-row step runs the layer kernels (as FastDecoder's); tests
+        # set it on the CPU, where the same padded prefill runs eagerly. The graphs' scratch caches share storage.
+        self.prefill_graphs = self.fused and self.device.type == "cuda" and model.model.layers[0].step_kernels
+        self._prefills: dict[int, _PrefillGraph] = {}
+        self._prefill_pool = None
+        self._scratch: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: list[_Answer | None] = []
+        self.cache: StaticCache | None = None
+        self.t = 0
+        self.tok = self.pos = self.mask = self.layout = None
+        # Greedy rows' repetition penalty, applied to all rows at once (_decode_chunk): the tokens each row's answer
+        # holds (rows, vocab; remember) and each row's penalty (rows,), 1 where none (x * 1 and x / 1 are x).
+        self.seen = self.penalty = None
+        self._pending = None  # the last queued chunk: (host tokens, ready event, its rows), not yet looked at
+        self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
+
+    # ------------------------------------------------------------------------------------------------------------
+    def submit(self, ids: list[int], gen: GenerationSettings, sink, seed: int | None = None) -> _Answer:
+        """Queue one answer to prompt `ids`, of up to gen.max_new_tokens tokens; returns its handle (for cancel).
+
+        `sink` gets, on the generation thread, put(list of new token ids) as they are decided (cut after the token
+        that ends the answer: EOS or the `### Human:` marker) and then end(None), or end(error) when the answer
+        failed. Raises ValueError for a request that cannot be decoded, Busy when the queue is full, ShuttingDown
+        after shutdown; all of it here, in the caller's thread."""
+        vocab = self.model.config.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"the prompt must be 1 or more token ids in [0, {vocab})")
+        if len(ids) + gen.max_new_tokens > self.context_window:
+            raise ValueError(f"{len(ids)} prompt tokens + {gen.max_new_tokens} new tokens exceed the "
+                             f"{self.context_window}-token context window")
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        # sampling: generate()'s processors and warpers, this answer alone (their constructors check the values)
+        procs = logits_processors(gen, True, [], self.device, len(ids), self.tokenizer.eos_token_id) \
+            if gen.samples else None
+        answer = _Answer(list(ids), gen, sink, generator, procs)
+        with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            if self._in_flight >= self.slots + self.max_waiting:
+                raise Busy(f"the server is busy: all {self.slots} rows are answering and its queue of "
+                           f"{self.max_waiting} is full", self._retry_after())
+            self._in_flight += 1
+            self._waiting.append(answer)
+            if not self._running:
+                self._running = True
+                self.executor().submit(self._serve)
+        return answer
+
+    def _retry_after(self) -> int:
+        """Seconds until a place is likely free: the recent answers' mean time, per slot, for the queue ahead."""
+        mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
+        return max(1, min(60, round(mean * (1 + len(self._waiting) / self.slots))))
+
+    def cancel(self, answer: _Answer) -> None:
+        """Stop an answer: one still waiting leaves the queue now; one being written frees its row at the next
+        chunk boundary (the host stops looking at its tokens then)."""
+        answer.cancel.set()
+        with self._lock:
+            waiting = answer in self._waiting
+            if waiting:
+                self._waiting.remove(answer)
+        if waiting:
+            self._finish(answer)
+
+    def shutdown(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new answers and end every answer in flight with ShuttingDown (waiting ones now, the ones being
+        written at the loop's next chunk boundary)."""
+        with self._lock:
+            self._closed = ShuttingDown(reason)
+            waiting, self._waiting = self._waiting, []
+        for answer in waiting:
+            self._finish(answer, self._closed)
+
+    def _serve(self) -> None:
+        """The batch loop: admit, decode a chunk, hand out its tokens; until no answer is left."""
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._lock:
+                        closed = self._closed
+                        if closed is None and not self._waiting and not any(self.rows) and self._pending is None:
+                            self._running = False
+                            self._reset()
+                            return
+                    if closed is not None:  # shutdown: the rows' clients hear of it below
+                        raise closed
+                    self._free_cancelled()
+                    while group := self._pick():
+                        self._flush()  # the layout may change: every queued token must be seen first
+                        begun = time.perf_counter()
+                        self._admit(group)
+                        self.record["admit_s"] += time.perf_counter() - begun
+                    if any(a is not None and a.to_queue > 0 for a in self.rows):
+                        self._decode_chunk()
+                    else:
+                        self._flush()
+        except BaseException as error:  # every waiting client must hear of it, not hang
+            with self._lock:
+                held = [a for a in self.rows if a]
+                answers = held + [a for a in self._admitting if a not in held] + self._waiting
+                self._waiting, self._running = [], False
+                self._reset()
+            for a in answers:
+                self._finish(a, error=error)
+            if not isinstance(error, ShuttingDown):
+                raise
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _size_for(self, length: int) -> int:
+        return min(self.context_window, max(512, 1 << (max(length, 1) - 1).bit_length()))
+
+    def _cache_for(self, batch: int, size: int) -> StaticCache:
+        key = (batch, size)
+        if key not in self._caches:
+            own = self.fused and reads_own_slots(self.model, batch)
+            self._caches[key] = allocated((DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size),
+                                          self.model, batch)
+        return self._caches[key]
+
+    # ------------------------------------------------------------------------------------------------------------
+    def prefill_bucket(self, prompts: int, width: int) -> int | None:
+        """The length of the prefill graph that takes a group of `prompts` prompts of up to `width` tokens: one prompt
+        (a user who joins alone: its eager prefill is launch-bound) up to PREFILL_BUCKETS[-1] tokens, with attention
+        the padded mask goes through (flash_attention_2 unpads on the host); None: eager."""
+        if prompts != 1 or self.model.config._attn_implementation not in ("sdpa", "eager"):
+            return None
+        return next((bucket for bucket in PREFILL_BUCKETS if bucket >= width), None)
+
+    def capture_prefill_graphs(self) -> None:
+        """Capture every prefill graph now, on the generation thread where they replay (ChatModel.warm_up): the user
+        who brought a new length would otherwise wait for its warm-up and capture, two eager prefills."""
+        if not self.prefill_graphs:
+            return
+
+        def capture():
+            with torch.inference_mode():
+                for bucket in PREFILL_BUCKETS:
+                    self._prefill_graph(bucket).capture()
+        self.executor().submit(capture).result()
+
+    def _prefill_graph(self, bucket: int) -> "_PrefillGraph":
+        if bucket not in self._prefills:
+            if self._scratch is None:  # one (keys, values) pair a layer for every graph's scratch cache
+                config = self.model.config
+                numel = PREFILL_BUCKETS[-1] * config.hidden_size  # tokens x heads x head dim
+                self._scratch = [tuple(torch.zeros(numel, dtype=self.model.dtype, device=self.device)
+                                       for _ in range(2)) for _ in range(config.num_hidden_layers)]
+                if self.device.type == "cuda":
+                    self._prefill_pool = torch.cuda.graph_pool_handle()
+            scratch = allocated(DecodeCache(self.model.config, bucket, storage=self._scratch), self.model, 1)
+            self._prefills[bucket] = _PrefillGraph(self.model, scratch, bucket, self._prefill_pool)
+        return self._prefills[bucket]
+
+    def _relayout(self, batch: int, size: int, t: int) -> None:
+        """Move the active rows to rows 0.. of the (batch, size) cache, every row shifted by the same amount so that
+        they end at write index t (one block copy per layer)."""
+        active = [(i, a) for i, a in enumerate(self.rows) if a]
+        cache = self._cache_for(batch, size)
+        shift = t - self.t
+        if active:
+            first = min(a.start for _, a in active)
+            src = torch.tensor([i for i, _ in active], device=self.device)
+            for old, new in zip(self.cache.layers, cache.layers):
+                keys, values = old.keys[src, :, first:self.t], old.values[src, :, first:self.t]  # copies
+                new.keys[:len(active), :, first + shift:t] = keys
+                new.values[:len(active), :, first + shift:t] = values
+        mask = torch.ones(batch, size, dtype=torch.long, device=self.device)  # free rows attend anywhere (finite)
+        tok = torch.full((batch, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
+        pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+        penalty = torch.ones(batch, device=self.device)
+        for row, (i, a) in enumerate(active):
+            a.start += shift
+            mask[row, :a.start] = 0
+            tok[row], pos[row], seen[row], penalty[row] = self.tok[i], self.pos[i], self.seen[i], self.penalty[i]
+        self.rows = [a for _, a in active] + [None] * (batch - len(active))
+        self.cache, self.t, self.tok, self.pos, self.mask = cache, t, tok, pos, mask
+        self.seen, self.penalty = seen, penalty
+        self._place_rows()
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(t)
+
+    def _place_rows(self) -> None:
+        """Where the next decode step's rows sit in a DecodeCache (decode_layout): an answer's tokens are the slots
+        [start, t], its next token (position pos) goes to slot t; a free row reads [0, pos] (finite, thrown away).
+        In a StaticCache rows attend with the mask."""
+        self.layout = None
+        if isinstance(self.cache, DecodeCache):
+            starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
+            self.layout = decode_layout(starts, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
+
+    def _free_cancelled(self) -> None:
+        """Rows whose client left are freed now, before another chunk is queued for them (their queued tokens are
+        never looked at)."""
+        for row, answer in enumerate(self.rows):
+            if answer is not None and answer.cancel.is_set():
+                self.rows[row] = None
+                self._finish(answer)
+
+    def _pick(self) -> list[_Answer]:
+        """The waiting answers that join at this boundary, by the admission rule in the class docstring; the
+        prompts of one group are prefilled in one pass of up to PREFILL_TOKENS padded tokens (the rest join in the
+        next pass), so the last of several users who arrive at once does not wait behind the others' prefills."""
+        group: list[_Answer] = []
+        with self._lock:
+            active = [a for a in self.rows if a]
+            left = max([self.t - a.start for a in active], default=0)  # the smallest write index that fits all
+            need = max([a.to_queue for a in active], default=0)
+            blocked = False
+            for answer in list(self._waiting):
+                if len(active) + len(group) >= self.slots:
+                    break
+                length, budget = len(answer.ids), answer.max_new_tokens
+                wider, longer = max(left, length), max(need, budget)
+                if (active or group) and wider + longer > self.context_window:
+                    blocked = True  # it joins once earlier answers have ended
+                    continue
+                if blocked and budget - 1 > need:
+                    continue  # it would outlast the running answers: the waiting one goes first
+                if group and (len(group) + 1) * max(length, *(len(a.ids) for a in group)) > PREFILL_TOKENS:
+                    break
+                self._waiting.remove(answer)
+                group.append(answer)
+                left, need = wider, longer
+            self._admitting = group
+        return group
+
+    def _admit(self, group: list[_Answer]) -> None:
+        """Move `group` into free rows: the cache re-laid out if its shape or room must change, then the prefill."""
+        active = [a for a in self.rows if a]
+        left = max([self.t - a.start for a in active] + [len(a.ids) for a in group])
+        need = max([a.to_queue for a in active] + [a.max_new_tokens for a in group])
+        batch = self.slots if active or len(group) > 1 else 1
+        if (not active or batch != len(self.rows) or self.t < left
+                or self.t + need > self.cache.layers[0].max_cache_len):
+            self._relayout(batch, self._size_for(left + need), left)
+        self._prefill(group)
+        self._admitting = []
+
+    def _prefill(self, group: list[_Answer]) -> None:
+        """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
+        prompt's tokens from seeing the padding after them, so each row computes what it computes alone), copy each
+        one's keys and values into a free row of the shared cache, ending at the write index, and choose its first
+        token. One prompt alone is a prefill graph's pass (padded further to its bucket), several an eager one."""
+        lengths = [len(a.ids) for a in group]
+        ids = torch.full((len(group), max(lengths)), self.tokenizer.eos_token_id, dtype=torch.long)
+        for i, answer in enumerate(group):
+            ids[i, :lengths[i]] = torch.tensor(answer.ids)
+        rows = [i for i, a in enumerate(self.rows) if a is None][:len(group)]
+        # Every prompt's slots as index lists (prompt's row and slot in the prefill's cache, row and slot in the
+        # shared one: [start, t)), for one gather and one scatter per tensor and layer below (a slice copy per
+        # prompt, tensor and layer was slower, docs/PERFORMANCE.md); sent before the prefill, while the GPU is idle
+        # (a copy from the host waits for it).
+        sizes = torch.tensor(lengths)
+        slots = torch.cat([torch.arange(n) for n in lengths])
+        where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes), slots,
+                             torch.tensor(rows).repeat_interleave(sizes),
+                             slots + self.t - sizes.repeat_interleave(sizes)])
+        ids, (source_rows, source_slots, target_rows, target_slots) = ids.to(self.device), where.to(self.device)
+        bucket = self.prefill_bucket(len(group), max(lengths)) if self.prefill_graphs else None
+        if bucket is not None:
+            graph = self._prefill_graph(bucket)
+            logits = graph(ids, write_at=0)  # (1, vocab)
+            scratch = graph.cache  # the prompt from slot 0
+            self.record["graph_prefills"] += 1
+        else:
+            last = torch.tensor(lengths, device=self.device)[:, None] - 1  # (prompts, 1): each one's last position
+            scratch = DynamicCache(config=self.model.config)
+            with prefill_attention(self.device):
+                logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device)[None],
+                                    past_key_values=scratch, use_cache=True, logits_to_keep=last).logits[:, -1]
+        for answer, length in zip(group, lengths):
+            answer.start = self.t - length
+        for source, target in zip(scratch.layers, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
+            target.keys[target_rows, :, target_slots] = source.keys[source_rows, :, source_slots]
+            target.values[target_rows, :, target_slots] = source.values[source_rows, :, source_slots]
+        eos = self.tokenizer.eos_token_id
+        first = torch.empty(len(group), dtype=torch.long, device=self.device)
+        for i, (row, answer) in enumerate(zip(rows, group)):
+            self.mask[row] = 1
+            self.mask[row, :answer.start] = 0
+            if answer.procs is not None:  # sampling: what the penalty reads, like generate()'s input_ids
+                answer.seq = torch.empty(1, lengths[i] + answer.max_new_tokens, dtype=torch.long, device=self.device)
+                answer.seq[0, :lengths[i]] = ids[i, :lengths[i]]
+            # greedy rows: the penalty with all rows at once (its first token has no answer tokens to penalize)
+            self.penalty[row] = 1.0 if answer.gen.samples else answer.gen.repetition_penalty
+            self.seen[row] = False
+            token, ok = self._choose(answer, logits[i:i + 1], 0)
+            first[i] = token.where(ok, -1)[0]
+            self.tok[row, 0], self.pos[row, 0] = token[0], lengths[i]
+            self.rows[row] = answer
+        remember(self.seen, self.tok, eos)  # the other rows' tokens are there already
+        self._place_rows()
+        self.record.update(prefill_passes=1, prompts=len(group))
+        self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
+        for answer, token in zip(group, first.tolist()):  # one wait for the GPU for the whole group
+            self._take(answer, [token])
+
+    def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token of one answer from its logits (1, vocab), as generate() would choose it, and whether its
+        scores were finite (1,) bool. Nothing here waits for the GPU or can assert on it: scores with a NaN or an
+        infinity (their maximum is not finite) sample from a uniform stand-in, and the host fails the answer."""
+        if answer.error is not None:
+            return logits.new_zeros(1, dtype=torch.long), logits.new_zeros(1, dtype=torch.bool)
+        if answer.procs is None:
+            best, token = logits.max(-1)  # the first index of the maximum, as argmax; NaN propagates to best
+            return token, torch.isfinite(best)
+        width = len(answer.ids)
+        try:
+            scores = answer.procs(answer.seq[:, :width + step], logits.to(torch.float32, copy=True))
+            ok = torch.isfinite(scores.max(-1).values)
+            probs = torch.where(ok[:, None], scores.softmax(-1), 1.0)
+            token = torch.multinomial(probs, 1, generator=answer.generator)[:, 0]
+        except Exception as error:  # this answer's own processors: it fails alone
+            answer.error = error
+            return logits.new_zeros(1, dtype=torch.long), logits.new_zeros(1, dtype=torch.bool)
+        answer.seq[0, width + step] = token[0]
+        return token, ok
+
+    def _decode_chunk(self) -> None:
+        """Queue up to check_every steps for every row without waiting for the GPU; then look at the chunk queued
+        before this one (the GPU has finished it by now, so the host never stalls it)."""
+        rows = list(self.rows)
+        steps = min(self.check_every, max(a.to_queue for a in rows if a))
+        chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)
+        # Greedy rows with a repetition penalty: AnswerRepetitionPenalty's arithmetic for all rows in a few kernels
+        # (per row, generate()'s processors were ~10 small kernels a step).
+        penalized = any(a is not None and a.procs is None and a.gen.repetition_penalty != 1.0 for a in rows)
+        eos = self.tokenizer.eos_token_id
+        for s in range(steps):
+            placed = {} if self.layout is None else {"kv_layout": self.layout}
+            logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
+                               past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
+            # One argmax for every row, then the rows that sample overwrite theirs. A row whose best score is not
+            # finite (NaN propagates to the maximum) goes to the host as -1; its token (an index, always in range)
+            # is the next step's input until the host drops the row.
+            if penalized:
+                best, token = penalize(logits.float(), self.seen, self.penalty[:, None]).max(-1)
+                remember(self.seen, token[:, None], eos)
+            else:
+                best, token = logits.max(-1)  # (batch,) each
+            ok = torch.isfinite(best)
+            for row, answer in enumerate(rows):
+                made = 1 + answer.queued + s if answer is not None else 0  # tokens before this one
+                if answer is not None and answer.procs is not None and made < answer.max_new_tokens:
+                    token[row], ok[row] = (t[0] for t in self._choose(answer, logits[row:row + 1], made))
+            chunk[:, s] = token.where(ok, -1)
+            self.tok = token[:, None]
+            self.pos = self.pos + 1
+            if self.layout is not None:
+                self.layout[2].add_(1)
+        for answer in rows:
+            if answer is not None:
+                answer.queued += steps
+        self.record.update(steps=steps, answer_steps=steps * sum(a is not None for a in rows))
+        self.record[f"steps at {len(rows)} rows x {self.cache.layers[0].max_cache_len} slots"] += steps
+        self.t += steps
+        host = torch.empty(chunk.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        host.copy_(chunk, non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        previous, self._pending = self._pending, (host, ready, rows)
+        if previous is not None:
+            self._look(previous)
+        active = [a for a in self.rows if a]
+        if len(active) == 1 and len(self.rows) > 1:  # back to the one-row shape: batch-1 speed for the last user
+            self._flush()
+            if active[0] in self.rows:
+                # its slots move to the start of the one-row cache, which is sized for them and what is still to come
+                held = self.t - active[0].start
+                self._relayout(1, self._size_for(held + active[0].to_queue), held)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._look(pending)
+
+    def _look(self, pending) -> None:
+        host, ready, rows = pending
+        if ready is not None:
+            ready.synchronize()
+        new = host.tolist()
+        for row, answer in enumerate(rows):
+            if answer is not None and not answer.done:
+                self._take(answer, new[row])
+
+    def _take(self, answer: _Answer, tokens: list[int]) -> None:
+        """New tokens of one answer (-1: its scores were not finite): stop rules, handing them over, and the end of
+        the answer. Whatever fails here fails this answer alone."""
+        stop = None
+        try:
+            if answer.error is not None:
+                raise answer.error
+            checked = len(answer.new)
+            tokens = tokens[:answer.remaining]
+            bad = tokens.index(-1) if -1 in tokens else None
+            answer.new.extend(tokens[:bad])
+            stop = stop_index(self.tokenizer, answer.new, checked, self.marker)
+            if stop is not None:
+                answer.new = answer.new[:stop + 1]
+            if len(answer.new) > answer.streamed:
+                answer.sink.put(answer.new[answer.streamed:])
+                answer.streamed = len(answer.new)
+            if bad is not None and stop is None:
+                raise NonFiniteScores(
+                    f"the model's scores for this answer were not finite (NaN or infinity) at token "
+                    f"{len(answer.new) + 1}: it was stopped there. Other answers are not affected; the model or its "
+                    "dtype overflowed (fp16 often does: serve in bf16 or fp32)")
+        except Exception as error:
+            answer.error = error
+        if answer.error is not None or stop is not None or answer.remaining <= 0 or answer.cancel.is_set():
+            if answer in self.rows:
+                row = self.rows.index(answer)
+                self.rows[row] = None
+                if isinstance(answer.error, NonFiniteScores):
+                    # Its slots may hold NaN, and a masked slot still multiplies: 0 * NaN is NaN. A later answer in
+                    # this row would read them (StaticCache rows attend over the whole row, masked).
+                    for layer in self.cache.layers:
+                        layer.keys[row].zero_()
+                        layer.values[row].zero_()
+            self._finish(answer, answer.error)
+
+    def _finish(self, answer: _Answer, error: BaseException | None = None) -> None:
+        """The answer's end, told to its sink once; its place in the queue is free again."""
+        with self._lock:
+            if answer.done:
+                return
+            answer.done = True
+            self._in_flight -= 1
+            self._durations = self._durations[-31:] + [time.monotonic() - answer.began]
+        try:
+            answer.sink.end(error)
+        except Exception:  # a sink that fails must not stop the loop for the others
+            logger.exception("the end of an answer could not be handed over")

@@ -1,0 +1,418 @@
+"""batching.py: BatchDecoder decodes every user's answer together, each exactly as alone (fp32, CPU), and holds under
+careless and hostile use: one answer's bad values or bad scores fail only that answer, the queue is bounded, a waiting
+request is not held behind one that cannot join yet, a client that leaves frees its place, and shutdown ends every
+answer with an error instead of leaving a client hanging."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PhiForCausalLM
+
+import decoding
+from batching import Busy, ShuttingDown
+from config import GenerationSettings
+from conftest import TINY
+from doubles import GREEDY, PENALIZED, TOGETHER, ScriptedPhi, endless, finish, start_all, tied
+from inference import ChatModel
+from phi_layers import DecodeCache, triton_supported
+
+@pytest.mark.gpu
+def test_joining_prompts_prefill_through_graphs_captured_at_load_on_gpu(tokenizer):
+    """BatchDecoder on a GPU, fp32: the warm-up captures the prefill graph of every bucket; users who arrive one by
+    one are prefilled by them, no graph is captured while serving, and each greedy answer (alone or joining) is the
+    one it gets alone on the plain path."""
+    if not triton_supported(torch.device("cuda"), torch.float32):
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+    plain = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=False)
+    fast = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True)
+    batcher = fast.batcher
+    assert batcher.prefill_graphs
+    fast.warm_up(GREEDY)
+    graphs = dict(batcher._prefills)
+    assert sorted(graphs) == list(decoding.PREFILL_BUCKETS) and all(g.graph for g in graphs.values())
+    expected = [plain.chat(c, GREEDY) for c in TOGETHER]
+    batcher.record.clear()
+    answers = []
+    for conversation in TOGETHER:  # each joins the answers before it, alone
+        answers.append(fast.start(fast.prompt_ids(conversation, GREEDY.max_new_tokens)[0], GREEDY))
+        next(iter(answers[-1]))
+    replies = finish(answers)
+    assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in expected]
+    assert batcher.record["graph_prefills"] == len(TOGETHER) and batcher._prefills == graphs
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch, fast):
+    """Six users at once (the last with a longer, multi-turn prompt that joins later): each greedy answer is the one
+    it gets alone and the one generate() gives, exactly (fp32); and they were decoded together, in far fewer model
+    steps than tokens. fast: the compiled step with fused layers, every row attending over its own cache slots
+    (phi_layers.decode_attention), in the batch shape and, when one answer is left, in the one-row shape."""
+    if fast:
+        chat_model = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+        assert chat_model.batcher.fused
+    gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
+    steps = [0]
+    step = chat_model.batcher.step
+    monkeypatch.setattr(chat_model.batcher, "step",
+                        lambda *a, **k: steps.__setitem__(0, steps[0] + 1) or step(*a, **k))
+    alone = [chat_model.chat(c, gen) for c in TOGETHER]
+    steps_alone, steps[0] = steps[0], 0
+    plain = chat_model.chat_batch(TOGETHER, gen, batch_size=1)  # transformers' generate, one at a time
+    assert [r.text for r in alone] == [r.text for r in plain] and all(r.text for r in alone)
+    first = start_all(chat_model, TOGETHER[:3], gen)
+    next(iter(first[0]))  # the first answer is being written when the others arrive
+    replies = finish(first + start_all(chat_model, TOGETHER[3:], gen))
+    assert [(r.text, r.stop, r.new_tokens) for r in replies] == [(r.text, r.stop, r.new_tokens) for r in alone]
+    # the fast path sees tokens a chunk (8 steps) later, by when short answers have ended: fewer rows overlap
+    assert chat_model.batcher.most_rows >= (3 if fast else 4)
+    if fast:
+        shapes = chat_model.batcher._caches
+        assert {rows for rows, _ in shapes} == {1, chat_model.batcher.slots}
+        assert all(isinstance(cache, DecodeCache) for cache in shapes.values())
+    assert steps[0] < 0.5 * steps_alone
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_penalized_answers_decoded_together_are_generates_answers(tokenizer, fast):
+    """Greedy answers decoded together, with and without a repetition penalty (applied to all rows at once): each is
+    the answer generate() gives alone with AnswerRepetitionPenalty (on TiedPhi: "a b a a ..." with 1.1, "a a a ..."
+    without)."""
+    a, b = (tokenizer.convert_tokens_to_ids(t) for t in ("a", "b"))
+    penalized = dataclasses.replace(PENALIZED, max_new_tokens=24)
+    settings = [penalized, dataclasses.replace(penalized, repetition_penalty=1.0), penalized]
+    plain = tied(tokenizer, top=a, runner_up=b, fast=False)
+    expected = [plain.chat_batch([c], g, batch_size=1)[0] for c, g in zip(TOGETHER, settings)]  # generate(), alone
+    assert expected[0].text != expected[1].text  # the penalty changes the answer
+    chat = tied(tokenizer, top=a, runner_up=b, fast=fast)
+    answers = [chat.start(chat.prompt_ids(c, g.max_new_tokens)[0], g) for c, g in zip(TOGETHER, settings)]
+    assert finish(answers) == expected
+    assert chat.batcher.most_rows >= 2
+
+
+def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch):
+    """A short question joins a long conversation's answer, so its slots start late in the shared cache (~570); the
+    long one ends, and the short one goes on alone in the one-row shape, whose cache is sized for what that answer
+    needs: its greedy answer is the one it gets alone. (The one-row cache kept the late slots and was sized without
+    them: the copy into it failed and the client got an error.) Steps are slowed so that the answers overlap."""
+    model = copy.deepcopy(chat_model.model)
+    model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no such history)
+    chat = ChatModel(model, chat_model.tokenizer, fast=False)
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Tell me about city number {i}, please."
+                if i % 2 == 0 else f"City number {i} is a fine city with a river."} for i in range(22)] + [
+        {"role": "user", "content": "What is the capital of France?"}]
+    short = [{"role": "user", "content": "What is the capital of Peru?"}]
+    gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
+    alone = chat.chat(short, gen)
+    ids = chat.prompt_ids(history, 40)[0]
+    assert 500 < len(ids) < 1000 and alone.new_tokens > 6
+    step = chat.batcher.step
+    monkeypatch.setattr(chat.batcher, "step", lambda *a, **k: time.sleep(0.05) or step(*a, **k))
+    first = chat.start(ids, gen)  # a 3-token answer ("2."): over before the short one's
+    second = chat.start(chat.prompt_ids(short, 40)[0], gen)
+    replies = finish([first, second])
+    assert chat.batcher.most_rows == 2 and replies[0].new_tokens < alone.new_tokens
+    assert (replies[1].text, replies[1].new_tokens) == (alone.text, alone.new_tokens)
+
+
+def test_questions_that_arrive_together_are_prefilled_together(chat_model):
+    """Four questions of different lengths arrive while an answer is being written: their prompts go through the
+    model in one forward pass at the next chunk boundary, so the last of them does not wait behind the others'
+    prefill for its first token; each answer is still, exactly, the one it gets alone (fp32)."""
+    chat = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=False)
+    gen = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    alone = [chat.chat(c, gen) for c in TOGETHER[:5]]
+    prefills, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
+    forward = chat.model.forward
+
+    def watched(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:
+            prefills.append(ids.shape[0])  # prompts in this forward pass
+        elif hold.is_set():  # a decode step, held until the others have arrived
+            inside.set()
+            release.wait(30)
+        return forward(*args, **kwargs)
+
+    chat.model.forward = watched
+    first = chat.start(chat.prompt_ids(TOGETHER[0], gen.max_new_tokens)[0], gen)
+    next(iter(first))
+    hold.set()
+    assert inside.wait(30)
+    others = [chat.start(ids, gen) for ids in [chat.prompt_ids(c, gen.max_new_tokens)[0] for c in TOGETHER[1:5]]]
+    hold.clear()
+    release.set()
+    replies = finish([first] + others)
+    assert prefills == [1, 4]
+    assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
+
+
+def test_a_prompt_that_joins_alone_prefilled_padded_to_its_bucket_keeps_its_answer(chat_model, monkeypatch):
+    """On a GPU BatchDecoder prefills a prompt that joins alone through the CUDA graph of its padded length
+    (decoding._PrefillGraph, PREFILL_BUCKETS), captured at load, into a scratch cache its slots are copied out of;
+    several prompts at once go through one eager pass. Eager on the CPU, the same padded prefill: one answer being
+    written, five questions (one a longer multi-turn chat) join it; each greedy answer is exactly (fp32) the one
+    generate() gives alone, and the prompt that came alone went through its bucket."""
+    chat = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
+    batcher = chat.batcher
+    batcher.prefill_graphs = True
+    gen = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    expected = chat_model.chat_batch(TOGETHER, gen, batch_size=1)  # transformers' generate, one at a time
+    prefills, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
+    forward, step = chat.model.forward, batcher.step
+
+    def watched(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefills.append(tuple(kwargs["input_ids"].shape))  # (prompts, padded length) of a prefill pass
+        return forward(*args, **kwargs)
+
+    def held_step(*args, **kwargs):
+        if hold.is_set():  # a decode step, held until the others have arrived
+            inside.set()
+            release.wait(30)
+        return step(*args, **kwargs)
+
+    chat.model.forward = watched
+    monkeypatch.setattr(batcher, "step", held_step)
+    hold.set()
+    first = chat.start(chat.prompt_ids(TOGETHER[0], gen.max_new_tokens)[0], gen)
+    assert inside.wait(30)  # its first decode step: the others arrive while it is being written
+    others = [chat.start(chat.prompt_ids(c, gen.max_new_tokens)[0], gen) for c in TOGETHER[1:]]
+    hold.clear()
+    release.set()
+    replies = finish([first] + others)
+    assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in expected]
+    widest = max(len(chat.prompt_ids(c, gen.max_new_tokens)[0]) for c in TOGETHER[1:])
+    assert prefills == [(1, 64), (5, widest)] and batcher.record["graph_prefills"] == 1
+    assert all(r.text for r in replies) and len({r.text for r in replies}) > 2
+
+
+def test_every_prompt_a_prefill_graph_can_take_is_captured_at_load(chat_model):
+    """Capturing a graph while serving would cost the user who brings a new length two eager prefills: every
+    group a prefill graph takes (one prompt of up to 1,024 tokens) has its bucket among those captured at load,
+    the bucket holds the prompt, and anything else prefills eagerly."""
+    batcher = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True).batcher
+    batcher.prefill_graphs = True  # (on the CPU the graphs are made, their capture is a GPU's)
+    batcher.capture_prefill_graphs()
+    taken = {(prompts, width): batcher.prefill_bucket(prompts, width)
+             for prompts in range(1, batcher.slots + 1) for width in range(1, decoding.PREFILL_BUCKETS[-1] + 2)}
+    assert {bucket for bucket in taken.values() if bucket} == set(batcher._prefills)
+    assert all(bucket is None or bucket >= width for (_, width), bucket in taken.items())
+    assert taken[(1, 140)] == 192 and taken[(1, 1024)] == 1024
+    assert taken[(1, 1025)] is None and taken[(2, 10)] is None  # longer, or several at once: eager
+
+
+def test_sampled_answers_keep_their_seed_in_company(chat_model):
+    gen = GenerationSettings(max_new_tokens=30, temperature=1.0, repetition_penalty=1.3)
+    alone = [finish(start_all(chat_model, [c], gen, seeds=[i]))[0].text for i, c in enumerate(TOGETHER)]
+    together = [r.text for r in finish(start_all(chat_model, TOGETHER, gen, seeds=list(range(len(TOGETHER)))))]
+    assert together == alone and len(set(alone)) > 1
+
+
+def test_cancelling_one_answer_leaves_the_others_alone(tokenizer):
+    chat, messages = endless(tokenizer, fast=False)
+    gen = GenerationSettings(max_new_tokens=60, temperature=0.0)
+    alone = chat.chat(messages, gen).text
+    answers = start_all(chat, [messages] * 4, gen)
+    next(iter(answers[1]))
+    answers[1].cancel()
+    replies = finish(answers)
+    assert replies[1].stop == "cancelled" and replies[1].new_tokens < 60
+    assert [r.text for i, r in enumerate(replies) if i != 1] == [alone] * 3
+
+
+def test_a_failed_prefill_fails_every_answer_it_was_admitting(tokenizer):
+    """An error while prompts are being prefilled (out of memory on a long prompt, say) reaches the clients of those
+    prompts too, not only the ones already decoding: none hangs, and the next request is served."""
+    chat, messages = endless(tokenizer, fast=False)
+    gen = GenerationSettings(max_new_tokens=20, temperature=0.0)
+    alone = chat.chat(messages, gen).text
+    forward = chat.model.forward
+
+    def failing(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    chat.model.forward = failing
+    answers = start_all(chat, [messages] * 3, gen)
+    for answer in answers:
+        errors = []
+
+        def read(answer=answer):
+            try:
+                for _ in answer:
+                    pass
+            except RuntimeError as error:
+                errors.append(error)
+
+        reader = threading.Thread(target=read, daemon=True)  # a client that hangs fails the test, not the run
+        reader.start()
+        reader.join(60)
+        assert not reader.is_alive() and "out of memory" in str(errors[0])
+    chat.model.forward = forward
+    assert chat.chat(messages, gen).text == alone
+
+
+def test_a_failed_step_fails_every_answer_it_held_and_the_next_answer_works(tokenizer):
+    """An error inside the batch loop reaches each waiting client (none hangs), and the next request is served."""
+    chat, messages = endless(tokenizer, fast=False)
+    gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
+    alone = chat.chat(messages, gen).text
+    forward = chat.model.forward
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(*args, **kwargs)
+
+    chat.model.forward = failing
+    answers = start_all(chat, [messages] * 3, gen)
+    for answer in answers:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            for _ in answer:
+                pass
+    assert chat.chat(messages, gen).text == alone
+
+
+SHORT = GenerationSettings(max_new_tokens=24, temperature=0.0)
+OTHERS = [[{"role": "user", "content": q}] for q in ("Hi", "What is the capital of France?", "Name a color.")]
+PERU = [{"role": "user", "content": "What is the capital of Peru?"}]
+
+
+def read(answer, timeout: float = 60):
+    """(text, error) of an answer, read on a thread of its own: a client that hangs fails the test, not the run."""
+    out = {"text": "", "error": None}
+
+    def run():
+        try:
+            for out["text"] in answer:
+                pass
+        except Exception as error:
+            out["error"] = error
+
+    reader = threading.Thread(target=run, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), "the client was left hanging"
+    return out["text"], out["error"]
+
+
+def poisoned(chat_model) -> ChatModel:
+    """The smoke model with the embedding of " Lima" made NaN: a row that writes " Lima" (only the answer about Peru
+    does) gets NaN hidden states, keys, values and scores from its next step on."""
+    model = PhiForCausalLM.from_pretrained(TINY).eval()
+    model.load_state_dict(chat_model.model.state_dict())
+    lima = chat_model.tokenizer(" Lima", add_special_tokens=False)["input_ids"]
+    assert len(lima) == 1
+    with torch.no_grad():
+        model.model.embed_tokens.weight[lima[0]] = float("nan")
+    return ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=4)
+
+
+def test_a_row_whose_scores_go_non_finite_fails_alone_and_leaves_nothing_behind(chat_model):
+    chat = poisoned(chat_model)
+    alone = [chat.chat(c, SHORT).text for c in OTHERS]
+    assert all(alone) and not any("Lima" in a for a in alone)
+    answers = start_all(chat, [PERU] + OTHERS, SHORT)
+    (peru, error), *others = [read(a) for a in answers]
+    assert isinstance(error, RuntimeError) and "not finite" in str(error)  # a clear error to that client alone
+    assert peru == "The capital of Peru is Lima"                            # with the text it had
+    assert [text for text, _ in others] == alone and all(e is None for _, e in others)
+    # The failed row's slots held NaN; the answers that take the rows next are still their alone-answers.
+    again = [read(a) for a in start_all(chat, OTHERS + OTHERS[:1], SHORT)]
+    assert [text for text, _ in again] == alone + alone[:1] and all(e is None for _, e in again)
+
+
+def test_temperatures_below_the_floor_decode_greedily_beside_sampled_rows(chat_model):
+    """1e-300 passes every range check (it is >= 0); dividing the scores by it gave inf, a NaN softmax, and a
+    sampler error that failed every answer in the batch. Below config.MIN_TEMPERATURE, answers are greedy."""
+    greedy = chat_model.chat(PERU, SHORT).text
+    tiny = GenerationSettings(max_new_tokens=24, temperature=1e-300)
+    sampled = GenerationSettings(max_new_tokens=24, temperature=1.0)
+    answers = [chat_model.start(chat_model.prompt_ids(PERU, 24)[0], g, seed=i)
+               for i, g in enumerate([tiny, sampled, tiny, sampled])]
+    results = [read(a) for a in answers]
+    assert all(error is None for _, error in results), results
+    assert results[0][0] == results[2][0] == greedy
+
+
+def test_a_request_that_fits_is_not_held_behind_one_that_does_not(tokenizer):
+    """The rows share one write index: a long prompt (A) cannot join a long-running answer (R) until R has written
+    enough that both fit. A short request that fits and ends before R (B) joins at once instead of waiting behind A;
+    one that would outlast R (C) waits behind A, which joins as soon as it fits: no starvation. (Steps are slowed so
+    that R runs ~3 s.)"""
+    chat, messages = endless(tokenizer, fast=False, delay=0.005)
+    assert chat.context_window == 512
+    running = chat.start(chat.prompt_ids(messages, 420)[0], GenerationSettings(max_new_tokens=420, temperature=0.0))
+    pieces = iter(running)
+    next(pieces)
+    long_question = [{"role": "user", "content": "la " * 150}]
+    events: list[str] = []
+
+    def started(name, answer):
+        def watch():
+            for i, _ in enumerate(answer):
+                if i == 0:
+                    events.append(f"{name} started")
+            events.append(f"{name} ended")
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
+
+    a_ids = chat.prompt_ids(long_question, 60)[0]
+    assert len(a_ids) + 420 > 512  # A does not fit beside R
+    readers = [started("A", chat.start(a_ids, GenerationSettings(max_new_tokens=60, temperature=0.0))),
+               started("B", chat.start(chat.prompt_ids(messages, 3)[0],
+                                       GenerationSettings(max_new_tokens=3, temperature=0.0))),
+               started("C", chat.start(chat.prompt_ids(messages, 450)[0],
+                                       GenerationSettings(max_new_tokens=450, temperature=0.0)))]
+    threading.Thread(target=lambda: [events.append("R ended") for _ in [list(pieces)]], daemon=True).start()
+    for reader in readers:
+        reader.join(120)
+        assert not reader.is_alive()
+    assert events.index("B ended") < events.index("A started")  # B joined at once, not behind A
+    assert events.index("B ended") < events.index("R ended")
+    assert events.index("A started") < events.index("C started")  # C, which would delay A, did not pass it
+
+
+def test_the_queue_is_bounded_and_a_waiting_answer_that_leaves_it_frees_its_place(tokenizer):
+    chat, messages = endless(tokenizer, fast=False, delay=0.01)
+    chat = ChatModel(chat.model, tokenizer, batch_slots=2, max_waiting=1)
+    ids = chat.prompt_ids(messages, 200)[0]
+    gen = GenerationSettings(max_new_tokens=200, temperature=0.0)
+    held = [chat.start(ids, gen) for _ in range(3)]  # two rows and one place in the queue
+    with pytest.raises(Busy) as busy:
+        chat.start(ids, gen)
+    assert busy.value.retry_after >= 1 and "busy" in str(busy.value)
+    held[2].cancel()  # the waiting one leaves: its place is free at once, before any row is
+    replacement = chat.start(ids, GenerationSettings(max_new_tokens=3, temperature=0.0))
+    for answer in held[:2]:
+        answer.cancel()
+    assert read(replacement)[0] == "la la la" and read(held[2]) == ("", None)
+    assert held[2].reply.stop == "cancelled" and held[2].reply.new_tokens == 0  # it never ran
+
+
+def test_shutdown_ends_every_answer_with_an_error_and_refuses_new_ones(tokenizer):
+    chat, messages = endless(tokenizer, fast=False, delay=0.01)
+    chat = ChatModel(chat.model, tokenizer, batch_slots=2)
+    ids = chat.prompt_ids(messages, 300)[0]
+    gen = GenerationSettings(max_new_tokens=300, temperature=0.0)
+    answers = [chat.start(ids, gen) for _ in range(4)]  # two written, two waiting
+    next(iter(answers[0]))
+    chat.shutdown("the server is shutting down")
+    for answer in answers:
+        _, error = read(answer)
+        assert isinstance(error, ShuttingDown) and "shutting down" in str(error)
+    with pytest.raises(ShuttingDown):
+        chat.start(ids, gen)
+    calls = ScriptedPhi.calls
+    time.sleep(0.3)
+    assert ScriptedPhi.calls == calls  # nothing runs on
