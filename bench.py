@@ -311,14 +311,14 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     tokenizer = load_tokenizer(cfg.model)
     from model_utils import load_model_config
     plan = train.decide_training(cfg, choice)  # as train.py decides
-    cfg.training, compiled, autocast = plan.training, plan.compiled, plan.autocast
+    cfg.training = plan.training
     dataset = workload(tiny, load_model_config(cfg.model).vocab_size)
     if cfg.training.packing is False:
         dataset = dataset.map(lambda ex: {k: v[:cfg.data.max_length] for k, v in ex.items()})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model = train.build_model(cfg, choice, compiled, autocast, plan.budget)
-    trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice, compiled, autocast)
+    model = train.build_model(cfg, choice, plan)
+    trainer = train.build_trainer(cfg, model, tokenizer, dataset, None, choice, plan)
 
     marks: dict[int, tuple[float, int]] = {}
     losses: list[float] = []
@@ -383,7 +383,7 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
         "loss_last": losses[-1] if losses else float("nan"), "first_step_s": marks[1][0] - marks[0][0],
         "first_steps_s": marks[warmup][0] - marks[1][0],
         "attention": model.config._attn_implementation, "compiled": bool(trainer.args.torch_compile),
-        "autocast": autocast, "micro_batch": cfg.training.per_device_train_batch_size,
+        "autocast": plan.autocast, "micro_batch": cfg.training.per_device_train_batch_size,
         "accumulation": cfg.training.gradient_accumulation_steps,
         "checkpointing": cfg.training.gradient_checkpointing,
         "config": values,

@@ -119,17 +119,11 @@ def resolve_autocast(requested: str, choice: DeviceChoice) -> bool:
     return requested == "on"
 
 
-def build_model(cfg: Config, choice: DeviceChoice, compiled: bool, autocast: bool = False,
-                budget: tuple[float, str] | None = None):
-    """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer)."""
-    model_config = load_model_config(cfg.model)
-    check_context(model_config, cfg.data.max_length)
-    attn = resolve_attention(cfg.model.attn_implementation, choice, cfg.training.packing, compiled)
+def build_model(cfg: Config, choice: DeviceChoice, plan: TrainingPlan):
+    """Quantize -> prepare for k-bit training -> check adapter targets (peft wraps it inside SFTTrainer), as the plan
+    says (attention kernel, autocast, how the frozen layers multiply)."""
     bnb = build_bnb_config(cfg.quantization, choice.dtype)
-    products, why = resolve_products(cfg.quantization, choice, compiled, fsdp_enabled())
-    logger.info("base %s: quantization %s, attention %s, %s; products %s (%s)", cfg.model.name_or_path,
-                cfg.quantization.mode, attn, "bf16 autocast (fp32 norms, embeddings, residual)" if autocast
-                else f"{choice.name} throughout", products, why)
+    attn, autocast = plan.attention, plan.autocast
     model = load_model(cfg.model, choice, bnb, attn)
     if bnb is not None and (autocast or choice.dtype == torch.float32):
         # Gradient checkpointing is switched on by the Trainer (non-reentrant); here only the k-bit preparation:
@@ -142,10 +136,8 @@ def build_model(cfg: Config, choice: DeviceChoice, compiled: bool, autocast: boo
                 module.bias.data = module.bias.data.to(choice.dtype)
     for p in model.parameters():
         p.requires_grad_(False)  # the base is frozen; peft adds the trainable adapters
-    if products == "fp8":
-        both, why = fp8_layouts(cfg, model_config, choice, autocast, budget)
-        logger.info("fp8 products: %d frozen 4-bit layers, %s (%s)", use_fp8_products(model, both),
-                    "both layouts of each weight" if both else "one layout, transposed in each backward", why)
+    if plan.products == "fp8":
+        logger.info("fp8 products: %d frozen 4-bit layers", use_fp8_products(model, plan.fp8_both_layouts))
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     check_target_modules(model, cfg.lora.target_modules)
     return model
@@ -199,30 +191,35 @@ def fp8_copy_gib(model_config) -> float:
 
 
 def fp8_layouts(cfg: Config, model_config, choice: DeviceChoice, autocast: bool,
-                budget: tuple[float, str] | None = None) -> tuple[bool, str]:
-    """Whether fp8 products keep both layouts of each weight (no transposes in the backward: the speed preset ran
-    45.6k tok/s with both and 45.4k with one, on one H200) or one (1 byte a weight less: Phi-2's 2.3 GiB), and why.
-    Both when the run's estimated peak with them fits the share of the budget the memory plan sizes for."""
-    if choice.device != "cuda":
+                budget: tuple[float, str] | None) -> tuple[bool, str]:
+    """Whether fp8 products keep both layouts of each weight (no transposes in the backward, a little faster:
+    docs/PERFORMANCE.md) or one (1 byte a weight less: Phi-2's 2.3 GiB), and why. Both when the run's estimated peak
+    with them fits the share of the budget the memory plan sizes for."""
+    if choice.device != "cuda" or budget is None:
         return True, "no GPU memory to save"
     t = cfg.training
-    budget, source = budget or memory_budget_gib(t)
+    budget_gib, source = budget
     peak = estimate_peak_gib(model_config, cfg.lora, cfg.data.max_length, t.per_device_train_batch_size,
                              t.gradient_checkpointing, autocast) + 2 * fp8_copy_gib(model_config)
-    fits = peak <= PLAN_HEADROOM * budget
+    fits = peak <= PLAN_HEADROOM * budget_gib
     return fits, (f"estimated peak {peak:.1f} GiB with both {'fits' if fits else 'does not fit'} "
-                  f"{100 * PLAN_HEADROOM:.0f}% of {budget:.1f} GiB, {source}")
+                  f"{100 * PLAN_HEADROOM:.0f}% of {budget_gib:.1f} GiB, {source}")
+
+
+def cap_process_memory(t: TrainingConfig) -> None:
+    """training.memory_budget_gib caps this process on its GPU (a shared GPU); nothing without it."""
+    if t.memory_budget_gib is not None:
+        device = int(os.environ.get("LOCAL_RANK", "0"))
+        total = torch.cuda.mem_get_info(device)[1] / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, t.memory_budget_gib / total), device)
 
 
 def memory_budget_gib(t: TrainingConfig) -> tuple[float, str]:
-    """What this process may use on its GPU, and where the figure comes from. A per-process cap already set
-    (torch.cuda.set_per_process_memory_fraction) counts; memory_budget_gib sets one. What the process already holds
-    counts as free, so the figure after the model is loaded (fp8_layouts) is the one the plan had at start."""
+    """What this process may use on its GPU, and where the figure comes from: the free memory, or less where a
+    per-process cap is set (cap_process_memory). What the process already holds counts as free. Reads only."""
     device = int(os.environ.get("LOCAL_RANK", "0"))
     free, total = (x / 2**30 for x in torch.cuda.mem_get_info(device))
     free = min(total, free + torch.cuda.memory_reserved(device) / 2**30)
-    if t.memory_budget_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, t.memory_budget_gib / total), device)
     cap = torch.cuda.get_per_process_memory_fraction(device) * total
     budget = min(free, cap)
     source = (f"training.memory_budget_gib {t.memory_budget_gib:g}" if t.memory_budget_gib is not None
@@ -230,16 +227,17 @@ def memory_budget_gib(t: TrainingConfig) -> tuple[float, str]:
     return budget, source
 
 
-def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_length: int, model_config,
-                choice: DeviceChoice, budget_gib: float, source: str, autocast: bool = False,
-                quantization: QuantizationConfig | None = None) -> TrainingConfig:
+def plan_memory(cfg: Config, model_config, choice: DeviceChoice, budget: tuple[float, str],
+                autocast: bool = False) -> TrainingConfig:
     """Micro-batch, accumulation and gradient checkpointing for this GPU, where the config leaves them unset.
 
     Keeps micro-batch x accumulation (the optimizer's batch). Prefers no checkpointing (torch.compile then switches
     on; 2x the tokens/s on an H200) with the largest micro-batch up to 16k tokens that fits, as long as it holds at
     least 8k tokens; else checkpointing with the largest that fits. Logged once with the estimate and the budget it
     was sized for."""
-    free_keys = [k for k in PLANNED if f"training.{k}" not in explicit]
+    t, lora, max_length, quantization = cfg.training, cfg.lora, cfg.data.max_length, cfg.quantization
+    budget_gib, source = budget
+    free_keys = [k for k in PLANNED if f"training.{k}" not in cfg.explicit]
     if t.memory_plan == "off" or choice.device != "cuda" or not free_keys:
         return t
     if fsdp_enabled():
@@ -259,7 +257,7 @@ def plan_memory(t: TrainingConfig, lora: LoraSettings, explicit: set[str], max_l
     def estimate(ckpt: bool, micro: int) -> float:
         # Checkpointing decides compilation, which decides whether auto's products are fp8 (their weight copy).
         compiled = resolve_compile(t.torch_compile, choice, ckpt, log=False)
-        fp8 = quantization is not None and resolve_products(quantization, choice, compiled, False)[0] == "fp8"
+        fp8 = resolve_products(quantization, choice, compiled, False)[0] == "fp8"
         return (estimate_peak_gib(model_config, lora, max_length, micro, ckpt, autocast, fp32)
                 + (fp8_copy_gib(model_config) if fp8 else 0.0))
 
@@ -307,11 +305,26 @@ def resumed_plan(t: TrainingConfig, explicit: set[str]) -> TrainingConfig | None
 
 @dataclasses.dataclass
 class TrainingPlan:
-    """What decide_training chose, once, for every process of the run alike."""
-    training: TrainingConfig             # with the memory plan's micro-batch, accumulation, checkpointing, optimizer
-    compiled: bool
+    """Every choice the GPU and the config make for a run, made once before the model loads (decide_training),
+    logged once, kept in run.json and passed down; the same on every process of a multi-process run."""
+    training: TrainingConfig         # with the memory plan's micro-batch, accumulation, checkpointing; the optimizer
+    model_config: object             # the base's config, read once
+    attention: str
     autocast: bool
-    budget: tuple[float, str] | None     # the GPU memory the plan sized for, and where it comes from; None on the CPU
+    compiled: bool
+    products: str                    # how the frozen 4-bit layers multiply: "fp8" or "dequantized"
+    fp8_both_layouts: bool           # fp8 products: both layouts of each weight kept (no transposes in the backward)
+    budget: tuple[float, str] | None  # the GPU memory the plan sized for, and where it comes from; None on the CPU
+
+    def record(self) -> dict:
+        """What run.json keeps of the plan."""
+        t = self.training
+        return {"attention": self.attention, "autocast": self.autocast, "compiled": self.compiled,
+                "products": self.products, "fp8_both_layouts": self.fp8_both_layouts if self.products == "fp8"
+                else None, "micro_batch": t.per_device_train_batch_size,
+                "accumulation": t.gradient_accumulation_steps, "gradient_checkpointing": t.gradient_checkpointing,
+                "optimizer": t.optim, "budget_gib": None if self.budget is None else round(self.budget[0], 2),
+                "budget_source": None if self.budget is None else self.budget[1]}
 
 
 def shared_budget(budget: float, source: str) -> tuple[float, str]:
@@ -331,21 +344,33 @@ def shared_budget(budget: float, source: str) -> tuple[float, str]:
 
 
 def decide_training(cfg: Config, choice: DeviceChoice, resume: bool = False) -> TrainingPlan:
-    """The training settings this GPU gets, decided once: precision, the memory plan (on --resume the interrupted
-    run's; with several processes, for the smallest budget among them), then compilation, which follows from
-    checkpointing."""
+    """The plan this GPU gets, decided once: precision, the memory plan (on --resume the interrupted run's; with
+    several processes, for the smallest budget among them), the optimizer, compilation (which follows from
+    checkpointing), the attention kernel and how the frozen 4-bit layers multiply; each choice logged once, with
+    its reason."""
     t = cfg.training
+    model_config = load_model_config(cfg.model)
+    check_context(model_config, cfg.data.max_length)
     autocast = resolve_autocast(t.autocast, choice)
     budget = None
     if choice.device == "cuda":
+        cap_process_memory(t)
         budget = shared_budget(*memory_budget_gib(t))
-        t = (resume and resumed_plan(t, cfg.explicit)) or plan_memory(
-            t, cfg.lora, cfg.explicit, cfg.data.max_length, load_model_config(cfg.model), choice, *budget,
-            autocast=autocast, quantization=cfg.quantization)
-    if t.optim == "auto":
-        t = dataclasses.replace(t, optim=resolve_optim(t.optim, choice, t.gradient_checkpointing))
+        planned = dataclasses.replace(cfg, training=t)
+        t = (resume and resumed_plan(t, cfg.explicit)) or plan_memory(planned, model_config, choice, budget, autocast)
+    t = dataclasses.replace(t, optim=resolve_optim(t.optim, choice, t.gradient_checkpointing))
+    if cfg.training.optim == "auto":
         logger.info("optimizer: %s (training.optim auto: %s)", t.optim, OPTIM_REASONS[t.optim])
-    return TrainingPlan(t, resolve_compile(t.torch_compile, choice, t.gradient_checkpointing), autocast, budget)
+    compiled = resolve_compile(t.torch_compile, choice, t.gradient_checkpointing)
+    attention = resolve_attention(cfg.model.attn_implementation, choice, t.packing, compiled)
+    products, products_why = resolve_products(cfg.quantization, choice, compiled, fsdp_enabled())
+    both, layouts_why = fp8_layouts(dataclasses.replace(cfg, training=t), model_config, choice, autocast, budget)
+    logger.info("base %s: quantization %s, attention %s, %s; products %s (%s)%s", cfg.model.name_or_path,
+                cfg.quantization.mode, attention, "bf16 autocast (fp32 norms, embeddings, residual)" if autocast
+                else f"{choice.name} throughout", products, products_why,
+                f"; fp8 {'both layouts of each weight' if both else 'one layout, transposed in each backward'} "
+                f"({layouts_why})" if products == "fp8" else "")
+    return TrainingPlan(t, model_config, attention, autocast, compiled, products, both, budget)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,7 +411,7 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=resolve_optim(t.optim, choice, t.gradient_checkpointing),
+        optim=t.optim,  # resolved in the plan
         bf16=autocast,  # accelerate's bf16 mixed precision is autocast; plain bf16 needs none
         fp16=False,
         use_cpu=choice.device == "cpu",
@@ -590,7 +615,11 @@ class SFTTrainerMetricsOnDevice(SFTTrainer):
     (the same formula, over the same fused LM head outputs), the metrics are the same per-micro-batch values averaged
     the same way, but they stay tensors until `log`, which reads them all at once every `logging_steps`. Any
     loss this formula does not cover (a custom `compute_loss_func`, label smoothing, DFT, an MoE auxiliary loss,
-    sequence parallelism, `return_outputs`) goes through trl's own `compute_loss` unchanged."""
+    sequence parallelism, `return_outputs`) goes through trl's own `compute_loss` unchanged.
+
+    It relies on trl 1.16's private `_metrics`, `_total_train_tokens` and `_tp_size` (there is no public hook for the
+    metrics): tests/test_train.py::test_metrics_kept_on_the_device_log_what_trl_logs trains with this class and with
+    trl's own and compares every logged value, so a trl that changes them fails there, not silently in a run."""
 
     _pending_tokens: torch.Tensor | None = None  # tokens counted on the device since the last log line
 
@@ -665,14 +694,15 @@ class SFTTrainerMetricsOnDevice(SFTTrainer):
 
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: DeviceChoice,
-                  compiled: bool, autocast: bool = False) -> SFTTrainer:
-    args = build_sft_config(cfg.training, cfg.data.max_length, choice, compiled, has_eval=eval_ds is not None,
-                            autocast=autocast)
+                  plan: TrainingPlan) -> SFTTrainer:
+    t, compiled = plan.training, plan.compiled
+    args = build_sft_config(t, cfg.data.max_length, choice, compiled, has_eval=eval_ds is not None,
+                            autocast=plan.autocast)
     if compiled:
         # Regional compilation: accelerate compiles each repeated block (Phi's 32 decoder layers share one compiled
         # graph) and the rest separately. transformers' arguments have no switch for it; accelerate reads this
         # variable when the Trainer builds its accelerator (it is what `accelerate config` writes).
-        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = str(cfg.training.compile_scope == "regions")
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = str(t.compile_scope == "regions")
         # Dropout in compiled layers. Inductor draws one Philox number per element inside its fused kernels (one at
         # a time in a reduction kernel such as the layer norm whose output feeds q/k/v/fc1); ATen's dropout kernel
         # draws four at once. With the adapter's dropout ATen's is faster (the default at 80 GiB on an H200: 33,902
@@ -707,7 +737,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
     logger.info("effective batch: %d sequences/step = %d micro-batch x %d accumulation x %d process(es)%s",
                 args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
                 args.per_device_train_batch_size, args.gradient_accumulation_steps, world,
-                " (packed sequences of up to %d tokens)" % cfg.data.max_length if cfg.training.packing else "")
+                " (packed sequences of up to %d tokens)" % cfg.data.max_length if t.packing else "")
     return trainer
 
 
@@ -792,7 +822,7 @@ def save_fsdp_adapter(model, tokenizer, folder: Path, main_process: bool) -> Non
 
 
 def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoice,
-               clock: PhaseClock | None = None) -> Path:
+               clock: PhaseClock | None = None, plan: TrainingPlan | None = None) -> Path:
     """Adapter, tokenizer, config, data counts, loss curve and model card, swapped into place atomically."""
     out = Path(cfg.training.output_dir)
     final, tmp = out / FINAL_DIR, out / f"{FINAL_DIR}.tmp"
@@ -815,6 +845,8 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
     history = trainer.state.log_history
     (tmp / "log_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
     run = {"compute": choice.reason, "products": products_used(trainer.model)}
+    if plan is not None:
+        run["plan"] = plan.record()
     if clock is not None:
         clock.mark("saved")  # the adapter and tokenizer are written; the rest is small records
         run["timing"] = clock.summary()
@@ -885,15 +917,15 @@ def main(argv: list[str] | None = None) -> int:
         choice = decide_device_dtype(cfg.model.dtype)
         check_fsdp(cfg.quantization, choice)
         plan = decide_training(cfg, choice, resume=args.resume)
-        cfg.training, compiled, autocast = plan.training, plan.compiled, plan.autocast
+        cfg.training = plan.training
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
-                    f"on ({cfg.training.compile_scope})" if compiled else "off")
+                    f"on ({cfg.training.compile_scope})" if plan.compiled else "off")
         tokenizer = load_tokenizer(cfg.model)
         train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
         clock.mark("data")
-        model = build_model(cfg, choice, compiled, autocast, plan.budget)
+        model = build_model(cfg, choice, plan)
         clock.mark("model")
-        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, compiled, autocast)
+        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, plan)
         trainer.add_callback(clock)
         clock.mark("trainer")
         if trainer.is_world_process_zero():
@@ -915,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     final_evaluation(trainer)
     clock.mark("final_eval")
-    final = save_final(trainer, cfg, stats, choice, clock)
+    final = save_final(trainer, cfg, stats, choice, clock, plan)
     if trainer.is_world_process_zero():
         logger.info("adapter saved to %s (chat with: python inference.py --config <same config> --chat)", final)
     return 0

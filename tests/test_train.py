@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data_utils as du
 import train
-from config import DataConfig, GenerationSettings, parse_config
+from config import (Config, DataConfig, GenerationSettings, LoraSettings, QuantizationConfig, TrainingConfig,
+                    parse_config)
 from evaluate import answer_loss
 from model_utils import VARLEN, decide_device_dtype, register_varlen_attention, resolve_attention
 from conftest import ROOT, TINY, run_script
@@ -65,8 +66,9 @@ def packed_trainer(tokenizer):
                            "--data.max_length", "96"])
     choice = decide_device_dtype(cfg.model.dtype, cuda_available=False)
     train_ds, _, _ = train.prepare_data(cfg.data, tokenizer)
-    trainer = train.build_trainer(cfg, train.build_model(cfg, choice, compiled=False), tokenizer,
-                                  train_ds.select(range(24)), None, choice, compiled=False)
+    plan = train.decide_training(cfg, choice)
+    trainer = train.build_trainer(cfg, train.build_model(cfg, choice, plan), tokenizer,
+                                  train_ds.select(range(24)), None, choice, plan)
     return cfg, choice, trainer
 
 
@@ -213,6 +215,15 @@ def test_fsdp_setups_that_cannot_work_are_refused_with_every_reason(monkeypatch)
     train.check_fsdp(QuantizationConfig(mode="nf4", storage="uint8"), DeviceChoice("cpu", torch.float32, "test"))
 
 
+def planning(t: TrainingConfig, lora: LoraSettings | None = None, explicit: set[str] = frozenset(),
+             quantization=None) -> Config:
+    """The config plan_memory reads: these training and LoRA settings, 2048-token rows, these keys set by the user."""
+    cfg = Config(training=t, lora=lora or LoraSettings(), data=DataConfig(max_length=2048),
+                 quantization=quantization or QuantizationConfig())
+    cfg.explicit = set(explicit)
+    return cfg
+
+
 def _phi2_shape():
     from transformers import PhiConfig
 
@@ -230,12 +241,12 @@ def _phi2_shape():
 def test_memory_plan_fills_unset_values_from_the_budget(budget, dropout, dtype, expected, caplog):
     """`python train.py` on a GPU: micro-batch, accumulation and checkpointing come from the memory budget, the
     optimizer's batch (micro x accumulation = 16 rows) stays, and the choice is logged with its estimate."""
-    from config import LoraSettings, TrainingConfig
+    from config import TrainingConfig
     from model_utils import DeviceChoice
     gpu = DeviceChoice("cuda", dtype, "test")
     with caplog.at_level("INFO", logger="train"):
-        t = train.plan_memory(TrainingConfig(), LoraSettings(dropout=dropout), set(), 2048, _phi2_shape(), gpu,
-                              budget, "test budget")
+        t = train.plan_memory(planning(TrainingConfig(), LoraSettings(dropout=dropout)), _phi2_shape(), gpu,
+                              (budget, "test budget"))
     got = (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing)
     assert got == expected
     assert got[0] * got[1] == 16
@@ -258,8 +269,8 @@ def test_fp8_products_on_an_fp8_gpu_are_planned_with_their_weight_copies(preset,
     h200 = DeviceChoice("cuda", torch.bfloat16, "test", (9, 0))
     cfg, _ = parse_config(["--config", str(ROOT / preset)])
     with caplog.at_level("INFO", logger="train"):
-        t = train.plan_memory(cfg.training, cfg.lora, cfg.explicit, 2048, _phi2_shape(), h200, budget, "test budget",
-                              quantization=cfg.quantization)
+        t = train.plan_memory(planning(cfg.training, cfg.lora, cfg.explicit, cfg.quantization), _phi2_shape(),
+                              h200, (budget, "test budget"))
     assert (t.per_device_train_batch_size, t.gradient_checkpointing) == (8, False)
     planned = preset.endswith("phi2-oasst1.yaml")  # the speed preset sets every value the plan would choose
     assert ("memory plan" in caplog.text) == planned
@@ -273,38 +284,36 @@ def test_fp8_products_on_an_fp8_gpu_are_planned_with_their_weight_copies(preset,
 
 
 def test_memory_plan_keeps_what_the_user_set():
-    from config import LoraSettings, TrainingConfig
+    from config import TrainingConfig
     from model_utils import DeviceChoice
     gpu = DeviceChoice("cuda", torch.bfloat16, "test")
     t = TrainingConfig(per_device_train_batch_size=2, gradient_accumulation_steps=8)
-    kept = train.plan_memory(t, LoraSettings(), {"training.per_device_train_batch_size",
-                                                 "training.gradient_accumulation_steps"}, 2048, _phi2_shape(), gpu,
-                             79.0, "test")
+    kept = train.plan_memory(planning(t, explicit={"training.per_device_train_batch_size",
+                                                   "training.gradient_accumulation_steps"}), _phi2_shape(), gpu,
+                             (79.0, "test"))
     assert (kept.per_device_train_batch_size, kept.gradient_accumulation_steps, kept.gradient_checkpointing) == \
         (2, 8, False)  # only checkpointing was left to the plan
-    assert train.plan_memory(TrainingConfig(memory_plan="off"), LoraSettings(), set(), 2048, _phi2_shape(), gpu,
-                             79.0, "test") == TrainingConfig(memory_plan="off")
+    assert train.plan_memory(planning(TrainingConfig(memory_plan="off")), _phi2_shape(), gpu,
+                             (79.0, "test")) == TrainingConfig(memory_plan="off")
     cpu = decide_device_dtype("auto", cuda_available=False)
-    assert train.plan_memory(TrainingConfig(), LoraSettings(), set(), 2048, _phi2_shape(), cpu, 79.0,
-                             "test") == TrainingConfig()
+    assert train.plan_memory(planning(TrainingConfig()), _phi2_shape(), cpu, (79.0, "test")) == TrainingConfig()
 
 
 def test_memory_plan_stays_out_of_fsdp(monkeypatch):
     """Under FSDP the plan's one-process estimates do not apply: the config's values stay (FSDP was measured with
     configs/phi2-fsdp.yaml's)."""
-    from config import LoraSettings, TrainingConfig
+    from config import TrainingConfig
     from model_utils import DeviceChoice
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     gpu = DeviceChoice("cuda", torch.bfloat16, "test")
-    assert train.plan_memory(TrainingConfig(), LoraSettings(), set(), 2048, _phi2_shape(), gpu, 79.0,
-                             "test") == TrainingConfig()
+    assert train.plan_memory(planning(TrainingConfig()), _phi2_shape(), gpu, (79.0, "test")) == TrainingConfig()
 
 
 def test_too_small_a_budget_warns_with_the_fix(caplog):
-    from config import LoraSettings, TrainingConfig
+    from config import TrainingConfig
     from model_utils import DeviceChoice
     gpu = DeviceChoice("cuda", torch.bfloat16, "test")
-    t = train.plan_memory(TrainingConfig(), LoraSettings(), set(), 2048, _phi2_shape(), gpu, 3.0, "test")
+    t = train.plan_memory(planning(TrainingConfig()), _phi2_shape(), gpu, (3.0, "test"))
     assert (t.per_device_train_batch_size, t.gradient_checkpointing) == (1, True)
     assert "expect running out of memory" in caplog.text and "phi2-lowmem.yaml" in caplog.text
 
