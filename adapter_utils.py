@@ -11,10 +11,11 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 
 from config import LoraSettings
+from data_utils import turn_prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +118,38 @@ def check_adapter_fits(adapter_dir: str | Path, base_name: str, model: torch.nn.
             if want != got:
                 raise AdapterError(f"the adapter in {adapter_dir} (trained on {trained_on!r}) does not fit the base "
                                    f"{base_name!r}: {name} has {got} features in the adapter but {want} in the base")
+
+
+# The merge check: merged and unmerged fp32 logits may differ only by rounding. Both compute the same sums in another
+# order (W x + B A x vs (W + B A) x), and fp32 keeps ~7 significant digits (reordering Phi-2's layers moved fp32
+# logits by about a tenth of this: docs/PERFORMANCE.md). A broken merge is far above it: bf16 rounding alone is ~40x
+# more, a non-finite adapter weight gives NaN.
+MERGE_TOLERANCE = 1e-4
+
+
+def probe_ids(tokenizer) -> torch.Tensor:
+    text = turn_prompt_text("What is a good way to learn a new language?", first=True)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def merge_adapter(base, adapter_dir: str | Path, tokenizer) -> tuple[torch.nn.Module, float]:
+    """Attach + merge; returns (merged model, max |logit difference| vs the unmerged PeftModel on a probe).
+
+    Raises AdapterError when the difference is more than rounding (MERGE_TOLERANCE of the largest |logit|) or not
+    finite: the merged model would not be the model that was trained."""
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    peft_model.eval()
+    probe = probe_ids(tokenizer).to(base.device)
+    with torch.inference_mode():
+        before = peft_model(probe).logits.float()
+        merged = peft_model.merge_and_unload()
+        after = merged(probe).logits.float()
+    diff = float((before - after).abs().max())
+    allowed = MERGE_TOLERANCE * max(1.0, float(before.abs().max()))
+    if not diff <= allowed:  # NaN fails too
+        raise AdapterError(
+            f"merging the adapter in {adapter_dir} changed the model's output: max |logit difference| merged vs "
+            f"unmerged is {diff:.3g} on a probe, above the rounding tolerance {allowed:.3g} ({MERGE_TOLERANCE:g} of "
+            "the largest |logit|). The adapter holds non-finite or corrupt weights, or does not belong to this base. "
+            "Use an earlier checkpoint (--inference.adapter <output_dir>/checkpoint-<step>) or retrain")
+    return merged, diff

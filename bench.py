@@ -122,9 +122,8 @@ def make_random_phi2(path: Path) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = PhiForCausalLM(PhiConfig(**PHI2_CONFIG)).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
-    from config import ModelConfig
     from model_utils import load_tokenizer
-    load_tokenizer(ModelConfig(name_or_path=str(TINY_MODEL))).save_pretrained(path)  # a whole model folder
+    load_tokenizer(TINY_MODEL).save_pretrained(path)  # a whole model folder
     del model
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -308,7 +307,7 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
         raise SystemExit(str(e)) from None
     cfg.explicit = {f"{section}.{key}" for section, keys in values.items() for key in keys}
     choice = decide_device_dtype(cfg.model.dtype)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision)
     from model_utils import load_model_config
     plan = train.decide_training(cfg, choice)  # as train.py decides
     cfg.training = plan.training

@@ -25,7 +25,6 @@ to load one.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import sys
@@ -36,39 +35,36 @@ from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import torch
-from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
-from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, read_adapter_config
+from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, merge_adapter, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
-from data_utils import HUMAN, Message, PromptTooLong, encode_prompt, turn_prompt_text
+from data_utils import HUMAN, Message, PromptTooLong, encode_prompt
 from batching import BatchDecoder
 from decoding import FastDecoder, penalty_processors
-from model_utils import DTYPE_NAMES, ModelLoadError, load_tokenizer, local_or_hub, readable_by_transformers_4
+from model_utils import DTYPE_NAMES, ModelLoadError, load_model, load_tokenizer, readable_by_transformers_4
 
 logger = logging.getLogger("inference")
 
-# Every generate call of every ChatModel runs on one thread. The fast path's CUDA graphs (inductor's cudagraph trees)
-# work only in the thread that set them up, so a second model with its own thread (evaluate.py compares the base and
-# the fine-tuned model) failed in its first step on a GPU; and requests take turns on the GPU (the app's queue holds
-# the rest). It is made on first use: nothing starts at import.
-_GENERATION_THREAD: ThreadPoolExecutor | None = None
-_GENERATION_THREAD_LOCK = threading.Lock()
-# The merge check: merged and unmerged fp32 logits may differ only by rounding. Both compute the same sums in another
-# order (W x + B A x vs (W + B A) x); fp32 keeps ~7 significant digits, and reordering Phi-2's layers changed fp32
-# logits by 1e-5 on an H200 (docs/PERFORMANCE.md, fused vs unfused). 1e-4 of the largest |logit| leaves 10x headroom,
-# while a broken merge is far above it: bf16 rounding alone is ~4e-3, a non-finite adapter weight gives NaN.
-MERGE_TOLERANCE = 1e-4
+class _OneThread:
+    """Every generate call of every ChatModel runs on one thread. The fast path's CUDA graphs (inductor's cudagraph
+    trees) work only in the thread that set them up, so a second model with its own thread (evaluate.py compares
+    the base and the fine-tuned model) failed in its first step on a GPU; and requests take turns on the GPU (the
+    app's queue holds the rest). The thread is started on first use: nothing starts at import."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __call__(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+            return self._executor
 
 
-def generation_thread() -> ThreadPoolExecutor:
-    """The one thread every generation runs on."""
-    global _GENERATION_THREAD
-    with _GENERATION_THREAD_LOCK:
-        if _GENERATION_THREAD is None:
-            _GENERATION_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        return _GENERATION_THREAD
+generation_thread = _OneThread()  # generation_thread(): the one thread every generation runs on
 
 
 @dataclass
@@ -443,34 +439,6 @@ class AnswerStream:
             raise state["error"]
 
 
-def probe_ids(tokenizer) -> torch.Tensor:
-    text = turn_prompt_text("What is a good way to learn a new language?", first=True)
-    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-
-
-def merge_adapter(base, adapter_dir: str | Path, tokenizer) -> tuple[torch.nn.Module, float]:
-    """Attach + merge; returns (merged model, max |logit difference| vs the unmerged PeftModel on a probe).
-
-    Raises AdapterError when the difference is more than rounding (MERGE_TOLERANCE of the largest |logit|) or not
-    finite: the merged model would not be the model that was trained."""
-    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
-    peft_model.eval()
-    probe = probe_ids(tokenizer).to(base.device)
-    with torch.inference_mode():
-        before = peft_model(probe).logits.float()
-        merged = peft_model.merge_and_unload()
-        after = merged(probe).logits.float()
-    diff = float((before - after).abs().max())
-    allowed = MERGE_TOLERANCE * max(1.0, float(before.abs().max()))
-    if not diff <= allowed:  # NaN fails too
-        raise AdapterError(
-            f"merging the adapter in {adapter_dir} changed the model's output: max |logit difference| merged vs "
-            f"unmerged is {diff:.3g} on a probe, above the rounding tolerance {allowed:.3g} ({MERGE_TOLERANCE:g} of "
-            "the largest |logit|). The adapter holds non-finite or corrupt weights, or does not belong to this base. "
-            "Use an earlier checkpoint (--inference.adapter <output_dir>/checkpoint-<step>) or retrain")
-    return merged, diff
-
-
 def resolve_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("inference.device cuda was requested but no CUDA GPU is visible; use auto or cpu")
@@ -485,14 +453,8 @@ def load_model_folder(name_or_path: str, cfg: Config, tokenizer=None) -> ChatMod
     """A whole model (a --save-merged folder, or a base alone) in inference.dtype on inference.device."""
     device = resolve_device(cfg.inference.device)
     if tokenizer is None:
-        tokenizer = load_tokenizer(dataclasses.replace(cfg.model, name_or_path=name_or_path, tokenizer=None))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            local_or_hub(name_or_path), revision=cfg.model.revision, dtype=DTYPE_NAMES[cfg.inference.dtype],
-            use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code).to(device)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the model {name_or_path!r}: {e}. Without network access, pass a local "
-                             "folder") from e
+        tokenizer = load_tokenizer(name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    model = load_model(name_or_path, cfg.model, DTYPE_NAMES[cfg.inference.dtype], device)
     return _serving(model, tokenizer, cfg, device, name_or_path)
 
 
@@ -525,17 +487,11 @@ def _merge_for_chat(cfg: Config, allow_pickle: bool, device: str) -> ChatModel:
     adapter_config = read_adapter_config(adapter_dir, allow_pickle=allow_pickle)
     base_name = trained_base(cfg, adapter_config)
     check_adapter_base(adapter_dir, base_name, adapter_config)
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(dataclasses.replace(
-        cfg.model, name_or_path=base_name, tokenizer=str(tokenizer_source or cfg.model.tokenizer or base_name)))
-    try:
-        base = AutoModelForCausalLM.from_pretrained(local_or_hub(base_name), revision=cfg.model.revision,
-                                                    dtype=torch.float32,
-                                                    trust_remote_code=cfg.model.trust_remote_code,
-                                                    use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the base model {base_name!r}: {e}. Without network access, pass "
-                             "--model.name_or_path <local folder>") from e
+    # the adapter's own tokenizer (saved with it), else the configured one, else the base's
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else \
+        cfg.model.tokenizer or base_name
+    tokenizer = load_tokenizer(tokenizer_source, cfg.model.revision, cfg.model.trust_remote_code)
+    base = load_model(base_name, cfg.model, torch.float32)  # fp32, on the CPU: merged there, moved after
     check_adapter_fits(adapter_dir, base_name, base, adapter_config)
     merged, diff = merge_adapter(base, adapter_dir, tokenizer)
     logger.info("merged %s into %s (fp32); max |logit diff| merged vs unmerged on a probe: %.2e",

@@ -213,13 +213,14 @@ def local_or_hub(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer, with the repo's chat template: every tokenizer the repo saves (adapter, checkpoints, merged
-    model) then prompts other tools (transformers' pipeline, vLLM, TGI, chat UIs) in the training format."""
-    source = local_or_hub(cfg.tokenizer or cfg.name_or_path)
+def load_tokenizer(source: str | Path, revision: str | None = None, trust_remote_code: bool = False
+                   ) -> PreTrainedTokenizerBase:
+    """The tokenizer of a folder or Hub id (a model's, an adapter's), with the repo's chat template: every tokenizer
+    the repo saves (adapter, checkpoints, merged model) then prompts other tools (transformers' pipeline, vLLM, TGI,
+    chat UIs) in the training format."""
+    source = local_or_hub(str(source))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
-                                                  trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_load_hint("tokenizer", source, e)) from e
     if tokenizer.eos_token_id is None:
@@ -231,8 +232,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def _load_hint(what: str, source: str, error: Exception) -> str:
-    return (f"could not load the {what} {source!r}: {type(error).__name__}: {error}. If this machine has no network, "
-            "set model.name_or_path to a local folder with the weights (e.g. data/tiny-phi for the smoke run)")
+    """The one error every failed load gives: what, why, and how to work offline."""
+    return (f"could not load the {what} {source!r}: {type(error).__name__}: {error}. Without network access, point "
+            "at a local folder: --model.name_or_path for the base model (data/tiny-phi for the smoke run), "
+            "--inference.model for a merged model, --inference.adapter for an adapter")
 
 
 def load_model_config(cfg: ModelConfig):
@@ -255,29 +258,23 @@ def fsdp_enabled() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
-def load_model(cfg: ModelConfig, choice: DeviceChoice, bnb_config: BitsAndBytesConfig | None,
-               attn_implementation: str, dtype: torch.dtype | None = None):
-    """The base model on this process's device: quantized when bnb_config is set, else in `dtype`."""
-    state = PartialState()
-    # One full 4-bit copy per process, on that process's own GPU; under FSDP accelerate then shards it (2.7B in 4-bit
-    # is ~1.8 GB, and accelerate cannot load bitsandbytes weights on rank 0 only).
-    device_map = {"": state.local_process_index} if choice.device == "cuda" else {"": "cpu"}
+def load_model(source: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
+               bnb_config: BitsAndBytesConfig | None = None, attn_implementation: str | None = None):
+    """Any model folder or Hub id, the one way every entry point loads one: the base quantized for training
+    (bnb_config), a base in fp32 to merge an adapter into, or a merged model in the serving dtype. On "cuda", one
+    whole copy on this process's own GPU (under FSDP accelerate then shards it: it cannot load bitsandbytes weights
+    on one rank only). cfg: the revision and trust_remote_code. Safetensors only."""
+    device_map = {"": PartialState().local_process_index} if device == "cuda" else {"": "cpu"}
     if attn_implementation == VARLEN:
         register_varlen_attention()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            local_or_hub(cfg.name_or_path),
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype or choice.dtype,
-            quantization_config=bnb_config,
-            attn_implementation=attn_implementation,
-            device_map=device_map,
-            use_safetensors=True,
-        )
+            local_or_hub(str(source)), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+            quantization_config=bnb_config, attn_implementation=attn_implementation, device_map=device_map,
+            use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(_load_hint("model", cfg.name_or_path, e)) from e
-    if choice.device == "cpu" and bnb_config is not None:
+        raise ModelLoadError(_load_hint("model", str(source), e)) from e
+    if device == "cpu" and bnb_config is not None:
         # bitsandbytes 0.50.2 repacks 4-bit CPU weights for an inference-only kernel on the first forward in eval
         # mode (a mid-training evaluation); the next training step then fails on that kernel's in-place bias add.
         for module in model.modules():

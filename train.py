@@ -124,7 +124,8 @@ def build_model(cfg: Config, choice: DeviceChoice, plan: TrainingPlan):
     says (attention kernel, autocast, how the frozen layers multiply)."""
     bnb = build_bnb_config(cfg.quantization, choice.dtype)
     attn, autocast = plan.attention, plan.autocast
-    model = load_model(cfg.model, choice, bnb, attn)
+    logger.info("loading the base %s", cfg.model.name_or_path)
+    model = load_model(cfg.model.name_or_path, cfg.model, choice.dtype, choice.device, bnb, attn)
     if bnb is not None and (autocast or choice.dtype == torch.float32):
         # Gradient checkpointing is switched on by the Trainer (non-reentrant); here only the k-bit preparation:
         # frozen base, every weight that is not 4-bit in fp32.
@@ -920,7 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.training = plan.training
         logger.info("compute: %s %s (%s); torch.compile %s", choice.device, choice.name, choice.reason,
                     f"on ({cfg.training.compile_scope})" if plan.compiled else "off")
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
+                                   cfg.model.trust_remote_code)
         train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
         clock.mark("data")
         model = build_model(cfg, choice, plan)

@@ -32,9 +32,8 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: int = 600, check: bool = T
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from config import ModelConfig
     from model_utils import load_tokenizer
-    return load_tokenizer(ModelConfig(name_or_path=str(TINY)))
+    return load_tokenizer(TINY)
 
 
 @pytest.fixture(scope="session")

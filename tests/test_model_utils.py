@@ -68,7 +68,7 @@ def test_context_window_check():
 
 
 def test_tokenizer_gets_a_pad_token():
-    tok = load_tokenizer(ModelConfig(name_or_path=str(TINY)))
+    tok = load_tokenizer(TINY)
     assert tok.pad_token_id == tok.eos_token_id
 
 

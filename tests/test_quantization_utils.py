@@ -27,8 +27,9 @@ def test_builder_modes():
 def test_real_nf4_on_cpu_quantizes_the_linear_layers_and_stays_close():
     choice = decide_device_dtype("auto", cuda_available=False)
     cfg = ModelConfig(name_or_path=str(TINY))
-    q = load_model(cfg, choice, build_bnb_config(QuantizationConfig(), choice.dtype), "sdpa")
-    full = load_model(cfg, choice, None, "sdpa")
+    q = load_model(cfg.name_or_path, cfg, choice.dtype, choice.device,
+                   build_bnb_config(QuantizationConfig(), choice.dtype), "sdpa")
+    full = load_model(cfg.name_or_path, cfg, choice.dtype, choice.device, None, "sdpa")
     linear4 = [n for n, mod in q.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
     assert len(linear4) == 2 * 6  # q, k, v, dense, fc1, fc2 in each of the 2 layers; lm_head stays full precision
     layer = q.model.layers[0].mlp.fc1
@@ -45,7 +46,7 @@ def test_built_config_is_what_transformers_loads_and_records():
     """The model loaded with the built config is 4-bit NF4 with double-quantized scales computing in the chosen
     dtype, and its saved config records exactly that (what a later load of a checkpoint reads)."""
     choice = decide_device_dtype("auto", cuda_available=False)
-    q = load_model(ModelConfig(name_or_path=str(TINY)), choice, build_bnb_config(QuantizationConfig(), choice.dtype),
+    q = load_model(TINY, ModelConfig(), choice.dtype, choice.device, build_bnb_config(QuantizationConfig(), choice.dtype),
                    "sdpa")
     assert q.is_loaded_in_4bit
     state = q.model.layers[1].self_attn.q_proj.weight.quant_state
@@ -58,7 +59,7 @@ def test_built_config_is_what_transformers_loads_and_records():
 
 def _nf4_tiny(device: str = "cpu"):
     choice = decide_device_dtype("auto", cuda_available=device == "cuda")
-    return load_model(ModelConfig(name_or_path=str(TINY)), choice, build_bnb_config(QuantizationConfig(), choice.dtype),
+    return load_model(TINY, ModelConfig(), choice.dtype, choice.device, build_bnb_config(QuantizationConfig(), choice.dtype),
                       "sdpa"), choice
 
 

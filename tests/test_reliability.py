@@ -137,7 +137,7 @@ def test_nothing_usable_fails_before_loading_the_model(tmp_path):
     proc = run_script("train.py", "--config", "configs/smoke.yaml", "--data.dataset", str(bad),
                       "--training.output_dir", str(tmp_path / "out"), check=False)
     assert proc.returncode == 1 and "no usable training conversations" in proc.stderr
-    assert "base data/tiny-phi" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "loading the base" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_no_secrets_in_outputs(tmp_path):
