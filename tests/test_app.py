@@ -472,6 +472,7 @@ def test_with_auth_schema_routes_are_off_and_only_the_login_page_answers(chat_mo
 # Shutdown
 # ----------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_ends_the_streams_in_flight_with_an_error_and_exits_0(sig):
     """app.py on the random tiny model (it always writes to the token limit): two streams are being written when the

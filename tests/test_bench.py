@@ -10,6 +10,9 @@ import pytest
 from conftest import run_script
 
 
+pytestmark = pytest.mark.slow  # several processes each (make test leaves them out)
+
+
 def test_training_bench_tiny(tmp_path):
     out = tmp_path / "train.json"
     run_script("bench.py", "train", "--tiny", "--presets", "baseline", "speed", "--profile", "--out", str(out))

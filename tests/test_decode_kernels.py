@@ -65,6 +65,7 @@ def step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, co
                            "products")
     return out, keys, values
 
+@pytest.mark.slow
 def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, tokenizer):
     """The decode step's Triton kernels run on the CPU through Triton's interpreter, in a fresh process
     (TRITON_INTERPRET=1 must be set before Triton builds them), against reference products:

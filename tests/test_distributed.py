@@ -11,9 +11,13 @@ import shutil
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, run_script
+
+
+pytestmark = pytest.mark.slow  # several processes each (make test leaves them out)
 
 
 def free_port() -> int:

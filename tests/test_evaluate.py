@@ -8,6 +8,7 @@ import json
 import math
 import weakref
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -61,6 +62,7 @@ def test_fine_tuned_beats_base_and_reports_agree(smoke_run, tmp_path):
     assert "conversations" in card
 
 
+@pytest.mark.slow
 def test_the_same_command_twice_gives_the_same_metrics(smoke_run, tmp_path):
     """Greedy by default, even when the config samples (temperature 0.9 here), so a rerun repeats every number;
     --sample is seeded and says so."""

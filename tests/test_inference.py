@@ -123,6 +123,7 @@ def test_cli_missing_adapter_says_how_to_train(tmp_path):
     assert proc.returncode == 1 and "python train.py" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_adapter_for_another_base_names_both(smoke_run, tmp_path):
     proc = run_script("inference.py", "--inference.adapter", str(smoke_run / "final"), "--model.name_or_path",
                       str(tmp_path / "phi-2"), "--prompt", "hi", check=False)
@@ -185,6 +186,7 @@ def test_merge_check_tolerance_is_rounding_only(smoke_run, tokenizer, monkeypatc
         merge_adapter(AutoModelForCausalLM.from_pretrained(TINY), smoke_run / "final", tokenizer)
 
 
+@pytest.mark.slow
 def test_inference_from_another_working_directory(smoke_run, tmp_path):
     """The adapter records its base as an absolute path: it loads from anywhere, without the training config."""
     proc = run_script(str(ROOT / "inference.py"), "--inference.adapter", str(smoke_run / "final"), "--prompt",

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,6 +38,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_ends_with_the_same_adapter(tmp_path):
     full = tmp_path / "full"
     run_script("train.py", *QUICK, "--training.output_dir", str(full))
@@ -54,6 +56,7 @@ def test_kill_9_then_resume_ends_with_the_same_adapter(tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     proc = start(out, "--training.max_steps", "5000")  # far more steps than the test lets it run
@@ -85,6 +88,7 @@ def test_corrupt_newest_checkpoint_is_skipped(smoke_run, tmp_path, caplog):
     assert sum("skipping incomplete checkpoint" in r.message for r in caplog.records) == 4
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     proc = run_script("train.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(out),
@@ -113,6 +117,7 @@ transformers.Trainer.training_step = training_step
 """
 
 
+@pytest.mark.slow
 def test_out_of_memory_names_the_knobs_keeps_the_checkpoints_and_resumes(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -131,6 +136,7 @@ def test_out_of_memory_names_the_knobs_keeps_the_checkpoints_and_resumes(tmp_pat
     assert max(h["step"] for h in json.loads((out / "final" / "log_history.json").read_text())) == 120
 
 
+@pytest.mark.slow
 def test_nothing_usable_fails_before_loading_the_model(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"message_id": "a", "parent_id": null, "text": "hi", "role": "prompter", "deleted": true}\n')
@@ -140,6 +146,7 @@ def test_nothing_usable_fails_before_loading_the_model(tmp_path):
     assert "loading the base" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_no_secrets_in_outputs(tmp_path):
     """Neither the Hub token a user exports nor the app password in a config file lands in anything a run writes:
     configs, run records, model card, TensorBoard event files, checkpoints, logs."""

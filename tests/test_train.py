@@ -140,6 +140,7 @@ def test_checkpoints_carry_the_tokenizer_with_its_chat_template(smoke_run):
         assert AutoTokenizer.from_pretrained(folder).chat_template == du.CHAT_TEMPLATE, folder
 
 
+@pytest.mark.slow
 def test_compiled_training_keeps_the_loss(tmp_path):
     """torch.compile (regional: one compiled decoder layer reused for every layer) computes the same training as
     eager: the logged losses of 20 smoke steps agree to 1e-4 (fp32 on the CPU; measured equal to 5 decimals)."""
@@ -156,6 +157,7 @@ def test_compiled_training_keeps_the_loss(tmp_path):
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_training_with_adapter_dropout_keeps_the_loss(tmp_path):
     """With adapter dropout, compiled layers drop through ATen's dropout kernels (faster on a GPU than inductor's own
     random numbers). The masks are not eager's, so the losses agree within dropout's noise: 10 smoke steps with
@@ -175,6 +177,7 @@ def test_compiled_training_with_adapter_dropout_keeps_the_loss(tmp_path):
     assert losses["on"][-1] < 0.5 * losses["on"][0]
 
 
+@pytest.mark.slow
 def test_fp8_products_keep_the_loss(tmp_path):
     """quantization.products fp8 (the frozen 4-bit layers multiply in fp8) trains as QLoRA's products do: 20 smoke
     steps on the CPU, compiled fp8 against eager dequantized products, the first loss within 0.5% (one forward:
@@ -318,6 +321,7 @@ def test_too_small_a_budget_warns_with_the_fix(caplog):
     assert "expect running out of memory" in caplog.text and "phi2-lowmem.yaml" in caplog.text
 
 
+@pytest.mark.slow
 def test_plain_bf16_training_keeps_the_loss(tmp_path):
     """bf16 training without autocast (every weight and activation in bf16, the default) logs the losses of bf16
     autocast (fp32 norms, embeddings and residual stream) within bf16 rounding: 10 smoke steps on the CPU in bf16,
