@@ -276,7 +276,7 @@ class ChatModel:
         if self.batch_slots > 1:
             # One answer running, then the other slots' users at once, with questions of a usual length (~64
             # tokens): the batch_slots-row shape, the move to its cache and the eager prefill of several prompts.
-            # On an H200 the first such prefill of a process cost ~20 ms more than later ones (docs/PERFORMANCE.md).
+            # The first such prefill of a process cost more than later ones (docs/PERFORMANCE.md).
             word = len(self.tokenizer(" Hello", add_special_tokens=False).input_ids)
             words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
             question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)

@@ -140,8 +140,8 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     (`cu_seq_lens_q`, (conversations + 1,) int32, and the longest length `max_length_q`), computed on the host, so no
     step waits on the GPU for them. On a GPU the kernel is PyTorch's own FlashAttention-2 varlen kernel
     (torch.nn.attention.varlen): no mask is built (sdpa needs a (tokens x tokens) one for a packed row) and nothing
-    is compiled (flex attention's Triton kernels took ~210 s to compile on an H200). On the CPU (tests) each
-    conversation goes through sdpa on its own: the same result, slowly. Rows that are not packed (padded batches,
+    is compiled (flex attention's Triton kernels took minutes to compile: docs/PERFORMANCE.md). On the CPU (tests)
+    each conversation goes through sdpa on its own: the same result, slowly. Rows that are not packed (padded batches,
     generation with a cache) take transformers' sdpa path unchanged.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

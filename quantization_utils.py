@@ -49,7 +49,7 @@ def build_bnb_config(cfg: QuantizationConfig, compute_dtype: torch.dtype) -> Bit
 
 def resolve_products(cfg: QuantizationConfig, choice: DeviceChoice, compiled: bool, fsdp: bool) -> tuple[str, str]:
     """How the frozen 4-bit layers multiply in training, and why. auto takes fp8 where it was measured faster: a
-    compiled bf16 run on an fp8 GPU (the speed preset's step 0.443 -> 0.366 s on an H200, docs/PERFORMANCE.md);
+    compiled bf16 run on an fp8 GPU (docs/PERFORMANCE.md);
     without compilation the rounding to fp8 would be extra passes over every activation. An explicit fp8 that
     cannot run raises with the fix."""
     cap = choice.capability or (0, 0)
@@ -91,8 +91,8 @@ class Fp8Product(torch.autograd.Function):
     (k, out) column-major view, the layout torch._scaled_mm takes its second operand in. The backward gives only the
     input's gradient (W is frozen): dx = dy @ W = (dy * scale) @ W8, the scale moved onto dy's columns (exact: a
     power of two), with W8 in the other layout, (out, k) column-major: `w_t` when the layer keeps it, else
-    transposed here (1 byte a weight; Phi-2's 192 a step take ~2.1 ms on an H200: the speed preset ran 0.4% slower
-    with one layout than with both)."""
+    transposed here (1 byte a weight; the speed preset ran a little slower with one layout than with both:
+    docs/PERFORMANCE.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

@@ -233,7 +233,8 @@ def plan_memory(cfg: Config, model_config, choice: DeviceChoice, budget: tuple[f
     """Micro-batch, accumulation and gradient checkpointing for this GPU, where the config leaves them unset.
 
     Keeps micro-batch x accumulation (the optimizer's batch). Prefers no checkpointing (torch.compile then switches
-    on; 2x the tokens/s on an H200) with the largest micro-batch up to 16k tokens that fits, as long as it holds at
+    on, about twice the tokens/s: docs/PERFORMANCE.md) with the largest micro-batch up to 16k tokens that fits, as
+    long as it holds at
     least 8k tokens; else checkpointing with the largest that fits. Logged once with the estimate and the budget it
     was sized for."""
     t, lora, max_length, quantization = cfg.training, cfg.lora, cfg.data.max_length, cfg.quantization
@@ -381,7 +382,7 @@ def decide_training(cfg: Config, choice: DeviceChoice, resume: bool = False) -> 
 OPTIM_REASONS = {
     "adamw_torch_fused": "a GPU without gradient checkpointing has memory to spare, and fused AdamW lets the host "
                          "queue the next step (bitsandbytes' 8-bit AdamW waits for the GPU after each parameter's "
-                         "update: 5% slower on an H200, docs/PERFORMANCE.md)",
+                         "update, measured slower: docs/PERFORMANCE.md)",
     "paged_adamw_8bit": "gradient checkpointing means memory is tight: 8-bit states, paged out under pressure",
     "adamw_torch": "the CPU",
 }
@@ -706,16 +707,15 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = str(t.compile_scope == "regions")
         # Dropout in compiled layers. Inductor draws one Philox number per element inside its fused kernels (one at
         # a time in a reduction kernel such as the layer norm whose output feeds q/k/v/fc1); ATen's dropout kernel
-        # draws four at once. With the adapter's dropout ATen's is faster (the default at 80 GiB on an H200: 33,902
-        # against 32,756 tok/s); with only Phi's residual dropout, fused into the residual add, inductor's is
-        # (speed preset: 36,480 against 36,083). docs/PERFORMANCE.md, issue 17's ninth session.
+        # draws four at once. With the adapter's dropout ATen's is faster; with only Phi's residual dropout, fused
+        # into the residual add, inductor's is (docs/PERFORMANCE.md, issue 17's ninth session).
         from torch._inductor import config as inductor_config
         inductor_config.fallback_random = cfg.lora.dropout > 0
         # `accelerate launch` exports ACCELERATE_DYNAMO_USE_DYNAMIC=False unless given --dynamo_use_dynamic, and
         # accelerate then compiles with dynamic=False, which turns off dynamo's automatic dynamic shapes: each new
         # packed-conversation count (varlen attention's cu_seq_lens) compiled the layers anew until dynamo's limit
-        # of 8, after which they ran uncompiled (2 H200s, speed preset: 32.8k tok/s together, less than one GPU;
-        # docs/PERFORMANCE.md). Without the variable (a plain `python train.py`) dynamo compiles static first and
+        # of 8, after which they ran uncompiled (two GPUs together were slower than one: docs/PERFORMANCE.md).
+        # Without the variable (a plain `python train.py`) dynamo compiles static first and
         # makes dynamic what changes, once.
         os.environ.pop("ACCELERATE_DYNAMO_USE_DYNAMIC", None)
         logger.info("dropout in compiled layers: %s", "ATen's kernels (adapter dropout %g)" % cfg.lora.dropout
