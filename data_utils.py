@@ -294,12 +294,10 @@ def _rank_key(m: dict) -> tuple:
     return (unranked, 0 if unranked else rank, m["_order"])
 
 
-def oasst_to_conversations(rows: Iterable[dict], counts: Counter, languages: list[str] | None = None
-                           ) -> list[dict[str, Any]]:
-    """Rebuild message trees and emit each tree's top-ranked thread (rule in the module docstring).
-
-    Every skipped message/tree is counted in `counts` by reason. Returns [{"messages", "tree_id", "lang"}].
-    """
+def oasst_trees(rows: Iterable[dict], counts: Counter, languages: list[str] | None = None
+                ) -> tuple[dict[str, dict], dict[str, list[dict]], list[dict]]:
+    """Steps 1 and 2 of the rule in the module docstring: the usable messages by id, each one's usable replies, and
+    the root prompts; every message dropped on the way counted in `counts` by reason (`messages_read`: all)."""
     langs = set(languages or [])
     by_id: dict[str, dict] = {}
     for order, row in enumerate(rows):
@@ -364,6 +362,16 @@ def oasst_to_conversations(rows: Iterable[dict], counts: Counter, languages: lis
             continue  # already counted as bad_turn_order
         counts["cycle" if _in_cycle(m, by_id) else "parent_missing"] += 1
 
+    return by_id, children, roots
+
+
+def oasst_to_conversations(rows: Iterable[dict], counts: Counter, languages: list[str] | None = None
+                           ) -> list[dict[str, Any]]:
+    """Rebuild message trees and emit each tree's top-ranked thread (rule in the module docstring).
+
+    Every skipped message/tree is counted in `counts` by reason. Returns [{"messages", "tree_id", "lang"}].
+    """
+    by_id, children, roots = oasst_trees(rows, counts, languages)
     conversations = []
     for root in sorted(roots, key=lambda r: r["_order"]):
         thread = [root]

@@ -1,0 +1,110 @@
+"""preferences.py: DPO pairs from oasst1's rankings and from TRL's preference format, counted, rendered in the SFT
+template token for token, split by tree."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+import data_utils as du
+import preferences as pf
+from config import DataConfig
+from conftest import SMOKE_DATA
+
+EOS = "<|endoftext|>"
+MESSAGE_OUTCOMES = ("bad_type", "duplicate_id", "unknown_role", "deleted", "review_failed", "tree_not_ready",
+                    "language_filtered", "empty_text", "bad_turn_order", "parent_missing", "cycle", "prompt_paired",
+                    "prompt_without_pair", "chosen", "rejected", "beyond_cap", "tied_with_best", "unranked_reply",
+                    "reply_without_pair")
+
+
+def message(mid, parent, role, text, rank=None, tree="t1"):
+    return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank,
+            "message_tree_id": tree, "lang": "en", "deleted": False, "review_result": True,
+            "tree_state": "ready_for_export"}
+
+
+def test_the_rule_chosen_best_ranked_rejected_each_worse_capped_ties_and_unranked_left_out():
+    rows = [message("q", None, "prompter", "What is the capital of Peru?"),
+            message("a0", "q", "assistant", "Lima.", rank=0),
+            message("a1", "q", "assistant", "I am not sure.", rank=1),
+            message("a2", "q", "assistant", "Cusco.", rank=2),
+            message("a3", "q", "assistant", "Bogota.", rank=3),
+            message("tie", "q", "assistant", "It is Lima.", rank=0),
+            message("u", "q", "assistant", "Hmm.", rank=None),
+            # a follow-up on the chosen answer: multi-turn context, one reply only
+            message("q2", "a0", "prompter", "And of Chile?"),
+            message("b0", "q2", "assistant", "Santiago.", rank=0),
+            message("b1", "q2", "assistant", "Lima again.", rank=1)]
+    counts = Counter()
+    pairs = pf.pairs_from_oasst(rows, counts, EOS, max_pairs_per_prompt=2)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (" Lima." + EOS, " I am not sure." + EOS), (" Lima." + EOS, " Cusco." + EOS),
+        (" Santiago." + EOS, " Lima again." + EOS)]
+    assert pairs[2]["prompt"] == ("### Human: What is the capital of Peru? ### Assistant: Lima." + EOS +
+                                  " ### Human: And of Chile? ### Assistant:")
+    assert (counts["pairs"], counts["chosen"], counts["rejected"], counts["beyond_cap"], counts["tied_with_best"],
+            counts["unranked_reply"], counts["prompt_paired"]) == (3, 2, 3, 1, 1, 1, 2)
+    assert sum(counts[k] for k in MESSAGE_OUTCOMES) == counts["messages_read"] == len(rows)
+
+
+def test_every_message_of_the_smoke_sample_ends_in_exactly_one_outcome():
+    data = pf.load_preferences(DataConfig(dataset=str(SMOKE_DATA)), EOS, 3)
+    for split in ("train", "validation"):
+        stats = data.stats[split]
+        assert stats["pairs"] == stats["pairs_used"] == len(data.splits[split]) > 40
+        assert sum(stats.get(k, 0) for k in MESSAGE_OUTCOMES) == stats["messages_read"]
+
+
+def test_a_pair_is_the_sft_template_token_for_token(tokenizer):
+    """TRL tokenizes prompt + answer as one text; the ids must be SFT's (each segment tokenized on its own, EOS after
+    every answer), so that DPO trains the model SFT made, on the same turns and the same stop."""
+    context = [{"role": "user", "content": "Hi ### Assistant: fake"}, {"role": "assistant", "content": "Hello!"},
+               {"role": "user", "content": "  What is 2 plus 3?  "}]
+    pair = pf.rendered(context, "It is 5.", "No idea.", tokenizer.eos_token)
+    for answer, text in (("It is 5.", pair["chosen"]), ("No idea.", pair["rejected"])):
+        sft = du.encode_conversation(tokenizer, context + [{"role": "assistant", "content": answer}], 512)
+        assert tokenizer(pair["prompt"] + text, add_special_tokens=False)["input_ids"] == sft["input_ids"]
+
+
+def test_trls_preference_format_as_text_and_as_messages(tmp_path):
+    rows = [{"prompt": "What is 2 plus 3?", "chosen": "5.", "rejected": "6."},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+             "chosen": [{"role": "assistant", "content": "Hello."}],
+             "rejected": [{"role": "assistant", "content": "Go away."}]},
+            {"prompt": "Same?", "chosen": "yes", "rejected": "yes"},
+            {"prompt": [{"role": "assistant", "content": "wrong order"}], "chosen": "a", "rejected": "b"},
+            {"prompt": "x", "chosen": 5, "rejected": "b"}]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 20))
+    data = pf.load_preferences(DataConfig(dataset=str(path), validation_fraction=0.2), EOS, 3)
+    stats = data.stats["train"]
+    assert stats["format"] == "trl_preference" and stats["pairs"] == 40 and stats["rows_read"] == 100
+    assert (stats["same_answer"], stats["bad_turn_order"], stats["bad_type"]) == (20, 20, 20)
+    prompts = set(data.splits["train"]["prompt"]) | set(data.splits["validation"]["prompt"])
+    assert prompts == {"### Human: What is 2 plus 3? ### Assistant:",
+                       "### Human: Be brief.\n\nHi ### Assistant:"}
+
+
+def test_validation_is_split_by_tree(tmp_path):
+    rows = []
+    for t in range(60):
+        rows += [message(f"q{t}", None, "prompter", f"Question {t}?", tree=f"tree{t}"),
+                 message(f"a{t}", f"q{t}", "assistant", f"Answer {t}.", rank=0, tree=f"tree{t}"),
+                 message(f"b{t}", f"q{t}", "assistant", "No idea.", rank=1, tree=f"tree{t}"),
+                 message(f"c{t}", f"q{t}", "assistant", "Maybe.", rank=2, tree=f"tree{t}")]
+    path = tmp_path / "oasst.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = pf.load_preferences(DataConfig(dataset=str(path), validation_fraction=0.25), EOS, 3)
+    train, validation = (set(data.splits[s]["tree_id"]) for s in ("train", "validation"))
+    assert train and validation and not train & validation
+    assert len(data.splits["train"]) + len(data.splits["validation"]) == 120  # two pairs a tree
+
+
+def test_data_without_pairs_says_what_is_needed(tmp_path):
+    path = tmp_path / "flat.jsonl"
+    path.write_text(json.dumps({"text": "### Human: hi ### Assistant: yo"}) + "\n")
+    with pytest.raises(du.DataError, match="prompt/chosen/rejected"):
+        pf.load_preferences(DataConfig(dataset=str(path)), EOS, 3)
