@@ -84,6 +84,9 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
+    method: Literal["sft", "dpo"] = doc(
+        "sft", "sft: supervised on the chat answers; dpo: preference pairs (section preference), continuing from an "
+               "SFT adapter, which is also DPO's reference")
     output_dir: str = doc("model", "checkpoints go to <output_dir>/checkpoint-<step>, the adapter to <output_dir>/final")
     num_train_epochs: float = doc(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = doc(-1, "stop after this many optimizer steps; -1 = use num_train_epochs")
@@ -132,6 +135,16 @@ class TrainingConfig:
 # Sampling divides the scores by the temperature: below this floor the quotient overflows fp32 (1e-300 gave inf, a
 # NaN softmax and a failed sampler), and the distribution is one token anyway, so such temperatures decode greedily.
 MIN_TEMPERATURE = 1e-5
+
+
+@dataclass
+class PreferenceConfig:
+    sft_adapter: str | None = doc(None, "training.method dpo: the SFT adapter DPO continues from and measures against "
+                                        "(its reference), e.g. model/final")
+    beta: float = doc(0.1, "DPO's beta: how far the adapter may move from the reference; higher keeps it closer")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = doc("sigmoid", "DPO's loss, TRL's names (sigmoid: the paper's)")
+    max_pairs_per_prompt: int = doc(3, "oasst1: pairs one prompt gives at most (its best-ranked reply against each "
+                                       "worse one, best first)")
 
 
 @dataclass
@@ -229,6 +242,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoraSettings,
     "data": DataConfig,
     "training": TrainingConfig,
+    "preference": PreferenceConfig,
     "generation": GenerationSettings,
     "inference": InferenceConfig,
     "app": AppConfig,
@@ -242,6 +256,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     app: AppConfig = field(default_factory=AppConfig)
@@ -390,6 +405,13 @@ def validate(cfg: Config, problems: list[str] | None = None) -> None:
     need(num(g.top_k) and g.top_k >= 0, f"generation.top_k: must be >= 0 (got {g.top_k})")
     need(num(g.repetition_penalty) and g.repetition_penalty > 0,
          f"generation.repetition_penalty: must be > 0 (got {g.repetition_penalty})")
+    pref = cfg.preference
+    need(t.method != "dpo" or bool(pref.sft_adapter),
+         "preference.sft_adapter: DPO continues from an SFT adapter and uses it as its reference; set it (e.g. "
+         "model/final, after `python train.py`)")
+    need(num(pref.beta) and pref.beta > 0, f"preference.beta: must be > 0 (got {pref.beta})")
+    need(num(pref.max_pairs_per_prompt) and pref.max_pairs_per_prompt > 0,
+         f"preference.max_pairs_per_prompt: must be > 0 (got {pref.max_pairs_per_prompt})")
     need(num(cfg.inference.batch_slots) and cfg.inference.batch_slots > 0,
          f"inference.batch_slots: must be > 0 (got {cfg.inference.batch_slots})")
     need(num(a.port) and 0 < a.port < 65536, f"app.port: must be in 1..65535 (got {a.port})")

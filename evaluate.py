@@ -10,7 +10,14 @@ Reports, for both models, on the validation conversations in the training templa
   - answer loss / perplexity: mean NLL over answer tokens + their EOS only (exactly the training mask);
   - generation behaviour on N held-out prompts: stop rate (ended by EOS or the stop marker before max_new_tokens),
     fake-turn rate (the model wrote a `### Human:` turn itself), mean/median answer length, empty-answer rate;
-  - side-by-side samples (prompt, reference, base answer, fine-tuned answer).
+  - side-by-side samples (prompt, reference, base answer, fine-tuned answer);
+  - on held-out preference pairs (when the data has ranked replies, as oasst1 has; preferences.py), each model's
+    log-likelihood of the chosen and the rejected answer: `likelihood_accuracy`, the share of pairs where the model
+    finds the chosen answer more likely; and against a reference (the SFT adapter a DPO run started from, else the
+    base), DPO's implicit reward r = beta * (log p_model(answer) - log p_reference(answer)): `reward_accuracy`, the
+    share of pairs where r(chosen) > r(rejected), and `reward_margin`, the mean of r(chosen) - r(rejected).
+For a DPO run (training.method dpo) the SFT adapter it started from is evaluated too: base, SFT and DPO side by
+side.
 Answers are greedy by default (temperature 0, the configured repetition penalty), so the same command gives the
 same metrics; `--sample` uses generation.temperature/top_p/top_k, seeded by `--seed`. The report says which.
 The models are evaluated one at a time (fine-tuned, freed, then base): evaluation needs the memory of one model.
@@ -34,6 +41,7 @@ from tqdm.auto import tqdm
 import report_utils
 from adapter_utils import AdapterError, read_adapter_config
 from config import Config, ConfigError, GenerationSettings, load_config, parse_config
+import preferences
 from data_utils import DataError, Message, load_conversations, render_text, tokenize_conversations
 from inference import (ChatModel, Reply, adapter_dir_for, load_chat_model, load_model_folder, resolve_device,
                        trained_base)
@@ -60,6 +68,54 @@ def answer_loss(model, dataset, pad_id: int, batch_size: int = 8, desc: str = "l
         total += float(nll)
         count += int((labels[:, 1:] != -100).sum())
     return total / max(count, 1), count
+
+
+@torch.inference_mode()
+def pair_log_likelihoods(model, tokenizer, pairs, batch_size: int = 8, desc: str = "pairs"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's log-likelihood (nats, summed over the answer's tokens and its EOS) of the chosen and of the
+    rejected answer, tokenized as DPO trains on them (prompt + answer as one text). (pairs,) each."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        rows = []
+        for pair in pairs:
+            prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
+            full = tokenizer(pair["prompt"] + pair[side], add_special_tokens=False)["input_ids"]
+            rows.append((full, len(prompt)))
+        scores = []
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"{desc}: {side}", leave=False):
+            batch = rows[start:start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
+            mask = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
+            logp = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+            logp = logp[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None].to(model.device))[..., 0]  # (B, T-1)
+            answer = torch.zeros_like(mask)
+            for row, (full, prompt_len) in enumerate(batch):
+                answer[row, prompt_len:len(full)] = 1
+            scores.append((logp * answer[:, 1:].to(logp.device)).sum(-1).cpu())
+        out[side] = torch.cat(scores) if scores else torch.zeros(0)
+    return out["chosen"], out["rejected"]
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor]
+                       | None, beta: float) -> dict[str, float]:
+    """likelihood_accuracy, and against the reference's log-likelihoods reward_accuracy and reward_margin (module
+    docstring); the reference model itself has no reward (its r is 0 for every answer)."""
+    metrics = {"pairs": len(chosen), "likelihood_accuracy": float((chosen > rejected).float().mean())}
+    if reference is not None:
+        margin = beta * ((chosen - reference[0]) - (rejected - reference[1]))
+        metrics |= {"reward_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean())}
+    return metrics
+
+
+def held_out_pairs(cfg: Config, eos: str) -> list[dict] | None:
+    """The validation split's preference pairs (preferences.py), when the data has ranked replies; else None."""
+    try:
+        data = preferences.load_preferences(cfg.data, eos, cfg.preference.max_pairs_per_prompt)
+    except DataError:
+        return None
+    return list(data.splits["validation"]) or None
 
 
 def prompts_and_references(conversations: list[list[Message]]) -> tuple[list[list[Message]], list[str]]:
@@ -136,6 +192,22 @@ def markdown_report(name: str, result: dict[str, Any]) -> str:
         b, t = base.get(key, ""), tuned[key]
         fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else str(v))
         lines.append(f"| {key} | {fmt(b) if b != '' else '-'} | {fmt(t)} | {how[key]} |")
+    if "sft" in result:
+        lines += ["", "The SFT adapter this DPO run started from:", "", "| metric | SFT |", "| --- | --- |"]
+        lines += [f"| {key} | {result['sft'][key]:.4f} |" if isinstance(result["sft"][key], float)
+                  else f"| {key} | {result['sft'][key]} |" for key in how]
+    if "preference" in result:
+        pref = result["preference"]
+        models = [m for m in ("base", "sft", "finetuned") if m in pref]
+        lines += ["", f"## Preference pairs (held out; reference: {pref['reference']}, beta {pref['beta']})", "",
+                  "| metric | " + " | ".join(models) + " | how to read it |", "|" + " --- |" * (len(models) + 2)]
+        for key, meaning in (("pairs", "held-out pairs"),
+                             ("likelihood_accuracy", "share where the model finds the chosen answer more likely"),
+                             ("reward_accuracy", "share where beta * log(p / p_reference) favours the chosen"),
+                             ("reward_margin", "mean implicit reward of chosen minus rejected; want > 0")):
+            cells = [pref[m].get(key) for m in models]
+            lines.append(f"| {key} | " + " | ".join("-" if c is None else f"{c:.4f}" if isinstance(c, float)
+                                                     else str(c) for c in cells) + f" | {meaning} |")
     lines += ["", "## Samples", ""]
     for s in result["samples"]:
         lines += [f"**Prompt:** {s['prompt']}", "", f"- reference: {s['reference']}", f"- base: {s['base']}",
@@ -188,14 +260,33 @@ def run(cfg: Config, args) -> dict[str, Any]:
     prompts, refs = prompts_and_references(val["messages"][:n_prompts])
     result: dict[str, Any] = {"data": cfg.data.dataset, "conversations": len(val), "max_new_tokens": gen.max_new_tokens,
                               "decoding": how, "base": {}}
-    result["finetuned"], tuned_replies = evaluate_model(tuned, dataset, prompts, gen, batch_size, "fine-tuned", seed)
-    tuned.close()  # one model in memory at a time: a 16 GB GPU cannot hold two fp32 Phi-2 copies
+    pairs = held_out_pairs(cfg, tokenizer.eos_token)
+    likelihoods: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def measure(model: ChatModel, label: str, key: str) -> list[Reply]:
+        """One model's metrics, then it is freed: one model in memory at a time (a 16 GB GPU cannot hold two fp32
+        Phi-2 copies)."""
+        result[key], replies = evaluate_model(model, dataset, prompts, gen, batch_size, label, seed)
+        if pairs:
+            likelihoods[key] = pair_log_likelihoods(model.model, tokenizer, pairs, batch_size, f"{label}: pairs")
+        model.close()
+        return replies
+
+    tuned_replies = measure(tuned, "fine-tuned", "finetuned")
     del tuned
+    if cfg.training.method == "dpo" and args.merged is None:  # the SFT adapter the DPO run started from
+        sft_cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference,
+                                                                         adapter=cfg.preference.sft_adapter))
+        measure(load_chat_model(sft_cfg, allow_pickle=args.allow_pickle, warm_up=False), "sft", "sft")
     base_replies: list[Reply | None] = [None] * len(prompts)
     if not args.no_base:
         base = load_base(cfg, tokenizer, base_model_name(cfg, args.merged, args.allow_pickle))
-        result["base"], base_replies = evaluate_model(base, dataset, prompts, gen, batch_size, "base", seed)
-        base.close()
+        base_replies = measure(base, "base", "base")
+    if pairs:
+        reference = "sft" if "sft" in likelihoods else "base" if "base" in likelihoods else None
+        result["preference"] = {"reference": reference, "beta": cfg.preference.beta, **{
+            key: preference_metrics(*lp, likelihoods.get(reference) if key != reference else None,
+                                    cfg.preference.beta) for key, lp in likelihoods.items()}}
     result["samples"] = [{"prompt": render_text(p), "reference": r, "finetuned": t.text,
                           "base": b.text if b is not None else "-"}
                          for p, r, t, b in list(zip(prompts, refs, tuned_replies, base_replies))[:args.samples]]

@@ -31,9 +31,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from datasets import Dataset, DatasetDict
+from pathlib import Path
 
-from config import DataConfig
+from datasets import Dataset, DatasetDict
+from peft import PeftModel
+from trl import DPOConfig, DPOTrainer
+
+from adapter_utils import AdapterError, check_adapter_base, read_adapter_config
+from config import Config, DataConfig
 from data_utils import (ROLES, BadConversation, DataError, Message, _in_validation, _missing, _rank_key,
                         detect_format, normalize_chat, oasst_trees, read_source, render_text, turn_answer_text,
                         validation_split)
@@ -172,3 +177,37 @@ def load_preferences(cfg: DataConfig, eos: str, max_pairs_per_prompt: int) -> Pr
     splits = DatasetDict({s: Dataset.from_list(p) if p else Dataset.from_dict(empty) for s, p in per_split.items()})
     logger.info("preference pairs: %s", {s: stats[s] for s in per_split})
     return PreferenceData(splits, stats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training (train.py with training.method dpo)
+# ----------------------------------------------------------------------------------------------------------------
+
+def prepare_pairs(cfg: Config, tokenizer) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
+    """The pairs of both splits, as TRL's DPOTrainer takes them (prompt, chosen, rejected: text); fails before any
+    model is loaded."""
+    data = load_preferences(cfg.data, tokenizer.eos_token, cfg.preference.max_pairs_per_prompt)
+    train, validation = (data.splits[s].remove_columns("tree_id") for s in ("train", "validation"))
+    return train, (validation if len(validation) else None), data.stats
+
+
+def build_dpo_trainer(cfg: Config, model, tokenizer, train_ds: Dataset, eval_ds: Dataset | None,
+                      arguments: dict[str, Any]) -> DPOTrainer:
+    """TRL's DPOTrainer on the 4-bit base, continuing from the SFT adapter (preference.sft_adapter). TRL copies that
+    adapter into a frozen second one, "ref", and computes the reference's log-probabilities with it: the reference
+    is the SFT model, at the memory of one more adapter (Phi-2 with r=64 on six projections: ~190 MB in bf16) and
+    one more forward pass a step, without a second copy of the base. arguments: train.trainer_arguments (the plan's
+    batch, optimizer, precision, checkpoints), the same as SFT's."""
+    adapter = Path(cfg.preference.sft_adapter)
+    adapter_config = read_adapter_config(adapter)
+    check_adapter_base(adapter, cfg.model.name_or_path, adapter_config)
+    try:
+        policy = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    except (RuntimeError, ValueError) as e:
+        raise AdapterError(f"the SFT adapter {adapter} does not fit {cfg.model.name_or_path}: {e}") from e
+    args = DPOConfig(**arguments, beta=cfg.preference.beta, loss_type=[cfg.preference.loss_type],
+                     max_length=cfg.data.max_length)
+    logger.info("DPO from %s (also the reference: a frozen copy of it), beta %g, loss %s", adapter,
+                cfg.preference.beta, cfg.preference.loss_type)
+    return DPOTrainer(model=policy, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer)

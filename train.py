@@ -26,6 +26,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from transformers import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
+import preferences
 import report_utils
 from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
 from config import (Config, ConfigError, DataConfig, LoraSettings, QuantizationConfig, TrainingConfig, load_config,
@@ -238,6 +240,7 @@ def plan_memory(cfg: Config, model_config, choice: DeviceChoice, budget: tuple[f
     least 8k tokens; else checkpointing with the largest that fits. Logged once with the estimate and the budget it
     was sized for."""
     t, lora, max_length, quantization = cfg.training, cfg.lora, cfg.data.max_length, cfg.quantization
+    rows = 2 if t.method == "dpo" else 1  # DPO's micro-batch counts pairs: a chosen and a rejected sequence each
     budget_gib, source = budget
     free_keys = [k for k in PLANNED if f"training.{k}" not in cfg.explicit]
     if t.memory_plan == "off" or choice.device != "cuda" or not free_keys:
@@ -260,7 +263,7 @@ def plan_memory(cfg: Config, model_config, choice: DeviceChoice, budget: tuple[f
         # Checkpointing decides compilation, which decides whether auto's products are fp8 (their weight copy).
         compiled = resolve_compile(t.torch_compile, choice, ckpt, log=False)
         fp8 = resolve_products(quantization, choice, compiled, False)[0] == "fp8"
-        return (estimate_peak_gib(model_config, lora, max_length, micro, ckpt, autocast, fp32)
+        return (estimate_peak_gib(model_config, lora, max_length, micro * rows, ckpt, autocast, fp32)
                 + (fp8_copy_gib(model_config) if fp8 else 0.0))
 
     fits = [(ckpt, m) for ckpt, m in options if estimate(ckpt, m) <= room]
@@ -398,10 +401,12 @@ def resolve_optim(name: str, choice: DeviceChoice, checkpointing: bool) -> str:
     return name
 
 
-def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, compiled: bool,
-                     has_eval: bool, autocast: bool = False) -> SFTConfig:
+def trainer_arguments(t: TrainingConfig, choice: DeviceChoice, compiled: bool, has_eval: bool, autocast: bool
+                      ) -> dict[str, Any]:
+    """The Trainer arguments every stage shares (SFT's SFTConfig, DPO's DPOConfig): the plan's batch, optimizer,
+    precision, checkpoints, logging and evaluation."""
     eval_strategy = "steps" if has_eval and t.eval_steps > 0 else "no"
-    return SFTConfig(
+    return dict(
         output_dir=t.output_dir,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -420,12 +425,6 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         torch_compile=compiled,
-        # A packed micro-batch is flattened to one row whose length varies; padding it to a fixed size gives the
-        # compiled graph one shape instead of a recompile per length.
-        pad_to_multiple_of=t.per_device_train_batch_size * max_length if compiled and t.packing else None,
-        max_length=max_length,
-        packing=t.packing,
-        packing_strategy="bfd",
         eval_strategy=eval_strategy,
         eval_steps=t.eval_steps if eval_strategy == "steps" else None,
         save_strategy="steps",
@@ -446,6 +445,19 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
         # construction: the broadcast moved gigabytes a step for nothing.
         ddp_broadcast_buffers=False,
         save_only_model=False,
+    )
+
+
+def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, compiled: bool,
+                     has_eval: bool, autocast: bool = False) -> SFTConfig:
+    return SFTConfig(
+        **trainer_arguments(t, choice, compiled, has_eval, autocast),
+        # A packed micro-batch is flattened to one row whose length varies; padding it to a fixed size gives the
+        # compiled graph one shape instead of a recompile per length.
+        pad_to_multiple_of=t.per_device_train_batch_size * max_length if compiled and t.packing else None,
+        max_length=max_length,
+        packing=t.packing,
+        packing_strategy="bfd",
     )
 
 
@@ -722,6 +734,18 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
                     if cfg.lora.dropout > 0 else "inductor's, fused (no adapter dropout)")
     trainer = SFTTrainerMetricsOnDevice(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=build_lora_config(cfg.lora))
+    finish_trainer(trainer, choice)
+    world = trainer.args.world_size
+    logger.info("effective batch: %d sequences/step = %d micro-batch x %d accumulation x %d process(es)%s",
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+                args.per_device_train_batch_size, args.gradient_accumulation_steps, world,
+                " (packed sequences of up to %d tokens)" % cfg.data.max_length if t.packing else "")
+    return trainer
+
+
+def finish_trainer(trainer, choice: DeviceChoice) -> None:
+    """What every stage's trainer gets: the adapter in the compute dtype, the compact log, the guard (signals, NaN),
+    training mode after evaluation."""
     if choice.dtype == torch.float32:
         # trl stores QLoRA adapters in bf16 (QLoRA paper); with fp32 compute (CPU, GPUs without bf16) keep them
         # fp32 so every matmul of the step runs in one dtype.
@@ -734,12 +758,6 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
     trainer.add_callback(TrainModeAfterEvaluation())
     if trainer.is_world_process_zero():
         log_trainable_parameters(trainer.model)
-    world = trainer.args.world_size
-    logger.info("effective batch: %d sequences/step = %d micro-batch x %d accumulation x %d process(es)%s",
-                args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-                args.per_device_train_batch_size, args.gradient_accumulation_steps, world,
-                " (packed sequences of up to %d tokens)" % cfg.data.max_length if t.packing else "")
-    return trainer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -838,6 +856,8 @@ def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoi
         save_fsdp_adapter(trainer.model, trainer.processing_class, tmp, main_process)
     else:
         trainer.save_model(str(tmp))  # the main process writes
+        if main_process and (tmp / "ref").is_dir():
+            shutil.rmtree(tmp / "ref")  # DPO: TRL's frozen copy of the SFT adapter (the reference), not the result
     if not main_process:
         trainer.accelerator.wait_for_everyone()
         return final
@@ -923,11 +943,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"on ({cfg.training.compile_scope})" if plan.compiled else "off")
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
                                    cfg.model.trust_remote_code)
-        train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
+        dpo = cfg.training.method == "dpo"
+        if dpo:
+            train_ds, eval_ds, stats = preferences.prepare_pairs(cfg, tokenizer)
+        else:
+            train_ds, eval_ds, stats = prepare_data(cfg.data, tokenizer)
         clock.mark("data")
         model = build_model(cfg, choice, plan)
         clock.mark("model")
-        trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, plan)
+        if dpo:
+            arguments = trainer_arguments(plan.training, choice, plan.compiled, eval_ds is not None, plan.autocast)
+            trainer = preferences.build_dpo_trainer(cfg, model, tokenizer, train_ds, eval_ds, arguments)
+            finish_trainer(trainer, choice)
+        else:
+            trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, plan)
         trainer.add_callback(clock)
         clock.mark("trainer")
         if trainer.is_world_process_zero():
