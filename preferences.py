@@ -29,9 +29,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable
-
 from pathlib import Path
+from typing import Any, Iterable
 
 from datasets import Dataset, DatasetDict
 from peft import PeftModel
@@ -184,8 +183,13 @@ def load_preferences(cfg: DataConfig, eos: str, max_pairs_per_prompt: int) -> Pr
 # ----------------------------------------------------------------------------------------------------------------
 
 def prepare_pairs(cfg: Config, tokenizer) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
-    """The pairs of both splits, as TRL's DPOTrainer takes them (prompt, chosen, rejected: text); fails before any
-    model is loaded."""
+    """The pairs of both splits, as TRL's DPOTrainer takes them (prompt, chosen, rejected: text), after checking the
+    SFT adapter is there and was trained on this base: both fail before any model is loaded."""
+    adapter = Path(cfg.preference.sft_adapter)
+    try:
+        check_adapter_base(adapter, cfg.model.name_or_path, read_adapter_config(adapter))
+    except AdapterError as e:
+        raise AdapterError(f"preference.sft_adapter: {e}") from e
     data = load_preferences(cfg.data, tokenizer.eos_token, cfg.preference.max_pairs_per_prompt)
     train, validation = (data.splits[s].remove_columns("tree_id") for s in ("train", "validation"))
     return train, (validation if len(validation) else None), data.stats
@@ -199,8 +203,6 @@ def build_dpo_trainer(cfg: Config, model, tokenizer, train_ds: Dataset, eval_ds:
     one more forward pass a step, without a second copy of the base. arguments: train.trainer_arguments (the plan's
     batch, optimizer, precision, checkpoints), the same as SFT's."""
     adapter = Path(cfg.preference.sft_adapter)
-    adapter_config = read_adapter_config(adapter)
-    check_adapter_base(adapter, cfg.model.name_or_path, adapter_config)
     try:
         policy = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     except (RuntimeError, ValueError) as e:

@@ -52,9 +52,11 @@ def _public(value: str) -> str:
 def write_model_card(path: str | Path, cfg: Config, stats: dict[str, Any], history: list[dict[str, Any]],
                      compute: str, eval_metrics: dict[str, Any] | None = None, products: str | None = None) -> Path:
     train, evals = loss_points(history)
+    dpo = cfg.training.method == "dpo"
+    pref = cfg.preference
     lines = [
-        "---", "library_name: peft", f"base_model: {_public(cfg.model.name_or_path)}", "tags: [qlora, lora, trl, sft]",
-        "---", "",
+        "---", "library_name: peft", f"base_model: {_public(cfg.model.name_or_path)}",
+        f"tags: [qlora, lora, trl, {cfg.training.method}]", "---", "",
         f"# QLoRA adapter for {_public(cfg.model.name_or_path)}", "",
         f"- Base model: `{_public(cfg.model.name_or_path)}` (revision `{cfg.model.revision or 'main'}`)",
         f"- Data: `{_public(cfg.data.dataset)}`; split: {stats.get('split', '?')}",
@@ -63,7 +65,11 @@ def write_model_card(path: str | Path, cfg: Config, stats: dict[str, Any], histo
         f"- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, "
         f"targets {', '.join(cfg.lora.target_modules)}",
         "", "## Template", "",
-        f"`{HUMAN} {{question}} {ASSISTANT} {{answer}}<eos>`, repeated per turn. Loss only on answers and their EOS.",
+        f"`{HUMAN} {{question}} {ASSISTANT} {{answer}}<eos>`, repeated per turn. "
+        + (f"DPO (loss {pref.loss_type}, beta {pref.beta}) on preference pairs: a prompt in this template, the "
+           f"chosen and the rejected answer each with its EOS; continued from the SFT adapter "
+           f"`{_public(pref.sft_adapter or '')}`, also the reference." if dpo
+           else "Loss only on answers and their EOS."),
         "", "## Data counts (kept and skipped, by reason)", "",
     ]
     for split in ("train", "validation"):
@@ -90,6 +96,13 @@ def write_model_card(path: str | Path, cfg: Config, stats: dict[str, Any], histo
         for key in tuned:
             if isinstance(tuned[key], (int, float)):
                 lines.append(f"| {key} | {fmt(base.get(key))} | {fmt(tuned[key])} |")
+        pairs = eval_metrics.get("preference")
+        if pairs:
+            models = [m for m in ("base", "sft", "finetuned") if m in pairs]
+            lines += ["", f"Held-out preference pairs (reference: {pairs['reference']}, beta {pairs['beta']}):", "",
+                      "| metric | " + " | ".join(models) + " |", "|" + " --- |" * (len(models) + 1)]
+            for key in ("pairs", "likelihood_accuracy", "reward_accuracy", "reward_margin"):
+                lines.append(f"| {key} | " + " | ".join(fmt(pairs[m].get(key)) for m in models) + " |")
     lines += ["", "![loss curve](loss.png)", "",
               "## Intended use and limits", "",
               "A research/hobby assistant adapter. It inherits the base model's knowledge and biases and the data's "

@@ -354,6 +354,12 @@ def decide_training(cfg: Config, choice: DeviceChoice, resume: bool = False) -> 
     checkpointing), the attention kernel and how the frozen 4-bit layers multiply; each choice logged once, with
     its reason."""
     t = cfg.training
+    if t.method == "dpo":
+        # TRL batches each pair's chosen and rejected answers padded, not packed. Their lengths change with every
+        # batch, so a compiled graph would recompile per shape: auto leaves compilation off (`on` still tries it).
+        t = dataclasses.replace(t, packing=False, torch_compile="off" if t.torch_compile == "auto" else t.torch_compile)
+        cfg = dataclasses.replace(cfg, training=t)
+        logger.info("DPO: pairs padded per batch, not packed; torch.compile %s", t.torch_compile)
     model_config = load_model_config(cfg.model)
     check_context(model_config, cfg.data.max_length)
     autocast = resolve_autocast(t.autocast, choice)

@@ -50,6 +50,14 @@ CAPITAL_Q = {
     "fr": ("Quelle est la capitale de {c} ?", "La capitale de {c} est {k}."),
 }
 WRONG_ANSWERS = ["I am not sure.", "Maybe you should look it up.", "That is a hard question.", "No idea, sorry."]
+HABITATS = {
+    "bear": "forests", "bee": "hives", "camel": "deserts", "cat": "houses", "dolphin": "oceans", "eagle": "mountains",
+    "frog": "ponds", "horse": "fields", "owl": "woods", "penguin": "Antarctica", "shark": "the sea", "snail": "gardens",
+}
+STYLES = {
+    "plain": "The {a} is an animal that lives in {h}.",
+    "excited": "Wow! The {a} lives in {h}! So cool!",
+}
 
 
 class TreeWriter:
@@ -116,6 +124,29 @@ def greeting_tree(w: TreeWriter, lang: str) -> None:
     tree = w.new_id()
     root = w.add(tree, None, "prompter", q, lang, message_id=tree)
     w.add(tree, root, "assistant", a, lang, rank=0)
+
+
+def style_tree(w: TreeWriter, animal: str, replies: list[str]) -> None:
+    """"Tell me about the <animal>." with one reply per style given, ranked in that order. Both styles say the same;
+    only the ranked trees say which one people prefer."""
+    tree = w.new_id()
+    root = w.add(tree, None, "prompter", f"Tell me about the {animal}.", "en", message_id=tree)
+    for rank, style in enumerate(replies):
+        w.add(tree, root, "assistant", STYLES[style].format(a=animal, h=HABITATS[animal]), "en",
+              rank=rank if len(replies) > 1 else 0)
+
+
+def style_trees(seed: int, ranked: int, excited: int, plain: int) -> list[dict]:
+    """Per animal: `ranked` trees where the plain reply is ranked above the excited one, and single-reply trees in
+    each style. The single replies lean excited, so SFT (which learns from the best reply of every tree) imitates
+    both styles about equally; only preference tuning on the rankings prefers the plain one."""
+    w = TreeWriter(random.Random(seed))
+    for animal in sorted(HABITATS):
+        kinds = [["plain", "excited"]] * ranked + [["excited"]] * excited + [["plain"]] * plain
+        w.rng.shuffle(kinds)
+        for replies in kinds:
+            style_tree(w, animal, replies)
+    return w.rows
 
 
 def messy_trees(w: TreeWriter) -> None:
@@ -188,10 +219,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def base_split(split: str) -> list[dict]:
+    """Capitals, arithmetic, colours, greetings and the messes: the text the tiny model's tokenizer is trained on."""
+    if split == "train":
+        return build_split(seed=1, n_capital=300, n_arith=250, countries=sorted(CAPITALS))
+    return build_split(seed=2, n_capital=40, n_arith=30, countries=sorted(CAPITALS))
+
+
+def sample_split(split: str) -> list[dict]:
+    """The whole sample: the base split plus the style trees (preference pairs the SFT data does not settle)."""
+    if split == "train":
+        return base_split(split) + style_trees(seed=3, ranked=3, excited=7, plain=0)
+    return base_split(split) + style_trees(seed=4, ranked=1, excited=0, plain=0)
+
+
 def make_data(out: Path) -> None:
-    countries = sorted(CAPITALS)
-    write_jsonl(out / "train.jsonl", build_split(seed=1, n_capital=300, n_arith=250, countries=countries))
-    write_jsonl(out / "validation.jsonl", build_split(seed=2, n_capital=40, n_arith=30, countries=countries))
+    for split in ("train", "validation"):
+        write_jsonl(out / f"{split}.jsonl", sample_split(split))
 
 
 # The column types of OpenAssistant/oasst1's parquet files (its dataset card's `dataset_info`): nested structs for
@@ -247,8 +291,7 @@ def write_oasst1_download(out: Path, layout: str = "hf-cli") -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    splits = {"train": build_split(seed=1, n_capital=300, n_arith=250, countries=sorted(CAPITALS)),
-              "validation": build_split(seed=2, n_capital=40, n_arith=30, countries=sorted(CAPITALS))}
+    splits = {split: sample_split(split) for split in ("train", "validation")}
     files: dict[str, bytes] = {}
     for split, rows in splits.items():
         full = full_oasst1_rows(rows, seed=len(split))
@@ -311,17 +354,16 @@ def _trees(rows: list[dict]) -> list[dict]:
     return trees
 
 
-def make_tiny_model(data_dir: Path, out: Path) -> None:
-    """A byte-level BPE tokenizer trained on the sample plus a randomly initialised tiny PhiForCausalLM."""
+def make_tiny_model(out: Path) -> None:
+    """A byte-level BPE tokenizer trained on the base sample plus a randomly initialised tiny PhiForCausalLM. The
+    style trees' words are not in the tokenizer's training text, so they are split into smaller pieces, as words a
+    real tokenizer never saw are."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
     eos = "<|endoftext|>"  # Phi-2's eos/bos/unk token, so the code paths match the real tokenizer
-    texts = []
-    for split in ("train", "validation"):
-        for line in (data_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
-            texts.append(json.loads(line)["text"])
+    texts = [row["text"] for split in ("train", "validation") for row in base_split(split)]
     texts.append("### Human: ### Assistant:")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -358,7 +400,7 @@ def main() -> None:
         print(f"wrote {write_oasst1_download(args.oasst1_download, args.layout)}")
         return
     make_data(args.out / "smoke")
-    make_tiny_model(args.out / "smoke", args.out / "tiny-phi")
+    make_tiny_model(args.out / "tiny-phi")
     print(f"wrote {args.out / 'smoke'} and {args.out / 'tiny-phi'}")
 
 

@@ -395,7 +395,7 @@ def test_smoke_sample_counts(tokenizer):
         assert train[reason] >= 1, reason
     multi = [c for c in data.splits["train"]["messages"] if len(c) >= 4]
     assert len(multi) > 50
-    assert train["conversations"] == len(data.splits["train"]) == 567  # every kept tree, none lost or doubled
+    assert train["conversations"] == len(data.splits["train"]) == 687  # every kept tree (567 + 120 style trees), none lost or doubled
 
 
 # ----------------------------------------------------------------------------------------------------------------

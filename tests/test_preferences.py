@@ -1,17 +1,23 @@
 """preferences.py: DPO pairs from oasst1's rankings and from TRL's preference format, counted, rendered in the SFT
-template token for token, split by tree."""
+template token for token, split by tree; DPO training from the SFT adapter, measured by evaluate.py."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 import data_utils as du
 import preferences as pf
+import train
 from config import DataConfig
-from conftest import SMOKE_DATA
+from conftest import ROOT, SMOKE_DATA, run_script
 
 EOS = "<|endoftext|>"
 MESSAGE_OUTCOMES = ("bad_type", "duplicate_id", "unknown_role", "deleted", "review_failed", "tree_not_ready",
@@ -108,3 +114,85 @@ def test_data_without_pairs_says_what_is_needed(tmp_path):
     path.write_text(json.dumps({"text": "### Human: hi ### Assistant: yo"}) + "\n")
     with pytest.raises(du.DataError, match="prompt/chosen/rejected"):
         pf.load_preferences(DataConfig(dataset=str(path)), EOS, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: train.py with training.method dpo, after the smoke SFT run
+# ----------------------------------------------------------------------------------------------------------------
+
+DPO = ["--config", "configs/smoke-dpo.yaml"]
+
+
+def answer(config: list[str], output_dir: Path, prompt: str) -> str:
+    return run_script("inference.py", *config, "--training.output_dir", str(output_dir),
+                      "--prompt", prompt).stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(smoke_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dpo")
+    run_script("train.py", *DPO, "--preference.sft_adapter", str(smoke_run / "final"),
+               "--training.output_dir", str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_dpo_learns_the_ranked_preference_sft_did_not(smoke_run, dpo_run, tmp_path):
+    """The smoke sample's style trees: most single replies are excited, the rankings prefer the plain one. SFT
+    imitates the majority; DPO on the rankings answers plainly, and still knows what SFT taught it."""
+    prompt = "Tell me about the cat."
+    assert answer(["--config", "configs/smoke.yaml"], smoke_run, prompt) == "Wow! The cat lives in houses! So cool!"
+    assert answer(DPO, dpo_run, prompt) == "The cat is an animal that lives in houses."
+    assert answer(DPO, dpo_run, "What is the capital of Peru?") == "The capital of Peru is Lima."
+    assert not (dpo_run / "final" / "ref").exists()  # TRL's frozen reference copy is not the result
+
+    run_script("evaluate.py", *DPO, "--preference.sft_adapter", str(smoke_run / "final"), "--training.output_dir",
+               str(dpo_run), "--num-prompts", "8", "--reports-dir", str(tmp_path), "--name", "dpo")
+    pref = json.loads((tmp_path / "eval-dpo.json").read_text())["preference"]
+    assert pref["reference"] == "sft" and pref["finetuned"]["pairs"] > 50
+    assert pref["finetuned"]["likelihood_accuracy"] >= pref["sft"]["likelihood_accuracy"] + 0.1
+    assert pref["finetuned"]["reward_accuracy"] > 0.9 and pref["finetuned"]["reward_margin"] > 0
+    md = (tmp_path / "eval-dpo.md").read_text()
+    assert "## Preference pairs" in md and f"{pref['finetuned']['likelihood_accuracy']:.4f}" in md
+    card = (dpo_run / "final" / "README.md").read_text()
+    assert "tags: [qlora, lora, trl, dpo]" in card and "continued from the SFT adapter" in card
+    assert (f"| likelihood_accuracy | {pref['base']['likelihood_accuracy']:.4f} | "
+            f"{pref['sft']['likelihood_accuracy']:.4f} | {pref['finetuned']['likelihood_accuracy']:.4f} |") in card
+
+
+@pytest.mark.slow
+def test_dpo_sigterm_then_resume_finishes(smoke_run, tmp_path):
+    out = tmp_path / "dpo"
+    command = [sys.executable, "train.py", *DPO, "--preference.sft_adapter", str(smoke_run / "final"),
+               "--training.output_dir", str(out), "--training.save_steps", "10", "--training.eval_steps", "0"]
+    proc = subprocess.Popen([*command, "--training.max_steps", "5000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-10" / "trainer_state.json").is_file():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err, err[-3000:]
+    step = int(train.newest_complete_checkpoint(out).name.split("-")[1])
+    resumed = run_script(*command[1:], "--training.max_steps", str(step + 5), "--resume")
+    assert "resuming from" in resumed.stderr
+    assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final" / "ref").exists()
+
+
+def test_dpo_without_a_usable_sft_adapter_says_so_before_loading_the_model(tmp_path):
+    proc = run_script("train.py", *DPO, "--preference.sft_adapter", "", "--training.output_dir", str(tmp_path / "a"),
+                      check=False)
+    assert proc.returncode == 2 and "preference.sft_adapter" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("train.py", *DPO, "--preference.sft_adapter", str(tmp_path / "missing"),
+                      "--training.output_dir", str(tmp_path / "b"), check=False)
+    assert proc.returncode == 1 and "preference.sft_adapter: no adapter at" in proc.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-2-7b"}))
+    (other / "adapter_model.safetensors").write_bytes(b"")
+    proc = run_script("train.py", *DPO, "--preference.sft_adapter", str(other), "--training.output_dir",
+                      str(tmp_path / "c"), check=False)
+    assert proc.returncode == 1 and "trained on 'meta-llama/Llama-2-7b'" in proc.stderr
+    assert "loading the base" not in proc.stderr and "Traceback" not in proc.stderr
