@@ -8,6 +8,8 @@
     python bench.py epoch --presets speed --runs 2   # time to adapter, oasst1-sized set: cold, then warm compile cache
     python bench.py epoch --tiny               # the same on the tiny model and a small set on the CPU
     python bench.py epoch --presets speed --processes 1 2   # 1 GPU, then 2 through accelerate launch (DDP)
+    python bench.py dpo                        # DPO: time to adapter on 20k oasst1-sized preference pairs
+    python bench.py dpo --tiny                 # the same on the tiny model and a small set on the CPU
     python bench.py serve --dtypes bf16 --clients 1 8   # concurrent streaming clients of the OpenAI-compatible API
     python bench.py serve --tiny               # the same on the tiny model on the CPU
     python bench.py serve --dtypes bf16 --penalty 1.1   # greedy with the app's default repetition penalty
@@ -32,6 +34,13 @@ inductor's and Triton's compile caches in a folder, so a second run reports the 
 gets an empty one (cold). `--processes 1 2` runs each preset on 1 process (GPU) and then through `accelerate launch`
 (configs/accelerate/ddp.yaml: data-parallel, the same per-device micro-batch) on 2, sharing the preset's compile
 cache, and gives each row's steady tokens/s (all processes' tokens) as a multiple of the 1-process run's.
+
+The dpo benchmark runs train.py the same way with configs/phi2-dpo.yaml (training.method dpo) on 20,000
+preference pairs (oasst1's ranked replies give about that many with up to 3 pairs a prompt): each pair's context is
+an epoch conversation without its last answer, and the chosen and the rejected answer are two answers of that
+length distribution, as TRL-format messages. The SFT adapter DPO starts from is a fresh peft LoRA of the preset's
+shape on the same random model (its values do not change the speed). It reports what epoch does plus the steady
+optimizer steps/s and the pairs per optimizer step.
 
 The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves
 openai_api's routes (the app's OpenAI-compatible endpoint, without the Gradio page) with uvicorn, and sends N
@@ -85,7 +94,8 @@ BASELINE = {
                  "optim": "paged_adamw_32bit", "gradient_checkpointing": False, "torch_compile": "off"},
 }
 PRESET_FILES = {"default": "configs/phi2-oasst1.yaml", "speed": "configs/phi2-speed.yaml",
-                "lowmem": "configs/phi2-lowmem.yaml", "smoke": "configs/smoke.yaml"}
+                "lowmem": "configs/phi2-lowmem.yaml", "smoke": "configs/smoke.yaml", "dpo": "configs/phi2-dpo.yaml",
+                "smoke-dpo": "configs/smoke-dpo.yaml"}
 # The benchmark's own LoRA (QLoRA NF4 r=64 alpha=16), applied on top of every preset so rows compare.
 BENCH_LORA = {"r": 64, "alpha": 16}
 
@@ -418,9 +428,39 @@ def epoch_conversations(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_pairs(n: int, seed: int = 0) -> list[dict]:
+    """The DPO set (module docstring): TRL-format rows, the context as messages, chosen and rejected as answers."""
+    rng = np.random.default_rng(seed + 1)
+    words = np.array(WORDS)
+
+    def answer() -> list[dict]:
+        length = int(np.clip(rng.lognormal(math.log(75), 0.8), 3, 1500))
+        return [{"role": "assistant", "content": " ".join(words[rng.integers(0, len(words), size=length)])}]
+
+    return [{"prompt": row["messages"][:-1], "chosen": answer(), "rejected": answer()}
+            for row in epoch_conversations(n, seed)]
+
+
+def make_sft_adapter(model_path: Path, preset: str) -> Path:
+    """A fresh LoRA of the preset's shape on the model (kept beside it): the adapter DPO continues from."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapter_utils import build_lora_config
+    from config import load_config
+    lora = load_config(ROOT / PRESET_FILES[preset]).lora
+    out = Path(tempfile.gettempdir()) / f"{model_path.name}-sft-adapter-r{lora.r}"
+    if not (out / "adapter_model.safetensors").is_file():
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+        get_peft_model(base, build_lora_config(lora)).save_pretrained(out)
+        del base
+        gc.collect()
+    return out
+
+
 def run_epoch(name: str, preset: str, overrides: list[tuple[str, str]], processes: int, model_path: Path,
-              conversations: int, tiny: bool, cache: Path, log_dir: Path, timeout: int | None) -> dict:
-    """train.py on the epoch set as a user runs it; time to adapter split into train.py's phases.
+              rows: list[dict], tiny: bool, cache: Path, log_dir: Path, timeout: int | None) -> dict:
+    """train.py on the epoch set (or the DPO pairs) as a user runs it; time to adapter split into train.py's phases.
 
     With processes > 1 it runs through `accelerate launch` with configs/accelerate/ddp.yaml, as README's 'Several
     GPUs' says (each process its own GPU and its own 4-bit copy, the same per-device micro-batch); the token counts
@@ -428,7 +468,7 @@ def run_epoch(name: str, preset: str, overrides: list[tuple[str, str]], processe
     work = Path(tempfile.mkdtemp(prefix="bench-epoch-"))
     data = work / "conversations.jsonl"
     with data.open("w") as f:
-        for row in epoch_conversations(conversations):
+        for row in rows:
             f.write(json.dumps(row) + "\n")
     cold = not any(p.is_file() for p in cache.rglob("*"))
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
@@ -456,15 +496,21 @@ def run_epoch(name: str, preset: str, overrides: list[tuple[str, str]], processe
     wall = time.perf_counter() - start
     if error:
         return {"name": name, "error": error, "log": str(log)}
-    run = json.loads((work / "out" / "final" / "run.json").read_text())
-    stats = json.loads((work / "out" / "final" / "data_stats.json").read_text())
+    final = work / "out" / "final"
+    run = json.loads((final / "run.json").read_text())
+    stats = json.loads((final / "data_stats.json").read_text())["train"]
+    steps = max(h["step"] for h in json.loads((final / "log_history.json").read_text()))
     timing = run["timing"]
     # The time to adapter: process start to the last file of final/ written (the process then still exits).
-    written = max(p.stat().st_mtime for p in (work / "out" / "final").iterdir()) - started_at
+    written = max(p.stat().st_mtime for p in final.iterdir()) - started_at
+    per_step = run["plan"]["micro_batch"] * run["plan"]["accumulation"] * processes
+    first = next(int(m[1]) for k in timing if (m := re.fullmatch(r"first_(\d+)_steps_s", k)))  # not steady yet
     return {"name": name, "preset": preset, "overrides": dict(overrides), "processes": processes,
             "to_final_s": round(written, 1), "wall_s": round(wall, 1),
             "start_and_imports_s": round(written - timing["total_s"], 1), **timing,
-            "train_tokens": stats["train"]["tokens"], "train_sequences": stats["train"]["sequences"],
+            "steps": steps, "steady_steps_per_s": round((steps - first) / timing["steady_steps_s"], 3),
+            "rows_per_step": per_step, "train_tokens": stats.get("tokens"),
+            "train_sequences": stats.get("sequences", stats.get("pairs")),
             "compile_cache": "cold" if cold else "warm", "log": str(log)}
 
 
@@ -481,16 +527,16 @@ def epoch_table(rows: list[dict]) -> str:
     keys = [k for k in done[0] if k.endswith("_s") and not k.endswith("per_s")
             and k not in ("to_final_s", "wall_s", "total_s")] if done else []
     lines = ["| run | time to adapter (s) | process exit (s) | " + " | ".join(keys)
-             + " | steady tok/s | x 1 process | train tokens |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- | --- |"]
+             + " | steady tok/s | steps/s | rows/step | x 1 process | train rows |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} (log {r['log']}) |")
             continue
         lines.append(f"| {r['name']} ({r['compile_cache']} cache) | {r['to_final_s']:.1f} | {r['wall_s']:.1f} | "
                      + " | ".join(f"{r.get(k, 0):.1f}" for k in keys)
-                     + f" | {r.get('steady_tokens_per_s', float('nan')):,.0f} | "
-                     f"{r.get('x_one_process', float('nan')):.2f} | {r['train_tokens']:,} |")
+                     + f" | {r.get('steady_tokens_per_s', float('nan')):,.0f} | {r['steady_steps_per_s']:.2f} | "
+                     f"{r['rows_per_step']} | {r.get('x_one_process', float('nan')):.2f} | {r['train_sequences']:,} |")
     return "\n".join(lines)
 
 
@@ -801,7 +847,7 @@ def spawn(spec: dict, timeout: int | None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", nargs="?", choices=["train", "generate", "epoch", "serve"], default="train")
+    parser.add_argument("kind", nargs="?", choices=["train", "generate", "epoch", "dpo", "serve"], default="train")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the code, not speed)")
     parser.add_argument("--presets", nargs="+", default=["baseline", "default", "speed", "lowmem"])
@@ -818,7 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default=None, help="where the random Phi-2 is saved (reused if present)")
     parser.add_argument("--out", default=None, help="JSON results file (default reports/bench-<kind>.json)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
-    parser.add_argument("--conversations", type=int, default=None, help="epoch: conversations (default 9500)")
+    parser.add_argument("--conversations", type=int, default=None,
+                        help="epoch: conversations (default 9500); dpo: pairs (default 20000)")
     parser.add_argument("--cache", default=None,
                         help="epoch: compile-cache folder kept across runs (default: a new empty one, cold)")
     parser.add_argument("--profile", action="store_true",
@@ -840,14 +887,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ROOT / "reports" / f"bench-{args.kind}{'-tiny' if args.tiny else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    if args.kind == "epoch":
-        presets = args.presets if args.presets != parser.get_default("presets") else ["smoke" if args.tiny else "speed"]
-        n = args.conversations or (200 if args.tiny else 9500)
+    if args.kind in ("epoch", "dpo"):
+        dpo = args.kind == "dpo"
+        default = ("smoke-dpo" if args.tiny else "dpo") if dpo else ("smoke" if args.tiny else "speed")
+        presets = args.presets if args.presets != parser.get_default("presets") else [default]
+        n = args.conversations or (200 if args.tiny else 20000 if dpo else 9500)
+        data = preference_pairs(n) if dpo else epoch_conversations(n)
         for spec in presets + args.variant:
             name, preset, overrides = variant_parts(spec)
             if preset not in PRESET_FILES:
-                raise SystemExit(f"epoch runs train.py with a preset file: use one of {', '.join(PRESET_FILES)} "
+                raise SystemExit(f"{args.kind} runs train.py with a preset file: use one of {', '.join(PRESET_FILES)} "
                                  f"(got {preset!r})")
+            if dpo:
+                overrides = [("preference.sft_adapter", str(make_sft_adapter(model_path, preset))), *overrides]
             # Runs of one preset share a cache (the first is cold); without --cache it starts empty.
             cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-compile-cache-"))
             first = len(rows)
@@ -856,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
                     label = name + (f"-{processes}proc" if args.processes != [1] else "")
                     label += f"-run{i + 1}" if args.runs > 1 else ""
                     logger.info("epoch %s ...", label)
-                    rows.append(run_epoch(label, preset, overrides, processes, model_path, n, args.tiny, cache,
+                    rows.append(run_epoch(label, preset, overrides, processes, model_path, data, args.tiny, cache,
                                           out.parent, args.timeout))
                     logger.info("  %s", rows[-1])
             scale_to_one_process(rows[first:])

@@ -62,6 +62,21 @@ def test_epoch_bench_tiny(tmp_path):
     assert "| smoke-2proc (" in record["table"]
 
 
+def test_dpo_bench_tiny(tmp_path):
+    """train.py with training.method dpo on the synthetic pairs, from a fresh SFT adapter of the preset's shape:
+    phases that add up, the steps and pairs a step it ran."""
+    out = tmp_path / "dpo.json"
+    run_script("bench.py", "dpo", "--tiny", "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row
+    assert "DPO from" in Path(row["log"]).read_text()
+    phases = ["start_and_imports_s", "data_s", "model_load_quantize_s", "trainer_setup_s", "train_setup_s",
+              "first_10_steps_s", "steady_steps_s", "final_eval_s", "save_s"]
+    assert abs(sum(row[p] for p in phases) - row["to_final_s"]) < 0.5
+    assert row["steps"] == 30 and row["rows_per_step"] == 8 and row["train_sequences"] > 100
+    assert row["steady_steps_per_s"] > 0 and row["steady_tokens_per_s"] > 0
+
+
 def test_serving_bench_tiny(tmp_path):
     """Concurrent streaming clients over HTTP against the OpenAI-compatible routes: decoded together, each client's
     greedy text the same as alone (fp32)."""
