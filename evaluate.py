@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+import preferences
 import report_utils
 from adapter_utils import AdapterError, read_adapter_config
 from config import Config, ConfigError, GenerationSettings, load_config, parse_config
-import preferences
 from data_utils import DataError, Message, load_conversations, render_text, tokenize_conversations
 from inference import (ChatModel, Reply, adapter_dir_for, load_chat_model, load_model_folder, resolve_device,
                        trained_base)
@@ -109,13 +109,20 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, reference: 
     return metrics
 
 
-def held_out_pairs(cfg: Config, eos: str) -> list[dict] | None:
-    """The validation split's preference pairs (preferences.py), when the data has ranked replies; else None."""
+def held_out_pairs(cfg: Config, tokenizer) -> list[dict] | None:
+    """The validation split's preference pairs (preferences.py), when the data has ranked replies; else None. Pairs
+    whose prompt and longer answer exceed data.max_length are left out (DPO training would cut them), and counted."""
     try:
-        data = preferences.load_preferences(cfg.data, eos, cfg.preference.max_pairs_per_prompt)
+        data = preferences.load_preferences(cfg.data, tokenizer.eos_token, cfg.preference.max_pairs_per_prompt)
     except DataError:
         return None
-    return list(data.splits["validation"]) or None
+    pairs = list(data.splits["validation"])
+    fit = [p for p in pairs if max(len(tokenizer(p["prompt"] + p[side], add_special_tokens=False)["input_ids"])
+                                   for side in ("chosen", "rejected")) <= cfg.data.max_length]
+    if len(fit) < len(pairs):
+        logger.info("preference pairs: %d of %d held out are longer than data.max_length %d, left out", len(pairs)
+                    - len(fit), len(pairs), cfg.data.max_length)
+    return fit or None
 
 
 def prompts_and_references(conversations: list[list[Message]]) -> tuple[list[list[Message]], list[str]]:
@@ -260,7 +267,7 @@ def run(cfg: Config, args) -> dict[str, Any]:
     prompts, refs = prompts_and_references(val["messages"][:n_prompts])
     result: dict[str, Any] = {"data": cfg.data.dataset, "conversations": len(val), "max_new_tokens": gen.max_new_tokens,
                               "decoding": how, "base": {}}
-    pairs = held_out_pairs(cfg, tokenizer.eos_token)
+    pairs = held_out_pairs(cfg, tokenizer)
     likelihoods: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def measure(model: ChatModel, label: str, key: str) -> list[Reply]:

@@ -11,10 +11,11 @@ import weakref
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 import evaluate
+from conftest import TINY, run_script
 from inference import Reply
-from conftest import run_script
 
 
 class Uniformish(torch.nn.Module):
@@ -35,6 +36,32 @@ def test_masked_loss_equals_hand_computation():
     # scored labels: 2 (p=1/6), 1 (p=1/2), 1 (p=1/2); the first position of each row never counts
     expected = (math.log(6) + math.log(2) + math.log(2)) / 3
     assert count == 3 and abs(loss - expected) < 1e-6
+
+
+def test_pair_log_likelihoods_are_the_answers_own_sums_in_any_batch(tokenizer):
+    """Summed over the answer's tokens and its EOS only, whatever the batch pads; the metrics by hand."""
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    eos = tokenizer.eos_token
+    pairs = [{"prompt": "### Human: What is 2 plus 3? ### Assistant:", "chosen": " 2 plus 3 is 5." + eos,
+              "rejected": " I am not sure." + eos},
+             {"prompt": "### Human: Hi ### Assistant:", "chosen": " Hello! How can I help you today?" + eos,
+              "rejected": " No." + eos}]
+
+    @torch.no_grad()
+    def alone(prompt: str, answer: str) -> float:
+        prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]])
+        logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        return float(logp[prompt_len - 1:].sum())
+
+    chosen, rejected = evaluate.pair_log_likelihoods(model, tokenizer, pairs, batch_size=2)
+    for i, pair in enumerate(pairs):
+        assert chosen[i].item() == pytest.approx(alone(pair["prompt"], pair["chosen"]), abs=1e-3)
+        assert rejected[i].item() == pytest.approx(alone(pair["prompt"], pair["rejected"]), abs=1e-3)
+    m = evaluate.preference_metrics(torch.tensor([-1.0, -5.0]), torch.tensor([-2.0, -4.0]),
+                                    (torch.tensor([-3.0, -3.0]), torch.tensor([-1.0, -1.0])), beta=0.5)
+    # rewards: chosen 0.5*(2, -2), rejected 0.5*(-1, -3): margins 1.5 and 0.5
+    assert m == {"pairs": 2, "likelihood_accuracy": 0.5, "reward_accuracy": 1.0, "reward_margin": 1.0}
 
 
 def test_fake_turn_and_stop_counters():
