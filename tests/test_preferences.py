@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 import data_utils as du
 import preferences as pf
@@ -196,3 +197,18 @@ def test_dpo_without_a_usable_sft_adapter_says_so_before_loading_the_model(tmp_p
                       str(tmp_path / "c"), check=False)
     assert proc.returncode == 1 and "trained on 'meta-llama/Llama-2-7b'" in proc.stderr
     assert "loading the base" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_dpo_non_finite_training_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "nan"
+    proc = run_script("train.py", *DPO, "--preference.sft_adapter", str(smoke_run / "final"), "--training.output_dir",
+                      str(out), "--training.learning_rate", "1e4", "--training.max_grad_norm", "0",
+                      "--training.warmup_ratio", "0.5", "--training.save_steps", "2", "--training.logging_steps", "1",
+                      "--training.max_steps", "40", "--training.eval_steps", "0", check=False)
+    assert proc.returncode == 3 and "became nan" in proc.stderr.lower() and "Traceback" not in proc.stderr
+    assert not (out / "final").exists()
+    last = train.newest_complete_checkpoint(out)
+    assert last is not None and str(last) in proc.stderr
+    assert all(torch.isfinite(t).all() for t in load_file(str(last / "adapter_model.safetensors")).values())
