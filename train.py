@@ -740,18 +740,18 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, choice: Devi
                     if cfg.lora.dropout > 0 else "inductor's, fused (no adapter dropout)")
     trainer = SFTTrainerMetricsOnDevice(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=build_lora_config(cfg.lora))
-    finish_trainer(trainer, choice)
-    world = trainer.args.world_size
-    logger.info("effective batch: %d sequences/step = %d micro-batch x %d accumulation x %d process(es)%s",
-                args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-                args.per_device_train_batch_size, args.gradient_accumulation_steps, world,
-                " (packed sequences of up to %d tokens)" % cfg.data.max_length if t.packing else "")
+    finish_trainer(trainer, choice, "sequences",
+                   " (packed sequences of up to %d tokens)" % cfg.data.max_length if t.packing else "")
     return trainer
 
 
-def finish_trainer(trainer, choice: DeviceChoice) -> None:
+def finish_trainer(trainer, choice: DeviceChoice, rows: str, note: str = "") -> None:
     """What every stage's trainer gets: the adapter in the compute dtype, the compact log, the guard (signals, NaN),
-    training mode after evaluation."""
+    training mode after evaluation; the effective batch logged (rows: what a micro-batch holds)."""
+    args, world = trainer.args, trainer.args.world_size
+    logger.info("effective batch: %d %s/step = %d micro-batch x %d accumulation x %d process(es)%s",
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * world, rows,
+                args.per_device_train_batch_size, args.gradient_accumulation_steps, world, note)
     if choice.dtype == torch.float32:
         # trl stores QLoRA adapters in bf16 (QLoRA paper); with fp32 compute (CPU, GPUs without bf16) keep them
         # fp32 so every matmul of the step runs in one dtype.
@@ -960,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         if dpo:
             arguments = trainer_arguments(plan.training, choice, plan.compiled, eval_ds is not None, plan.autocast)
             trainer = preferences.build_dpo_trainer(cfg, model, tokenizer, train_ds, eval_ds, arguments)
-            finish_trainer(trainer, choice)
+            finish_trainer(trainer, choice, "pairs", " (a chosen and a rejected sequence each)")
         else:
             trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, choice, plan)
         trainer.add_callback(clock)

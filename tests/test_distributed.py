@@ -34,6 +34,23 @@ def launch_two(out, *args: str) -> list[str]:
             str(out), *args]
 
 
+def test_dpo_on_two_processes_writes_one_adapter(smoke_run, tmp_path):
+    """training.method dpo through `accelerate launch`: one plan, one log of the effective batch (in pairs), only
+    the main process writes checkpoints and the adapter (without TRL's reference copy)."""
+    out = tmp_path / "dpo"
+    proc = run_script("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                      "train.py", "--config", "configs/smoke-dpo.yaml", "--preference.sft_adapter",
+                      str(smoke_run / "final"), "--training.output_dir", str(out), "--training.max_steps", "12",
+                      "--training.save_steps", "6", "--training.eval_steps", "6", "--training.logging_steps", "3",
+                      timeout=600)
+    log = proc.stderr
+    assert log.count("effective batch: 16 pairs/step = 8 micro-batch x 1 accumulation x 2 process(es)") == 1
+    assert log.count("adapter saved to") == 1 and "Traceback" not in log
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+    assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final" / "ref").exists()
+
+
 def test_two_processes_train_one_adapter_on_different_data(tmp_path):
     out = tmp_path / "ddp"
     proc = run_script(*launch_two(out, "--training.max_steps", "12", "--training.save_steps", "6",
