@@ -35,12 +35,12 @@ gets an empty one (cold). `--processes 1 2` runs each preset on 1 process (GPU) 
 (configs/accelerate/ddp.yaml: data-parallel, the same per-device micro-batch) on 2, sharing the preset's compile
 cache, and gives each row's steady tokens/s (all processes' tokens) as a multiple of the 1-process run's.
 
-The dpo benchmark runs train.py the same way with configs/phi2-dpo.yaml (training.method dpo) on 20,000
-preference pairs (oasst1's ranked replies give about that many with up to 3 pairs a prompt): each pair's context is
-an epoch conversation without its last answer, and the chosen and the rejected answer are two answers of that
-length distribution, as TRL-format messages. The SFT adapter DPO starts from is a fresh peft LoRA of the preset's
-shape on the same random model (its values do not change the speed). It reports what epoch does plus the steady
-optimizer steps/s and the pairs per optimizer step.
+The dpo benchmark runs train.py the same way with configs/phi2-dpo.yaml (training.method dpo) on 20,000 preference
+pairs (the size issue 42 gives for oasst1's ranked replies): each pair's context is an epoch conversation without
+its last answer, and the chosen and the rejected answer are two answers of that length distribution, as TRL-format
+messages. The SFT adapter DPO starts from is a fresh peft LoRA of the preset's shape on the same random model (its
+values do not change the speed). It reports what epoch does plus the steady optimizer steps/s and the pairs per
+optimizer step.
 
 The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves
 openai_api's routes (the app's OpenAI-compatible endpoint, without the Gradio page) with uvicorn, and sends N
@@ -442,7 +442,8 @@ def preference_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def make_sft_adapter(model_path: Path, preset: str) -> Path:
-    """A fresh LoRA of the preset's shape on the model (kept beside it): the adapter DPO continues from."""
+    """A fresh LoRA of the preset's shape on the model, saved once in the temp folder: the adapter DPO continues
+    from."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
