@@ -182,21 +182,26 @@ def test_dpo_sigterm_then_resume_finishes(smoke_run, tmp_path):
     assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final" / "ref").exists()
 
 
-def test_dpo_without_a_usable_sft_adapter_says_so_before_loading_the_model(tmp_path):
-    proc = run_script("train.py", *DPO, "--preference.sft_adapter", "", "--training.output_dir", str(tmp_path / "a"),
-                      check=False)
-    assert proc.returncode == 2 and "preference.sft_adapter" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("train.py", *DPO, "--preference.sft_adapter", str(tmp_path / "missing"),
-                      "--training.output_dir", str(tmp_path / "b"), check=False)
-    assert proc.returncode == 1 and "preference.sft_adapter: no adapter at" in proc.stderr
+def test_dpo_without_a_usable_sft_adapter_says_so_before_loading_the_model(tmp_path, capfd):
+    """train.py's entry point (in this process: the fast loop), as the command line calls it."""
+    def run(adapter: str, out: str) -> tuple[int, str]:
+        try:
+            code = train.main([*DPO, "--preference.sft_adapter", adapter, "--training.output_dir", str(tmp_path / out)])
+        except SystemExit as e:
+            code = e.code
+        return code, capfd.readouterr().err
+
+    code, err = run("", "a")
+    assert code == 2 and "preference.sft_adapter" in err and "Traceback" not in err
+    code, err = run(str(tmp_path / "missing"), "b")
+    assert code == 1 and "preference.sft_adapter: no adapter at" in err
     other = tmp_path / "other"
     other.mkdir()
     (other / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-2-7b"}))
     (other / "adapter_model.safetensors").write_bytes(b"")
-    proc = run_script("train.py", *DPO, "--preference.sft_adapter", str(other), "--training.output_dir",
-                      str(tmp_path / "c"), check=False)
-    assert proc.returncode == 1 and "trained on 'meta-llama/Llama-2-7b'" in proc.stderr
-    assert "loading the base" not in proc.stderr and "Traceback" not in proc.stderr
+    code, err = run(str(other), "c")
+    assert code == 1 and "trained on 'meta-llama/Llama-2-7b'" in err
+    assert "loading the base" not in err and "Traceback" not in err
 
 
 @pytest.mark.slow
