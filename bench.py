@@ -38,8 +38,8 @@ cache, and gives each row's steady tokens/s (all processes' tokens) as a multipl
 The dpo benchmark runs train.py the same way with configs/phi2-dpo.yaml (training.method dpo) on 20,000 preference
 pairs (the size issue 42 gives for oasst1's ranked replies): each pair's context is an epoch conversation without
 its last answer, and the chosen and the rejected answer are two answers of that length distribution, as TRL-format
-messages. The SFT adapter DPO starts from is a fresh peft LoRA of the preset's shape on the same random model (its
-values do not change the speed). It reports what epoch does plus the steady optimizer steps/s and the pairs per
+messages. The SFT adapter DPO starts from is a fresh peft LoRA shaped as its SFT preset's on the same random model
+(its values do not change the speed). It reports what epoch does plus the steady optimizer steps/s and the pairs per
 optimizer step.
 
 The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves
@@ -96,6 +96,7 @@ BASELINE = {
 PRESET_FILES = {"default": "configs/phi2-oasst1.yaml", "speed": "configs/phi2-speed.yaml",
                 "lowmem": "configs/phi2-lowmem.yaml", "smoke": "configs/smoke.yaml", "dpo": "configs/phi2-dpo.yaml",
                 "smoke-dpo": "configs/smoke-dpo.yaml"}
+SFT_PRESET_OF = {"dpo": "default", "smoke-dpo": "smoke"}  # the SFT run each DPO preset continues
 # The benchmark's own LoRA (QLoRA NF4 r=64 alpha=16), applied on top of every preset so rows compare.
 BENCH_LORA = {"r": 64, "alpha": 16}
 
@@ -442,14 +443,14 @@ def preference_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def make_sft_adapter(model_path: Path, preset: str) -> Path:
-    """A fresh LoRA of the preset's shape on the model, saved once in the temp folder: the adapter DPO continues
-    from."""
+    """A fresh LoRA in the shape of the SFT preset the DPO preset follows, saved once in the temp folder: the adapter
+    DPO continues from."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from adapter_utils import build_lora_config
     from config import load_config
-    lora = load_config(ROOT / PRESET_FILES[preset]).lora
+    lora = load_config(ROOT / PRESET_FILES[SFT_PRESET_OF[preset]]).lora
     out = Path(tempfile.gettempdir()) / f"{model_path.name}-sft-adapter-r{lora.r}"
     if not (out / "adapter_model.safetensors").is_file():
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)

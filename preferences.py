@@ -26,6 +26,7 @@ assistant message each, or text). A row that is neither is skipped and counted (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
 from adapter_utils import AdapterError, check_adapter_base, read_adapter_config
-from config import Config, DataConfig
+from config import Config, DataConfig, LoraSettings
 from data_utils import (ROLES, BadConversation, DataError, Message, _in_validation, _missing, _rank_key,
                         detect_format, normalize_chat, oasst_trees, read_source, render_text, turn_answer_text,
                         validation_split)
@@ -182,14 +183,28 @@ def load_preferences(cfg: DataConfig, eos: str, max_pairs_per_prompt: int) -> Pr
 # Training (train.py with training.method dpo)
 # ----------------------------------------------------------------------------------------------------------------
 
-def prepare_pairs(cfg: Config, tokenizer) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
-    """The pairs of both splits, as TRL's DPOTrainer takes them (prompt, chosen, rejected: text), after checking the
-    SFT adapter is there and was trained on this base: both fail before any model is loaded."""
+def sft_adapter_lora(cfg: Config) -> LoraSettings:
+    """The shape of the SFT adapter DPO continues (preference.sft_adapter), after checking it is there and was
+    trained on this base, before anything loads. It replaces the config's lora section, which sizes the memory plan
+    and goes into the model card; a difference is logged."""
     adapter = Path(cfg.preference.sft_adapter)
     try:
-        check_adapter_base(adapter, cfg.model.name_or_path, read_adapter_config(adapter))
+        saved = read_adapter_config(adapter)
+        check_adapter_base(adapter, cfg.model.name_or_path, saved)
     except AdapterError as e:
         raise AdapterError(f"preference.sft_adapter: {e}") from e
+    lora = dataclasses.replace(cfg.lora, r=saved["r"], alpha=saved["lora_alpha"],
+                               dropout=saved.get("lora_dropout", cfg.lora.dropout),
+                               target_modules=sorted(saved["target_modules"]), bias=saved.get("bias", cfg.lora.bias))
+    if lora != dataclasses.replace(cfg.lora, target_modules=sorted(cfg.lora.target_modules)):
+        logger.info("lora: the SFT adapter's r=%d, alpha=%g, dropout=%g, targets %s (the config's lora section is not "
+                    "used by DPO)", lora.r, lora.alpha, lora.dropout, ", ".join(lora.target_modules))
+    return lora
+
+
+def prepare_pairs(cfg: Config, tokenizer) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
+    """The pairs of both splits, as TRL's DPOTrainer takes them (prompt, chosen, rejected: text); fails before any
+    model is loaded."""
     data = load_preferences(cfg.data, tokenizer.eos_token, cfg.preference.max_pairs_per_prompt)
     train, validation = (data.splits[s].remove_columns("tree_id") for s in ("train", "validation"))
     return train, (validation if len(validation) else None), data.stats

@@ -941,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)  # set by accelerate launch / torchrun
     clock = PhaseClock()
     try:
+        if cfg.training.method == "dpo":
+            cfg.lora = preferences.sft_adapter_lora(cfg)
         choice = decide_device_dtype(cfg.model.dtype)
         check_fsdp(cfg.quantization, choice)
         plan = decide_training(cfg, choice, resume=args.resume)

@@ -204,6 +204,17 @@ def test_dpo_without_a_usable_sft_adapter_says_so_before_loading_the_model(tmp_p
     assert "loading the base" not in err and "Traceback" not in err
 
 
+def test_dpo_takes_the_sft_adapters_shape_whatever_the_lora_section_says(smoke_run, caplog):
+    from config import parse_config
+    cfg, _ = parse_config([*DPO, "--preference.sft_adapter", str(smoke_run / "final"), "--lora.r", "8",
+                           "--lora.target_modules", "[q_proj]"])
+    with caplog.at_level("INFO"):
+        lora = pf.sft_adapter_lora(cfg)
+    assert (lora.r, lora.alpha, lora.dropout) == (32, 64, 0.0)  # configs/smoke.yaml's, which trained it
+    assert lora.target_modules == sorted(["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
+    assert any("the config's lora section is not used by DPO" in r.message for r in caplog.records)
+
+
 @pytest.mark.slow
 def test_dpo_non_finite_training_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
     from safetensors.torch import load_file
