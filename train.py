@@ -158,6 +158,10 @@ def build_model(cfg: Config, choice: DeviceChoice, plan: TrainingPlan):
 PHI2_ROW_GIB = {(False, False): 4.8, (True, False): 0.65,   # (checkpointing, autocast)
                 (False, True): 7.4, (True, True): 1.38}
 PHI2_FIXED_GIB = 2.5
+# What DPO holds per 2048-token sequence beyond SFT's packed rows (TRL's log-probabilities over the vocabulary for the
+# chosen and the rejected answer, the reference's pass): the peak it was measured at (docs/PERFORMANCE.md, DPO) less
+# the SFT figures' estimate, over the sequences.
+DPO_SEQUENCE_GIB = 1.45
 PHI2_WIDTH_DEPTH = 2560 * 32
 MAX_MICRO_TOKENS = 8 * 2048  # larger micro-batches measured no faster (16 x 2048 rows: 16k tok/s vs 35k at 8)
 # Without checkpointing a micro-batch needs this many tokens to beat checkpointing's larger ones: on the H200 under a
@@ -169,9 +173,10 @@ PLANNED = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradie
 
 
 def estimate_peak_gib(model_config, lora: LoraSettings, max_length: int, micro_batch: int, checkpointing: bool,
-                      autocast: bool = False, fp32: bool = False) -> float:
+                      autocast: bool = False, fp32: bool = False, pairs: bool = False) -> float:
     """Estimated peak GPU memory of one training process, from the measured Phi-2 figures above (fp32 compute:
-    activations twice the bf16 size).
+    activations twice the bf16 size). With `pairs` (DPO) the micro-batch counts pairs: two sequences each, each
+    with DPO's measured extra.
 
     Adapter dropout adds what backward keeps of each adapted layer's dropped-out input, for every layer unless
     checkpointing recomputes it (measured with dropout 0.05, plain bf16, micro-batch 8: 62.4 GiB, 2.7 GiB a row more
@@ -183,7 +188,9 @@ def estimate_peak_gib(model_config, lora: LoraSettings, max_length: int, micro_b
                      for name in lora.target_modules)
         value_bytes = 4 if (fp32 or autocast) else 2  # under autocast the adapters' input is the fp32 norm output
         row += widths * value_bytes * model_config.num_hidden_layers * max_length / 2**30
-    return PHI2_FIXED_GIB * scale + micro_batch * row
+    if pairs:
+        row += DPO_SEQUENCE_GIB * scale * max_length / 2048 * (2 if fp32 else 1)
+    return PHI2_FIXED_GIB * scale + micro_batch * (2 if pairs else 1) * row
 
 
 def fp8_copy_gib(model_config) -> float:
@@ -203,7 +210,8 @@ def fp8_layouts(cfg: Config, model_config, choice: DeviceChoice, autocast: bool,
     t = cfg.training
     budget_gib, source = budget
     peak = estimate_peak_gib(model_config, cfg.lora, cfg.data.max_length, t.per_device_train_batch_size,
-                             t.gradient_checkpointing, autocast) + 2 * fp8_copy_gib(model_config)
+                             t.gradient_checkpointing, autocast, pairs=t.method == "dpo")
+    peak += 2 * fp8_copy_gib(model_config)
     fits = peak <= PLAN_HEADROOM * budget_gib
     return fits, (f"estimated peak {peak:.1f} GiB with both {'fits' if fits else 'does not fit'} "
                   f"{100 * PLAN_HEADROOM:.0f}% of {budget_gib:.1f} GiB, {source}")
@@ -240,7 +248,8 @@ def plan_memory(cfg: Config, model_config, choice: DeviceChoice, budget: tuple[f
     least 8k tokens; else checkpointing with the largest that fits. Logged once with the estimate and the budget it
     was sized for."""
     t, lora, max_length, quantization = cfg.training, cfg.lora, cfg.data.max_length, cfg.quantization
-    rows = 2 if t.method == "dpo" else 1  # DPO's micro-batch counts pairs: a chosen and a rejected sequence each
+    pairs = t.method == "dpo"
+    tokens = max_length * (2 if pairs else 1)  # a micro-batch row's most tokens: DPO's rows are pairs
     budget_gib, source = budget
     free_keys = [k for k in PLANNED if f"training.{k}" not in cfg.explicit]
     if t.memory_plan == "off" or choice.device != "cuda" or not free_keys:
@@ -252,18 +261,18 @@ def plan_memory(cfg: Config, model_config, choice: DeviceChoice, budget: tuple[f
     effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
     micro_fixed = {"per_device_train_batch_size", "gradient_accumulation_steps"} - set(free_keys)
     sizes = [t.per_device_train_batch_size] if micro_fixed else \
-        [m for m in (16, 8, 4, 2, 1) if effective % m == 0 and m * max_length <= MAX_MICRO_TOKENS] or [1]
+        [m for m in (16, 8, 4, 2, 1) if effective % m == 0 and m * tokens <= MAX_MICRO_TOKENS] or [1]
     modes = [t.gradient_checkpointing] if "gradient_checkpointing" not in free_keys else [False, True]
     fp32 = choice.dtype == torch.float32
     room = PLAN_HEADROOM * budget_gib
     options = [(ckpt, m) for ckpt in modes for m in sizes
-               if ckpt or micro_fixed or len(modes) == 1 or m * max_length >= MIN_UNCHECKPOINTED_TOKENS]
+               if ckpt or micro_fixed or len(modes) == 1 or m * tokens >= MIN_UNCHECKPOINTED_TOKENS]
 
     def estimate(ckpt: bool, micro: int) -> float:
         # Checkpointing decides compilation, which decides whether auto's products are fp8 (their weight copy).
         compiled = resolve_compile(t.torch_compile, choice, ckpt, log=False)
         fp8 = resolve_products(quantization, choice, compiled, False)[0] == "fp8"
-        return (estimate_peak_gib(model_config, lora, max_length, micro * rows, ckpt, autocast, fp32)
+        return (estimate_peak_gib(model_config, lora, max_length, micro, ckpt, autocast, fp32, pairs)
                 + (fp8_copy_gib(model_config) if fp8 else 0.0))
 
     fits = [(ckpt, m) for ckpt, m in options if estimate(ckpt, m) <= room]
