@@ -416,3 +416,69 @@ def test_shutdown_ends_every_answer_with_an_error_and_refuses_new_ones(tokenizer
     calls = ScriptedPhi.calls
     time.sleep(0.3)
     assert ScriptedPhi.calls == calls  # nothing runs on
+
+
+def crowd_conversations(count: int, rng) -> list[list[dict]]:
+    """`count` conversations of different lengths: one to five turns, questions of different sizes."""
+    subjects = ["Peru", "France", "the cat", "a color", "the river", "city number 7", "the sea", "a song"]
+    conversations = []
+    for _ in range(count):
+        messages = []
+        for turn in range(rng.randint(1, 5)):
+            subject = rng.choice(subjects)
+            long = f"Can you tell me about {subject}, please? I keep forgetting it, " * rng.randint(1, 3)
+            question = rng.choice([f"Tell me about {subject}.", f"What is {subject}?", "Hi", long])
+            messages.append({"role": "user", "content": question})
+            if turn:
+                messages.insert(-1, {"role": "assistant", "content": f"It is about {subject}. " * rng.randint(1, 4)})
+        conversations.append(messages)
+    return conversations
+
+
+@pytest.mark.slow
+def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_answer(chat_model, monkeypatch):
+    """A crowd on one engine of 64 slots (fp32, CPU, the smoke model): 64 conversations of different lengths and
+    answer budgets arrive at random moments; 12 of them leave at random points. Every answer that was not cancelled
+    is exactly the one it gets alone (text, stop reason, tokens); every cancelled one stops with "cancelled" (or had
+    ended already) and holds a beginning of its alone answer; and the engine decoded many of them together. Steps are
+    slowed a little so that arrivals overlap as they do on a busy GPU."""
+    import random
+    rng = random.Random(0)
+    chat = ChatModel(chat_model.model, chat_model.tokenizer, fast=False, batch_slots=64)
+    conversations = crowd_conversations(64, rng)
+    settings = [GenerationSettings(max_new_tokens=rng.randint(4, 40), temperature=0.0) for _ in conversations]
+    prompts = [chat.prompt_ids(c, g.max_new_tokens)[0] for c, g in zip(conversations, settings)]
+    assert len({len(p) for p in prompts}) > 20  # different lengths
+    alone = [chat.chat(c, g) for c, g in zip(conversations, settings)]
+    leaving = set(rng.sample(range(64), 12))
+    delays = [rng.uniform(0, 0.6) for _ in conversations]
+    pieces_before_leaving = [rng.randint(0, 3) for _ in conversations]
+    step = chat.batcher.step
+    monkeypatch.setattr(chat.batcher, "step", lambda *a, **k: time.sleep(0.01) or step(*a, **k))
+    replies, errors = [None] * 64, []
+
+    def client(i: int) -> None:
+        try:
+            time.sleep(delays[i])
+            answer = chat.start(prompts[i], settings[i])
+            for n, _ in enumerate(answer):
+                if i in leaving and n == pieces_before_leaving[i]:
+                    answer.cancel()
+            replies[i] = answer.reply
+        except Exception as error:  # the test fails below, naming it
+            errors.append((i, error))
+
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(64)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(120)
+    assert not any(c.is_alive() for c in clients), "a client was left hanging"
+    assert errors == []
+    for i, (got, expected) in enumerate(zip(replies, alone)):
+        if i in leaving and got.stop == "cancelled":
+            assert expected.text.startswith(got.text) and got.new_tokens <= expected.new_tokens, i
+        else:
+            assert (got.text, got.stop, got.new_tokens) == (expected.text, expected.stop, expected.new_tokens), i
+    assert sum(replies[i].stop == "cancelled" for i in leaving) >= 4  # most leave before their end (9 of 12 here)
+    assert chat.batcher.most_rows >= 16
