@@ -111,14 +111,14 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, reference: 
 
 def held_out_pairs(cfg: Config, tokenizer) -> list[dict] | None:
     """The validation split's preference pairs (preferences.py), when the data has ranked replies; else None. Pairs
-    whose prompt and longer answer exceed data.max_length are left out (DPO training would cut them), and counted."""
+    whose prompt and longer answer exceed data.max_length are left out, as in training (preferences.fitting), and
+    counted."""
     try:
         data = preferences.load_preferences(cfg.data, tokenizer.eos_token, cfg.preference.max_pairs_per_prompt)
     except DataError:
         return None
-    pairs = list(data.splits["validation"])
-    fit = [p for p in pairs if max(len(tokenizer(p["prompt"] + p[side], add_special_tokens=False)["input_ids"])
-                                   for side in ("chosen", "rejected")) <= cfg.data.max_length]
+    pairs = data.splits["validation"]
+    fit = list(preferences.fitting(pairs, tokenizer, cfg.data.max_length))
     if len(fit) < len(pairs):
         logger.info("preference pairs: %d of %d held out are longer than data.max_length %d, left out", len(pairs)
                     - len(fit), len(pairs), cfg.data.max_length)

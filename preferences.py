@@ -202,12 +202,37 @@ def sft_adapter_lora(cfg: Config) -> LoraSettings:
     return lora
 
 
+def fitting(pairs: Dataset, tokenizer, max_length: int) -> Dataset:
+    """The pairs whose prompt and longer answer fit max_length tokens. TRL would cut a longer one from its end (the
+    answers first, to nothing after a long prompt) and train on what is left; it is left out instead, and counted by
+    the caller."""
+    if not len(pairs):
+        return pairs
+    prompts = pairs["prompt"]
+    texts = [p + a for side in ("chosen", "rejected") for p, a in zip(prompts, pairs[side])]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    n = len(prompts)
+    return pairs.select([i for i in range(n) if max(lengths[i], lengths[n + i]) <= max_length])
+
+
 def prepare_pairs(cfg: Config, tokenizer) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
-    """The pairs of both splits, as TRL's DPOTrainer takes them (prompt, chosen, rejected: text); fails before any
-    model is loaded."""
+    """The pairs of both splits that fit data.max_length, as TRL's DPOTrainer takes them (prompt, chosen, rejected:
+    text); the others counted (`longer_than_max_length`). Fails before any model is loaded."""
     data = load_preferences(cfg.data, tokenizer.eos_token, cfg.preference.max_pairs_per_prompt)
-    train, validation = (data.splits[s].remove_columns("tree_id") for s in ("train", "validation"))
-    return train, (validation if len(validation) else None), data.stats
+    splits = {}
+    for split in ("train", "validation"):
+        pairs = data.splits[split].remove_columns("tree_id")
+        splits[split] = fitting(pairs, tokenizer, cfg.data.max_length)
+        counts = data.stats.setdefault(split, {})
+        counts["longer_than_max_length"] = len(pairs) - len(splits[split])
+        counts["pairs_used"] = len(splits[split])
+    if not len(splits["train"]):
+        raise DataError(f"{cfg.data.dataset}: every training pair is longer than data.max_length="
+                        f"{cfg.data.max_length} ({data.stats['train']}); raise data.max_length")
+    logger.info("preference pairs that fit data.max_length=%d: %d for training, %d held out (%d and %d longer, left "
+                "out)", cfg.data.max_length, len(splits["train"]), len(splits["validation"]),
+                data.stats["train"]["longer_than_max_length"], data.stats["validation"]["longer_than_max_length"])
+    return splits["train"], (splits["validation"] if len(splits["validation"]) else None), data.stats
 
 
 def build_dpo_trainer(cfg: Config, model, tokenizer, train_ds: Dataset, eval_ds: Dataset | None,

@@ -95,6 +95,26 @@ def test_trls_preference_format_as_text_and_as_messages(tmp_path):
                        "### Human: Be brief.\n\nHi ### Assistant:"}
 
 
+def test_pairs_longer_than_max_length_are_left_out_of_training_and_counted(tmp_path, tokenizer):
+    """A pair whose prompt and longer answer exceed data.max_length is not trained (TRL would cut it from the end,
+    its answers first, down to nothing for a long prompt) and is counted per split; the pairs that fit are all kept,
+    and the count is what evaluate.py leaves out of the held-out pairs too."""
+    from config import Config
+    short = {"prompt": "What is 2 plus 3?", "chosen": "5.", "rejected": "6."}
+    long_prompt = {"prompt": "Tell me about the river. " * 40, "chosen": "It is long.", "rejected": "No."}
+    long_answer = {"prompt": "Hi", "chosen": "Hello there. " * 40, "rejected": "Hi."}
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [short, long_prompt, long_answer] * 20))
+    cfg = Config(data=DataConfig(dataset=str(path), max_length=64, validation_fraction=0.2))
+    train_ds, eval_ds, stats = pf.prepare_pairs(cfg, tokenizer)
+    kept = list(train_ds) + list(eval_ds)
+    assert len(kept) == 20 and {p["chosen"] for p in kept} == {" 5.<|endoftext|>"}
+    assert all(len(tokenizer(p["prompt"] + p[side], add_special_tokens=False)["input_ids"]) <= 64
+               for p in kept for side in ("chosen", "rejected"))
+    assert stats["train"]["longer_than_max_length"] + stats["validation"]["longer_than_max_length"] == 40
+    assert stats["train"]["pairs_used"] == len(train_ds) and stats["validation"]["pairs_used"] == len(eval_ds)
+
+
 def test_validation_is_split_by_tree(tmp_path):
     rows = []
     for t in range(60):
