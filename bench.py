@@ -50,7 +50,9 @@ from a fixed vocabulary, numpy seed 0: about 60 tokens) and max_tokens 256, with
 tokens of all clients over the time from sending to the last answer), the time to first token (median and worst),
 the most answers decoded together, how many clients got the same text as when they were alone, and where the
 decoder's time went: prefill passes (prompts), seconds spent admitting answers (prefill, cache moves, first tokens)
-and the mean number of answers in a decode step.
+and the mean number of answers in a decode step. After the clients, the same model decodes the most clients' questions
+as one static batch (ChatModel.generate_ids, each answer to the same length), and each row's aggregate is also
+given as a multiple of that figure (x static batch), so the two are measured in one run.
 """
 
 from __future__ import annotations
@@ -753,6 +755,10 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base else None
+    if rows and not stopped.is_set():
+        static = static_batch(chat, asked[:max(clients)], new_tokens)
+        for r in rows:
+            r["static_batch"], r["x_static_batch"] = static, r["aggregate_tok_s"] / static["tok_s"]
     # Stopped in order, as app.py stops: the server, then the model freed on its own thread, before the interpreter
     # exits (a process left to tear down live CUDA graphs at exit ended with a segfault on an H200).
     server.should_exit = True
@@ -760,6 +766,21 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     chat.shutdown()
     chat.close()
     return rows
+
+
+def static_batch(chat, asked: list[str], new_tokens: int) -> dict:
+    """The clients' questions decoded as one static batch by the same loaded model (ChatModel.generate_ids:
+    FastDecoder on a GPU), each to new_tokens tokens: what continuous batching is compared with, in the same run.
+    The first call compiles the batch's shape; the second is timed."""
+    from config import GenerationSettings
+    gen = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
+    ids = [chat.prompt_ids([{"role": "user", "content": q}], new_tokens)[0] for q in asked]
+    chat.generate_ids(ids, gen, ignore_eos=True)
+    sync()
+    start = time.perf_counter()
+    tokens = sum(len(answer) for answer in chat.generate_ids(ids, gen, ignore_eos=True))
+    sync()
+    return {"rows": len(ids), "tokens": tokens, "tok_s": tokens / (time.perf_counter() - start)}
 
 
 def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: float, most_rows: int,
@@ -775,15 +796,19 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
 
 def serve_table(rows: list[dict]) -> str:
     lines = ["| clients | aggregate tok/s | x one client | per-client tok/s | first token median / max (s) | "
-             "decoded together | same text as alone | prefill passes (prompts) | admitting (s) | answers a step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "decoded together | same text as alone | prefill passes (prompts) | admitting (s) | answers a step | "
+             "x static batch |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         d = r.get("decoder", {})
         lines.append(f"| {r['name']} | {r['aggregate_tok_s']:,.0f} | {r['speedup_vs_1'] or float('nan'):.2f} | "
                      f"{r['per_client_tok_s']:,.0f} | {r['ttft_median_s']:.3f} / {r['ttft_max_s']:.3f} | "
                      f"{r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} | "
                      f"{d.get('prefill_passes', 0)} ({d.get('prompts', 0)}) | {d.get('admit_s', 0.0):.3f} | "
-                     f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} |")
+                     f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} | "
+                     f"{r.get('x_static_batch', float('nan')):.2f} |")
+    statics = {r["name"].split()[0]: r["static_batch"] for r in rows if "static_batch" in r}
+    lines += [f"{dtype} static batch of {s['rows']} (the same questions and model, ChatModel.generate_ids): "
+              f"{s['tok_s']:,.0f} tok/s" for dtype, s in statics.items()]
     return "\n".join(lines)
 
 
@@ -950,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "versions": versions(), "weights": "random init, Phi-2 config",
               "steps": steps, "warmup": warmup, "rows": rows, "table": table}
+    if args.kind == "serve":  # the last dtype's static batch (each row keeps its own dtype's)
+        record["static_batch"] = next((r["static_batch"] for r in reversed(rows) if "static_batch" in r), None)
     out.write_text(json.dumps(record, indent=2, default=str))
     print(table)
     return 1 if any("error" in r for r in rows) else 0

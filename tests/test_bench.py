@@ -93,6 +93,11 @@ def test_serving_bench_tiny(tmp_path):
     # where the decoder's time went: every client's prompt prefilled, the decode steps counted
     assert all(r["decoder"]["prompts"] == r["clients"] and r["decoder"]["steps"] > 0 for r in rows)
     assert rows[1]["decoder"]["answer_steps"] > rows[1]["decoder"]["steps"]  # steps held several answers
+    # the same questions as one static batch of the most clients, from the same loaded model, after the clients:
+    # the figure continuous batching is compared with, in the same run
+    static = json.loads(out.read_text())["static_batch"]
+    assert static["rows"] == 4 and static["tok_s"] > 0 and static["tokens"] == 4 * 24
+    assert all(r["x_static_batch"] == pytest.approx(r["aggregate_tok_s"] / static["tok_s"]) for r in rows)
 
 
 def test_idle_summary_names_the_code_that_kept_the_device_waiting():
