@@ -300,7 +300,7 @@ def test_the_dpo_plan_covers_the_peak_measured_on_the_h200(caplog):
     for budget, micro in ((139.3, 4), (79.0, 2)):
         with caplog.at_level("INFO", logger="train"):
             planned = train.plan_memory(planning(t, lora, cfg.explicit, cfg.quantization), _phi2_shape(), h200,
-                                  (budget, "test budget"))
+                                        (budget, "test budget"))
         assert (planned.per_device_train_batch_size, planned.gradient_accumulation_steps,
                 planned.gradient_checkpointing) == (micro, 16 // micro, False)
         peak = train.estimate_peak_gib(_phi2_shape(), lora, 2048, micro, False, pairs=True)
