@@ -287,15 +287,11 @@ def idle_summary(prof, steps: int, min_gap_us: float = 20.0, top: int = 8,
     return "\n".join(lines)
 
 
-def run_train_config(name: str, values: dict, model_path: Path, steps: int, warmup: int, tiny: bool,
-                     profile: Path | None = None) -> dict:
-    """One configuration through train.py's builders; returns the measured row. With `profile`, the two steps after
-    the timed ones run under torch.profiler: a kernel table and a per-kind summary go to that file."""
-    from transformers import TrainerCallback
-
-    import train
+def bench_train_config(values: dict, model_path: Path, steps: int, warmup: int, tiny: bool, profile: bool):
+    """A configuration's values made into the run bench.py times (its model, a run of warm-up + steps optimizer steps
+    and one log line, no saves or evaluations; on the tiny model what the CPU can run) and checked as train.py checks
+    a config; returns (config, the values)."""
     from config import ConfigError, build_config, validate
-    from model_utils import decide_device_dtype, load_tokenizer
 
     values = json.loads(json.dumps(values))
     values.setdefault("model", {})["name_or_path"] = str(model_path)
@@ -319,6 +315,53 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     cfg.explicit = {f"{section}.{key}" for section, keys in values.items() for key in keys}
+    return cfg, values
+
+
+def step_profiler(profile: Path, first: int):
+    """A Trainer callback that profiles the 2 steps after step `first` (after the timed ones, so the timing is never
+    disturbed; not the run's last) and writes a per-kind kernel summary, where the GPU waited, and a kernel table to
+    `profile`."""
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        prof, start = None, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first and self.prof is None:
+                sync()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []), with_stack=True)
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == first + 2:
+                sync()
+                wall = time.perf_counter() - self.start
+                self.prof.__exit__(None, None, None)
+                sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                table = self.prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
+                try:
+                    idle = idle_summary(self.prof, 2)
+                except Exception as e:  # a diagnostic that breaks on another torch must not lose the measured row
+                    idle = f"idle summary failed: {e!r}"
+                profile.write_text(f"steps {first + 1}-{first + 2} of {args.max_steps}: "
+                                   + kernel_summary(self.prof, 2, wall) + "\n\n" + idle + "\n\n" + table)
+
+    return Profile()
+
+
+def run_train_config(name: str, values: dict, model_path: Path, steps: int, warmup: int, tiny: bool,
+                     profile: Path | None = None) -> dict:
+    """One configuration through train.py's builders; returns the measured row. With `profile`, the two steps after
+    the timed ones run under torch.profiler: a kernel table and a per-kind summary go to that file."""
+    from transformers import TrainerCallback
+
+    import train
+    from model_utils import decide_device_dtype, load_tokenizer
+
+    cfg, values = bench_train_config(values, model_path, steps, warmup, tiny, profile is not None)
     choice = decide_device_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision)
     from model_utils import load_model_config
@@ -357,35 +400,9 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    class Profile(TrainerCallback):
-        """Profiles the 2 steps after the timed ones (so the timing is never disturbed), not the run's last."""
-        prof, start = None, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == warmup + steps and self.prof is None:
-                sync()
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []), with_stack=True)
-                self.prof.__enter__()
-                self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is not None and state.global_step == warmup + steps + 2:
-                sync()
-                wall = time.perf_counter() - self.start
-                self.prof.__exit__(None, None, None)
-                sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-                table = self.prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
-                try:
-                    idle = idle_summary(self.prof, 2)
-                except Exception as e:  # a diagnostic that breaks on another torch must not lose the measured row
-                    idle = f"idle summary failed: {e!r}"
-                profile.write_text(f"steps {warmup + steps + 1}-{warmup + steps + 2} of {args.max_steps}: "
-                                   + kernel_summary(self.prof, 2, wall) + "\n\n" + idle + "\n\n" + table)
-
     trainer.add_callback(Timer())
     if profile is not None:
-        trainer.add_callback(Profile())
+        trainer.add_callback(step_profiler(profile, warmup + steps))
     trainer.train()
     (t0, n0), (t1, n1) = marks[warmup], marks[warmup + steps]
     row = {
@@ -682,10 +699,9 @@ def napping_pid(_) -> int:
     return os.getpid()
 
 
-def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
-              partial: Path | None = None, penalty: float = 1.0) -> list[dict]:
-    """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone."""
-    import multiprocessing
+def start_server(chat, cfg):
+    """openai_api's routes for `chat` under uvicorn on a free local port, in a thread; returns (server, thread, port)
+    once it answers."""
     import threading
 
     import uvicorn
@@ -693,6 +709,22 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
 
     import openai_api
     from config import AppConfig
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(FastAPI(routes=openai_api.routes(chat, cfg.generation, AppConfig())),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, serving, port
+
+
+def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
+              partial: Path | None = None, penalty: float = 1.0) -> list[dict]:
+    """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone."""
+    import multiprocessing
+    import threading
+
     from inference import load_model_folder
 
     cfg = serving_config(dtype, torch.cuda.is_available(), ("--inference.batch_slots", str(max(clients)),
@@ -706,15 +738,9 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         chat.model.lm_head.bias.data[len(chat.tokenizer):] = -1e4
     chat.warm_up(cfg.generation)
     load_s = time.perf_counter() - t0
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(FastAPI(routes=openai_api.routes(chat, cfg.generation, AppConfig())),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
-    while not server.started:
-        time.sleep(0.05)
+    server, serving, port = start_server(chat, cfg)
     asked = questions(max(clients), prompt_words)
-    alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; also warms every shape used
+    alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; warms every shape
     rows = []
     # SIGTERM or Ctrl-C: the streams in flight end with the server's error event, the rows measured so far are kept,
     # and the process stops in order below (exit code 0).
@@ -872,7 +898,7 @@ def spawn(spec: dict, timeout: int | None) -> list[dict]:
     return json.loads(result.read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", nargs="?", choices=["train", "generate", "epoch", "dpo", "serve"], default="train")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -902,6 +928,93 @@ def main(argv: list[str] | None = None) -> int:
                         help="epoch: data-parallel processes (GPUs) per run; more than 1 runs through accelerate "
                              "launch (configs/accelerate/ddp.yaml), and each row's steady tok/s is also given as a "
                              "multiple of the first 1-process run's")
+    return parser
+
+
+def bench_epochs(args, parser: argparse.ArgumentParser, model_path: Path, out: Path, steps: int,
+                 warmup: int) -> tuple[list[dict], str]:
+    """bench.py epoch / dpo: train.py itself on the oasst1-sized set or the pairs, per preset, runs and processes."""
+    rows: list[dict] = []
+    dpo = args.kind == "dpo"
+    default = ("smoke-dpo" if args.tiny else "dpo") if dpo else ("smoke" if args.tiny else "speed")
+    presets = args.presets if args.presets != parser.get_default("presets") else [default]
+    n = args.conversations or (200 if args.tiny else 20000 if dpo else 9500)
+    data = preference_pairs(n) if dpo else epoch_conversations(n)
+    for spec in presets + args.variant:
+        name, preset, overrides = variant_parts(spec)
+        if preset not in PRESET_FILES:
+            raise SystemExit(f"{args.kind} runs train.py with a preset file: use one of {', '.join(PRESET_FILES)} "
+                             f"(got {preset!r})")
+        if dpo:
+            overrides = [("preference.sft_adapter", str(make_sft_adapter(model_path, preset))), *overrides]
+        # Runs of one preset share a cache (the first is cold); without --cache it starts empty.
+        cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-compile-cache-"))
+        first = len(rows)
+        for processes in args.processes:
+            for i in range(args.runs):
+                label = name + (f"-{processes}proc" if args.processes != [1] else "")
+                label += f"-run{i + 1}" if args.runs > 1 else ""
+                logger.info("epoch %s ...", label)
+                rows.append(run_epoch(label, preset, overrides, processes, model_path, data, args.tiny, cache,
+                                      out.parent, args.timeout))
+                logger.info("  %s", rows[-1])
+        scale_to_one_process(rows[first:])
+    table = epoch_table(rows)
+    return rows, table
+
+
+def bench_training(args, parser: argparse.ArgumentParser, model_path: Path, out: Path, steps: int,
+                   warmup: int) -> tuple[list[dict], str]:
+    """bench.py train: each preset or variant through train.py's builders in a process of its own."""
+    rows: list[dict] = []
+    specs = [preset_values(p) for p in args.presets] + [preset_values(v) for v in args.variant]
+    for name, values in specs:
+        logger.info("training config %s ...", name)
+        rows += spawn({"kind": "train", "name": name, "values": values, "model": str(model_path),
+                       "steps": steps, "warmup": warmup, "tiny": args.tiny, "log_dir": str(out.parent),
+                       "profile": str(out.parent / f"bench-train-{name}-profile.md") if args.profile else None},
+                      args.timeout)
+        logger.info("  %s", {k: v for k, v in rows[-1].items() if k != "config"})
+    table = train_table(rows, args.tiny)
+    return rows, table
+
+
+def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: Path, steps: int,
+                  warmup: int) -> tuple[list[dict], str]:
+    """bench.py serve: concurrent streaming clients over HTTP, per dtype, in a process of its own."""
+    rows: list[dict] = []
+    for dtype in args.dtypes if args.dtypes != parser.get_default("dtypes") else ["fp32" if args.tiny else "bf16"]:
+        logger.info("serving %s ...", dtype)
+        rows += spawn({"kind": "serve", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
+                       "clients": args.clients, "prompt_words": 12 if args.tiny else 40, "penalty": args.penalty,
+                       "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent)}, args.timeout)
+    table = serve_table([r for r in rows if "error" not in r])
+    table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)
+    return rows, table
+
+
+def bench_generation(args, parser: argparse.ArgumentParser, model_path: Path, out: Path, steps: int,
+                     warmup: int) -> tuple[list[dict], str]:
+    """bench.py generate: plain generate against the fast path, per dtype, in a process of its own."""
+    rows: list[dict] = []
+    batch = 4 if args.tiny else args.batch
+    for dtype in args.dtypes:
+        logger.info("generation %s ...", dtype)
+        rows += spawn({"kind": "generate", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
+                       "prompt_len": 16 if args.tiny else 64, "new_tokens": 16 if args.tiny else 256,
+                       "batch": batch, "check_prompts": 2 if args.tiny else 4, "log_dir": str(out.parent)},
+                      args.timeout)
+    table = gen_table([r for r in rows if "error" not in r], batch)
+    table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)
+    for r in rows:
+        if "greedy_agreement_first64" in r:
+            table += (f"\n{r['name']}: greedy tokens equal to the plain path before the first difference "
+                      f"(of 64): {r['greedy_agreement_first64']}; max |logit diff| {r['max_logit_diff']:.3g}")
+    return rows, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.one:
         return child(args)
@@ -913,65 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup or (2 if args.tiny else 5)
     out = Path(args.out or ROOT / "reports" / f"bench-{args.kind}{'-tiny' if args.tiny else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    if args.kind in ("epoch", "dpo"):
-        dpo = args.kind == "dpo"
-        default = ("smoke-dpo" if args.tiny else "dpo") if dpo else ("smoke" if args.tiny else "speed")
-        presets = args.presets if args.presets != parser.get_default("presets") else [default]
-        n = args.conversations or (200 if args.tiny else 20000 if dpo else 9500)
-        data = preference_pairs(n) if dpo else epoch_conversations(n)
-        for spec in presets + args.variant:
-            name, preset, overrides = variant_parts(spec)
-            if preset not in PRESET_FILES:
-                raise SystemExit(f"{args.kind} runs train.py with a preset file: use one of {', '.join(PRESET_FILES)} "
-                                 f"(got {preset!r})")
-            if dpo:
-                overrides = [("preference.sft_adapter", str(make_sft_adapter(model_path, preset))), *overrides]
-            # Runs of one preset share a cache (the first is cold); without --cache it starts empty.
-            cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-compile-cache-"))
-            first = len(rows)
-            for processes in args.processes:
-                for i in range(args.runs):
-                    label = name + (f"-{processes}proc" if args.processes != [1] else "")
-                    label += f"-run{i + 1}" if args.runs > 1 else ""
-                    logger.info("epoch %s ...", label)
-                    rows.append(run_epoch(label, preset, overrides, processes, model_path, data, args.tiny, cache,
-                                          out.parent, args.timeout))
-                    logger.info("  %s", rows[-1])
-            scale_to_one_process(rows[first:])
-        table = epoch_table(rows)
-    elif args.kind == "train":
-        specs = [preset_values(p) for p in args.presets] + [preset_values(v) for v in args.variant]
-        for name, values in specs:
-            logger.info("training config %s ...", name)
-            rows += spawn({"kind": "train", "name": name, "values": values, "model": str(model_path),
-                           "steps": steps, "warmup": warmup, "tiny": args.tiny, "log_dir": str(out.parent),
-                           "profile": str(out.parent / f"bench-train-{name}-profile.md") if args.profile else None},
-                          args.timeout)
-            logger.info("  %s", {k: v for k, v in rows[-1].items() if k != "config"})
-        table = train_table(rows, args.tiny)
-    elif args.kind == "serve":
-        for dtype in args.dtypes if args.dtypes != parser.get_default("dtypes") else ["fp32" if args.tiny else "bf16"]:
-            logger.info("serving %s ...", dtype)
-            rows += spawn({"kind": "serve", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
-                           "clients": args.clients, "prompt_words": 12 if args.tiny else 40, "penalty": args.penalty,
-                           "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent)}, args.timeout)
-        table = serve_table([r for r in rows if "error" not in r])
-        table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)
-    else:
-        batch = 4 if args.tiny else args.batch
-        for dtype in args.dtypes:
-            logger.info("generation %s ...", dtype)
-            rows += spawn({"kind": "generate", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
-                           "prompt_len": 16 if args.tiny else 64, "new_tokens": 16 if args.tiny else 256,
-                           "batch": batch, "check_prompts": 2 if args.tiny else 4, "log_dir": str(out.parent)},
-                          args.timeout)
-        table = gen_table([r for r in rows if "error" not in r], batch)
-        table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)
-        for r in rows:
-            if "greedy_agreement_first64" in r:
-                table += (f"\n{r['name']}: greedy tokens equal to the plain path before the first difference "
-                          f"(of 64): {r['greedy_agreement_first64']}; max |logit diff| {r['max_logit_diff']:.3g}")
+    run = {"epoch": bench_epochs, "dpo": bench_epochs, "train": bench_training, "serve": bench_serving,
+           "generate": bench_generation}[args.kind]
+    rows, table = run(args, parser, model_path, out, steps, warmup)
     record = {"command": "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "versions": versions(), "weights": "random init, Phi-2 config",
               "steps": steps, "warmup": warmup, "rows": rows, "table": table}
