@@ -19,12 +19,14 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import time
 import warnings
 import zipfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,33 @@ from quantization_utils import build_bnb_config, products_used, resolve_products
 logger = logging.getLogger("train")
 
 FINAL_DIR = "final"
+
+
+PINNED = ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets")  # torch: the GPU image's may differ
+
+
+class LibraryTooOld(RuntimeError):
+    """A library train.py builds on is older than requirements.txt pins."""
+
+
+def check_libraries(requirements: Path = Path(__file__).resolve().parent / "requirements.txt") -> None:
+    """Stop before anything loads when a library is older than its pin: an older transformers or trl lacks arguments
+    train.py passes, and would fail only after the data and the model have loaded. Newer versions pass."""
+    from packaging.version import Version
+    if not requirements.is_file():
+        return
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", requirements.read_text(), re.M))
+    old = []
+    for name in PINNED:
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # an import error will name it
+        if name in pins and Version(have) < Version(pins[name]):
+            old.append(f"{name} {have} (this repo is tested with {pins[name]})")
+    if old:
+        raise LibraryTooOld(f"older libraries than requirements.txt pins: {', '.join(old)}; install the pinned "
+                            "versions: pip install -r requirements.txt")
 
 
 def setup_logging(main_process: bool = True) -> None:
@@ -937,7 +966,7 @@ def run_training(trainer: SFTTrainer, resume: bool, output_dir: str) -> Guard:
 
 
 # Bad input and environment problems whose messages say what to fix; anything else keeps its traceback.
-USER_ERRORS = (ValueError, ModelLoadError, TrainingOutOfMemory)
+USER_ERRORS = (ValueError, ModelLoadError, TrainingOutOfMemory, LibraryTooOld)
 
 
 def add_train_arguments(parser) -> None:
@@ -950,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)  # set by accelerate launch / torchrun
     clock = PhaseClock()
     try:
+        check_libraries()
         if cfg.training.method == "dpo":
             cfg.lora = preferences.sft_adapter_lora(cfg)
         choice = decide_device_dtype(cfg.model.dtype)

@@ -307,6 +307,20 @@ def test_the_dpo_plan_covers_the_peak_measured_on_the_h200(caplog):
         assert peak <= train.PLAN_HEADROOM * budget and f"estimated peak {peak:.1f} GiB" in caplog.text
 
 
+def test_an_older_library_than_the_pins_stops_train_py_before_anything_loads(tmp_path, monkeypatch, capfd):
+    """A machine with an older transformers than requirements.txt pins (the lent GPU's image had 5.17.0): train.py
+    used to load the data and the model and then fail inside trl with `SFTConfig.__init__() got an unexpected keyword
+    argument 'activation_checkpointing'`. It now stops at once, naming the library, both versions and the fix."""
+    from importlib import metadata
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "5.17.0" if name == "transformers" else real(name))
+    out = tmp_path / "out"
+    assert train.main(["--config", "configs/smoke.yaml", "--training.output_dir", str(out)]) == 1
+    err = capfd.readouterr().err
+    assert "transformers 5.17.0" in err and "5.23.0" in err and "pip install -r requirements.txt" in err
+    assert "loading" not in err.lower() and not out.exists()
+
+
 def test_memory_plan_keeps_what_the_user_set():
     from config import TrainingConfig
     from model_utils import DeviceChoice
