@@ -76,12 +76,11 @@ def pair_log_likelihoods(model, tokenizer, pairs, batch_size: int = 8, desc: str
     """Each pair's log-likelihood (nats, summed over the answer's tokens and its EOS) of the chosen and of the
     rejected answer, tokenized as DPO trains on them (prompt + answer as one text). (pairs,) each."""
     out = {}
+    prompts = tokenizer([p["prompt"] for p in pairs], add_special_tokens=False)["input_ids"]
+    prompt_lengths = [len(ids) for ids in prompts]
     for side in ("chosen", "rejected"):
-        rows = []
-        for pair in pairs:
-            prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
-            full = tokenizer(pair["prompt"] + pair[side], add_special_tokens=False)["input_ids"]
-            rows.append((full, len(prompt)))
+        fulls = tokenizer([p["prompt"] + p[side] for p in pairs], add_special_tokens=False)["input_ids"]
+        rows = list(zip(fulls, prompt_lengths))
         scores = []
         for start in tqdm(range(0, len(rows), batch_size), desc=f"{desc}: {side}", leave=False):
             batch = rows[start:start + batch_size]

@@ -90,8 +90,9 @@ def pairs_from_oasst(rows: Iterable[dict], counts: Counter, eos: str, max_pairs_
         used = worse[:max_pairs_per_prompt]
         counts.update(prompt_paired=1, chosen=1, rejected=len(used), beyond_cap=len(worse) - len(used),
                       pairs=len(used))
-        context = [{"role": ROLES[m["role"]], "content": m["text"].strip()} for m in _ancestors(prompt, by_id)]
-        root = _ancestors(prompt, by_id)[0]
+        thread = _ancestors(prompt, by_id)
+        context = [{"role": ROLES[m["role"]], "content": m["text"].strip()} for m in thread]
+        root = thread[0]
         tree = root.get("message_tree_id") if isinstance(root.get("message_tree_id"), str) else root["message_id"]
         for rejected in used:
             pairs.append({**rendered(context, ranked[0]["text"], rejected["text"], eos), "tree_id": tree})

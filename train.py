@@ -273,9 +273,8 @@ def plan_memory(cfg: Config, model_config, choice: DeviceChoice, budget: tuple[f
 
     Keeps micro-batch x accumulation (the optimizer's batch). Prefers no checkpointing (torch.compile then switches
     on, about twice the tokens/s: docs/PERFORMANCE.md) with the largest micro-batch up to 16k tokens that fits, as
-    long as it holds at
-    least 8k tokens; else checkpointing with the largest that fits. Logged once with the estimate and the budget it
-    was sized for."""
+    long as it holds at least 8k tokens (DPO: a pair's two sequences count); else checkpointing with the largest
+    that fits. Logged once with the estimate and the budget it was sized for."""
     t, lora, max_length, quantization = cfg.training, cfg.lora, cfg.data.max_length, cfg.quantization
     pairs = t.method == "dpo"
     tokens = max_length * (2 if pairs else 1)  # a micro-batch row's most tokens: DPO's rows are pairs
