@@ -973,7 +973,24 @@ def add_train_arguments(parser) -> None:
                         help="continue from the newest complete checkpoint in training.output_dir")
 
 
+def leave_process_group() -> None:
+    """Ends this process's part in a distributed run (accelerate launch, torchrun) while Python is still whole.
+
+    Left to interpreter exit, gloo's worker threads can still hold work as Python tears down and the process dies
+    with SIGABRT ("terminate called without an active exception") after the adapter was saved, and the launcher
+    then reports the whole run as failed (pytorch/pytorch#190489)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return fine_tune(argv)
+    finally:
+        leave_process_group()
+
+
+def fine_tune(argv: list[str] | None) -> int:
     cfg, args = parse_config(argv, __doc__, extra=add_train_arguments)
     setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)  # set by accelerate launch / torchrun
     clock = PhaseClock()
