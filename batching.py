@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from transformers import CompileConfig, DynamicCache, LogitsProcessorList, StaticCache
+from transformers import CompileConfig, DynamicCache, LogitsProcessorList
 
 from config import GenerationSettings
 from decoding import (CHECK_EVERY, PREFILL_BUCKETS, _PrefillGraph, logits_processors, penalize, prefill_attention,
@@ -25,6 +25,9 @@ from phi_layers import DecodeCache, allocated, decode_layout, fuse_phi_layers, r
 logger = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 4096  # prompts that wait together are prefilled in passes of up to this many (padded) tokens
+# Batch shapes (rows a decode step runs), up to the engine's slots: a few users do not pay for a 64-row step, and each
+# shape is compiled once (times each cache size).
+ROW_BUCKETS = (1, 8, 16, 32, 64)
 
 
 class Busy(RuntimeError):
@@ -57,7 +60,6 @@ class _Answer:
     done: bool = False
     began: float = field(default_factory=time.monotonic)
     seq: torch.Tensor | None = None           # (1, prompt + max_new_tokens) on the device: what the penalty reads
-    start: int = 0                            # cache slot of its first prompt token; it occupies [start, write index)
     new: list[int] = field(default_factory=list)  # tokens the host has seen
     queued: int = 0                           # decode steps queued on the device (the host sees them a chunk later)
     streamed: int = 0
@@ -76,6 +78,17 @@ class _Answer:
         """Decode steps still to queue: the first token comes from the prefill, each step gives one more."""
         return self.max_new_tokens - 1 - self.queued
 
+    @property
+    def last_slot(self) -> int:
+        """The last cache slot its steps write (and the position there): the prompt is in slots [0, prompt), each
+        step writes its input token at that token's position; steps queued past its end rewrite this slot."""
+        return len(self.ids) + self.max_new_tokens - 1
+
+    @property
+    def written(self) -> int:
+        """Cache slots it has filled, [0, written), counting the steps queued on the device."""
+        return min(len(self.ids) + self.queued, self.last_slot + 1)
+
 
 class BatchDecoder:
     """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
@@ -90,22 +103,20 @@ class BatchDecoder:
     The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as FastDecoder), so
     a finished answer costs up to one chunk of wasted steps; a joining answer first waits for the queued chunk.
 
-    The cache layout: one write index t shared by all rows (transformers' StaticCache writes every row at the same
-    slot); each row holds its prompt and answer in the slots just before t, [start, t), and its attention mask hides
-    the slots before start. Positions (rotary) are per row, so where a row sits in the cache does not change its
-    math: a row's greedy answer is the answer it gets alone (tested exactly in fp32 on the CPU). When a new prompt
-    does not fit before t, or the answers would run past the cache end, the rows are moved together (one block copy
-    per layer) to a tighter or larger cache. The batch has two shapes: 1 row while one answer is generated (the
-    single user gets batch-1 speed, the row moved to the cache's start) and `slots` rows once a second one joins;
-    each (rows, cache size) shape is compiled once, like FastDecoder's. Fused, each row attends over its own slots
-    [start, t] of a DecodeCache (decode_layout; with FlashAttention, the one-row shape only), as FastDecoder's rows.
+    The cache layout: every row at its own positions. A row holds its prompt and answer from slot 0, each token at
+    the slot of its position, and a decode step writes each row's token at that row's own next slot (a DecodeCache
+    with rows_apart; its attention mask, or decode_layout where the fused step reads its slots itself, says which
+    slots a row reads): so a row's greedy answer is the answer it gets alone (tested exactly in fp32 on the CPU),
+    whatever the other rows hold, and a row that ends is free for the next answer at once. The cache is as long as
+    the longest answer needs (a power of two from 512, at most the context window); the batch runs the smallest of
+    ROW_BUCKETS' shapes (up to `slots`) that holds its answers: one user gets batch-1 speed, a few users a small
+    step. A change of shape or length moves the rows (one block copy per layer); each (rows, cache size) shape is
+    compiled once, like FastDecoder's.
 
     Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order; past that, submit
-    raises Busy at once (the caller answers 429). The rows share one write index, so a prompt joins only if
-    max(held, its length) + max(steps left, its max_new_tokens) fits the context window. An answer that does not fit
-    yet waits at the head; one behind it may join first only if it fits now and will have finished (at its
-    max_new_tokens) by the time the answers already running reach theirs: it never pushes back the moment at which
-    the waiting one is sure to fit, so that one is never starved; it joins as soon as it fits, before later arrivals.
+    raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a row is free,
+    whatever the lengths of the answers running (its prompt and max_new_tokens fit the context window: submit
+    checks it).
 
     One request cannot fail another: what comes from a request (its settings, its sampling processors, its prompt)
     is checked and built in `submit`, in the caller's thread, so a value that cannot be used raises to that caller
@@ -122,6 +133,7 @@ class BatchDecoder:
                  max_waiting: int = 32):
         self.model, self.tokenizer, self.context_window, self.marker = model, tokenizer, context_window, marker
         self.slots, self.executor, self.max_waiting = slots, executor, max_waiting
+        self.shapes = sorted({b for b in ROW_BUCKETS if b < slots} | {slots})  # batch shapes, rows
         self.fused = compiled and fuse_phi_layers(model)
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
@@ -138,7 +150,7 @@ class BatchDecoder:
         self._running = False
         self._closed: ShuttingDown | None = None
         self._durations: list[float] = []  # seconds of the last answers, for Busy's retry_after
-        self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._caches: dict[tuple[int, int], DecodeCache] = {}
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (prefill,
         # cache moves, first tokens), decode steps queued, answers in those steps (answer_steps / steps = rows), and
@@ -155,9 +167,11 @@ class BatchDecoder:
 
     def _reset(self) -> None:
         self.rows: list[_Answer | None] = []
-        self.cache: StaticCache | None = None
-        self.t = 0
-        self.tok = self.pos = self.mask = self.layout = None
+        self.cache: DecodeCache | None = None
+        # each row's next input token and its position, which is also the slot the step writes it at (batch, 1);
+        # the last position its steps may take (_Answer.last_slot; 0 for a free row, which stays at slot 0); the
+        # slots each row reads, as an attention mask (batch, cache) and as decode_layout
+        self.tok = self.pos = self.limit = self.mask = self.layout = None
         # Greedy rows' repetition penalty, applied to all rows at once (_decode_chunk): the tokens each row's answer
         # holds (rows, vocab; remember) and each row's penalty (rows,), 1 where none (x * 1 and x / 1 are x).
         self.seen = self.penalty = None
@@ -263,12 +277,13 @@ class BatchDecoder:
     def _size_for(self, length: int) -> int:
         return min(self.context_window, max(512, 1 << (max(length, 1) - 1).bit_length()))
 
-    def _cache_for(self, batch: int, size: int) -> StaticCache:
+    def _rows_for(self, answers: int) -> int:
+        return next(rows for rows in self.shapes if rows >= answers)
+
+    def _cache_for(self, batch: int, size: int) -> DecodeCache:
         key = (batch, size)
         if key not in self._caches:
-            own = self.fused and reads_own_slots(self.model, batch)
-            self._caches[key] = allocated((DecodeCache if own else StaticCache)(self.model.config, max_cache_len=size),
-                                          self.model, batch)
+            self._caches[key] = allocated(DecodeCache(self.model.config, size, rows_apart=True), self.model, batch)
         return self._caches[key]
 
     # ------------------------------------------------------------------------------------------------------------
@@ -305,43 +320,41 @@ class BatchDecoder:
             self._prefills[bucket] = _PrefillGraph(self.model, scratch, bucket, self._prefill_pool)
         return self._prefills[bucket]
 
-    def _relayout(self, batch: int, size: int, t: int) -> None:
-        """Move the active rows to rows 0.. of the (batch, size) cache, every row shifted by the same amount so that
-        they end at write index t (one block copy per layer)."""
+    def _relayout(self, batch: int, size: int) -> None:
+        """Move the active rows to rows 0.. of the (batch, size) cache, each row's slots where they were (one block
+        copy per layer)."""
         active = [(i, a) for i, a in enumerate(self.rows) if a]
         cache = self._cache_for(batch, size)
-        shift = t - self.t
         if active:
-            first = min(a.start for _, a in active)
+            held = max(a.written for _, a in active)
             src = torch.tensor([i for i, _ in active], device=self.device)
             for old, new in zip(self.cache.layers, cache.layers):
-                keys, values = old.keys[src, :, first:self.t], old.values[src, :, first:self.t]  # copies
-                new.keys[:len(active), :, first + shift:t] = keys
-                new.values[:len(active), :, first + shift:t] = values
-        mask = torch.ones(batch, size, dtype=torch.long, device=self.device)  # free rows attend anywhere (finite)
+                new.keys[:len(active), :, :held] = old.keys[src, :, :held]  # (a copy: the index gathers)
+                new.values[:len(active), :, :held] = old.values[src, :, :held]
         tok = torch.full((batch, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
         pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        limit = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        mask = torch.zeros(batch, size, dtype=torch.long, device=self.device)
+        mask[:, 0] = 1  # a free row reads slot 0 (finite, thrown away)
         seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
         penalty = torch.ones(batch, device=self.device)
         for row, (i, a) in enumerate(active):
-            a.start += shift
-            mask[row, :a.start] = 0
-            tok[row], pos[row], seen[row], penalty[row] = self.tok[i], self.pos[i], self.seen[i], self.penalty[i]
+            tok[row], pos[row], limit[row], seen[row], penalty[row] = \
+                self.tok[i], self.pos[i], self.limit[i], self.seen[i], self.penalty[i]
+            mask[row, :a.last_slot + 1] = self.mask[i, :a.last_slot + 1]
         self.rows = [a for _, a in active] + [None] * (batch - len(active))
-        self.cache, self.t, self.tok, self.pos, self.mask = cache, t, tok, pos, mask
+        self.cache, self.tok, self.pos, self.limit, self.mask = cache, tok, pos, limit, mask
         self.seen, self.penalty = seen, penalty
         self._place_rows()
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(t)
 
     def _place_rows(self) -> None:
-        """Where the next decode step's rows sit in a DecodeCache (decode_layout): an answer's tokens are the slots
-        [start, t], its next token (position pos) goes to slot t; a free row reads [0, pos] (finite, thrown away).
-        In a StaticCache rows attend with the mask."""
-        self.layout = None
-        if isinstance(self.cache, DecodeCache):
-            starts = torch.tensor([a.start if a else 0 for a in self.rows], device=self.device)
-            self.layout = decode_layout(starts, self.pos[:, 0] + 1, self.cache.layers[0].max_cache_len)
+        """Where the next decode step's rows sit (decode_layout): each row's slots from 0 up to its position, where
+        its next token goes; a free row reads slot 0. The cache's own writes read it, and so do the fused steps that
+        read a row's slots themselves (reads_own_slots); transformers' attention reads the mask."""
+        self.own_slots = self.fused and reads_own_slots(self.model, len(self.rows))
+        size = self.cache.layers[0].max_cache_len
+        self.layout = decode_layout(torch.zeros_like(self.pos[:, 0]), self.pos[:, 0] + 1, size)
+        self.cache.place(self.layout)
 
     def _free_cancelled(self) -> None:
         """Rows whose client left are freed now, before another chunk is queued for them (their queued tokens are
@@ -352,65 +365,49 @@ class BatchDecoder:
                 self._finish(answer)
 
     def _pick(self) -> list[_Answer]:
-        """The waiting answers that join at this boundary, by the admission rule in the class docstring; the
-        prompts of one group are prefilled in one pass of up to PREFILL_TOKENS padded tokens (the rest join in the
-        next pass), so the last of several users who arrive at once does not wait behind the others' prefills."""
+        """The waiting answers that join at this boundary, in arrival order, as many as rows are free; the prompts
+        of one group are prefilled in one pass of up to PREFILL_TOKENS padded tokens (the rest join in the next
+        pass), so the last of several users who arrive at once does not wait behind the others' prefills."""
         group: list[_Answer] = []
         with self._lock:
-            active = [a for a in self.rows if a]
-            left = max([self.t - a.start for a in active], default=0)  # the smallest write index that fits all
-            need = max([a.to_queue for a in active], default=0)
-            blocked = False
-            for answer in list(self._waiting):
-                if len(active) + len(group) >= self.slots:
+            free = self.slots - sum(a is not None for a in self.rows)
+            while self._waiting and len(group) < free:
+                widest = max(len(a.ids) for a in group + self._waiting[:1])
+                if group and (len(group) + 1) * widest > PREFILL_TOKENS:
                     break
-                length, budget = len(answer.ids), answer.max_new_tokens
-                wider, longer = max(left, length), max(need, budget)
-                if (active or group) and wider + longer > self.context_window:
-                    blocked = True  # it joins once earlier answers have ended
-                    continue
-                if blocked and budget - 1 > need:
-                    continue  # it would outlast the running answers: the waiting one goes first
-                if group and (len(group) + 1) * max(length, *(len(a.ids) for a in group)) > PREFILL_TOKENS:
-                    break
-                self._waiting.remove(answer)
-                group.append(answer)
-                left, need = wider, longer
+                group.append(self._waiting.pop(0))
             self._admitting = group
         return group
 
     def _admit(self, group: list[_Answer]) -> None:
-        """Move `group` into free rows: the cache re-laid out if its shape or room must change, then the prefill."""
+        """Move `group` into free rows: the cache re-laid out first if the batch needs more rows or longer rows, then
+        the prefill."""
         active = [a for a in self.rows if a]
-        left = max([self.t - a.start for a in active] + [len(a.ids) for a in group])
-        need = max([a.to_queue for a in active] + [a.max_new_tokens for a in group])
-        batch = self.slots if active or len(group) > 1 else 1
-        if (not active or batch != len(self.rows) or self.t < left
-                or self.t + need > self.cache.layers[0].max_cache_len):
-            self._relayout(batch, self._size_for(left + need), left)
+        batch = self._rows_for(len(active) + len(group))
+        longest = max(a.last_slot + 1 for a in active + group)
+        if not active or batch > len(self.rows) or longest > self.cache.layers[0].max_cache_len:
+            self._relayout(batch if not active else max(batch, len(self.rows)), self._size_for(longest))
         self._prefill(group)
         self._admitting = []
 
     def _prefill(self, group: list[_Answer]) -> None:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
         prompt's tokens from seeing the padding after them, so each row computes what it computes alone), copy each
-        one's keys and values into a free row of the shared cache, ending at the write index, and choose its first
+        one's keys and values into a free row of the shared cache, from its slot 0, and choose its first
         token. One prompt alone is a prefill graph's pass (padded further to its bucket), several an eager one."""
         lengths = [len(a.ids) for a in group]
         ids = torch.full((len(group), max(lengths)), self.tokenizer.eos_token_id, dtype=torch.long)
         for i, answer in enumerate(group):
             ids[i, :lengths[i]] = torch.tensor(answer.ids)
         rows = [i for i, a in enumerate(self.rows) if a is None][:len(group)]
-        # Every prompt's slots as index lists (prompt's row and slot in the prefill's cache, row and slot in the
-        # shared one: [start, t)), for one gather and one scatter per tensor and layer below (a slice copy per
+        # Every prompt's slots as index lists (prompt's row in the prefill's cache, row in the shared one, and the
+        # slot, the same in both), for one gather and one scatter per tensor and layer below (a slice copy per
         # prompt, tensor and layer was slower, docs/PERFORMANCE.md); sent before the prefill, while the GPU is idle
         # (a copy from the host waits for it).
         sizes = torch.tensor(lengths)
-        slots = torch.cat([torch.arange(n) for n in lengths])
-        where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes), slots,
-                             torch.tensor(rows).repeat_interleave(sizes),
-                             slots + self.t - sizes.repeat_interleave(sizes)])
-        ids, (source_rows, source_slots, target_rows, target_slots) = ids.to(self.device), where.to(self.device)
+        where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes),
+                             torch.tensor(rows).repeat_interleave(sizes), torch.cat([torch.arange(n) for n in lengths])])
+        ids, (source_rows, target_rows, slots) = ids.to(self.device), where.to(self.device)
         bucket = self.prefill_bucket(len(group), max(lengths)) if self.prefill_graphs else None
         if bucket is not None:
             graph = self._prefill_graph(bucket)
@@ -423,16 +420,14 @@ class BatchDecoder:
             with prefill_attention(self.device):
                 logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device)[None],
                                     past_key_values=scratch, use_cache=True, logits_to_keep=last).logits[:, -1]
-        for answer, length in zip(group, lengths):
-            answer.start = self.t - length
         for source, target in zip(scratch.layers, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
-            target.keys[target_rows, :, target_slots] = source.keys[source_rows, :, source_slots]
-            target.values[target_rows, :, target_slots] = source.values[source_rows, :, source_slots]
+            target.keys[target_rows, :, slots] = source.keys[source_rows, :, slots]
+            target.values[target_rows, :, slots] = source.values[source_rows, :, slots]
         eos = self.tokenizer.eos_token_id
         first = torch.empty(len(group), dtype=torch.long, device=self.device)
         for i, (row, answer) in enumerate(zip(rows, group)):
-            self.mask[row] = 1
-            self.mask[row, :answer.start] = 0
+            self.mask[row] = 0
+            self.mask[row, :lengths[i] + 1] = 1  # the prompt and the slot its first decode step writes
             if answer.procs is not None:  # sampling: what the penalty reads, like generate()'s input_ids
                 answer.seq = torch.empty(1, lengths[i] + answer.max_new_tokens, dtype=torch.long, device=self.device)
                 answer.seq[0, :lengths[i]] = ids[i, :lengths[i]]
@@ -441,7 +436,7 @@ class BatchDecoder:
             self.seen[row] = False
             token, ok = self._choose(answer, logits[i:i + 1], 0)
             first[i] = token.where(ok, -1)[0]
-            self.tok[row, 0], self.pos[row, 0] = token[0], lengths[i]
+            self.tok[row, 0], self.pos[row, 0], self.limit[row, 0] = token[0], lengths[i], answer.last_slot
             self.rows[row] = answer
         remember(self.seen, self.tok, eos)  # the other rows' tokens are there already
         self._place_rows()
@@ -482,7 +477,7 @@ class BatchDecoder:
         penalized = any(a is not None and a.procs is None and a.gen.repetition_penalty != 1.0 for a in rows)
         eos = self.tokenizer.eos_token_id
         for s in range(steps):
-            placed = {} if self.layout is None else {"kv_layout": self.layout}
+            placed = {"kv_layout": self.layout} if self.own_slots else {}
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
             # One argmax for every row, then the rows that sample overwrite theirs. A row whose best score is not
@@ -500,15 +495,15 @@ class BatchDecoder:
                     token[row], ok[row] = (t[0] for t in self._choose(answer, logits[row:row + 1], made))
             chunk[:, s] = token.where(ok, -1)
             self.tok = token[:, None]
-            self.pos = self.pos + 1
-            if self.layout is not None:
-                self.layout[2].add_(1)
+            torch.minimum(self.pos + 1, self.limit, out=self.pos)  # a row past its last step stays at its last slot
+            torch.add(self.pos[:, 0], 1, out=self.layout[2, :-1])
+            if not self.own_slots:
+                self.mask.scatter_(1, self.pos, 1)
         for answer in rows:
             if answer is not None:
                 answer.queued += steps
         self.record.update(steps=steps, answer_steps=steps * sum(a is not None for a in rows))
         self.record[f"steps at {len(rows)} rows x {self.cache.layers[0].max_cache_len} slots"] += steps
-        self.t += steps
         host = torch.empty(chunk.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
         host.copy_(chunk, non_blocking=True)
         ready = None
@@ -518,13 +513,13 @@ class BatchDecoder:
         previous, self._pending = self._pending, (host, ready, rows)
         if previous is not None:
             self._look(previous)
-        active = [a for a in self.rows if a]
-        if len(active) == 1 and len(self.rows) > 1:  # back to the one-row shape: batch-1 speed for the last user
+        if self._rows_for(sum(a is not None for a in self.rows)) < len(self.rows):
+            # fewer answers than the shape below holds: that shape's faster step (batch-1 speed for the last user),
+            # its cache sized for what the answers still need
             self._flush()
-            if active[0] in self.rows:
-                # its slots move to the start of the one-row cache, which is sized for them and what is still to come
-                held = self.t - active[0].start
-                self._relayout(1, self._size_for(held + active[0].to_queue), held)
+            active = [a for a in self.rows if a]
+            if active:
+                self._relayout(self._rows_for(len(active)), self._size_for(max(a.last_slot + 1 for a in active)))
 
     def _flush(self) -> None:
         if self._pending is not None:
@@ -570,7 +565,7 @@ class BatchDecoder:
                 self.rows[row] = None
                 if isinstance(answer.error, NonFiniteScores):
                     # Its slots may hold NaN, and a masked slot still multiplies: 0 * NaN is NaN. A later answer in
-                    # this row would read them (StaticCache rows attend over the whole row, masked).
+                    # this row would read them (transformers' attention reads the whole row, masked).
                     for layer in self.cache.layers:
                         layer.keys[row].zero_()
                         layer.values[row].zero_()

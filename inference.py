@@ -262,27 +262,27 @@ class ChatModel:
             torch.cuda.empty_cache()
 
     def warm_up(self, gen: GenerationSettings) -> None:
-        """Compile the fast path at load for the usual cache size (a short prompt + max_new_tokens), in both batch
-        shapes (one user; several at once), capture the prefill graphs of users' prompts, and run once what a burst
-        of users costs (several prompts joining a running answer: one eager prefill of them all), so the first users
-        do not wait for any of it; longer chats compile a larger size (at most 2 more per shape) when they first
-        occur."""
+        """Compile the fast path at load for the usual cache size (a short prompt + max_new_tokens), in every batch
+        shape (one user; up to batch_slots at once: BatchDecoder.shapes), capture the prefill graphs of users'
+        prompts, and run once what a burst of users costs (several prompts joining a running answer: one eager
+        prefill of them all), so the first users do not wait for any of it; longer chats compile a larger size (at
+        most 2 more per shape) when they first occur."""
         if not self.fast:
             return
         self.batcher.capture_prefill_graphs()
         ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
         for _ in self.start(ids, gen):  # one answer alone: the one-row shape
             pass
-        if self.batch_slots > 1:
-            # One answer running, then the other slots' users at once, with questions of a usual length (~64
-            # tokens): the batch_slots-row shape, the move to its cache and the eager prefill of several prompts.
-            # The first such prefill of a process cost more than later ones (docs/PERFORMANCE.md).
-            word = len(self.tokenizer(" Hello", add_special_tokens=False).input_ids)
-            words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
-            question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
+        # For each larger shape, one answer running, then the rest of that shape's users at once, with questions of a
+        # usual length (~64 tokens): the shape's step, the move to its cache and the eager prefill of several
+        # prompts. The first such prefill of a process cost more than later ones (docs/PERFORMANCE.md).
+        word = len(self.tokenizer(" Hello", add_special_tokens=False).input_ids)
+        words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
+        question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
+        for rows in self.batcher.shapes[1:]:
             answers = [self.start(ids, gen)]
             next(iter(answers[0]), None)  # running: the others join it
-            answers += [self.start(question, gen) for _ in range(self.batch_slots - 1)]
+            answers += [self.start(question, gen) for _ in range(rows - 1)]
             for answer in answers:
                 for _ in answer:
                     pass

@@ -149,7 +149,7 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin)
     q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
     if past_key_values is not None:
-        k, v = past_key_values.update(k, v, attn.layer_idx)
+        k, v = past_key_values.update(k, v, attn.layer_idx, kv_layout=kv_layout)
     if kv_layout is not None and q.shape[-2] == 1 and isinstance(past_key_values, DecodeCache):
         layer = past_key_values.layers[attn.layer_idx]
         out = decode_attention(q, layer.token_keys, layer.token_values, kv_layout, attn.scaling,
@@ -210,11 +210,19 @@ class _TokenMajorLayer(StaticLayer):
     row copies, reset); compiled code touches only `token_keys`/`token_values` (a view of a mutated graph input made
     inductor copy the whole cache every layer, at a third of the speed: docs/PERFORMANCE.md).
     storage: flat (keys, values) buffers to view instead of allocating (BatchDecoder's prefill graphs' scratch
-    caches, which never hold anything at the same time, share one pair a layer)."""
+    caches, which never hold anything at the same time, share one pair a layer).
+    rows_apart: each row has its own positions (BatchDecoder's rows, each from slot 0): a decode step writes each
+    row's key and value at that row's newest slot of decode_layout (the step's kv_layout, else the layout placed on
+    the cache), not at one write index shared by all rows; the shared index stays at the last slot, so that
+    transformers' causal mask hides nothing and each row's attention mask alone says which slots it reads."""
 
-    def __init__(self, max_cache_len: int, storage: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, max_cache_len: int, storage: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 rows_apart: bool = False):
         super().__init__(max_cache_len=max_cache_len)
-        self.storage = storage
+        self.storage, self.rows_apart = storage, rows_apart
+        self.layout: torch.Tensor | None = None  # rows_apart: decode_layout of the next step (DecodeCache.place)
+        if rows_apart:
+            self.cumulative_length.fill_(max_cache_len - 1)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -239,10 +247,19 @@ class _TokenMajorLayer(StaticLayer):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write (batch, heads, new, head dim) at the next slots; return the (batch, heads, cache, head dim) views."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               kv_layout: torch.Tensor | None = None, **kwargs):
+        """Write (batch, heads, new, head dim) at the next slots (rows_apart: one token at each row's own newest
+        slot); return the (batch, heads, cache, head dim) views."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.rows_apart:
+            layout = self.layout if kv_layout is None else kv_layout
+            rows = layout[0, :-1].long()
+            slots = layout[1, :-1] - layout[0, :-1] * self.max_cache_len + layout[2, :-1] - 1  # start + used - 1
+            self.token_keys[rows, slots.long()] = key_states[:, :, 0]  # (batch, heads, head dim): one query a row
+            self.token_values[rows, slots.long()] = value_states[:, :, 0]
+            return self.token_keys.transpose(1, 2), self.token_values.transpose(1, 2)
         new = key_states.shape[-2]
         slots = torch.arange(new, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(new)
@@ -253,11 +270,19 @@ class _TokenMajorLayer(StaticLayer):
 
 class DecodeCache(StaticCache):
     """The decoders' static KV cache: StaticCache with token-major storage (_TokenMajorLayer); storage: a layer's
-    flat (keys, values) buffers to view, one pair a layer (None: each layer allocates its own)."""
+    flat (keys, values) buffers to view, one pair a layer (None: each layer allocates its own); rows_apart: every
+    row at its own positions (_TokenMajorLayer)."""
 
-    def __init__(self, config, max_cache_len: int, storage: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
-        Cache.__init__(self, layers=[_TokenMajorLayer(max_cache_len, None if storage is None else storage[i])
-                                     for i in range(config.num_hidden_layers)])
+    def __init__(self, config, max_cache_len: int, storage: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 rows_apart: bool = False):
+        Cache.__init__(self, layers=[_TokenMajorLayer(max_cache_len, None if storage is None else storage[i],
+                                                      rows_apart) for i in range(config.num_hidden_layers)])
+
+    def place(self, layout: torch.Tensor) -> None:
+        """Where the rows of the next decode steps sit (decode_layout), for steps that do not pass kv_layout
+        (transformers' attention, which reads the slots through the attention mask)."""
+        for layer in self.layers:
+            layer.layout = layout
 
 
 def allocated(cache: StaticCache, model, batch: int) -> StaticCache:
@@ -272,9 +297,10 @@ def allocated(cache: StaticCache, model, batch: int) -> StaticCache:
 def decode_layout(starts: torch.Tensor, used: torch.Tensor, size: int) -> torch.Tensor:
     """Where a decode step's rows sit in a DecodeCache of `size` slots a row: (3, batch + 1) int32 of query offsets
     (one query a row), each row's first slot in the flattened (batch * cache) slots (plus the end), and how many
-    slots each row reads (last column unused). The decoders keep a row's tokens in the contiguous slots [start, t]
-    up to the shared write index t (left padding or an earlier answer before start), so a step reads t + 1 - start
-    slots of row i, and the decoders add 1 to that count after each step. This is FlashAttention's varlen layout
+    slots each row reads (last column unused). A row's tokens are the contiguous slots [start, start + used), its
+    newest at the end: FastDecoder's rows end at its shared write index t (left padding before start), BatchDecoder's
+    each start at slot 0 and end at their own position; the decoders advance `used` after each step. This is
+    FlashAttention's varlen layout
     (cu_seqlens_q, cu_seqlens_k, seqused_k): no step reads the unused rest of the cache."""
     batch = starts.shape[0]
     layout = torch.zeros(3, batch + 1, dtype=torch.int32, device=starts.device)

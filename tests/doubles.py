@@ -34,11 +34,15 @@ class ScriptedPhi(PhiForCausalLM):
     calls = 0  # forward passes of all instances (plain path: one per generated token)
     delay = 0.0  # seconds per forward: a model slow enough for a person to press Stop while it writes
 
-    def forward(self, input_ids=None, past_key_values=None, **kwargs):
+    def forward(self, input_ids=None, past_key_values=None, position_ids=None, **kwargs):
         type(self).calls += 1
         time.sleep(self.delay)
-        out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
-        step = past_key_values.get_seq_length() - self.prompt_len  # tokens generated before this one
+        out = super().forward(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids,
+                              **kwargs)
+        # tokens generated before this one, by the position of the last input (BatchDecoder's cache has no one
+        # length: each row has its own)
+        last = past_key_values.get_seq_length() - 1 if position_ids is None else int(position_ids[0, -1])
+        step = last + 1 - self.prompt_len
         forced = torch.full_like(out.logits[:, -1], -1e9)
         forced[:, self.script[min(step, len(self.script) - 1)]] = 0
         out.logits[:, -1] = forced

@@ -344,43 +344,65 @@ def test_temperatures_below_the_floor_decode_greedily_beside_sampled_rows(chat_m
     assert results[0][0] == results[2][0] == greedy
 
 
-def test_a_request_that_fits_is_not_held_behind_one_that_does_not(tokenizer):
-    """The rows share one write index: a long prompt (A) cannot join a long-running answer (R) until R has written
-    enough that both fit. A short request that fits and ends before R (B) joins at once instead of waiting behind A;
-    one that would outlast R (C) waits behind A, which joins as soon as it fits: no starvation. (Steps are slowed so
-    that R runs ~3 s.)"""
+def test_an_answer_joins_at_once_whatever_the_lengths_of_the_others(tokenizer):
+    """Every row has its own positions in the cache: a long prompt (A) joins a long-running answer (R) at once,
+    though R's and A's prompts and answers together pass the 512-token context window (when all rows shared one
+    write index, A waited until R had nearly ended); so do a short request (B) and another long-running one (C), and
+    each writes all its tokens. (Steps are slowed so that R runs ~3 s.)"""
     chat, messages = endless(tokenizer, fast=False, delay=0.005)
     assert chat.context_window == 512
     running = chat.start(chat.prompt_ids(messages, 420)[0], GenerationSettings(max_new_tokens=420, temperature=0.0))
     pieces = iter(running)
     next(pieces)
-    long_question = [{"role": "user", "content": "la " * 150}]
     events: list[str] = []
+    r_pieces = [1]  # pieces of R's answer read so far
+    r_when_started = {}
 
     def started(name, answer):
         def watch():
             for i, _ in enumerate(answer):
                 if i == 0:
                     events.append(f"{name} started")
+                    r_when_started[name] = r_pieces[0]
             events.append(f"{name} ended")
         thread = threading.Thread(target=watch, daemon=True)
         thread.start()
         return thread
 
-    a_ids = chat.prompt_ids(long_question, 60)[0]
-    assert len(a_ids) + 420 > 512  # A does not fit beside R
-    readers = [started("A", chat.start(a_ids, GenerationSettings(max_new_tokens=60, temperature=0.0))),
-               started("B", chat.start(chat.prompt_ids(messages, 3)[0],
-                                       GenerationSettings(max_new_tokens=3, temperature=0.0))),
-               started("C", chat.start(chat.prompt_ids(messages, 450)[0],
-                                       GenerationSettings(max_new_tokens=450, temperature=0.0)))]
-    threading.Thread(target=lambda: [events.append("R ended") for _ in [list(pieces)]], daemon=True).start()
+    def read_r():
+        for _ in pieces:
+            r_pieces[0] += 1
+        events.append("R ended")
+
+    a_ids = chat.prompt_ids([{"role": "user", "content": "la " * 150}], 60)[0]
+    assert len(a_ids) + 420 > 512  # A and R together pass the window
+    budgets = {"A": 60, "B": 3, "C": 450}
+    answers = {"A": chat.start(a_ids, GenerationSettings(max_new_tokens=60, temperature=0.0)),
+               "B": chat.start(chat.prompt_ids(messages, 3)[0], GenerationSettings(max_new_tokens=3, temperature=0.0)),
+               "C": chat.start(chat.prompt_ids(messages, 450)[0],
+                               GenerationSettings(max_new_tokens=450, temperature=0.0))}
+    readers = [started(name, answer) for name, answer in answers.items()]
+    threading.Thread(target=read_r, daemon=True).start()
     for reader in readers:
         reader.join(120)
         assert not reader.is_alive()
-    assert events.index("B ended") < events.index("A started")  # B joined at once, not behind A
-    assert events.index("B ended") < events.index("R ended")
-    assert events.index("A started") < events.index("C started")  # C, which would delay A, did not pass it
+    assert all(r_when_started[name] < 30 for name in budgets), r_when_started  # R has written < 30 of its 420
+    assert chat.batcher.most_rows == 4
+    assert {name: a.reply.new_tokens for name, a in answers.items()} == budgets
+    assert running.reply.new_tokens == 420
+
+
+def test_a_few_users_on_an_engine_of_64_slots_run_a_small_step(tokenizer):
+    """An engine of 64 slots runs the smallest batch shape that holds its answers (BatchDecoder.shapes): three users
+    share an 8-row step, not a 64-row one, and the one left alone goes on in the one-row step, each answer whole."""
+    chat, messages = endless(tokenizer, fast=False)
+    chat = ChatModel(chat.model, tokenizer, batch_slots=64)
+    assert chat.batcher.shapes == [1, 8, 16, 32, 64]
+    ids = chat.prompt_ids(messages, 40)[0]
+    answers = [chat.start(ids, GenerationSettings(max_new_tokens=n, temperature=0.0)) for n in (12, 12, 40)]
+    assert [r.text for r in finish(answers)] == [" ".join(["la"] * n) for n in (12, 12, 40)]
+    shapes = {key.split(" x ")[0] for key in chat.batcher.record if key.startswith("steps at")}
+    assert shapes == {"steps at 8 rows", "steps at 1 rows"}, chat.batcher.record
 
 
 def test_the_queue_is_bounded_and_a_waiting_answer_that_leaves_it_frees_its_place(tokenizer):
