@@ -30,6 +30,26 @@ PREFILL_TOKENS = 4096  # prompts that wait together are prefilled in passes of u
 ROW_BUCKETS = (1, 8, 16, 32, 64)
 
 
+def kv_width(config) -> int:
+    """Keys (or values) of one token in one layer: key/value heads x head dim."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV cache bytes one token takes in every layer (Phi-2 in bf16: 320 KiB)."""
+    return 2 * config.num_hidden_layers * kv_width(config) * torch.empty((), dtype=dtype).element_size()
+
+
+def slots_for_memory(free_bytes: int, total_bytes: int, row_bytes: int) -> int:
+    """How many answers a GPU decodes together when inference.batch_slots is auto: as many full-context rows
+    (row_bytes each) as the memory free after the model holds, less a reserve for activations, the prefill graphs
+    and compiled steps (2 GiB or a tenth of the GPU, whichever is more), between 1 and ROW_BUCKETS[-1]. Rows are
+    allocated by need (BatchDecoder._cache_for), so this is the worst case: every row at the context window."""
+    reserve = max(2 << 30, total_bytes // 10)
+    return max(1, min(ROW_BUCKETS[-1], (free_bytes - reserve) // row_bytes))
+
+
 class Busy(RuntimeError):
     """Every place in the queue is taken: the request is turned away now (HTTP 429) rather than waiting unbounded.
     retry_after: seconds after which a place is likely free."""
@@ -150,7 +170,9 @@ class BatchDecoder:
         self._running = False
         self._closed: ShuttingDown | None = None
         self._durations: list[float] = []  # seconds of the last answers, for Busy's retry_after
-        self._caches: dict[tuple[int, int], DecodeCache] = {}
+        self._caches: dict[tuple[int, int], DecodeCache] = {}  # every (rows, cache size) shape met, on self._kv
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # one flat keys and values buffer a layer
+        self._kv_numel = 0
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (prefill,
         # cache moves, first tokens), decode steps queued, answers in those steps (answer_steps / steps = rows), and
@@ -281,10 +303,25 @@ class BatchDecoder:
         return next(rows for rows in self.shapes if rows >= answers)
 
     def _cache_for(self, batch: int, size: int) -> DecodeCache:
+        """The (batch, size) cache: a view from the start of one keys and one values buffer a layer that every shape
+        shares, so the KV memory held is the largest shape used so far (64 short chats hold 64 short rows, not 64
+        context windows), and a compiled shape finds its cache where it was captured. A larger shape replaces the
+        buffers; the caches on the old ones are dropped (the current one lives until _relayout has moved its rows)."""
+        numel = batch * size * kv_width(self.model.config)
+        if numel > self._kv_numel:
+            self._kv = [tuple(torch.zeros(numel, dtype=self.model.dtype, device=self.device) for _ in range(2))
+                        for _ in range(self.model.config.num_hidden_layers)]
+            self._kv_numel, self._caches = numel, {}
         key = (batch, size)
         if key not in self._caches:
-            self._caches[key] = allocated(DecodeCache(self.model.config, size, rows_apart=True), self.model, batch)
+            self._caches[key] = allocated(DecodeCache(self.model.config, size, self._kv, rows_apart=True), self.model,
+                                          batch)
         return self._caches[key]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache the engine holds now (every shape's cache is a view of them)."""
+        return sum(t.numel() * t.element_size() for pair in self._kv for t in pair)
 
     # ------------------------------------------------------------------------------------------------------------
     def prefill_bucket(self, prompts: int, width: int) -> int | None:
@@ -311,7 +348,7 @@ class BatchDecoder:
         if bucket not in self._prefills:
             if self._scratch is None:  # one (keys, values) pair a layer for every graph's scratch cache
                 config = self.model.config
-                numel = PREFILL_BUCKETS[-1] * config.hidden_size  # tokens x heads x head dim
+                numel = PREFILL_BUCKETS[-1] * kv_width(config)
                 self._scratch = [tuple(torch.zeros(numel, dtype=self.model.dtype, device=self.device)
                                        for _ in range(2)) for _ in range(config.num_hidden_layers)]
                 if self.device.type == "cuda":

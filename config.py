@@ -216,8 +216,9 @@ class InferenceConfig:
     device: Literal["auto", "cuda", "cpu"] = doc("auto", "where to run; auto = cuda when available")
     fast: Literal["auto", "on", "off"] = doc(
         "auto", "static KV cache + compiled decode step; auto = on for CUDA, off on CPU")
-    batch_slots: int = doc(8, "chat answers decoded together (continuous batching: app, API and CLI users); each "
-                              "slot holds a KV cache of up to the context window (Phi-2 fp32: 0.7 GB per 1k tokens)")
+    batch_slots: int = doc(0, "chat answers decoded together at most (continuous batching: app, API and CLI "
+                              "users); 0 = what the free GPU memory holds at full context, up to 64 (8 on the "
+                              "CPU); each row's KV cache is held by need (Phi-2: 320 KiB a token in bf16)")
 
 
 @dataclass
@@ -412,8 +413,8 @@ def validate(cfg: Config, problems: list[str] | None = None) -> None:
     need(num(pref.beta) and pref.beta > 0, f"preference.beta: must be > 0 (got {pref.beta})")
     need(num(pref.max_pairs_per_prompt) and pref.max_pairs_per_prompt > 0,
          f"preference.max_pairs_per_prompt: must be > 0 (got {pref.max_pairs_per_prompt})")
-    need(num(cfg.inference.batch_slots) and cfg.inference.batch_slots > 0,
-         f"inference.batch_slots: must be > 0 (got {cfg.inference.batch_slots})")
+    need(num(cfg.inference.batch_slots) and cfg.inference.batch_slots >= 0,
+         f"inference.batch_slots: must be >= 0, 0 for what the GPU memory holds (got {cfg.inference.batch_slots})")
     need(num(a.port) and 0 < a.port < 65536, f"app.port: must be in 1..65535 (got {a.port})")
     user, _, password = (a.auth or "").partition(":")
     need(a.auth is None or (isinstance(a.auth, str) and ":" in a.auth and user.strip() != "" and password != ""),

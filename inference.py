@@ -41,7 +41,7 @@ from transformers import GenerationConfig
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, merge_adapter, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt
-from batching import BatchDecoder
+from batching import BatchDecoder, kv_bytes_per_token, slots_for_memory
 from decoding import FastDecoder, penalty_processors
 from model_utils import DTYPE_NAMES, ModelLoadError, load_model, load_tokenizer, readable_by_transformers_4
 
@@ -271,18 +271,19 @@ class ChatModel:
             return
         self.batcher.capture_prefill_graphs()
         ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
-        for _ in self.start(ids, gen):  # one answer alone: the one-row shape
-            pass
-        # For each larger shape, one answer running, then the rest of that shape's users at once, with questions of a
-        # usual length (~64 tokens): the shape's step, the move to its cache and the eager prefill of several
-        # prompts. The first such prefill of a process cost more than later ones (docs/PERFORMANCE.md).
+        # Largest shape first, so the KV buffers are allocated once and the smaller shapes' caches view them. For
+        # each shape of several rows, one answer running, then the rest of that shape's users at once, with
+        # questions of a usual length (~64 tokens): the shape's step, the move to its cache and the eager prefill
+        # of several prompts (the first such prefill of a process cost more than later ones: docs/PERFORMANCE.md);
+        # then one answer alone, the one-row shape.
         word = len(self.tokenizer(" Hello", add_special_tokens=False).input_ids)
         words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
         question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
-        for rows in self.batcher.shapes[1:]:
+        for rows in reversed(self.batcher.shapes):
             answers = [self.start(ids, gen)]
-            next(iter(answers[0]), None)  # running: the others join it
-            answers += [self.start(question, gen) for _ in range(rows - 1)]
+            if rows > 1:
+                next(iter(answers[0]), None)  # running: the others join it
+                answers += [self.start(question, gen) for _ in range(rows - 1)]
             for answer in answers:
                 for _ in answer:
                     pass
@@ -475,7 +476,7 @@ def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = Tru
     else:
         model = _merge_for_chat(cfg, allow_pickle, device)
     logger.info("serving on %s in %s, fast decoding %s, %d answers decoded together at most", device, icfg.dtype,
-                "on" if model.fast else "off", icfg.batch_slots)
+                "on" if model.fast else "off", model.batch_slots)
     if warm_up:
         model.warm_up(cfg.generation)
     return model
@@ -513,8 +514,26 @@ def model_id(served: str | Path) -> str:
 
 def _serving(model, tokenizer, cfg: Config, device: str, served: str | Path) -> ChatModel:
     return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device),
-                     batch_slots=cfg.inference.batch_slots, max_waiting=cfg.app.max_queue,
+                     batch_slots=serving_slots(cfg.inference.batch_slots, model), max_waiting=cfg.app.max_queue,
                      name=cfg.app.model_id or model_id(served))
+
+
+def serving_slots(requested: int, model) -> int:
+    """inference.batch_slots, or for 0 (auto) the answers the GPU's free memory holds at full context
+    (batching.slots_for_memory; 8 on the CPU), logged with the estimate it came from."""
+    if requested:
+        return requested
+    if model.device.type != "cuda":
+        return 8
+    window = int(getattr(model.config, "max_position_embeddings", 2048))
+    per_token = kv_bytes_per_token(model.config, model.dtype)
+    free, total = torch.cuda.mem_get_info(model.device)
+    slots = slots_for_memory(free, total, window * per_token)
+    logger.info("inference.batch_slots auto: %d (KV cache %d KiB a token in %s, %.0f MiB a row at the %d-token "
+                "context; %.1f of %.1f GiB free after the model; rows are held by need)", slots, per_token >> 10,
+                str(model.dtype).removeprefix("torch."), window * per_token / 2**20, window, free / 2**30,
+                total / 2**30)
+    return slots
 
 
 def chat_loop(model: ChatModel, gen: GenerationSettings, read=input, write=print) -> None:

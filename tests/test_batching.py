@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 import decoding
-from batching import Busy, ShuttingDown
+from batching import Busy, ShuttingDown, kv_bytes_per_token, slots_for_memory
 from config import GenerationSettings
 from conftest import TINY
 from doubles import GREEDY, PENALIZED, TOGETHER, ScriptedPhi, endless, finish, start_all, tied
@@ -403,6 +403,44 @@ def test_a_few_users_on_an_engine_of_64_slots_run_a_small_step(tokenizer):
     assert [r.text for r in finish(answers)] == [" ".join(["la"] * n) for n in (12, 12, 40)]
     shapes = {key.split(" x ")[0] for key in chat.batcher.record if key.startswith("steps at")}
     assert shapes == {"steps at 8 rows", "steps at 1 rows"}, chat.batcher.record
+
+
+def test_the_kv_memory_held_is_the_largest_shape_used_not_the_sum(tokenizer):
+    """Every batch shape's cache views one keys and one values buffer a layer: after three users (the 8-row shape)
+    and one left alone (the one-row shape), the engine holds the 8-row cache's bytes; one long answer alone fits in
+    them, and a long answer beside another grows them to 8 rows of its length."""
+    chat, messages = endless(tokenizer, fast=False)
+    chat.model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no longer cache)
+    chat = ChatModel(chat.model, tokenizer, batch_slots=64)
+    batcher = chat.batcher
+    per_token = kv_bytes_per_token(chat.model.config, chat.model.dtype)
+    ids = chat.prompt_ids(messages, 40)[0]
+    finish([chat.start(ids, GenerationSettings(max_new_tokens=n, temperature=0.0)) for n in (12, 12, 40)])
+    assert {rows for rows, _ in batcher._caches} == {1, 8}
+    assert batcher.kv_bytes == 8 * 512 * per_token  # not (8 + 1) x 512
+    finish([chat.start(ids, GenerationSettings(max_new_tokens=500, temperature=0.0))])
+    assert batcher.kv_bytes == 8 * 512 * per_token  # one row of 1,024 slots fits in them
+    answers = [chat.start(ids, GenerationSettings(max_new_tokens=n, temperature=0.0)) for n in (500, 12)]
+    assert [r.new_tokens for r in finish(answers)] == [500, 12]
+    assert batcher.kv_bytes == 8 * 1024 * per_token  # 8 rows of 1,024 slots did not
+
+
+def test_batch_slots_auto_takes_what_the_memory_holds(chat_model):
+    """inference.batch_slots 0 (the default): on a GPU, as many full-context rows as its free memory holds after the
+    model, less a reserve, up to 64 (Phi-2 in bf16: 640 MiB a row at 2,048 tokens); 8 on the CPU; a number wins."""
+    from transformers import AutoConfig
+    import inference
+    phi2 = AutoConfig.for_model("phi", num_hidden_layers=32, hidden_size=2560, num_attention_heads=32,
+                                max_position_embeddings=2048)
+    row = 2048 * kv_bytes_per_token(phi2, torch.bfloat16)
+    assert row == 640 * 2**20
+    gib, weights = 2**30, int(2.78e9 * 2)  # Phi-2's weights in bf16/fp16
+    slots = {name: slots_for_memory(total - weights - gib // 2, total, row)
+             for name, total in {"16 GB": int(14.7 * gib), "24 GB": int(23.6 * gib), "80 GB": int(79.2 * gib),
+                                 "141 GB": int(139.8 * gib)}.items()}  # what torch reports as their total
+    assert slots == {"16 GB": 11, "24 GB": 24, "80 GB": 64, "141 GB": 64}
+    assert slots_for_memory(gib, 15 * gib, row) == 1  # never none
+    assert inference.serving_slots(0, chat_model.model) == 8 and inference.serving_slots(12, chat_model.model) == 12
 
 
 def test_the_queue_is_bounded_and_a_waiting_answer_that_leaves_it_frees_its_place(tokenizer):
