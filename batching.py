@@ -105,9 +105,10 @@ class _Answer:
         return len(self.ids) + self.max_new_tokens - 1
 
     @property
-    def written(self) -> int:
-        """Cache slots it has filled, [0, written), counting the steps queued on the device."""
-        return min(len(self.ids) + self.queued, self.last_slot + 1)
+    def position(self) -> int:
+        """The position of its next input token, the slot the next step writes, counting the steps queued on the
+        device (as the device's pos, capped at last_slot): it has filled the slots before it."""
+        return min(len(self.ids) + self.queued, self.last_slot)
 
 
 class BatchDecoder:
@@ -363,7 +364,7 @@ class BatchDecoder:
         active = [(i, a) for i, a in enumerate(self.rows) if a]
         cache = self._cache_for(batch, size)
         if active:
-            held = max(a.written for _, a in active)
+            held = max(a.position for _, a in active) + 1
             src = torch.tensor([i for i, _ in active], device=self.device)
             for old, new in zip(self.cache.layers, cache.layers):
                 new.keys[:len(active), :, :held] = old.keys[src, :, :held]  # (a copy: the index gathers)
@@ -378,7 +379,7 @@ class BatchDecoder:
         for row, (i, a) in enumerate(active):
             tok[row], pos[row], limit[row], seen[row], penalty[row] = \
                 self.tok[i], self.pos[i], self.limit[i], self.seen[i], self.penalty[i]
-            mask[row, :a.last_slot + 1] = self.mask[i, :a.last_slot + 1]
+            mask[row, :a.position + 1] = 1  # (the mask is not kept up where the steps read decode_layout)
         self.rows = [a for _, a in active] + [None] * (batch - len(active))
         self.cache, self.tok, self.pos, self.limit, self.mask = cache, tok, pos, limit, mask
         self.seen, self.penalty = seen, penalty
