@@ -52,7 +52,11 @@ the most answers decoded together, how many clients got the same text as when th
 decoder's time went: prefill passes (prompts), seconds spent admitting answers (prefill, cache moves, first tokens)
 and the mean number of answers in a decode step. After the clients, the same model decodes the most clients' questions
 as one static batch (ChatModel.generate_ids, each answer to the same length), and each row's aggregate is also
-given as a multiple of that figure (x static batch), so the two are measured in one run.
+given as a multiple of that figure (x static batch), so the two are measured in one run. Each row also gives the
+longest wait between two pieces of text of any client's answer after its first; a last row streams up to 8 of the
+questions again while one more client sends a prompt of ~1,000 tokens (90% of what the context leaves after the
+answer, on the tiny model) halfway through them: the running answers' longest wait then is what that prefill costs
+them (beside the same clients' wait without it).
 """
 
 from __future__ import annotations
@@ -664,13 +668,15 @@ def questions(n: int, words: int) -> list[str]:
     return [" ".join(vocab[rng.integers(0, len(vocab), size=words)]) + "?" for _ in range(n)]
 
 
-def stream_completion(port: int, question: str, max_tokens: int, model: str) -> dict:
-    """One streaming request as an OpenAI client sends it; times the first content token and the end."""
+def stream_completion(port: int, question: str, max_tokens: int, model: str, delay_s: float = 0.0) -> dict:
+    """One streaming request as an OpenAI client sends it (after delay_s); times the first content token, the end
+    and the longest wait between two pieces of text after the first (a running answer's stall)."""
     import http.client
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
                        "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}})
-    start = time.perf_counter()
+    time.sleep(delay_s)
+    start, sent_at, last, gap = time.perf_counter(), time.time(), None, 0.0
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     response = connection.getresponse()
@@ -684,13 +690,16 @@ def stream_completion(port: int, question: str, max_tokens: int, model: str) -> 
         if "error" in event:
             raise RuntimeError(event["error"]["message"])
         content = event["choices"][0]["delta"].get("content") if event["choices"] else None
+        now = time.perf_counter()
         if content and first is None:
-            first = time.perf_counter() - start
+            first = now - start
+        if content:
+            gap, last = max(gap, now - last) if last is not None else 0.0, now
         text += content or ""
         usage = event.get("usage") or usage
     connection.close()
-    return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start,
-            "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
+    return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start, "sent_at": sent_at,
+            "max_gap_s": gap, "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
 
 
 def napping_pid(_) -> int:
@@ -754,13 +763,14 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         signal.signal(sig, stop)
     # Clients run in processes of their own, as remote clients would: in this process their threads would take the
     # interpreter lock from the server's generation loop.
-    with multiprocessing.get_context("spawn").Pool(max(clients)) as pool:
+    processes = max(max(clients), min(8, max(clients)) + 1)  # (the long prompt's probe: up to 8 clients + 1)
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
         # Every client process started (its imports done) before any timing: a pool hands requests only to started
         # processes, so 8 "concurrent" clients would otherwise run partly one after another.
         deadline = time.monotonic() + 300
-        while len(set(pool.map(napping_pid, range(2 * max(clients)), chunksize=1))) < max(clients):
+        while len(set(pool.map(napping_pid, range(2 * processes), chunksize=1))) < processes:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{max(clients)} client processes did not all start within 300 s")
+                raise RuntimeError(f"{processes} client processes did not all start within 300 s")
         for n in clients:
             chat.batcher.most_rows = 0
             chat.batcher.record.clear()
@@ -778,9 +788,11 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                         | {"decoder": dict(chat.batcher.record)})
             if partial is not None:
                 partial.write_text(json.dumps(rows, default=str))
+        if rows and not stopped.is_set():
+            rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, load_s))
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
-        r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base else None
+        r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base and "long_prompt_tokens" not in r else None
     if rows and not stopped.is_set():
         static = static_batch(chat, asked[:max(clients)], new_tokens)
         for r in rows:
@@ -792,6 +804,35 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     chat.shutdown()
     chat.close()
     return rows
+
+
+def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, rows: list[dict], alone: list[dict],
+                      dtype: str, load_s: float) -> dict:
+    """Up to 8 answers streaming, and a prompt of ~1,000 tokens (what the context leaves, on the tiny model) that
+    arrives halfway through them: the longest wait between two pieces of a running answer (its stall while the long
+    prompt is prefilled), against the same clients' longest wait without it (the row of that many clients)."""
+    n = min(8, len(asked))
+    without = next((r for r in rows if r["clients"] == n), None)
+    delay = (without or rows[-1])["end_median_s"] / 2
+    target = min(1000, int(0.9 * (chat.context_window - new_tokens)))
+    words = 100
+    for _ in range(6):  # random words take 1-3 tokens each: within 5% of the target in a few guesses
+        long_question = questions(1, words)[0]
+        tokens = len(chat.tokenizer(long_question, add_special_tokens=False).input_ids)
+        if abs(tokens - target) <= target // 20:
+            break
+        words = max(1, round(words * target / tokens))
+    tokens = len(chat.prompt_ids([{"role": "user", "content": long_question}], new_tokens)[0])
+    chat.batcher.most_rows = 0
+    chat.batcher.record.clear()
+    start = time.perf_counter()
+    got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name, 0.0) for q in asked[:n]]
+                       + [(port, long_question, new_tokens, chat.name, delay)], chunksize=1)
+    wall = time.perf_counter() - start
+    row = serve_row(dtype, n, got[:n], alone, wall, chat.batcher.most_rows, load_s)
+    return row | {"name": f"{dtype} {n} client(s) + a {tokens}-token prompt at {delay:.2f} s",
+                  "long_prompt_tokens": tokens, "long_prompt_ttft_s": got[n]["ttft_s"],
+                  "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record)}
 
 
 def static_batch(chat, asked: list[str], new_tokens: int) -> dict:
@@ -815,6 +856,7 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
     return {"name": f"{dtype} {n} client(s)", "clients": n, "aggregate_tok_s": sum(g["tokens"] for g in got) / wall,
             "per_client_tok_s": float(np.median([g["tokens"] / g["end_s"] for g in got])),
             "ttft_median_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
+            "end_median_s": float(np.median([g["end_s"] for g in got])), "max_gap_s": max(g["max_gap_s"] for g in got),
             "completion_tokens": [g["tokens"] for g in got], "client_processes": len({g["client_pid"] for g in got}),
             "most_rows": most_rows,
             "same_text_as_alone": sum(g["text"] == a["text"] for g, a in zip(got, alone)), "load_and_warm_up_s": load_s}
@@ -822,13 +864,14 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
 
 def serve_table(rows: list[dict]) -> str:
     lines = ["| clients | aggregate tok/s | x one client | per-client tok/s | first token median / max (s) | "
-             "decoded together | same text as alone | prefill passes (prompts) | admitting (s) | answers a step | "
-             "x static batch |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "longest wait between pieces (s) | decoded together | same text as alone | prefill passes (prompts) | "
+             "admitting (s) | answers a step | x static batch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         d = r.get("decoder", {})
         lines.append(f"| {r['name']} | {r['aggregate_tok_s']:,.0f} | {r['speedup_vs_1'] or float('nan'):.2f} | "
                      f"{r['per_client_tok_s']:,.0f} | {r['ttft_median_s']:.3f} / {r['ttft_max_s']:.3f} | "
-                     f"{r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} | "
+                     f"{r['max_gap_s']:.3f} | {r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} | "
                      f"{d.get('prefill_passes', 0)} ({d.get('prompts', 0)}) | {d.get('admit_s', 0.0):.3f} | "
                      f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} | "
                      f"{r.get('x_static_batch', float('nan')):.2f} |")

@@ -83,6 +83,7 @@ def test_serving_bench_tiny(tmp_path):
     out = tmp_path / "serve.json"
     run_script("bench.py", "serve", "--tiny", "--clients", "1", "4", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
+    rows, probe = rows[:-1], rows[-1]
     assert [r["clients"] for r in rows] == [1, 4] and not any("error" in r for r in rows)
     assert [r["client_processes"] for r in rows] == [1, 4]  # concurrent: each client its own process
     # decoded together (how many overlap depends on when each client process connects: 24-token answers on the CPU
@@ -93,6 +94,12 @@ def test_serving_bench_tiny(tmp_path):
     # where the decoder's time went: every client's prompt prefilled, the decode steps counted
     assert all(r["decoder"]["prompts"] == r["clients"] and r["decoder"]["steps"] > 0 for r in rows)
     assert rows[1]["decoder"]["answer_steps"] > rows[1]["decoder"]["steps"]  # steps held several answers
+    # a long prompt (what the tiny model's 512-token window leaves: ~440 tokens) arriving while 4 answers stream: they
+    # go on unchanged, and the longest wait between two pieces of a running answer is reported beside the same
+    # clients' wait without it
+    assert probe["clients"] == 4 and probe["same_text_as_alone"] == 4 and probe["decoder"]["prompts"] == 5
+    assert 400 < probe["long_prompt_tokens"] <= 488 and probe["long_prompt_ttft_s"] > 0
+    assert probe["max_gap_s"] > 0 and probe["max_gap_without_s"] == rows[1]["max_gap_s"] > 0
     # the same questions as one static batch of the most clients, from the same loaded model, after the clients:
     # the figure continuous batching is compared with, in the same run
     static = json.loads(out.read_text())["static_batch"]
