@@ -116,8 +116,10 @@ class BatchDecoder:
 
     A request that arrives while others are being generated joins them at the next chunk boundary (every
     CHECK_EVERY steps when compiled, every step otherwise): its prompt is run (prefill; the prompts waiting at one
-    boundary in one forward pass; on a GPU, one alone through a CUDA graph captured at load: _PrefillGraph) and its
-    keys and values are copied into a free row of the shared static KV cache; a finished or cancelled answer frees
+    boundary in one forward pass of up to PREFILL_TOKENS tokens, one such pass a boundary, so the answers being
+    written go on between the passes of a burst; on a GPU, one prompt alone through a CUDA graph captured at load:
+    _PrefillGraph) and its keys and values are copied into a free row of the shared static KV cache; a finished or
+    cancelled answer frees
     its row at the next boundary. Each answer still streams to its own client, with its own sampling settings, stop
     rules and seed (greedy rows' repetition penalties applied to all rows at once, as AnswerRepetitionPenalty
     computes them).
@@ -276,7 +278,9 @@ class BatchDecoder:
                     if closed is not None:  # shutdown: the rows' clients hear of it below
                         raise closed
                     self._free_cancelled()
-                    while group := self._pick():
+                    # One prefill pass a boundary: the answers being written get a chunk between the passes of a
+                    # burst of arrivals, instead of waiting for all of them.
+                    if group := self._pick():
                         self._flush()  # the layout may change: every queued token must be seen first
                         begun = time.perf_counter()
                         self._admit(group)

@@ -52,7 +52,7 @@ def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch,
     """Six users at once (the last with a longer, multi-turn prompt that joins later): each greedy answer is the one
     it gets alone and the one generate() gives, exactly (fp32); and they were decoded together, in far fewer model
     steps than tokens. fast: the compiled step with fused layers, every row attending over its own cache slots
-    (phi_layers.decode_attention), in the batch shape and, when one answer is left, in the one-row shape."""
+    (phi_layers.decode_attention), in the batch shape and in the one-row shape (one answer running)."""
     if fast:
         chat_model = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True)
         assert chat_model.batcher.fused
@@ -72,9 +72,9 @@ def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch,
     # the fast path sees tokens a chunk (8 steps) later, by when short answers have ended: fewer rows overlap
     assert chat_model.batcher.most_rows >= (3 if fast else 4)
     if fast:
-        shapes = chat_model.batcher._caches
-        assert {rows for rows, _ in shapes} == {1, chat_model.batcher.slots}
-        assert all(isinstance(cache, DecodeCache) for cache in shapes.values())
+        shapes = {key.split(" x ")[0] for key in chat_model.batcher.record if key.startswith("steps at")}
+        assert shapes == {"steps at 1 rows", "steps at 8 rows"}, chat_model.batcher.record
+        assert all(isinstance(cache, DecodeCache) for cache in chat_model.batcher._caches.values())
     assert steps[0] < 0.5 * steps_alone
 
 
@@ -150,6 +150,38 @@ def test_questions_that_arrive_together_are_prefilled_together(chat_model):
     replies = finish([first] + others)
     assert prefills == [1, 4]
     assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
+
+
+def test_running_answers_go_on_between_the_prefill_passes_of_a_burst(tokenizer, monkeypatch):
+    """Prompts that arrive together while an answer is being written and take several prefill passes (here one a
+    pass: PREFILL_TOKENS lowered to one prompt's length) are prefilled one pass a boundary, with the running answer's
+    decode steps between them, not all passes before its next step: a burst of long prompts cannot stall the answers
+    being streamed for the sum of its passes. Each answer still writes all its tokens."""
+    import batching
+    chat, messages = endless(tokenizer, fast=False)
+    ids = chat.prompt_ids(messages, 40)[0]
+    monkeypatch.setattr(batching, "PREFILL_TOKENS", len(ids))
+    calls, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
+    forward = chat.model.forward
+
+    def watched(*args, **kwargs):
+        calls.append("prefill" if kwargs["input_ids"].shape[1] > 1 else "step")
+        if calls[-1] == "step" and hold.is_set():  # the running answer's step, held until the others have arrived
+            inside.set()
+            release.wait(30)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(chat.model, "forward", watched)
+    running = chat.start(ids, GenerationSettings(max_new_tokens=40, temperature=0.0))
+    next(iter(running))
+    hold.set()
+    assert inside.wait(30)
+    others = [chat.start(ids, GenerationSettings(max_new_tokens=20, temperature=0.0)) for _ in range(3)]
+    hold.clear()
+    release.set()
+    assert [r.new_tokens for r in finish([running] + others)] == [40, 20, 20, 20]
+    passes = [i for i, call in enumerate(calls) if call == "prefill"]
+    assert len(passes) == 4 and all(b - a > 1 for a, b in zip(passes, passes[1:])), calls
 
 
 def test_a_prompt_that_joins_alone_prefilled_padded_to_its_bucket_keeps_its_answer(chat_model, monkeypatch):
