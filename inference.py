@@ -598,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.prompt or args.chat or args.save_merged):
         logger.error("nothing to do: pass --prompt \"...\", --chat or --save-merged DIR")
         return 2
+    if not cfg.inference.batch_slots:  # auto: the terminal has one user, whose one-row shape is all the warm-up needs
+        cfg.inference.batch_slots = 1
     try:
         model = load_chat_model(cfg, allow_pickle=args.allow_pickle, warm_up=bool(args.prompt or args.chat))
         if args.save_merged:

@@ -102,6 +102,8 @@ def test_cli_one_shot_prompt(smoke_run):
                       "--prompt", "What is the capital of Peru?", "--generation.temperature", "0")
     assert proc.stdout.strip().splitlines()[-1] == "The capital of Peru is Lima."
     assert "max |logit diff|" in proc.stderr
+    # the terminal has one user: one row (inference.batch_slots auto), so the warm-up compiles nothing more
+    assert "1 answers decoded together at most" in proc.stderr
 
 
 def test_a_merged_folder_is_served_as_it_is(smoke_run, tmp_path):
