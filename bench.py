@@ -676,7 +676,7 @@ def stream_completion(port: int, question: str, max_tokens: int, model: str, del
                        "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}})
     time.sleep(delay_s)
-    start, sent_at, last, gap = time.perf_counter(), time.time(), None, 0.0
+    start, last, gap = time.perf_counter(), None, 0.0
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     response = connection.getresponse()
@@ -694,12 +694,13 @@ def stream_completion(port: int, question: str, max_tokens: int, model: str, del
         if content and first is None:
             first = now - start
         if content:
-            gap, last = max(gap, now - last) if last is not None else 0.0, now
+            if last is not None:
+                gap = max(gap, now - last)
+            last = now
         text += content or ""
         usage = event.get("usage") or usage
     connection.close()
-    return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start, "sent_at": sent_at,
-            "max_gap_s": gap, "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
+    return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start, "max_gap_s": gap, "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
 
 
 def napping_pid(_) -> int:
@@ -796,7 +797,8 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     if rows and not stopped.is_set():
         static = static_batch(chat, asked[:max(clients)], new_tokens)
         for r in rows:
-            r["static_batch"], r["x_static_batch"] = static, r["aggregate_tok_s"] / static["tok_s"]
+            if "long_prompt_tokens" not in r:  # (the probe's aggregate counts its running clients only)
+                r["static_batch"], r["x_static_batch"] = static, r["aggregate_tok_s"] / static["tok_s"]
     # Stopped in order, as app.py stops: the server, then the model freed on its own thread, before the interpreter
     # exits (a process left to tear down live CUDA graphs at exit ended with a segfault on an H200).
     server.should_exit = True
