@@ -364,27 +364,26 @@ class BatchDecoder:
 
     def _relayout(self, batch: int, size: int) -> None:
         """Move the active rows to rows 0.. of the (batch, size) cache, each row's slots where they were (one block
-        copy per layer)."""
-        active = [(i, a) for i, a in enumerate(self.rows) if a]
+        copy per layer), and their state with them."""
+        active = [i for i, a in enumerate(self.rows) if a]
         cache = self._cache_for(batch, size)
-        if active:
-            held = max(a.position for _, a in active) + 1
-            src = torch.tensor([i for i, _ in active], device=self.device)
-            for old, new in zip(self.cache.layers, cache.layers):
-                new.keys[:len(active), :, :held] = old.keys[src, :, :held]  # (a copy: the index gathers)
-                new.values[:len(active), :, :held] = old.values[src, :, :held]
         tok = torch.full((batch, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
         pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         limit = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        mask = torch.zeros(batch, size, dtype=torch.long, device=self.device)
-        mask[:, 0] = 1  # a free row reads slot 0 (finite, thrown away)
         seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
         penalty = torch.ones(batch, device=self.device)
-        for row, (i, a) in enumerate(active):
-            tok[row], pos[row], limit[row], seen[row], penalty[row] = \
-                self.tok[i], self.pos[i], self.limit[i], self.seen[i], self.penalty[i]
-            mask[row, :a.position + 1] = 1  # (the mask is not kept up where the steps read decode_layout)
-        self.rows = [a for _, a in active] + [None] * (batch - len(active))
+        if active:
+            n, src = len(active), torch.tensor(active, device=self.device)
+            held = max(self.rows[i].position for i in active) + 1
+            for old, new in zip(self.cache.layers, cache.layers):
+                new.keys[:n, :, :held] = old.keys[src, :, :held]  # (a copy: the index gathers)
+                new.values[:n, :, :held] = old.values[src, :, :held]
+            tok[:n], pos[:n], limit[:n], seen[:n], penalty[:n] = (
+                t[src] for t in (self.tok, self.pos, self.limit, self.seen, self.penalty))
+        # each row reads its slots up to its position, a free row slot 0 (finite, thrown away); rebuilt here, as the
+        # mask is not kept up where the steps read decode_layout
+        mask = (torch.arange(size, device=self.device)[None] <= pos).long()  # (batch, size)
+        self.rows = [self.rows[i] for i in active] + [None] * (batch - len(active))
         self.cache, self.tok, self.pos, self.limit, self.mask = cache, tok, pos, limit, mask
         self.seen, self.penalty = seen, penalty
         self._place_rows()
