@@ -443,12 +443,16 @@ class BatchDecoder:
         rows = [i for i, a in enumerate(self.rows) if a is None][:len(group)]
         # Every prompt's slots as index lists (prompt's row in the prefill's cache, row in the shared one, and the
         # slot, the same in both), for one gather and one scatter per tensor and layer below (a slice copy per
-        # prompt, tensor and layer was slower, docs/PERFORMANCE.md); sent before the prefill, while the GPU is idle
-        # (a copy from the host waits for it).
+        # prompt, tensor and layer was slower, docs/PERFORMANCE.md), and each prompt's row, length, last slot and
+        # penalty, for one write of each below; sent before the prefill, while the GPU is idle (a copy from the
+        # host waits for it).
         sizes = torch.tensor(lengths)
         where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes),
                              torch.tensor(rows).repeat_interleave(sizes), torch.cat([torch.arange(n) for n in lengths])])
         ids, (source_rows, target_rows, slots) = ids.to(self.device), where.to(self.device)
+        rows_at, lengths_at, last_at = torch.tensor([rows, lengths, [a.last_slot for a in group]]).to(self.device)
+        # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
+        penalties = torch.tensor([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group]).to(self.device)
         bucket = self.prefill_bucket(len(group), max(lengths)) if self.prefill_graphs else None
         if bucket is not None:
             graph = self._prefill_graph(bucket)
@@ -464,22 +468,22 @@ class BatchDecoder:
         for source, target in zip(scratch.layers, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
             target.keys[target_rows, :, slots] = source.keys[source_rows, :, slots]
             target.values[target_rows, :, slots] = source.values[source_rows, :, slots]
-        eos = self.tokenizer.eos_token_id
-        first = torch.empty(len(group), dtype=torch.long, device=self.device)
+        # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to
+        # best), then the prompts that sample choose theirs with generate()'s processors.
+        best, token = logits.max(-1)  # (prompts,) each
+        ok = torch.isfinite(best)
         for i, (row, answer) in enumerate(zip(rows, group)):
-            self.mask[row] = 0
-            self.mask[row, :lengths[i] + 1] = 1  # the prompt and the slot its first decode step writes
             if answer.procs is not None:  # sampling: what the penalty reads, like generate()'s input_ids
                 answer.seq = torch.empty(1, lengths[i] + answer.max_new_tokens, dtype=torch.long, device=self.device)
                 answer.seq[0, :lengths[i]] = ids[i, :lengths[i]]
-            # greedy rows: the penalty with all rows at once (its first token has no answer tokens to penalize)
-            self.penalty[row] = 1.0 if answer.gen.samples else answer.gen.repetition_penalty
-            self.seen[row] = False
-            token, ok = self._choose(answer, logits[i:i + 1], 0)
-            first[i] = token.where(ok, -1)[0]
-            self.tok[row, 0], self.pos[row, 0], self.limit[row, 0] = token[0], lengths[i], answer.last_slot
+                token[i], ok[i] = (t[0] for t in self._choose(answer, logits[i:i + 1], 0))
             self.rows[row] = answer
-        remember(self.seen, self.tok, eos)  # the other rows' tokens are there already
+        first = token.where(ok, -1)
+        slot = torch.arange(self.mask.shape[1], device=self.device)[None]
+        self.mask[rows_at] = (slot <= lengths_at[:, None]).long()  # the prompt and the slot its first step writes
+        self.penalty[rows_at], self.seen[rows_at] = penalties, False
+        self.tok[rows_at, 0], self.pos[rows_at, 0], self.limit[rows_at, 0] = token, lengths_at, last_at
+        remember(self.seen, self.tok, self.tokenizer.eos_token_id)  # the other rows' tokens are there already
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))

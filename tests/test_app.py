@@ -576,9 +576,14 @@ def test_a_crowd_of_careless_and_hostile_clients_hurts_nobody(chat_model):
             with httpx.stream("POST", v1, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400,
                                                 "stream": True}, timeout=60) as response:
                 next(response.iter_lines())
-        else:
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(v1, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400}, timeout=0.3)
+        else:  # a non-streamed request given up after 0.3 s (since rows no longer wait for each other's lengths,
+            # the smoke model's short answer can come sooner: then it had nothing to leave)
+            try:
+                r = httpx.post(v1, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400},
+                               timeout=0.3)
+                return "answered" if r.status_code == 200 else r.status_code
+            except httpx.ReadTimeout:
+                pass
         return "left"
 
     def hostile(i):
@@ -621,7 +626,8 @@ def test_a_crowd_of_careless_and_hostile_clients_hurts_nobody(chat_model):
             bad = [pool.submit(hostile, i) for i in range(8)]
             got = [a.result(timeout=300) for a in answers]
             refused = [b.result(timeout=300) for b in bad]
-            assert [f.result(timeout=300) for f in left] == ["left"] * 4
+            gone = [f.result(timeout=300) for f in left]
+            assert gone[1::2] == ["left"] * 2 and set(gone[::2]) <= {"left", "answered"}, gone
         wall = time.perf_counter() - start
     finally:
         stop.set()
