@@ -472,6 +472,9 @@ def test_batch_slots_auto_takes_what_the_memory_holds(chat_model):
              for name, total in {"16 GB": int(14.7 * gib), "24 GB": int(23.6 * gib), "80 GB": int(79.2 * gib),
                                  "141 GB": int(139.8 * gib)}.items()}  # what torch reports as their total
     assert slots == {"16 GB": 11, "24 GB": 24, "80 GB": 64, "141 GB": 64}
+    in_fp32 = [slots_for_memory(int(t * gib) - 2 * weights - gib // 2, int(t * gib), 2 * row)
+               for t in (14.7, 23.6, 79.2, 139.8)]
+    assert in_fp32 == [1, 8, 48, 64]  # README's table, the default inference.dtype
     assert slots_for_memory(gib, 15 * gib, row) == 1  # never none
     assert inference.serving_slots(0, chat_model.model) == 8 and inference.serving_slots(12, chat_model.model) == 12
 
