@@ -1,4 +1,5 @@
-"""phi_layers.py: the fused Phi layers keep the model's memory and its ordinary saved layout."""
+"""phi_layers.py: the fused Phi layers keep the model's memory and its ordinary saved layout; the decoders' cache
+writes where each decoder says."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from inference import ChatModel
+from phi_layers import DecodeCache, allocated, decode_layout
 
 
 def test_fused_layers_cost_no_memory_and_save_the_ordinary_model(chat_model, tmp_path):
@@ -23,3 +25,23 @@ def test_fused_layers_cost_no_memory_and_save_the_ordinary_model(chat_model, tmp
     reloaded = AutoModelForCausalLM.from_pretrained(fast.save_merged(tmp_path / "merged")).state_dict()
     original = chat_model.model.state_dict()
     assert list(reloaded) == list(original) and all(torch.equal(reloaded[k], original[k]) for k in original)
+
+
+def test_a_cache_with_rows_apart_writes_each_row_at_its_own_slot(chat_model):
+    """BatchDecoder's cache (DecodeCache(rows_apart=True)): a decode step writes each row's key and value at that
+    row's own newest slot of decode_layout, from the step's kv_layout or the layout placed on the cache, touches no
+    other slot, and keeps transformers' shared index at the last slot (so its causal mask hides nothing)."""
+    config = chat_model.model.config
+    cache = allocated(DecodeCache(config, 16, rows_apart=True), chat_model.model, 3)
+    heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    layout = decode_layout(torch.zeros(3, dtype=torch.long), torch.tensor([1, 5, 12]), 16)  # slots 0, 4 and 11
+    cache.place(layout)
+    for step, kwargs in enumerate([{}, {"kv_layout": layout}]):  # transformers' attention; the fused step
+        keys = torch.randn(3, heads, 1, dim)
+        cache.update(keys, -keys, step, **kwargs)
+        layer = cache.layers[step]
+        for row, slot in enumerate((0, 4, 11)):
+            assert torch.equal(layer.keys[row, :, slot], keys[row, :, 0])
+            assert torch.equal(layer.values[row, :, slot], -keys[row, :, 0])
+        assert int((layer.keys != 0).any(-1).any(1).sum()) == 3  # those three slots, nothing else
+    assert int(cache.get_seq_length()) == 15 and int(cache.layers[0].cumulative_length) == 15
