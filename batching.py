@@ -41,13 +41,10 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * kv_width(config) * torch.empty((), dtype=dtype).element_size()
 
 
-def slots_for_memory(free_bytes: int, total_bytes: int, row_bytes: int) -> int:
-    """How many answers a GPU decodes together when inference.batch_slots is auto: as many full-context rows
-    (row_bytes each) as the memory free after the model holds, less a reserve for activations, the prefill graphs
-    and compiled steps (2 GiB or a tenth of the GPU, whichever is more), between 1 and ROW_BUCKETS[-1]. Rows are
-    allocated by need (BatchDecoder._cache_for), so this is the worst case: every row at the context window."""
-    reserve = max(2 << 30, total_bytes // 10)
-    return max(1, min(ROW_BUCKETS[-1], (free_bytes - reserve) // row_bytes))
+def kv_budget_for(free_bytes: int, total_bytes: int) -> int:
+    """The bytes a GPU's KV cache may take: the memory free after the model, less a reserve for activations, the
+    prefill graphs and compiled steps (2 GiB or a tenth of the GPU, whichever is more)."""
+    return free_bytes - max(2 << 30, total_bytes // 10)
 
 
 class Busy(RuntimeError):
@@ -139,7 +136,9 @@ class BatchDecoder:
     Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order; past that, submit
     raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a row is free,
     whatever the lengths of the answers running (its prompt and max_new_tokens fit the context window: submit
-    checks it).
+    checks it), as long as the batch's cache with it stays within `kv_budget` bytes (on a GPU, what its memory
+    holds: 64 short chats fit where 64 full contexts may not); else it waits at the head of the queue until answers
+    end (one answer alone always runs).
 
     One request cannot fail another: what comes from a request (its settings, its sampling processors, its prompt)
     is checked and built in `submit`, in the caller's thread, so a value that cannot be used raises to that caller
@@ -153,9 +152,11 @@ class BatchDecoder:
     """
 
     def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor, marker: str,
-                 max_waiting: int = 32):
+                 max_waiting: int = 32, kv_budget: int | None = None):
         self.model, self.tokenizer, self.context_window, self.marker = model, tokenizer, context_window, marker
         self.slots, self.executor, self.max_waiting = slots, executor, max_waiting
+        # bytes the KV cache may take (kv_budget_for; None: no bound), and what a token of every layer takes
+        self.kv_budget, self.kv_per_token = kv_budget, kv_bytes_per_token(model.config, model.dtype)
         self.shapes = sorted({b for b in ROW_BUCKETS if b < slots} | {slots})  # batch shapes, rows
         self.fused = compiled and fuse_phi_layers(model)
         if compiled:
@@ -411,14 +412,31 @@ class BatchDecoder:
         pass), so the last of several users who arrive at once does not wait behind the others' prefills."""
         group: list[_Answer] = []
         with self._lock:
-            free = self.slots - sum(a is not None for a in self.rows)
-            while self._waiting and len(group) < free:
-                widest = max(len(a.ids) for a in group + self._waiting[:1])
-                if group and (len(group) + 1) * widest > PREFILL_TOKENS:
+            active = [a for a in self.rows if a]
+            while self._waiting and len(active) + len(group) < self.slots:
+                head = self._waiting[0]
+                if group and (len(group) + 1) * max(len(a.ids) for a in group + [head]) > PREFILL_TOKENS:
                     break
+                if (active or group) and not self._fits(active, group + [head]):
+                    break  # it waits for answers to end, and nothing behind it passes it
                 group.append(self._waiting.pop(0))
             self._admitting = group
         return group
+
+    def holds(self, rows: int, tokens: int) -> bool:
+        """Whether a batch of `rows` rows of `tokens` tokens each stays within kv_budget."""
+        return self.kv_budget is None or rows * self._size_for(tokens) * self.kv_per_token <= self.kv_budget
+
+    def _fits(self, active: list[_Answer], joining: list[_Answer]) -> bool:
+        """Whether the batch with `joining` stays within kv_budget: the shape _admit gives it (at least the rows and
+        the length the cache has while answers run), every row as long as the longest answer needs."""
+        if self.kv_budget is None:
+            return True
+        rows, size = self._rows_for(len(active) + len(joining)), self._size_for(
+            max(a.last_slot + 1 for a in active + joining))
+        if active:
+            rows, size = max(rows, len(self.rows)), max(size, self.cache.layers[0].max_cache_len)
+        return rows * size * self.kv_per_token <= self.kv_budget
 
     def _admit(self, group: list[_Answer]) -> None:
         """Move `group` into free rows: the cache re-laid out first if the batch needs more rows or longer rows, then

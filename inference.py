@@ -41,7 +41,7 @@ from transformers import GenerationConfig
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, merge_adapter, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt
-from batching import BatchDecoder, kv_bytes_per_token, slots_for_memory
+from batching import ROW_BUCKETS, BatchDecoder, kv_budget_for, kv_bytes_per_token
 from decoding import FastDecoder, penalty_processors
 from model_utils import DTYPE_NAMES, ModelLoadError, load_model, load_tokenizer, readable_by_transformers_4
 
@@ -125,7 +125,7 @@ class ChatModel:
     """A merged model plus tokenizer that answers in the training template."""
 
     def __init__(self, model, tokenizer, fast: bool = False, batch_slots: int = 8, max_waiting: int = 32,
-                 name: str = "phi2-qlora"):
+                 name: str = "phi2-qlora", kv_budget: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.fast = fast
@@ -136,7 +136,7 @@ class ChatModel:
         # max_waiting more in its queue; batches given at once (evaluate.py, bench.py) go to FastDecoder or generate().
         self.batch_slots = batch_slots
         self.batcher = BatchDecoder(model, tokenizer, self.context_window, batch_slots, fast, generation_thread,
-                                    HUMAN, max_waiting)
+                                    HUMAN, max_waiting, kv_budget)
 
     @property
     def device(self) -> torch.device:
@@ -280,6 +280,8 @@ class ChatModel:
         words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
         question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
         for rows in reversed(self.batcher.shapes):
+            if not self.batcher.holds(rows, len(question) + gen.max_new_tokens):
+                continue  # a shape the GPU's memory cannot hold is never run
             answers = [self.start(ids, gen)]
             if rows > 1:
                 next(iter(answers[0]), None)  # running: the others join it
@@ -513,27 +515,27 @@ def model_id(served: str | Path) -> str:
 
 
 def _serving(model, tokenizer, cfg: Config, device: str, served: str | Path) -> ChatModel:
-    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device),
-                     batch_slots=serving_slots(cfg.inference.batch_slots, model), max_waiting=cfg.app.max_queue,
-                     name=cfg.app.model_id or model_id(served))
+    slots, budget = serving_slots(cfg.inference.batch_slots, model)
+    return ChatModel(model, tokenizer, fast=use_fast_path(cfg.inference, device), batch_slots=slots,
+                     max_waiting=cfg.app.max_queue, name=cfg.app.model_id or model_id(served), kv_budget=budget)
 
 
-def serving_slots(requested: int, model) -> int:
-    """inference.batch_slots, or for 0 (auto) the answers the GPU's free memory holds at full context
-    (batching.slots_for_memory; 8 on the CPU), logged with the estimate it came from."""
-    if requested:
-        return requested
+def serving_slots(requested: int, model) -> tuple[int, int | None]:
+    """inference.batch_slots (0, auto: 64 on a GPU, 8 on the CPU) and, on a GPU, the bytes its KV cache may take
+    (batching.kv_budget_for; answers wait rather than pass it), logged with the estimate they came from."""
     if model.device.type != "cuda":
-        return 8
+        return requested or 8, None
+    slots = requested or ROW_BUCKETS[-1]
     window = int(getattr(model.config, "max_position_embeddings", 2048))
     per_token = kv_bytes_per_token(model.config, model.dtype)
     free, total = torch.cuda.mem_get_info(model.device)
-    slots = slots_for_memory(free, total, window * per_token)
-    logger.info("inference.batch_slots auto: %d (KV cache %d KiB a token in %s, %.0f MiB a row at the %d-token "
-                "context; %.1f of %.1f GiB free after the model; rows are held by need)", slots, per_token >> 10,
-                str(model.dtype).removeprefix("torch."), window * per_token / 2**20, window, free / 2**30,
-                total / 2**30)
-    return slots
+    budget = kv_budget_for(free, total)
+    logger.info("%d answers decoded together at most, their KV cache within %.1f GiB (%.1f of %.1f GiB free after the "
+                "model, less a reserve): %d KiB a token in %s, so %d answers at the %d-token context, %d at 512 "
+                "tokens", slots, budget / 2**30, free / 2**30, total / 2**30, per_token >> 10,
+                str(model.dtype).removeprefix("torch."), max(0, budget // (window * per_token)), window,
+                max(0, budget // (512 * per_token)))
+    return slots, budget
 
 
 def chat_loop(model: ChatModel, gen: GenerationSettings, read=input, write=print) -> None:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 import decoding
-from batching import Busy, ShuttingDown, kv_bytes_per_token, slots_for_memory
+from batching import Busy, ShuttingDown, kv_bytes_per_token
 from config import GenerationSettings
 from conftest import TINY
 from doubles import GREEDY, PENALIZED, TOGETHER, ScriptedPhi, endless, finish, start_all, tied
@@ -458,25 +458,67 @@ def test_the_kv_memory_held_is_the_largest_shape_used_not_the_sum(tokenizer):
     assert batcher.kv_bytes == 8 * 1024 * per_token  # 8 rows of 1,024 slots did not
 
 
-def test_batch_slots_auto_takes_what_the_memory_holds(chat_model):
-    """inference.batch_slots 0 (the default): on a GPU, as many full-context rows as its free memory holds after the
-    model, less a reserve, up to 64 (Phi-2 in bf16: 640 MiB a row at 2,048 tokens); 8 on the CPU; a number wins."""
-    from transformers import AutoConfig
+def test_an_answer_waits_while_the_cache_with_it_would_pass_the_kv_budget(tokenizer):
+    """On a GPU the KV cache stays within what its memory holds (kv_budget; here 8 rows of 512 slots): three short
+    answers run together; a long one (1,024 slots) arriving meanwhile would make the cache 8 x 1,024, so it waits at
+    the head of the queue, and a short one behind it waits too (nothing passes it); the long one runs once the three
+    have ended (one answer alone always runs), the last one after it. Every answer is whole, and the cache never
+    grew past the budget."""
+    chat, messages = endless(tokenizer, fast=False, delay=0.005)
+    chat.model.config.max_position_embeddings = 2048
+    per_token = kv_bytes_per_token(chat.model.config, chat.model.dtype)
+    chat = ChatModel(chat.model, tokenizer, batch_slots=8, kv_budget=8 * 512 * per_token)
+    ids = chat.prompt_ids(messages, 40)[0]
+    order: list[str] = []
+
+    def run(name, n):
+        answer = chat.start(ids, GenerationSettings(max_new_tokens=n, temperature=0.0))
+
+        def watch():
+            for i, _ in enumerate(answer):
+                if i == 0:
+                    order.append(f"{name} started")
+            order.append(f"{name} ended")
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return answer, thread
+
+    short = [run(f"short {i}", 30) for i in range(3)]
+    while len(order) < 3:
+        time.sleep(0.01)
+    later = [run("long", 700), run("last", 30)]
+    for answer, thread in short + later:
+        thread.join(120)
+        assert not thread.is_alive()
+    assert [a.reply.new_tokens for a, _ in short + later] == [30, 30, 30, 700, 30]
+    assert order.index("long started") > max(order.index(f"short {i} ended") for i in range(3)), order
+    assert order.index("last started") > order.index("long ended"), order
+    assert chat.batcher.kv_bytes == 8 * 512 * per_token
+
+
+def test_on_a_gpu_64_short_chats_are_decoded_together_from_80_gb(chat_model):
+    """inference.batch_slots 0 (the default): 64 on a GPU, within the KV budget its free memory gives (free after the
+    model, less max(2 GiB, a tenth)); 8 on the CPU; a number wins. README's table, computed for Phi-2 (320 KiB a
+    token in bf16, 640 KiB in fp32; the engine's batch shapes 1, 8, 16, 32, 64): how many answers of 512 and of
+    2,048 tokens fit."""
     import inference
-    phi2 = AutoConfig.for_model("phi", num_hidden_layers=32, hidden_size=2560, num_attention_heads=32,
-                                max_position_embeddings=2048)
-    row = 2048 * kv_bytes_per_token(phi2, torch.bfloat16)
-    assert row == 640 * 2**20
+    from batching import ROW_BUCKETS, kv_budget_for
     gib, weights = 2**30, int(2.78e9 * 2)  # Phi-2's weights in bf16/fp16
-    slots = {name: slots_for_memory(total - weights - gib // 2, total, row)
-             for name, total in {"16 GB": int(14.7 * gib), "24 GB": int(23.6 * gib), "80 GB": int(79.2 * gib),
-                                 "141 GB": int(139.8 * gib)}.items()}  # what torch reports as their total
-    assert slots == {"16 GB": 11, "24 GB": 24, "80 GB": 64, "141 GB": 64}
-    in_fp32 = [slots_for_memory(int(t * gib) - 2 * weights - gib // 2, int(t * gib), 2 * row)
-               for t in (14.7, 23.6, 79.2, 139.8)]
-    assert in_fp32 == [1, 8, 48, 64]  # README's table, the default inference.dtype
-    assert slots_for_memory(gib, 15 * gib, row) == 1  # never none
-    assert inference.serving_slots(0, chat_model.model) == 8 and inference.serving_slots(12, chat_model.model) == 12
+
+    def most(budget: int, tokens: int, per_token: int) -> int:  # answers whose batch shape fits the budget
+        return max([n for n in range(1, 65) if next(r for r in ROW_BUCKETS if r >= n) * tokens * per_token <= budget]
+                   or [1])  # one answer alone always runs
+
+    table = {}
+    for dtype, size in (("bf16", 2), ("fp32", 4)):
+        for name, total in {"16 GB": 14.7, "24 GB": 23.6, "80 GB": 79.2, "141 GB": 139.8}.items():
+            budget = kv_budget_for(int(total * gib) - weights // 2 * size - gib // 2, int(total * gib))
+            table[dtype, name] = (most(budget, 512, 160 * 1024 * size), most(budget, 2048, 160 * 1024 * size))
+    assert table == {("bf16", "16 GB"): (32, 8), ("bf16", "24 GB"): (64, 16), ("bf16", "80 GB"): (64, 64),
+                     ("bf16", "141 GB"): (64, 64), ("fp32", "16 GB"): (1, 1), ("fp32", "24 GB"): (32, 8),
+                     ("fp32", "80 GB"): (64, 32), ("fp32", "141 GB"): (64, 64)}
+    assert inference.serving_slots(0, chat_model.model) == (8, None)
+    assert inference.serving_slots(12, chat_model.model) == (12, None)
 
 
 def test_the_queue_is_bounded_and_a_waiting_answer_that_leaves_it_frees_its_place(tokenizer):
