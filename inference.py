@@ -280,8 +280,8 @@ class ChatModel:
         words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
         question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
         for rows in reversed(self.batcher.shapes):
-            if not self.batcher.holds(rows, len(question) + gen.max_new_tokens):
-                continue  # a shape the GPU's memory cannot hold is never run
+            if rows > 1 and not self.batcher.holds(rows, len(question) + gen.max_new_tokens):
+                continue  # a shape the GPU's memory cannot hold is never run (one answer alone always runs)
             answers = [self.start(ids, gen)]
             if rows > 1:
                 next(iter(answers[0]), None)  # running: the others join it
