@@ -20,7 +20,8 @@ from transformers import CompileConfig, DynamicCache, LogitsProcessorList
 from config import GenerationSettings
 from decoding import (CHECK_EVERY, PREFILL_BUCKETS, _PrefillGraph, logits_processors, penalize, prefill_attention,
                       remember, stop_index)
-from phi_layers import DecodeCache, allocated, decode_layout, fuse_phi_layers, reads_own_slots
+from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_bytes_per_token, kv_width,
+                        reads_own_slots)
 
 logger = logging.getLogger(__name__)
 
@@ -28,23 +29,6 @@ PREFILL_TOKENS = 4096  # prompts that wait together are prefilled in passes of u
 # Batch shapes (rows a decode step runs), up to the engine's slots: a few users do not pay for a 64-row step, and each
 # shape is compiled once (times each cache size).
 ROW_BUCKETS = (1, 8, 16, 32, 64)
-
-
-def kv_width(config) -> int:
-    """Keys (or values) of one token in one layer: key/value heads x head dim."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
-
-
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """KV cache bytes one token takes in every layer (Phi-2 in bf16: 320 KiB)."""
-    return 2 * config.num_hidden_layers * kv_width(config) * torch.empty((), dtype=dtype).element_size()
-
-
-def kv_budget_for(free_bytes: int, total_bytes: int) -> int:
-    """The bytes a GPU's KV cache may take: the memory free after the model, less a reserve for activations, the
-    prefill graphs and compiled steps (2 GiB or a tenth of the GPU, whichever is more)."""
-    return free_bytes - max(2 << 30, total_bytes // 10)
 
 
 class Busy(RuntimeError):

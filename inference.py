@@ -41,9 +41,10 @@ from transformers import GenerationConfig
 from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, merge_adapter, read_adapter_config
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt
-from batching import ROW_BUCKETS, BatchDecoder, kv_budget_for, kv_bytes_per_token
+from batching import ROW_BUCKETS, BatchDecoder
 from decoding import FastDecoder, penalty_processors
 from model_utils import DTYPE_NAMES, ModelLoadError, load_model, load_tokenizer, readable_by_transformers_4
+from phi_layers import kv_budget_for, kv_bytes_per_token
 
 logger = logging.getLogger("inference")
 
@@ -522,7 +523,7 @@ def _serving(model, tokenizer, cfg: Config, device: str, served: str | Path) -> 
 
 def serving_slots(requested: int, model) -> tuple[int, int | None]:
     """inference.batch_slots (0, auto: 64 on a GPU, 8 on the CPU) and, on a GPU, the bytes its KV cache may take
-    (batching.kv_budget_for; answers wait rather than pass it), logged with the estimate they came from."""
+    (phi_layers.kv_budget_for; answers wait rather than pass it), logged with the estimate they came from."""
     if model.device.type != "cuda":
         return requested or 8, None
     slots = requested or ROW_BUCKETS[-1]

@@ -3,9 +3,9 @@
 fuse_phi_layers makes each layer read its weights with two products instead of six ([q; k; v; fc1] and
 [dense | fc2]), and gives it a decode step that, on a GPU with Triton, runs decode_kernels.py's kernels (the products with
 the layer norm, gelu and residual inside; the attention over each row's own cache slots; both in one launch for one
-row). DecodeCache is transformers' StaticCache stored token-major, so one row's slots are one block; decode_layout
-says where each row's slots are; decode_attention attends one query a row over them. The decoders (decoding.py,
-batching.py) build on these. Where the kernels are used is decided here once per layer when fusing
+row). DecodeCache is transformers' StaticCache stored token-major, so one row's slots are one block (kv_bytes_per_token
+and kv_budget_for: the memory it takes and may take); decode_layout says where each row's slots are;
+decode_attention attends one query a row over them. The decoders (decoding.py, batching.py) build on these. Where the kernels are used is decided here once per layer when fusing
 (triton_supported, decode_kernel); why, with the measurements, is in docs/PERFORMANCE.md.
 """
 
@@ -292,6 +292,23 @@ def allocated(cache: StaticCache, model, batch: int) -> StaticCache:
     cache.early_initialization(batch, config.num_key_value_heads or config.num_attention_heads, head_dim,
                                model.dtype, model.device)
     return cache
+
+
+def kv_width(config) -> int:
+    """Keys (or values) of one token in one layer: key/value heads x head dim."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV cache bytes one token takes in every layer (Phi-2 in bf16: 320 KiB)."""
+    return 2 * config.num_hidden_layers * kv_width(config) * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_budget_for(free_bytes: int, total_bytes: int) -> int:
+    """The bytes a GPU's KV cache may take: the memory free after the model, less a reserve for activations, the
+    prefill graphs and compiled steps (2 GiB or a tenth of the GPU, whichever is more)."""
+    return free_bytes - max(2 << 30, total_bytes // 10)
 
 
 def decode_layout(starts: torch.Tensor, used: torch.Tensor, size: int) -> torch.Tensor:

@@ -15,12 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 import decoding
-from batching import Busy, ShuttingDown, kv_bytes_per_token
+from batching import Busy, ShuttingDown
 from config import GenerationSettings
 from conftest import TINY
 from doubles import GREEDY, PENALIZED, TOGETHER, ScriptedPhi, endless, finish, start_all, tied
 from inference import ChatModel
-from phi_layers import DecodeCache, triton_supported
+from phi_layers import DecodeCache, kv_bytes_per_token, triton_supported
 
 @pytest.mark.gpu
 def test_joining_prompts_prefill_through_graphs_captured_at_load_on_gpu(tokenizer):
@@ -502,7 +502,8 @@ def test_on_a_gpu_64_short_chats_are_decoded_together_from_80_gb(chat_model):
     token in bf16, 640 KiB in fp32; the engine's batch shapes 1, 8, 16, 32, 64): how many answers of 512 and of
     2,048 tokens fit."""
     import inference
-    from batching import ROW_BUCKETS, kv_budget_for
+    from batching import ROW_BUCKETS
+    from phi_layers import kv_budget_for
     gib, weights = 2**30, int(2.78e9 * 2)  # Phi-2's weights in bf16/fp16
 
     def most(budget: int, tokens: int, per_token: int) -> int:  # answers whose batch shape fits the budget
