@@ -111,11 +111,11 @@ class BatchDecoder:
     the slot of its position, and a decode step writes each row's token at that row's own next slot (a DecodeCache
     with rows_apart; its attention mask, or decode_layout where the fused step reads its slots itself, says which
     slots a row reads): so a row's greedy answer is the answer it gets alone (tested exactly in fp32 on the CPU),
-    whatever the other rows hold, and a row that ends is free for the next answer at once. The cache is as long as
-    the longest answer needs (a power of two from 512, at most the context window); the batch runs the smallest of
-    ROW_BUCKETS' shapes (up to `slots`) that holds its answers: one user gets batch-1 speed, a few users a small
-    step. A change of shape or length moves the rows (one block copy per layer); each (rows, cache size) shape is
-    compiled once, like FastDecoder's.
+    whatever the other rows hold, and a row that ends is free for the next answer at once. The batch runs the
+    smallest of ROW_BUCKETS' shapes (up to `slots`) that holds its answers: one user gets batch-1 speed, a few users
+    a small step. Rows are as long as their shape's fixed length where the compiled steps read each row's own slots
+    (`lengths`: each shape compiled once, at the warm-up), else as long as the longest answer needs. A change of
+    shape moves the rows (one block copy per layer).
 
     Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order; past that, submit
     raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a row is free,
@@ -143,6 +143,14 @@ class BatchDecoder:
         self.kv_budget, self.kv_per_token = kv_budget, kv_bytes_per_token(model.config, model.dtype)
         self.shapes = sorted({b for b in ROW_BUCKETS if b < slots} | {slots})  # batch shapes, rows
         self.fused = compiled and fuse_phi_layers(model)
+        # Row lengths (cache slots a row). Where the compiled steps read only each row's own slots, each batch shape
+        # has one length, fixed at load: the context window, or the longest the KV budget holds for that many rows
+        # (halved down to 512; below that the shape is not run). Each shape is compiled once, at the warm-up, and
+        # nothing while serving: a length first met mid-run was compiled then, and every answer stopped for it (~35
+        # s on a GPU, docs/PERFORMANCE.md). Elsewhere (eager steps; transformers' attention, which reads whole rows)
+        # the cache is sized by need: a power of two from 512 that holds the longest answer.
+        self.lengths = {rows: self._fixed_length(rows) for rows in self.shapes} \
+            if self.fused and reads_own_slots(model, slots) else None
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -286,8 +294,22 @@ class BatchDecoder:
                 raise
 
     # ------------------------------------------------------------------------------------------------------------
-    def _size_for(self, length: int) -> int:
-        return min(self.context_window, max(512, 1 << (max(length, 1) - 1).bit_length()))
+    def _fixed_length(self, rows: int) -> int | None:
+        """The slots a row of the `rows`-row shape has where lengths are fixed (see __init__); None: the KV budget
+        holds no such shape. One row always gets the context window (one answer alone always runs)."""
+        length, shortest = self.context_window, min(512, self.context_window)
+        if rows == 1 or self.kv_budget is None:
+            return length
+        while length >= shortest and rows * length * self.kv_per_token > self.kv_budget:
+            length //= 2
+        return length if length >= shortest else None
+
+    def _length(self, rows: int, longest: int) -> int | None:
+        """Slots a row of a `rows`-row batch has when its longest answer needs `longest` of them: the shape's fixed
+        length (None: not run), or by need."""
+        if self.lengths is not None:
+            return self.lengths[rows]
+        return min(self.context_window, max(512, 1 << (max(longest, 1) - 1).bit_length()))
 
     def _rows_for(self, answers: int) -> int:
         return next(rows for rows in self.shapes if rows >= answers)
@@ -408,28 +430,33 @@ class BatchDecoder:
         return group
 
     def holds(self, rows: int, tokens: int) -> bool:
-        """Whether a batch of `rows` rows of `tokens` tokens each stays within kv_budget."""
-        return self.kv_budget is None or rows * self._size_for(tokens) * self.kv_per_token <= self.kv_budget
+        """Whether a batch of `rows` rows can hold answers of `tokens` tokens: within the shape's fixed length, or
+        sized by need within kv_budget."""
+        length = self._length(rows, tokens)
+        if self.lengths is not None:
+            return length is not None and tokens <= length
+        return self.kv_budget is None or rows * length * self.kv_per_token <= self.kv_budget
 
     def _fits(self, active: list[_Answer], joining: list[_Answer]) -> bool:
-        """Whether the batch with `joining` stays within kv_budget: the shape _admit gives it (at least the rows and
-        the length the cache has while answers run), every row as long as the longest answer needs."""
-        if self.kv_budget is None:
-            return True
-        rows, size = self._rows_for(len(active) + len(joining)), self._size_for(
-            max(a.last_slot + 1 for a in active + joining))
+        """Whether the batch with `joining` holds every answer: in the shape _admit gives it (at least the rows, and
+        by need the length, the cache has while answers run)."""
+        rows, longest = self._rows_for(len(active) + len(joining)), max(a.last_slot + 1 for a in active + joining)
         if active:
-            rows, size = max(rows, len(self.rows)), max(size, self.cache.layers[0].max_cache_len)
-        return rows * size * self.kv_per_token <= self.kv_budget
+            rows = max(rows, len(self.rows))
+            if self.lengths is None:
+                longest = max(longest, self.cache.layers[0].max_cache_len)
+        return self.holds(rows, longest)
 
     def _admit(self, group: list[_Answer]) -> None:
         """Move `group` into free rows: the cache re-laid out first if the batch needs more rows or longer rows, then
         the prefill."""
         active = [a for a in self.rows if a]
-        batch = self._rows_for(len(active) + len(group))
-        longest = max(a.last_slot + 1 for a in active + group)
-        if not active or batch > len(self.rows) or longest > self.cache.layers[0].max_cache_len:
-            self._relayout(batch if not active else max(batch, len(self.rows)), self._size_for(longest))
+        rows = self._rows_for(len(active) + len(group))
+        if active:
+            rows = max(rows, len(self.rows))
+        size = self._length(rows, max(a.last_slot + 1 for a in active + group))
+        if not active or rows != len(self.rows) or size > self.cache.layers[0].max_cache_len:
+            self._relayout(rows, size)
         self._prefill(group)
         self._admitting = []
 
@@ -566,7 +593,8 @@ class BatchDecoder:
             self._flush()
             active = [a for a in self.rows if a]
             if active:
-                self._relayout(self._rows_for(len(active)), self._size_for(max(a.last_slot + 1 for a in active)))
+                rows = self._rows_for(len(active))
+                self._relayout(rows, self._length(rows, max(a.last_slot + 1 for a in active)))
 
     def _flush(self) -> None:
         if self._pending is not None:

@@ -263,13 +263,17 @@ class ChatModel:
             torch.cuda.empty_cache()
 
     def warm_up(self, gen: GenerationSettings) -> None:
-        """Compile the fast path at load for the usual cache size (a short prompt + max_new_tokens), in every batch
-        shape (one user; up to batch_slots at once: BatchDecoder.shapes), capture the prefill graphs of users'
-        prompts, and run once what a burst of users costs (several prompts joining a running answer: one eager
-        prefill of them all), so the first users do not wait for any of it; longer chats compile a larger size (at
-        most 2 more per shape) when they first occur."""
+        """Compile the fast path at load in every batch shape (one user; up to batch_slots at once:
+        BatchDecoder.shapes), capture the prefill graphs of users' prompts, and run once what a burst of users costs
+        (several prompts joining a running answer: one eager prefill of them all), so the first users do not wait
+        for any of it. Where the shapes' row lengths are fixed (BatchDecoder.lengths: GPUs with the Triton kernels)
+        nothing is compiled after this; elsewhere this compiles the usual length (a short prompt + max_new_tokens),
+        and longer chats compile a longer one (at most 2 more per shape) when they first occur."""
         if not self.fast:
             return
+        if self.batcher.lengths is not None:
+            logger.info("batch shapes (answers x cache slots a row): %s", ", ".join(
+                f"{rows} x {length}" for rows, length in self.batcher.lengths.items() if length is not None))
         self.batcher.capture_prefill_graphs()
         ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
         # Largest shape first, so the KV buffers are allocated once and the smaller shapes' caches view them. For

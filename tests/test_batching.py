@@ -120,6 +120,32 @@ def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch)
     assert (replies[1].text, replies[1].new_tokens) == (alone.text, alone.new_tokens)
 
 
+def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(chat_model):
+    """The compiled engine (a GPU's path; here on the CPU) compiles each batch shape once, at load, with rows as long
+    as the context window (or as the KV budget lets): the history of a long conversation (~560 tokens) that arrives
+    while three short answers are being written joins them, and nothing is compiled while they are served (on a GPU a
+    compile stops every answer for ~35 s: docs/PERFORMANCE.md). Each answer is the one it gets alone."""
+    from torch._dynamo.utils import counters
+    model = copy.deepcopy(chat_model.model)
+    model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no such history)
+    plain = ChatModel(model, chat_model.tokenizer, fast=False)
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Tell me about city number {i}, please."
+                if i % 2 == 0 else f"City number {i} is a fine city with a river."} for i in range(22)] + [
+        {"role": "user", "content": "What is the capital of Peru?"}]
+    conversations = TOGETHER[:3] + [history]
+    gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
+    alone = [plain.chat(c, gen) for c in conversations]
+    chat = ChatModel(copy.deepcopy(model), chat_model.tokenizer, fast=True, batch_slots=8)
+    chat.warm_up(gen)
+    compiled = counters["stats"]["unique_graphs"]
+    short = start_all(chat, conversations[:3], gen)
+    next(iter(short[0]))  # being written when the long conversation arrives
+    replies = finish(short + start_all(chat, conversations[3:], gen))
+    assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
+    assert len(chat.prompt_ids(history, 40)[0]) > 512 and chat.batcher.most_rows >= 2
+    assert counters["stats"]["unique_graphs"] == compiled, chat.batcher.record
+
+
 def test_questions_that_arrive_together_are_prefilled_together(chat_model):
     """Four questions of different lengths arrive while an answer is being written: their prompts go through the
     model in one forward pass at the next chunk boundary, so the last of them does not wait behind the others'
