@@ -29,6 +29,7 @@ PREFILL_TOKENS = 4096  # prompts that wait together are prefilled in passes of u
 # Batch shapes (rows a decode step runs), up to the engine's slots: a few users do not pay for a 64-row step, and each
 # shape is compiled once (times each cache size).
 ROW_BUCKETS = (1, 8, 16, 32, 64)
+SHORT_ROWS = 8  # shapes of up to this many rows keep 512-slot rows for short answers beside their long ones (__init__)
 
 
 class Busy(RuntimeError):
@@ -144,12 +145,13 @@ class BatchDecoder:
         self.shapes = sorted({b for b in ROW_BUCKETS if b < slots} | {slots})  # batch shapes, rows
         self.fused = compiled and fuse_phi_layers(model)
         # Row lengths (cache slots a row). Where the compiled steps read only each row's own slots, each batch shape
-        # has one length, fixed at load: the context window, or the longest the KV budget holds for that many rows
-        # (halved down to 512; below that the shape is not run). Each shape is compiled once, at the warm-up, and
-        # nothing while serving: a length first met mid-run was compiled then, and every answer stopped for it (~35
-        # s on a GPU, docs/PERFORMANCE.md). Elsewhere (eager steps; transformers' attention, which reads whole rows)
-        # the cache is sized by need: a power of two from 512 that holds the longest answer.
-        self.lengths = {rows: self._fixed_length(rows) for rows in self.shapes} \
+        # has its lengths fixed at load, all compiled at the warm-up, so that nothing compiles while serving (a
+        # length first met mid-run was compiled then, and every answer stopped for it: ~35 s on a GPU,
+        # docs/PERFORMANCE.md): the context window, or the longest the KV budget holds for that many rows (halved
+        # down to 512; below that the shape is not run); shapes of up to SHORT_ROWS rows also 512 slots, the length
+        # their measured steps ran. Elsewhere (eager steps; transformers' attention, which reads whole rows) the
+        # cache is sized by need: a power of two from 512 that holds the longest answer.
+        self.lengths = {rows: self._fixed_lengths(rows) for rows in self.shapes} \
             if self.fused and reads_own_slots(model, slots) else None
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
@@ -294,21 +296,22 @@ class BatchDecoder:
                 raise
 
     # ------------------------------------------------------------------------------------------------------------
-    def _fixed_length(self, rows: int) -> int | None:
-        """The slots a row of the `rows`-row shape has where lengths are fixed (see __init__); None: the KV budget
-        holds no such shape. One row always gets the context window (one answer alone always runs)."""
-        length, shortest = self.context_window, min(512, self.context_window)
-        if rows == 1 or self.kv_budget is None:
-            return length
-        while length >= shortest and rows * length * self.kv_per_token > self.kv_budget:
-            length //= 2
-        return length if length >= shortest else None
+    def _fixed_lengths(self, rows: int) -> tuple[int, ...]:
+        """The row lengths of the `rows`-row shape where they are fixed (see __init__), shortest first; none where
+        the KV budget holds no such shape. One row always gets the context window (one answer alone always runs)."""
+        length, short = self.context_window, min(512, self.context_window)
+        if rows > 1 and self.kv_budget is not None:
+            while length >= short and rows * length * self.kv_per_token > self.kv_budget:
+                length //= 2
+        if length < short:
+            return ()
+        return (short, length) if rows <= SHORT_ROWS and length > short else (length,)
 
     def _length(self, rows: int, longest: int) -> int | None:
-        """Slots a row of a `rows`-row batch has when its longest answer needs `longest` of them: the shape's fixed
-        length (None: not run), or by need."""
+        """Slots a row of a `rows`-row batch has when its longest answer needs `longest` of them: the shortest of
+        the shape's fixed lengths that holds it (None: none does), or by need."""
         if self.lengths is not None:
-            return self.lengths[rows]
+            return next((length for length in self.lengths[rows] if length >= longest), None)
         return min(self.context_window, max(512, 1 << (max(longest, 1) - 1).bit_length()))
 
     def _rows_for(self, answers: int) -> int:
@@ -434,7 +437,7 @@ class BatchDecoder:
         sized by need within kv_budget."""
         length = self._length(rows, tokens)
         if self.lengths is not None:
-            return length is not None and tokens <= length
+            return length is not None
         return self.kv_budget is None or rows * length * self.kv_per_token <= self.kv_budget
 
     def _fits(self, active: list[_Answer], joining: list[_Answer]) -> bool:
@@ -587,14 +590,21 @@ class BatchDecoder:
         previous, self._pending = self._pending, (host, ready, rows)
         if previous is not None:
             self._look(previous)
-        if self._rows_for(sum(a is not None for a in self.rows)) < len(self.rows):
-            # fewer answers than the shape below holds: that shape's faster step (batch-1 speed for the last user),
-            # its cache sized for what the answers still need
+        if self._smaller_shape() is not None:
+            # a smaller shape, or shorter rows, hold the answers left: its faster step (batch-1 speed for the last
+            # user)
             self._flush()
-            active = [a for a in self.rows if a]
-            if active:
-                rows = self._rows_for(len(active))
-                self._relayout(rows, self._length(rows, max(a.last_slot + 1 for a in active)))
+            if shape := self._smaller_shape():
+                self._relayout(*shape)
+
+    def _smaller_shape(self) -> tuple[int, int] | None:
+        """The (rows, row length) that holds the answers in the rows, where it is smaller than the current one."""
+        active = [a for a in self.rows if a]
+        if not active:
+            return None
+        rows = self._rows_for(len(active))
+        size = self._length(rows, max(a.last_slot + 1 for a in active))
+        return (rows, size) if rows < len(self.rows) or size < self.cache.layers[0].max_cache_len else None
 
     def _flush(self) -> None:
         if self._pending is not None:

@@ -746,8 +746,10 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         # The random Phi-2 speaks with the tiny tokenizer (822 tokens): its other 50k ids would decode to no text at
         # all. Ruling them out costs nothing (all 51,200 logits are still computed) and gives clients text to stream.
         chat.model.lm_head.bias.data[len(chat.tokenizer):] = -1e4
+    warm = time.perf_counter()
     chat.warm_up(cfg.generation)
-    load_s = time.perf_counter() - t0
+    load_s, warm_s = time.perf_counter() - t0, time.perf_counter() - warm
+    logging.info("loaded in %.1f s, of which the warm-up %.1f s", load_s, warm_s)
     server, serving, port = start_server(chat, cfg)
     asked = questions(max(clients), prompt_words)
     alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; warms every shape
@@ -786,7 +788,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                 break
             wall = time.perf_counter() - start
             rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, load_s)
-                        | {"decoder": dict(chat.batcher.record)})
+                        | {"decoder": dict(chat.batcher.record)} | memory(chat))
             if partial is not None:
                 partial.write_text(json.dumps(rows, default=str))
         if rows and not stopped.is_set():
@@ -834,7 +836,14 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
     row = serve_row(dtype, n, got[:n], alone, wall, chat.batcher.most_rows, load_s)
     return row | {"name": f"{dtype} {n} client(s) + a {tokens}-token prompt at {delay:.2f} s",
                   "long_prompt_tokens": tokens, "long_prompt_ttft_s": got[n]["ttft_s"],
-                  "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record)}
+                  "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record),
+                  **memory(chat)}
+
+
+def memory(chat) -> dict:
+    """The KV cache the engine holds and the process's peak GPU memory so far (GiB; 0 on the CPU)."""
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return {"kv_cache_gib": chat.batcher.kv_bytes / 2**30, "peak_gib": peak}
 
 
 def static_batch(chat, asked: list[str], new_tokens: int) -> dict:
@@ -867,8 +876,8 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
 def serve_table(rows: list[dict]) -> str:
     lines = ["| clients | aggregate tok/s | x one client | per-client tok/s | first token median / max (s) | "
              "longest wait between pieces (s) | decoded together | same text as alone | prefill passes (prompts) | "
-             "admitting (s) | answers a step | x static batch |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "admitting (s) | answers a step | x static batch | KV cache / peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         d = r.get("decoder", {})
         lines.append(f"| {r['name']} | {r['aggregate_tok_s']:,.0f} | {r['speedup_vs_1'] or float('nan'):.2f} | "
@@ -876,7 +885,8 @@ def serve_table(rows: list[dict]) -> str:
                      f"{r['max_gap_s']:.3f} | {r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} | "
                      f"{d.get('prefill_passes', 0)} ({d.get('prompts', 0)}) | {d.get('admit_s', 0.0):.3f} | "
                      f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} | "
-                     f"{r.get('x_static_batch', float('nan')):.2f} |")
+                     f"{r.get('x_static_batch', float('nan')):.2f} | "
+                     f"{r.get('kv_cache_gib', float('nan')):.2f} / {r.get('peak_gib', float('nan')):.1f} |")
     statics = {r["name"].split()[0]: r["static_batch"] for r in rows if "static_batch" in r}
     lines += [f"{dtype} static batch of {s['rows']} (the same questions and model, ChatModel.generate_ids): "
               f"{s['tok_s']:,.0f} tok/s" for dtype, s in statics.items()]

@@ -344,6 +344,10 @@ def triton_layer_products():
 # past a row's used slots leave one-step launches early (docs/PERFORMANCE.md). One step (slots == step) takes no
 # loop.
 SPLIT_CONFIGS = {1: (32, 32, 2, 1), 8: (32, 32, 2, 1), 64: (128, 8, 1, 3)}  # others: the next larger batch's
+# Walking launches cut a cache of more than this many slots into as many blocks as this many slots give (longer
+# blocks): their programs all run, a block past a row's used slots too, and a batch's long cache is mostly unused
+# early in its answers (BatchDecoder's shapes of 16 rows and more have rows as long as the context window).
+WALKED_SLOTS = 512
 
 
 @triton.jit
@@ -393,6 +397,8 @@ def _attention_launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     batch, heads, dim = q.shape[0], keys.shape[2], keys.shape[3]
     size = keys.shape[1]
     slots, step, _, _ = config
+    if slots != step:  # a walking launch: at most WALKED_SLOTS' blocks
+        slots = max(slots, triton.cdiv(triton.cdiv(size, triton.cdiv(WALKED_SLOTS, slots)), step) * step)
     blocks = triton.cdiv(size, slots)
     block_d = triton.next_power_of_2(dim)
     acc = q.new_empty(batch * heads * blocks * block_d, dtype=torch.float32)  # each block's weighted values

@@ -271,29 +271,37 @@ class ChatModel:
         and longer chats compile a longer one (at most 2 more per shape) when they first occur."""
         if not self.fast:
             return
-        if self.batcher.lengths is not None:
+        batcher = self.batcher
+        if batcher.lengths is not None:
             logger.info("batch shapes (answers x cache slots a row): %s", ", ".join(
-                f"{rows} x {length}" for rows, length in self.batcher.lengths.items() if length is not None))
-        self.batcher.capture_prefill_graphs()
+                f"{rows} x {length}" for rows, lengths in batcher.lengths.items() for length in lengths))
+        batcher.capture_prefill_graphs()
         ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
         # Largest shape first, so the KV buffers are allocated once and the smaller shapes' caches view them. For
         # each shape of several rows, one answer running, then the rest of that shape's users at once, with
         # questions of a usual length (~64 tokens): the shape's step, the move to its cache and the eager prefill
         # of several prompts (the first such prefill of a process cost more than later ones: docs/PERFORMANCE.md);
-        # then one answer alone, the one-row shape.
+        # then one answer alone, the one-row shape. Each of a shape's fixed row lengths: the running answer's prompt
+        # as long as it takes to need more than the shorter one.
         word = len(self.tokenizer(" Hello", add_special_tokens=False).input_ids)
         words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
         question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
-        for rows in reversed(self.batcher.shapes):
-            if rows > 1 and not self.batcher.holds(rows, len(question) + gen.max_new_tokens):
-                continue  # a shape the GPU's memory cannot hold is never run (one answer alone always runs)
-            answers = [self.start(ids, gen)]
-            if rows > 1:
-                next(iter(answers[0]), None)  # running: the others join it
-                answers += [self.start(question, gen) for _ in range(rows - 1)]
-            for answer in answers:
-                for _ in answer:
-                    pass
+        for rows in reversed(batcher.shapes):
+            if batcher.lengths is None:  # sized by need: the usual length, where the GPU's memory holds the shape
+                needs = [len(ids)] if rows == 1 or batcher.holds(rows, len(question) + gen.max_new_tokens) else []
+            else:
+                lengths = batcher.lengths[rows]  # (none: a shape the GPU's memory cannot hold is never run)
+                needs = [max(len(ids), shorter + 1 - gen.max_new_tokens) for shorter, _ in zip((0,) + lengths, lengths)]
+            for need in needs:
+                if need + gen.max_new_tokens > self.context_window:
+                    continue
+                answers = [self.start(ids if need == len(ids) else (question * need)[:need], gen)]
+                if rows > 1:
+                    next(iter(answers[0]), None)  # running: the others join it
+                    answers += [self.start(question, gen) for _ in range(rows - 1)]
+                for answer in answers:
+                    for _ in answer:
+                        pass
 
     def save_merged(self, out_dir: str | Path) -> Path:
         """A standalone model: safetensors weights, tokenizer and a generation config with the right eos/pad."""

@@ -39,6 +39,10 @@ for config in set(SPLIT_CONFIGS.values()):  # the one-step kernel (batch 1) and 
         out[f"split {config} {name} fp32"] = split_attention(q, k, v, layout, scale, config)
     out[f"split {config} token-major bf16"] = split_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(),
                                                               layout, scale, config)
+# the walking launch on a cache longer than WALKED_SLOTS (longer blocks), every slot past the first 384 loud
+longer = [torch.cat((t, torch.full((t.shape[0], 2048 - t.shape[1], *t.shape[2:]), 30.0)), 1) for t in (keys, values)]
+out["long cache split"] = split_attention(q, *longer, decode_layout(inputs["starts"], inputs["used"], 2048), scale,
+                                          SPLIT_CONFIGS[64])
 triton_decode_attention()  # registers the op the decode step calls
 out["op"] = decode_attention(q, keys, values, layout, scale, "split")
 gemv = triton_gemv()

@@ -146,6 +146,24 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(chat_m
     assert counters["stats"]["unique_graphs"] == compiled, chat.batcher.record
 
 
+def test_each_batch_shape_has_row_lengths_fixed_at_load_within_the_kv_budget(chat_model):
+    """Where the compiled steps read each row's own slots, every batch shape's row lengths are decided at load: the
+    context window where the KV budget holds it for that many rows, else the longest power-of-two fraction of it
+    down to 512 (no shorter: such a shape is not run); shapes of up to 8 rows also 512 (a short answer's step);
+    one row always the window. The engine sized by need (eager) has none."""
+    model = copy.deepcopy(chat_model.model)
+    model.config.max_position_embeddings = 2048
+    per_token = kv_bytes_per_token(model.config, model.dtype)
+    lengths = {budget: ChatModel(model, chat_model.tokenizer, fast=True, batch_slots=64,
+                                 kv_budget=budget * per_token).batcher.lengths
+               for budget in (64 * 2048, 16 * 2048, 16 * 512)}
+    assert lengths == {
+        64 * 2048: {1: (512, 2048), 8: (512, 2048), 16: (2048,), 32: (2048,), 64: (2048,)},
+        16 * 2048: {1: (512, 2048), 8: (512, 2048), 16: (2048,), 32: (1024,), 64: (512,)},
+        16 * 512: {1: (512, 2048), 8: (512, 1024), 16: (512,), 32: (), 64: ()}}
+    assert ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=64).batcher.lengths is None
+
+
 def test_questions_that_arrive_together_are_prefilled_together(chat_model):
     """Four questions of different lengths arrive while an answer is being written: their prompts go through the
     model in one forward pass at the next chunk boundary, so the last of them does not wait behind the others'

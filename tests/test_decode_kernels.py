@@ -70,7 +70,8 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     """The decode step's Triton kernels run on the CPU through Triton's interpreter, in a fresh process
     (TRITON_INTERPRET=1 must be set before Triton builds them), against reference products:
     - split attention with each launch SPLIT_CONFIGS uses, on token- and head-major caches, each row reading only
-      its own slots of loud_cache; and with the step's own key and value (rotary on q and k, both written to each
+      its own slots of loud_cache (and of the same rows in a 2,048-slot cache, whose walking launch reads longer
+      blocks); and with the step's own key and value (rotary on q and k, both written to each
       row's newest slot, nothing else of the cache touched; the blocks combined inside the first kernel, its
       arrival counts left at zero);
     - attend_out, one row: that step attention and, in the same launch, the layer's output product of it (the
@@ -123,6 +124,7 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
     for name in attention:
         assert out[name].shape == (5, 1, 4 * dim)
         assert near(out[name], reference, 0.02 if "bf16" in name else 1e-5), name
+    assert near(out["long cache split"], reference, 1e-5)  # the same rows in 2,048 slots: 4 blocks of 512
     for rows, dtype in cases:
         expected = torch.nn.functional.linear(x[:rows].to(dtype).double(), w.to(dtype).double(), b.to(dtype).double())
         y = out[f"gemv {rows} {dtype}"]
