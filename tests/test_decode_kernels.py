@@ -22,15 +22,15 @@ from phi_layers import FEW_ROWS, decode_attention, decode_kernel, decode_layout,
 from conftest import TINY, run_script
 
 
-def loud_cache(batch: int, device: str, heads: int = 32):
-    """A token-major cache (heads of 80, Phi-2's) whose rows sit at different places: row i's slots are
-    [starts[i], starts[i] + used[i]); every other slot holds keys 30 times larger, which would show if read.
-    Returns q, keys, values, starts, used."""
-    size, dim = 384, 80
+def loud_cache(batch: int, device: str, heads: int = 32, size: int = 384):
+    """A token-major cache (heads of 80, Phi-2's) of `size` slots a row whose rows sit at different places in
+    their first 384: row i's slots are [starts[i], starts[i] + used[i]); every other slot holds keys 30 times
+    larger, which would show if read. Returns q, keys, values, starts, used."""
+    dim = 80
     gen = torch.Generator(device=device).manual_seed(0)
     keys, values = (torch.randn(batch, size, heads, dim, generator=gen, device=device) * 30 for _ in range(2))
-    starts = torch.tensor([37, 17, 200, 5, 100, 0, 64][:batch], device=device)
-    used = torch.tensor([300, 9, 184, 1, 250, 384, 65][:batch], device=device)  # one slot, one block, or many
+    starts = torch.tensor(([37, 17, 200, 5, 100, 0, 64] * 3)[:batch], device=device)
+    used = torch.tensor(([300, 9, 184, 1, 250, 384, 65] * 3)[:batch], device=device)  # one slot, one block, or many
     slot = torch.arange(size, device=device)[None]
     inside = ((slot >= starts[:, None]) & (slot < (starts + used)[:, None]))[:, :, None, None]  # (b, cache, 1, 1)
     keys = torch.where(inside, keys / 30, keys)  # out-of-row slots stay loud
@@ -200,15 +200,16 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("batch, size", [(1, 384), (7, 384), (16, 384), (16, 2048)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_decode_attention_kernels_read_each_rows_own_slots_on_gpu(batch, dtype):
+def test_decode_attention_kernels_read_each_rows_own_slots_on_gpu(batch, size, dtype):
     """The GPU decode attention kernels (Triton's split kernel; FlashAttention for bf16) against the reference
-    products (fp32) on the same token-major cache (loud_cache): each row sees only its own slots. Eager, and
-    compiled as in the decode step (inductor calls the kernel itself). Tolerance: bf16 rounding of q, k, v and the
-    output; fp32 sums in another order."""
-    q, keys, values, starts, used = loud_cache(batch, "cuda")
-    dim, size = q.shape[-1], keys.shape[1]
+    products (fp32) on the same token-major cache (loud_cache): each row sees only its own slots, in one-step
+    launches (up to 8 rows) and walking ones (16 rows; in 2,048 slots, the longer blocks of WALKED_SLOTS). Eager,
+    and compiled as in the decode step (inductor calls the kernel itself). Tolerance: bf16 rounding of q, k, v and
+    the output; fp32 sums in another order."""
+    q, keys, values, starts, used = loud_cache(batch, "cuda", size=size)
+    dim = q.shape[-1]
     layout = decode_layout(starts, used, size)
     kernels = ["split"] + (["flash"] if dtype == torch.bfloat16 else [])
     if decode_kernel(q.device, dtype) != "split":
