@@ -603,7 +603,7 @@ class BatchDecoder:
         if not active:
             return None
         rows = self._rows_for(len(active))
-        size = self._length(rows, max(a.last_slot + 1 for a in active))
+        size = self._length(rows, max(a.last_slot + 1 for a in active))  # (a smaller shape's rows are no shorter)
         return (rows, size) if rows < len(self.rows) or size < self.cache.layers[0].max_cache_len else None
 
     def _flush(self) -> None:

@@ -619,23 +619,44 @@ def crowd_conversations(count: int, rng) -> list[list[dict]]:
 
 
 @pytest.mark.slow
-def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_answer(chat_model, monkeypatch):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_answer(chat_model, monkeypatch, fast):
     """A crowd on one engine of 64 slots (fp32, CPU, the smoke model): 64 conversations of different lengths and
     answer budgets arrive at random moments; 12 of them leave at random points. Every answer that was not cancelled
     is exactly the one it gets alone (text, stop reason, tokens); every cancelled one stops with "cancelled" (or had
     ended already) and holds a beginning of its alone answer; and the engine decoded many of them together. Steps are
-    slowed a little so that arrivals overlap as they do on a busy GPU."""
+    slowed a little so that arrivals overlap as they do on a busy GPU. fast: the GPU's engine (compiled, fused
+    layers, each row reading its own slots, row lengths fixed at load) in a 2,048-token window, with 4 long
+    conversations among the 64: after the warm-up nothing is compiled."""
     import random
+
+    from torch._dynamo.utils import counters
     rng = random.Random(0)
-    chat = ChatModel(chat_model.model, chat_model.tokenizer, fast=False, batch_slots=64)
+    model = chat_model.model
     conversations = crowd_conversations(64, rng)
+    if fast:
+        model = copy.deepcopy(model)
+        model.config.max_position_embeddings = 2048
+        history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Tell me about city number {i}."
+                    if i % 2 == 0 else f"City number {i} is a fine city with a river."} for i in range(24)]
+        for i in rng.sample(range(64), 4):
+            conversations[i] = history + conversations[i]
+    plain = ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=64)
     settings = [GenerationSettings(max_new_tokens=rng.randint(4, 40), temperature=0.0) for _ in conversations]
-    prompts = [chat.prompt_ids(c, g.max_new_tokens)[0] for c, g in zip(conversations, settings)]
+    prompts = [plain.prompt_ids(c, g.max_new_tokens)[0] for c, g in zip(conversations, settings)]
     assert len({len(p) for p in prompts}) > 20  # different lengths
-    alone = [chat.chat(c, g) for c, g in zip(conversations, settings)]
+    alone = [plain.chat(c, g) for c, g in zip(conversations, settings)]
+    chat = plain
+    if fast:
+        chat = ChatModel(copy.deepcopy(model), chat_model.tokenizer, fast=True, batch_slots=64)
+        chat.warm_up(GenerationSettings(max_new_tokens=40, temperature=0.0))
+        assert sum(len(p) > 512 for p in prompts) == 4
+    compiled = counters["stats"]["unique_graphs"]
     leaving = set(rng.sample(range(64), 12))
     delays = [rng.uniform(0, 0.6) for _ in conversations]
     pieces_before_leaving = [rng.randint(0, 3) for _ in conversations]
+    if fast:  # 8 tokens a piece, and the smoke model's answers are short: half leave at once, half after one piece
+        pieces_before_leaving = [-1 if n < 2 else 0 for n in pieces_before_leaving]
     step = chat.batcher.step
     monkeypatch.setattr(chat.batcher, "step", lambda *a, **k: time.sleep(0.01) or step(*a, **k))
     replies, errors = [None] * 64, []
@@ -644,6 +665,8 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
         try:
             time.sleep(delays[i])
             answer = chat.start(prompts[i], settings[i])
+            if i in leaving and pieces_before_leaving[i] < 0:
+                answer.cancel()
             for n, _ in enumerate(answer):
                 if i in leaving and n == pieces_before_leaving[i]:
                     answer.cancel()
@@ -665,3 +688,4 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
             assert (got.text, got.stop, got.new_tokens) == (expected.text, expected.stop, expected.new_tokens), i
     assert sum(replies[i].stop == "cancelled" for i in leaving) >= 4  # most leave before their end (9 of 12 here)
     assert chat.batcher.most_rows >= 16
+    assert counters["stats"]["unique_graphs"] == compiled, chat.batcher.record
