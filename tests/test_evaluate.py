@@ -146,6 +146,7 @@ def test_model_card_keeps_the_training_runs_hyperparameters(smoke_run, tmp_path)
     assert "- Products of the frozen base: dequantized (QLoRA's" in text  # from the run's run.json
 
 
+@pytest.mark.slow  # two processes
 def test_a_merged_folder_is_evaluated_by_either_name(chat_model, smoke_run, tmp_path):
     """--merged DIR and --inference.model DIR (what inference.py and app.py take) evaluate the same folder, and
     neither writes that folder's scores into the adapter's model card."""

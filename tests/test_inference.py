@@ -106,6 +106,7 @@ def test_cli_one_shot_prompt(smoke_run):
     assert "1 answers decoded together at most" in proc.stderr
 
 
+@pytest.mark.slow  # three processes
 def test_a_merged_folder_is_served_as_it_is(smoke_run, tmp_path):
     """--save-merged, then --inference.model: the same answer as merging the adapter, without the adapter."""
     merged = tmp_path / "merged"
