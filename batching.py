@@ -18,7 +18,7 @@ import torch
 from transformers import CompileConfig, DynamicCache, LogitsProcessorList
 
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, PREFILL_BUCKETS, _PrefillGraph, logits_processors, penalize, prefill_attention,
+from decoding import (CHECK_EVERY, PREFILL_BUCKETS, ScratchPrefills, logits_processors, penalize, prefill_attention,
                       remember, stop_index)
 from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_bytes_per_token, kv_width,
                         reads_own_slots)
@@ -97,40 +97,33 @@ class BatchDecoder:
     """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
 
     A request that arrives while others are being generated joins them at the next chunk boundary (every
-    CHECK_EVERY steps when compiled, every step otherwise): its prompt is run (prefill; the prompts waiting at one
-    boundary in one forward pass of up to PREFILL_TOKENS tokens, one such pass a boundary, so the answers being
-    written go on between the passes of a burst; on a GPU, one prompt alone through a CUDA graph captured at load:
-    _PrefillGraph) and its keys and values are copied into a free row of the shared static KV cache; a finished or
-    cancelled answer frees
-    its row at the next boundary. Each answer still streams to its own client, with its own sampling settings, stop
-    rules and seed (greedy rows' repetition penalties applied to all rows at once, as AnswerRepetitionPenalty
-    computes them).
-    The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as FastDecoder), so
-    a finished answer costs up to one chunk of wasted steps; a joining answer first waits for the queued chunk.
+    CHECK_EVERY steps when compiled, every step otherwise): its prompt is prefilled (the prompts waiting at a
+    boundary in one pass of up to PREFILL_TOKENS tokens, one pass a boundary, so the answers being written go on
+    between the passes of a burst; on a GPU one prompt alone through a CUDA graph captured at load) and copied into
+    a free row of the cache; a finished or cancelled answer frees its row at the next boundary. Each answer streams
+    to its own client with its own sampling settings, stop rules and seed (greedy rows' repetition penalties applied
+    to all rows at once). The host queues a chunk before it reads the previous one's tokens (one chunk behind the
+    GPU, as FastDecoder), so a finished answer costs up to one chunk of wasted steps.
 
-    The cache layout: every row at its own positions. A row holds its prompt and answer from slot 0, each token at
-    the slot of its position, and a decode step writes each row's token at that row's own next slot (a DecodeCache
-    with rows_apart; its attention mask, or decode_layout where the fused step reads its slots itself, says which
-    slots a row reads): so a row's greedy answer is the answer it gets alone (tested exactly in fp32 on the CPU),
-    whatever the other rows hold, and a row that ends is free for the next answer at once. The batch runs the
-    smallest of ROW_BUCKETS' shapes (up to `slots`) that holds its answers: one user gets batch-1 speed, a few users
-    a small step. Rows are as long as their shape's fixed length where the compiled steps read each row's own slots
-    (`lengths`: each shape compiled once, at the warm-up), else as long as the longest answer needs. A change of
-    shape moves the rows (one block copy per layer).
+    The cache: every row holds its prompt and answer from slot 0, each token at the slot of its position, and a
+    decode step writes each row's token at that row's own next slot (DecodeCache with rows_apart; the attention
+    mask, or decode_layout where the fused step reads a row's slots itself, says which slots a row reads): a row's
+    greedy answer is the one it gets alone (tested exactly in fp32 on the CPU), and a row that ends is free at once.
+    The batch runs the smallest of ROW_BUCKETS' shapes (up to `slots`) that holds its answers, its rows as long as
+    the shape's fixed `lengths` (compiled steps that read each row's own slots: each shape compiled at the warm-up)
+    or as the longest answer needs; a change of shape moves the rows (one block copy per layer).
 
     Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order; past that, submit
     raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a row is free,
-    whatever the lengths of the answers running (its prompt and max_new_tokens fit the context window: submit
-    checks it), as long as the batch's cache with it stays within `kv_budget` bytes (on a GPU, what its memory
-    holds: 64 short chats fit where 64 full contexts may not); else it waits at the head of the queue until answers
-    end (one answer alone always runs).
+    whatever the lengths of the answers running, as long as the batch's cache with it stays within `kv_budget`
+    bytes (on a GPU, what its memory holds); else it waits at the head of the queue until answers end (one answer
+    alone always runs).
 
     One request cannot fail another: what comes from a request (its settings, its sampling processors, its prompt)
-    is checked and built in `submit`, in the caller's thread, so a value that cannot be used raises to that caller
-    alone; in the loop, what is done for one answer (its sampled token, its stop rules, handing its tokens over) is
-    guarded per answer, and a row whose scores are not finite is found on the device without an assert (its token
-    marked -1 for the host) and fails alone (NonFiniteScores). Only a failure of the shared model step fails every
-    answer it held, and then every client hears of it.
+    is checked and built in `submit`, in the caller's thread; in the loop, what is done for one answer (its sampled
+    token, its stop rules, handing its tokens over) is guarded per answer, and a row whose scores are not finite is
+    found on the device without an assert (its token marked -1 for the host) and fails alone (NonFiniteScores). Only
+    a failure of the shared model step fails every answer it held, and then every client hears of it.
 
     Runs on the ChatModel's generation thread (`executor().submit`); `submit`, `cancel` and `shutdown` are safe from
     any thread.
@@ -144,13 +137,10 @@ class BatchDecoder:
         self.kv_budget, self.kv_per_token = kv_budget, kv_bytes_per_token(model.config, model.dtype)
         self.shapes = sorted({b for b in ROW_BUCKETS if b < slots} | {slots})  # batch shapes, rows
         self.fused = compiled and fuse_phi_layers(model)
-        # Row lengths (cache slots a row). Where the compiled steps read only each row's own slots, each batch shape
-        # has its lengths fixed at load, all compiled at the warm-up, so that nothing compiles while serving (a
-        # length first met mid-run was compiled then, and every answer stopped for it: ~35 s on a GPU,
-        # docs/PERFORMANCE.md): the context window, or the longest the KV budget holds for that many rows (halved
-        # down to 512; below that the shape is not run); shapes of up to SHORT_ROWS rows also 512 slots, the length
-        # their measured steps ran. Elsewhere (eager steps; transformers' attention, which reads whole rows) the
-        # cache is sized by need: a power of two from 512 that holds the longest answer.
+        # Row lengths (cache slots a row). Where the compiled steps read only each row's own slots, every batch
+        # shape's are fixed at load and compiled at the warm-up, so nothing compiles while serving (a compile stops
+        # every answer: ~35 s on a GPU, docs/PERFORMANCE.md): _fixed_lengths. Elsewhere (eager steps; transformers'
+        # attention, which reads whole rows) rows are sized by need: a power of two from 512.
         self.lengths = {rows: self._fixed_lengths(rows) for rows in self.shapes} \
             if self.fused and reads_own_slots(model, slots) else None
         if compiled:
@@ -172,17 +162,13 @@ class BatchDecoder:
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # one flat keys and values buffer a layer
         self._kv_numel = 0
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
-        # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (prefill,
-        # cache moves, first tokens), decode steps queued, answers in those steps (answer_steps / steps = rows), and
-        # steps by compiled shape
+        # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers, decode steps
+        # queued, answers in them (answer_steps / steps = rows), and steps by shape
         self.record = Counter()
-        # A prompt that joins alone prefills through a CUDA graph of its padded length (_PrefillGraph), all captured
-        # at load (capture_prefill_graphs), where the one-row step runs the layer kernels (as FastDecoder's); tests
-        # set it on the CPU, where the same padded prefill runs eagerly. The graphs' scratch caches share storage.
+        # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
+        # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).
         self.prefill_graphs = self.fused and self.device.type == "cuda" and model.model.layers[0].step_kernels
-        self._prefills: dict[int, _PrefillGraph] = {}
-        self._prefill_pool = None
-        self._scratch: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.prefills = ScratchPrefills(model)
         self._reset()
 
     def _reset(self) -> None:
@@ -339,14 +325,6 @@ class BatchDecoder:
         return sum(t.numel() * t.element_size() for pair in self._kv for t in pair)
 
     # ------------------------------------------------------------------------------------------------------------
-    def prefill_bucket(self, prompts: int, width: int) -> int | None:
-        """The length of the prefill graph that takes a group of `prompts` prompts of up to `width` tokens: one prompt
-        (a user who joins alone: its eager prefill is launch-bound) up to PREFILL_BUCKETS[-1] tokens, with attention
-        the padded mask goes through (flash_attention_2 unpads on the host); None: eager."""
-        if prompts != 1 or self.model.config._attn_implementation not in ("sdpa", "eager"):
-            return None
-        return next((bucket for bucket in PREFILL_BUCKETS if bucket >= width), None)
-
     def capture_prefill_graphs(self) -> None:
         """Capture every prefill graph now, on the generation thread where they replay (ChatModel.warm_up): the user
         who brought a new length would otherwise wait for its warm-up and capture, two eager prefills."""
@@ -356,21 +334,8 @@ class BatchDecoder:
         def capture():
             with torch.inference_mode():
                 for bucket in PREFILL_BUCKETS:
-                    self._prefill_graph(bucket).capture()
+                    self.prefills[bucket].capture()
         self.executor().submit(capture).result()
-
-    def _prefill_graph(self, bucket: int) -> "_PrefillGraph":
-        if bucket not in self._prefills:
-            if self._scratch is None:  # one (keys, values) pair a layer for every graph's scratch cache
-                config = self.model.config
-                numel = PREFILL_BUCKETS[-1] * kv_width(config)
-                self._scratch = [tuple(torch.zeros(numel, dtype=self.model.dtype, device=self.device)
-                                       for _ in range(2)) for _ in range(config.num_hidden_layers)]
-                if self.device.type == "cuda":
-                    self._prefill_pool = torch.cuda.graph_pool_handle()
-            scratch = allocated(DecodeCache(self.model.config, bucket, storage=self._scratch), self.model, 1)
-            self._prefills[bucket] = _PrefillGraph(self.model, scratch, bucket, self._prefill_pool)
-        return self._prefills[bucket]
 
     def _relayout(self, batch: int, size: int) -> None:
         """Move the active rows to rows 0.. of the (batch, size) cache, each row's slots where they were (one block
@@ -479,15 +444,15 @@ class BatchDecoder:
         # penalty, for one write of each below; sent before the prefill, while the GPU is idle (a copy from the
         # host waits for it).
         sizes = torch.tensor(lengths)
-        where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes),
-                             torch.tensor(rows).repeat_interleave(sizes), torch.cat([torch.arange(n) for n in lengths])])
+        where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes), torch.tensor(rows).repeat_interleave(
+            sizes), torch.cat([torch.arange(n) for n in lengths])])
         ids, (source_rows, target_rows, slots) = ids.to(self.device), where.to(self.device)
         rows_at, lengths_at, last_at = torch.tensor([rows, lengths, [a.last_slot for a in group]]).to(self.device)
         # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
         penalties = torch.tensor([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group]).to(self.device)
-        bucket = self.prefill_bucket(len(group), max(lengths)) if self.prefill_graphs else None
+        bucket = self.prefills.bucket(len(group), max(lengths)) if self.prefill_graphs else None
         if bucket is not None:
-            graph = self._prefill_graph(bucket)
+            graph = self.prefills[bucket]
             logits = graph(ids, write_at=0)  # (1, vocab)
             scratch = graph.cache  # the prompt from slot 0
             self.record["graph_prefills"] += 1

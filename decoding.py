@@ -24,7 +24,7 @@ from transformers import (CompileConfig, LogitsProcessor, LogitsProcessorList, S
 from transformers.masking_utils import create_causal_mask
 
 from config import GenerationSettings
-from phi_layers import DecodeCache, decode_layout, fuse_phi_layers, reads_own_slots
+from phi_layers import DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_width, reads_own_slots
 
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
@@ -394,6 +394,40 @@ class _PrefillGraph:
         self.capture()
         self.graph.replay()
         return self.logits
+
+
+class ScratchPrefills:
+    """BatchDecoder's prefill graphs (_PrefillGraph) of one prompt, one for each PREFILL_BUCKETS length, made when
+    first asked for: each prefills into a scratch cache of one row that the prompt's keys and values are copied out
+    of. The scratch caches, never in use at the same time, view one (keys, values) pair of buffers a layer, and the
+    graphs share one memory pool."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graphs: dict[int, _PrefillGraph] = {}
+        self._storage: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._pool = None
+
+    def bucket(self, prompts: int, width: int) -> int | None:
+        """The length of the graph that takes a group of `prompts` prompts of up to `width` tokens: one prompt (a
+        user who joins alone: its eager prefill is launch-bound) up to PREFILL_BUCKETS[-1] tokens, with attention
+        the padded mask goes through (flash_attention_2 unpads on the host); None: eager."""
+        if prompts != 1 or self.model.config._attn_implementation not in ("sdpa", "eager"):
+            return None
+        return next((bucket for bucket in PREFILL_BUCKETS if bucket >= width), None)
+
+    def __getitem__(self, bucket: int) -> _PrefillGraph:
+        if bucket not in self.graphs:
+            model = self.model
+            if self._storage is None:
+                numel = PREFILL_BUCKETS[-1] * kv_width(model.config)
+                self._storage = [tuple(torch.zeros(numel, dtype=model.dtype, device=model.device) for _ in range(2))
+                                 for _ in range(model.config.num_hidden_layers)]
+                if model.device.type == "cuda":
+                    self._pool = torch.cuda.graph_pool_handle()
+            scratch = allocated(DecodeCache(model.config, bucket, storage=self._storage), model, 1)
+            self.graphs[bucket] = _PrefillGraph(model, scratch, bucket, self._pool)
+        return self.graphs[bucket]
 
 
 @dataclass

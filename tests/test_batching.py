@@ -34,7 +34,7 @@ def test_joining_prompts_prefill_through_graphs_captured_at_load_on_gpu(tokenize
     batcher = fast.batcher
     assert batcher.prefill_graphs
     fast.warm_up(GREEDY)
-    graphs = dict(batcher._prefills)
+    graphs = dict(batcher.prefills.graphs)
     assert sorted(graphs) == list(decoding.PREFILL_BUCKETS) and all(g.graph for g in graphs.values())
     expected = [plain.chat(c, GREEDY) for c in TOGETHER]
     batcher.record.clear()
@@ -44,7 +44,7 @@ def test_joining_prompts_prefill_through_graphs_captured_at_load_on_gpu(tokenize
         next(iter(answers[-1]))
     replies = finish(answers)
     assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in expected]
-    assert batcher.record["graph_prefills"] == len(TOGETHER) and batcher._prefills == graphs
+    assert batcher.record["graph_prefills"] == len(TOGETHER) and batcher.prefills.graphs == graphs
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
@@ -275,9 +275,9 @@ def test_every_prompt_a_prefill_graph_can_take_is_captured_at_load(chat_model):
     batcher = ChatModel(copy.deepcopy(chat_model.model), chat_model.tokenizer, fast=True).batcher
     batcher.prefill_graphs = True  # (on the CPU the graphs are made, their capture is a GPU's)
     batcher.capture_prefill_graphs()
-    taken = {(prompts, width): batcher.prefill_bucket(prompts, width)
+    taken = {(prompts, width): batcher.prefills.bucket(prompts, width)
              for prompts in range(1, batcher.slots + 1) for width in range(1, decoding.PREFILL_BUCKETS[-1] + 2)}
-    assert {bucket for bucket in taken.values() if bucket} == set(batcher._prefills)
+    assert {bucket for bucket in taken.values() if bucket} == set(batcher.prefills.graphs)
     assert all(bucket is None or bucket >= width for (_, width), bucket in taken.items())
     assert taken[(1, 140)] == 192 and taken[(1, 1024)] == 1024
     assert taken[(1, 1025)] is None and taken[(2, 10)] is None  # longer, or several at once: eager
