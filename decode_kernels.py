@@ -352,9 +352,10 @@ WALKED_SLOTS = 512
 
 @triton.jit
 def split_attention_kernel(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride,
-                           slot_stride,            head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr, HEADS: tl.constexpr,
-            DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr, ROT: tl.constexpr):
+                           slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr,
+                           HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                           SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr,
+                           ROT: tl.constexpr):
     """triton_decode_attention's Triton kernel ("flash decoding"), one launch: one program per (row, head, block of
     SPLIT slots) walks the block's used slots BLOCK_N at a time (online softmax) and writes the block's softmax
     statistics (max, sum, in log2 units) and weighted values; the last of a (row, head)'s programs to finish (an
@@ -424,12 +425,12 @@ def _attention_launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 @triton.jit
 def attend_out_kernel(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, scale, batch, size, row_stride,
-                      slot_stride,           head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr,
-           w_ptr, ff_ptr, b_ptr, res_ptr, y_ptr, sync_ptr, N, products,
-           HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-           SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr,
-           ROT: tl.constexpr, K: tl.constexpr, K1: tl.constexpr, PRODUCT_N: tl.constexpr,
-           PRODUCT_K: tl.constexpr):
+                      slot_stride, head_stride, q_stride, knew_ptr, vnew_ptr, cos_ptr, sin_ptr, o_ptr, count_ptr,
+                      w_ptr, ff_ptr, b_ptr, res_ptr, y_ptr, sync_ptr, N, products,
+                      HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                      SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEW: tl.constexpr,
+                      ROT: tl.constexpr, K: tl.constexpr, K1: tl.constexpr, PRODUCT_N: tl.constexpr,
+                      PRODUCT_K: tl.constexpr):
     """One launch for the rest of a fused Phi layer's one-row decode step after layer_in: the step attention
     (split_attention_kernel's programs, with the step's own key and value: rotary, cache writes) and the layer's
     output, [dense | fc2] of [attention | gelu(fc1)] plus the residual (gemv_kernel's programs). The product's
