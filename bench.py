@@ -363,13 +363,13 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     from transformers import TrainerCallback
 
     import train
-    from model_utils import decide_device_dtype, load_tokenizer
+    from model_utils import decide_device_dtype, load_model_config, load_tokenizer
+    from training_plan import decide_training
 
     cfg, values = bench_train_config(values, model_path, steps, warmup, tiny, profile is not None)
     choice = decide_device_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision)
-    from model_utils import load_model_config
-    plan = train.decide_training(cfg, choice)  # as train.py decides
+    plan = decide_training(cfg, choice)  # as train.py decides
     cfg.training = plan.training
     dataset = workload(tiny, load_model_config(cfg.model).vocab_size)
     if cfg.training.packing is False:
