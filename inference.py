@@ -30,7 +30,7 @@ import logging
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -281,27 +281,37 @@ class ChatModel:
         # each shape of several rows, one answer running, then the rest of that shape's users at once, with
         # questions of a usual length (~64 tokens): the shape's step, the move to its cache and the eager prefill
         # of several prompts (the first such prefill of a process cost more than later ones: docs/PERFORMANCE.md);
-        # then one answer alone, the one-row shape. Each of a shape's fixed row lengths: the running answer's prompt
-        # as long as it takes to need more than the shorter one.
+        # then one answer alone, the one-row shape.
         word = len(self.tokenizer(" Hello", add_special_tokens=False).input_ids)
         words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
         question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
         for rows in reversed(batcher.shapes):
-            if batcher.lengths is None:  # sized by need: the usual length, where the GPU's memory holds the shape
-                needs = [len(ids)] if rows == 1 or batcher.holds(rows, len(question) + gen.max_new_tokens) else []
-            else:
-                lengths = batcher.lengths[rows]  # (none: a shape the GPU's memory cannot hold is never run)
-                needs = [max(len(ids), shorter + 1 - gen.max_new_tokens) for shorter, _ in zip((0,) + lengths, lengths)]
-            for need in needs:
-                if need + gen.max_new_tokens > self.context_window:
-                    continue
-                answers = [self.start(ids if need == len(ids) else (question * need)[:need], gen)]
+            for first, settings in self._warm_up_runs(rows, ids, question, gen):
+                answers = [self.start(first, settings)]
                 if rows > 1:
                     next(iter(answers[0]), None)  # running: the others join it
-                    answers += [self.start(question, gen) for _ in range(rows - 1)]
+                    answers += [self.start(question, settings) for _ in range(rows - 1)]
                 for answer in answers:
                     for _ in answer:
                         pass
+
+    def _warm_up_runs(self, rows: int, ids: list[int], question: list[int], gen: GenerationSettings
+                      ) -> list[tuple[list[int], GenerationSettings]]:
+        """What warm_up runs for the `rows`-row shape: the first answer's prompt and everyone's settings, once for
+        each row length the shape is compiled at. Sized by need: the usual length (a short prompt +
+        gen.max_new_tokens), where the GPU's memory holds the shape. Fixed lengths: each one, whatever
+        max_new_tokens a request asks for; answers as long as fit it, the first one's prompt long enough to need
+        more than the shorter length. Nothing for a shape the GPU's memory cannot hold (it is never run)."""
+        batcher = self.batcher
+        if batcher.lengths is None:
+            holds = rows == 1 or batcher.holds(rows, len(question) + gen.max_new_tokens)
+            return [(ids, gen)] if holds else []
+        runs = []
+        for shorter, length in zip((0,) + batcher.lengths[rows], batcher.lengths[rows]):
+            new = max(1, min(gen.max_new_tokens, length - len(question)))
+            first = ids if len(ids) + new > shorter else (question * length)[:shorter + 1 - new]
+            runs.append((first, replace(gen, max_new_tokens=new)))
+        return runs
 
     def save_merged(self, out_dir: str | Path) -> Path:
         """A standalone model: safetensors weights, tokenizer and a generation config with the right eos/pad."""

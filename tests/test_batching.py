@@ -120,11 +120,14 @@ def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch)
     assert (replies[1].text, replies[1].new_tokens) == (alone.text, alone.new_tokens)
 
 
-def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(chat_model):
-    """The compiled engine (a GPU's path; here on the CPU) compiles each batch shape once, at load, with rows as long
-    as the context window (or as the KV budget lets): the history of a long conversation (~560 tokens) that arrives
-    while three short answers are being written joins them, and nothing is compiled while they are served (on a GPU a
-    compile stops every answer for ~35 s: docs/PERFORMANCE.md). Each answer is the one it gets alone."""
+@pytest.mark.parametrize("server_max_new_tokens", [40, 600])
+def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(chat_model, server_max_new_tokens):
+    """The compiled engine (a GPU's path; here on the CPU) compiles each batch shape at load, at each of its row
+    lengths (the context window, or as long as the KV budget lets; up to 8 rows also 512), whatever max_new_tokens
+    the server's settings give the warm-up: the history of a long conversation (~560 tokens) that arrives while
+    three short answers (40 tokens, as an API request may ask) are being written joins them, and nothing is compiled
+    while they are served (on a GPU a compile stops every answer for ~35 s: docs/PERFORMANCE.md). Each answer is the
+    one it gets alone."""
     from torch._dynamo.utils import counters
     model = copy.deepcopy(chat_model.model)
     model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no such history)
@@ -135,8 +138,9 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(chat_m
     conversations = TOGETHER[:3] + [history]
     gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
     alone = [plain.chat(c, gen) for c in conversations]
+    torch._dynamo.reset()  # what other tests compiled would otherwise serve this engine's shapes
     chat = ChatModel(copy.deepcopy(model), chat_model.tokenizer, fast=True, batch_slots=8)
-    chat.warm_up(gen)
+    chat.warm_up(dataclasses.replace(gen, max_new_tokens=server_max_new_tokens))
     compiled = counters["stats"]["unique_graphs"]
     short = start_all(chat, conversations[:3], gen)
     next(iter(short[0]))  # being written when the long conversation arrives
@@ -648,6 +652,7 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
     alone = [plain.chat(c, g) for c, g in zip(conversations, settings)]
     chat = plain
     if fast:
+        torch._dynamo.reset()  # what other tests compiled would otherwise serve this engine's shapes
         chat = ChatModel(copy.deepcopy(model), chat_model.tokenizer, fast=True, batch_slots=64)
         chat.warm_up(GenerationSettings(max_new_tokens=40, temperature=0.0))
         assert sum(len(p) > 512 for p in prompts) == 4
