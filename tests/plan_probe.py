@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -28,8 +29,14 @@ if __name__ == "__main__":
                                                  (16.0, "free 16.0 of 80.0 GiB"))
     training_plan.load_model_config = lambda model_cfg: PhiConfig(**bench.PHI2_CONFIG)
     cfg, _ = parse_config(["--config", "configs/phi2-oasst1.yaml"])
-    plan = training_plan.decide_training(cfg, DeviceChoice("cuda", torch.bfloat16, "stand-in", (9, 0)))
-    t = plan.training
-    Path(sys.argv[1], f"plan-rank{rank}.json").write_text(json.dumps({
-        "micro_batch": t.per_device_train_batch_size, "accumulation": t.gradient_accumulation_steps,
-        "checkpointing": t.gradient_checkpointing, "compiled": plan.compiled, "budget": plan.budget}))
+    try:
+        plan = training_plan.decide_training(cfg, DeviceChoice("cuda", torch.bfloat16, "stand-in", (9, 0)))
+        t = plan.training
+        Path(sys.argv[1], f"plan-rank{rank}.json").write_text(json.dumps({
+            "micro_batch": t.per_device_train_batch_size, "accumulation": t.gradient_accumulation_steps,
+            "checkpointing": t.gradient_checkpointing, "compiled": plan.compiled, "budget": plan.budget}))
+    finally:
+        # the process group decide_training joined (shared_budget), left while Python is whole, as train.py's main
+        # leaves it: left to interpreter exit a rank can die with SIGABRT (train.leave_process_group says why)
+        if dist.is_initialized():
+            dist.destroy_process_group()
