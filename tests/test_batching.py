@@ -120,18 +120,19 @@ def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch)
     assert (replies[1].text, replies[1].new_tokens) == (alone.text, alone.new_tokens)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("server_max_new_tokens", [40, 600])
-def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(chat_model, server_max_new_tokens):
-    """The compiled engine (a GPU's path; here on the CPU) compiles each batch shape at load, at each of its row
-    lengths (the context window, or as long as the KV budget lets; up to 8 rows also 512), whatever max_new_tokens
-    the server's settings give the warm-up: the history of a long conversation (~560 tokens) that arrives while
-    three short answers (40 tokens, as an API request may ask) are being written joins them, and nothing is compiled
-    while they are served (on a GPU a compile stops every answer for ~35 s: docs/PERFORMANCE.md). Each answer is the
-    one it gets alone."""
+def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokenizer, device, server_max_new_tokens):
+    """The compiled engine (the GPU's; on the CPU too) compiles each batch shape at load, at each of its row lengths
+    (the context window, or as long as the KV budget lets; up to 8 rows also 512), whatever max_new_tokens the
+    server's settings give the warm-up: the history of a long conversation (~560 tokens) that arrives while three
+    short answers (40 tokens, as an API request may ask) are being written joins them, and nothing is compiled while
+    they are served (on a GPU a compile stops every answer for ~35 s: docs/PERFORMANCE.md). Each answer is the one
+    it gets alone (fp32)."""
     from torch._dynamo.utils import counters
-    model = copy.deepcopy(chat_model.model)
+    model = AutoModelForCausalLM.from_pretrained(TINY).to(device).eval()
     model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no such history)
-    plain = ChatModel(model, chat_model.tokenizer, fast=False)
+    plain = ChatModel(model, tokenizer, fast=False)
     history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Tell me about city number {i}, please."
                 if i % 2 == 0 else f"City number {i} is a fine city with a river."} for i in range(22)] + [
         {"role": "user", "content": "What is the capital of Peru?"}]
@@ -139,7 +140,8 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(chat_m
     gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
     alone = [plain.chat(c, gen) for c in conversations]
     torch._dynamo.reset()  # what other tests compiled would otherwise serve this engine's shapes
-    chat = ChatModel(copy.deepcopy(model), chat_model.tokenizer, fast=True, batch_slots=8)
+    chat = ChatModel(copy.deepcopy(model), tokenizer, fast=True, batch_slots=8)
+    assert chat.batcher.lengths == {1: (512, 2048), 8: (512, 2048)}
     chat.warm_up(dataclasses.replace(gen, max_new_tokens=server_max_new_tokens))
     compiled = counters["stats"]["unique_graphs"]
     short = start_all(chat, conversations[:3], gen)
