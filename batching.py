@@ -139,7 +139,7 @@ class BatchDecoder:
         self.fused = compiled and fuse_phi_layers(model)
         # Row lengths (cache slots a row). Where the compiled steps read only each row's own slots, every batch
         # shape's are fixed at load and compiled at the warm-up, so nothing compiles while serving (a compile stops
-        # every answer: ~35 s on a GPU, docs/PERFORMANCE.md): _fixed_lengths. Elsewhere (eager steps; transformers'
+        # every answer while it runs: docs/PERFORMANCE.md): _fixed_lengths. Elsewhere (eager steps; transformers'
         # attention, which reads whole rows) rows are sized by need: a power of two from 512.
         self.lengths = {rows: self._fixed_lengths(rows) for rows in self.shapes} \
             if self.fused and reads_own_slots(model, slots) else None

@@ -127,8 +127,8 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokeni
     (the context window, or as long as the KV budget lets; up to 8 rows also 512), whatever max_new_tokens the
     server's settings give the warm-up: the history of a long conversation (~560 tokens) that arrives while three
     short answers (40 tokens, as an API request may ask) are being written joins them, and nothing is compiled while
-    they are served (on a GPU a compile stops every answer for ~35 s: docs/PERFORMANCE.md). Each answer is the one
-    it gets alone (fp32)."""
+    they are served (on a GPU a compile stops every answer for half a minute: docs/PERFORMANCE.md). Each answer is
+    the one it gets alone (fp32)."""
     from torch._dynamo.utils import counters
     model = AutoModelForCausalLM.from_pretrained(TINY).to(device).eval()
     model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no such history)
