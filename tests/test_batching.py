@@ -103,9 +103,7 @@ def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch)
     model = copy.deepcopy(chat_model.model)
     model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no such history)
     chat = ChatModel(model, chat_model.tokenizer, fast=False)
-    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Tell me about city number {i}, please."
-                if i % 2 == 0 else f"City number {i} is a fine city with a river."} for i in range(22)] + [
-        {"role": "user", "content": "What is the capital of France?"}]
+    history = city_history(22) + [{"role": "user", "content": "What is the capital of France?"}]
     short = [{"role": "user", "content": "What is the capital of Peru?"}]
     gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
     alone = chat.chat(short, gen)
@@ -133,9 +131,7 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokeni
     model = AutoModelForCausalLM.from_pretrained(TINY).to(device).eval()
     model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no such history)
     plain = ChatModel(model, tokenizer, fast=False)
-    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Tell me about city number {i}, please."
-                if i % 2 == 0 else f"City number {i} is a fine city with a river."} for i in range(22)] + [
-        {"role": "user", "content": "What is the capital of Peru?"}]
+    history = city_history(22) + [{"role": "user", "content": "What is the capital of Peru?"}]
     conversations = TOGETHER[:3] + [history]
     gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
     alone = [plain.chat(c, gen) for c in conversations]
@@ -607,6 +603,12 @@ def test_shutdown_ends_every_answer_with_an_error_and_refuses_new_ones(tokenizer
     assert ScriptedPhi.calls == calls  # nothing runs on
 
 
+def city_history(turns: int) -> list[dict]:
+    """A long conversation's history: `turns` messages, user and assistant in turn (22 make ~560 tokens)."""
+    return [{"role": "user", "content": f"Tell me about city number {i}, please."} if i % 2 == 0 else
+            {"role": "assistant", "content": f"City number {i} is a fine city with a river."} for i in range(turns)]
+
+
 def crowd_conversations(count: int, rng) -> list[list[dict]]:
     """`count` conversations of different lengths: one to five turns, questions of different sizes."""
     subjects = ["Peru", "France", "the cat", "a color", "the river", "city number 7", "the sea", "a song"]
@@ -643,10 +645,8 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
     if fast:
         model = copy.deepcopy(model)
         model.config.max_position_embeddings = 2048
-        history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Tell me about city number {i}."
-                    if i % 2 == 0 else f"City number {i} is a fine city with a river."} for i in range(24)]
         for i in rng.sample(range(64), 4):
-            conversations[i] = history + conversations[i]
+            conversations[i] = city_history(24) + conversations[i]
     plain = ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=64)
     settings = [GenerationSettings(max_new_tokens=rng.randint(4, 40), temperature=0.0) for _ in conversations]
     prompts = [plain.prompt_ids(c, g.max_new_tokens)[0] for c, g in zip(conversations, settings)]
