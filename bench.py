@@ -750,6 +750,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     chat.warm_up(cfg.generation)
     load_s, warm_s = time.perf_counter() - t0, time.perf_counter() - warm
     logging.info("loaded in %.1f s, of which the warm-up %.1f s", load_s, warm_s)
+    loading = {"load_and_warm_up_s": load_s, "warm_up_s": warm_s}
     server, serving, port = start_server(chat, cfg)
     asked = questions(max(clients), prompt_words)
     alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; warms every shape
@@ -787,12 +788,12 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                 logging.warning("stopped by a signal: the %d-client run is left out", n)
                 break
             wall = time.perf_counter() - start
-            rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, load_s)
+            rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, loading)
                         | {"decoder": dict(chat.batcher.record)} | memory(chat))
             if partial is not None:
                 partial.write_text(json.dumps(rows, default=str))
         if rows and not stopped.is_set():
-            rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, load_s))
+            rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading))
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base and "long_prompt_tokens" not in r else None
@@ -811,7 +812,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
 
 
 def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, rows: list[dict], alone: list[dict],
-                      dtype: str, load_s: float) -> dict:
+                      dtype: str, loading: dict) -> dict:
     """Up to 8 answers streaming, and a prompt of ~1,000 tokens (what the context leaves, on the tiny model) that
     arrives halfway through them: the longest wait between two pieces of a running answer (its stall while the long
     prompt is prefilled), against the same clients' longest wait without it (the row of that many clients)."""
@@ -833,7 +834,7 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
     got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name, 0.0) for q in asked[:n]]
                        + [(port, long_question, new_tokens, chat.name, delay)], chunksize=1)
     wall = time.perf_counter() - start
-    row = serve_row(dtype, n, got[:n], alone, wall, chat.batcher.most_rows, load_s)
+    row = serve_row(dtype, n, got[:n], alone, wall, chat.batcher.most_rows, loading)
     return row | {"name": f"{dtype} {n} client(s) + a {tokens}-token prompt at {delay:.2f} s",
                   "long_prompt_tokens": tokens, "long_prompt_ttft_s": got[n]["ttft_s"],
                   "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record),
@@ -862,7 +863,8 @@ def static_batch(chat, asked: list[str], new_tokens: int) -> dict:
 
 
 def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: float, most_rows: int,
-              load_s: float) -> dict:
+              loading: dict) -> dict:
+    """One row of the serve table; loading: the load's and the warm-up's seconds (run_serve)."""
     ttfts = sorted(g["ttft_s"] for g in got if g["ttft_s"] is not None) or [float("nan")]
     return {"name": f"{dtype} {n} client(s)", "clients": n, "aggregate_tok_s": sum(g["tokens"] for g in got) / wall,
             "per_client_tok_s": float(np.median([g["tokens"] / g["end_s"] for g in got])),
@@ -870,7 +872,7 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
             "end_median_s": float(np.median([g["end_s"] for g in got])), "max_gap_s": max(g["max_gap_s"] for g in got),
             "completion_tokens": [g["tokens"] for g in got], "client_processes": len({g["client_pid"] for g in got}),
             "most_rows": most_rows,
-            "same_text_as_alone": sum(g["text"] == a["text"] for g, a in zip(got, alone)), "load_and_warm_up_s": load_s}
+            "same_text_as_alone": sum(g["text"] == a["text"] for g, a in zip(got, alone)), **loading}
 
 
 def serve_table(rows: list[dict]) -> str:
@@ -915,8 +917,8 @@ def gen_table(rows: list[dict], batch: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 def child(args) -> int:
-    """One configuration in this process (called by the parent through --one)."""
-    logging.basicConfig(level=logging.WARNING)
+    """One configuration in this process (called by the parent through --one); its log is the configuration's."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     spec = json.loads(args.one)
     if spec["kind"] == "train":
         row = run_train_config(spec["name"], spec["values"], Path(spec["model"]), spec["steps"], spec["warmup"],

@@ -105,6 +105,11 @@ def test_serving_bench_tiny(tmp_path):
     static = json.loads(out.read_text())["static_batch"]
     assert static["rows"] == 4 and static["tok_s"] > 0 and static["tokens"] == 4 * 24
     assert all(r["x_static_batch"] == pytest.approx(r["aggregate_tok_s"] / static["tok_s"]) for r in rows)
+    # the warm-up's time apart from loading, in the rows and in the measuring process's log (that process logged
+    # warnings only: a GPU run's warm-up time and the batch shapes it compiled were nowhere; on the CPU, with the
+    # fast path off, there is no warm-up)
+    assert all(0 <= r["warm_up_s"] < r["load_and_warm_up_s"] for r in rows)
+    assert "of which the warm-up" in (tmp_path / "bench-serve-fp32.log").read_text()
 
 
 def test_idle_summary_names_the_code_that_kept_the_device_waiting():
