@@ -32,6 +32,15 @@ ROW_BUCKETS = (1, 8, 16, 32, 64)
 SHORT_ROWS = 8  # shapes of up to this many rows keep 512-slot rows for short answers beside their long ones (__init__)
 
 
+def timed_event(device: torch.device) -> torch.cuda.Event | None:
+    """A CUDA event recorded now on the current stream, that times (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 class Busy(RuntimeError):
     """Every place in the queue is taken: the request is turned away now (HTTP 429) rather than waiting unbounded.
     retry_after: seconds after which a place is likely free."""
@@ -162,8 +171,10 @@ class BatchDecoder:
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # one flat keys and values buffer a layer
         self._kv_numel = 0
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
-        # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers, decode steps
-        # queued, answers in them (answer_steps / steps = rows), and steps by shape
+        # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (admit_s) and
+        # of it waiting for the GPU at a pass's end (prefill_wait_s: near 0 where the host issuing the pass is the
+        # bound), decode steps queued, answers in them (answer_steps / steps = rows), steps by shape and, on a GPU,
+        # the GPU's seconds for them ("gpu s at ..."), and the host's seconds waiting for a chunk (step_wait_s)
         self.record = Counter()
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
         # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).
@@ -181,7 +192,8 @@ class BatchDecoder:
         # Greedy rows' repetition penalty, applied to all rows at once (_decode_chunk): the tokens each row's answer
         # holds (rows, vocab; remember) and each row's penalty (rows,), 1 where none (x * 1 and x / 1 are x).
         self.seen = self.penalty = None
-        self._pending = None  # the last queued chunk: (host tokens, ready event, its rows), not yet looked at
+        # the last queued chunk, not yet looked at: (host tokens, its begin and ready events, its rows, its shape)
+        self._pending = None
         self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
 
     # ------------------------------------------------------------------------------------------------------------
@@ -484,7 +496,10 @@ class BatchDecoder:
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
-        for answer, token in zip(group, first.tolist()):  # one wait for the GPU for the whole group
+        issued = time.perf_counter()
+        first = first.tolist()  # one wait for the GPU for the whole group
+        self.record["prefill_wait_s"] += time.perf_counter() - issued
+        for answer, token in zip(group, first):
             self._take(answer, [token])
 
     def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,6 +528,8 @@ class BatchDecoder:
         before this one (the GPU has finished it by now, so the host never stalls it)."""
         rows = list(self.rows)
         steps = min(self.check_every, max(a.to_queue for a in rows if a))
+        shape = f"{len(rows)} rows x {self.cache.layers[0].max_cache_len} slots"
+        began = timed_event(self.device)
         chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)
         # Greedy rows with a repetition penalty: AnswerRepetitionPenalty's arithmetic for all rows in a few kernels
         # (per row, generate()'s processors were ~10 small kernels a step).
@@ -545,14 +562,10 @@ class BatchDecoder:
             if answer is not None:
                 answer.queued += steps
         self.record.update(steps=steps, answer_steps=steps * sum(a is not None for a in rows))
-        self.record[f"steps at {len(rows)} rows x {self.cache.layers[0].max_cache_len} slots"] += steps
+        self.record[f"steps at {shape}"] += steps
         host = torch.empty(chunk.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
         host.copy_(chunk, non_blocking=True)
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
-        previous, self._pending = self._pending, (host, ready, rows)
+        previous, self._pending = self._pending, (host, began, timed_event(self.device), rows, shape)
         if previous is not None:
             self._look(previous)
         if self._smaller_shape() is not None:
@@ -577,9 +590,12 @@ class BatchDecoder:
             self._look(pending)
 
     def _look(self, pending) -> None:
-        host, ready, rows = pending
+        host, began, ready, rows, shape = pending
         if ready is not None:
+            waited = time.perf_counter()
             ready.synchronize()
+            self.record["step_wait_s"] += time.perf_counter() - waited
+            self.record[f"gpu s at {shape}"] += began.elapsed_time(ready) / 1000
         new = host.tolist()
         for row, answer in enumerate(rows):
             if answer is not None and not answer.done:

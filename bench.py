@@ -878,14 +878,16 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
 def serve_table(rows: list[dict]) -> str:
     lines = ["| clients | aggregate tok/s | x one client | per-client tok/s | first token median / max (s) | "
              "longest wait between pieces (s) | decoded together | same text as alone | prefill passes (prompts) | "
-             "admitting (s) | answers a step | x static batch | KV cache / peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "admitting (s) (of it waiting for the GPU) | GPU ms a step by shape | answers a step | x static batch | "
+             "KV cache / peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         d = r.get("decoder", {})
         lines.append(f"| {r['name']} | {r['aggregate_tok_s']:,.0f} | {r['speedup_vs_1'] or float('nan'):.2f} | "
                      f"{r['per_client_tok_s']:,.0f} | {r['ttft_median_s']:.3f} / {r['ttft_max_s']:.3f} | "
                      f"{r['max_gap_s']:.3f} | {r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} | "
-                     f"{d.get('prefill_passes', 0)} ({d.get('prompts', 0)}) | {d.get('admit_s', 0.0):.3f} | "
+                     f"{d.get('prefill_passes', 0)} ({d.get('prompts', 0)}) | {d.get('admit_s', 0.0):.3f} "
+                     f"({d.get('prefill_wait_s', 0.0):.3f}) | {step_ms(d)} | "
                      f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} | "
                      f"{r.get('x_static_batch', float('nan')):.2f} | "
                      f"{r.get('kv_cache_gib', float('nan')):.2f} / {r.get('peak_gib', float('nan')):.1f} |")
@@ -893,6 +895,13 @@ def serve_table(rows: list[dict]) -> str:
     lines += [f"{dtype} static batch of {s['rows']} (the same questions and model, ChatModel.generate_ids): "
               f"{s['tok_s']:,.0f} tok/s" for dtype, s in statics.items()]
     return "\n".join(lines)
+
+
+def step_ms(decoder: dict) -> str:
+    """A serve row's GPU milliseconds a decode step for each batch shape it ran ("rows x slots: ms"; GPUs only)."""
+    shapes = [k.removeprefix("gpu s at ") for k in decoder if k.startswith("gpu s at ")]
+    return ", ".join(f"{s.replace(' rows x ', 'x').removesuffix(' slots')}: "
+                     f"{1000 * decoder['gpu s at ' + s] / decoder['steps at ' + s]:.2f}" for s in shapes) or "-"
 
 
 def free_port() -> int:
