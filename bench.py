@@ -13,6 +13,7 @@
     python bench.py serve --dtypes bf16 --clients 1 8   # concurrent streaming clients of the OpenAI-compatible API
     python bench.py serve --tiny               # the same on the tiny model on the CPU
     python bench.py serve --dtypes bf16 --penalty 1.1   # greedy with the app's default repetition penalty
+    python bench.py serve --dtypes bf16 --clients 64 --profile   # + the 64 clients once more under torch.profiler
 
 Real Phi-2 weights cannot be downloaded here and speed does not depend on their values, so the model is randomly
 initialised with Phi-2's exact configuration and saved once, then loaded through the normal `from_pretrained` +
@@ -334,8 +335,7 @@ def step_profiler(profile: Path, first: int):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == first and self.prof is None:
                 sync()
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []), with_stack=True)
+                self.prof = profiler()
                 self.prof.__enter__()
                 self.start = time.perf_counter()
 
@@ -344,16 +344,28 @@ def step_profiler(profile: Path, first: int):
                 sync()
                 wall = time.perf_counter() - self.start
                 self.prof.__exit__(None, None, None)
-                sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-                table = self.prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
-                try:
-                    idle = idle_summary(self.prof, 2)
-                except Exception as e:  # a diagnostic that breaks on another torch must not lose the measured row
-                    idle = f"idle summary failed: {e!r}"
-                profile.write_text(f"steps {first + 1}-{first + 2} of {args.max_steps}: "
-                                   + kernel_summary(self.prof, 2, wall) + "\n\n" + idle + "\n\n" + table)
+                write_profile(self.prof, 2, wall, profile, f"steps {first + 1}-{first + 2} of {args.max_steps}: ")
 
     return Profile()
+
+
+def profiler(all_threads: bool = False):
+    """torch.profiler over the CPU (the operators with their Python frames: of this thread, or of every thread) and
+    the GPU's kernels."""
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []), with_stack=True,
+        experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=all_threads))
+
+
+def write_profile(prof, steps: int, wall: float, path: Path, title: str) -> None:
+    """A profile's per-kind kernel summary, where the GPU waited for the host and the busiest operators, to `path`."""
+    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
+    try:
+        idle = idle_summary(prof, steps)
+    except Exception as e:  # a diagnostic that breaks on another torch must not lose the measured row
+        idle = f"idle summary failed: {e!r}"
+    path.write_text(title + kernel_summary(prof, steps, wall) + "\n\n" + idle + "\n\n" + table)
 
 
 def run_train_config(name: str, values: dict, model_path: Path, steps: int, warmup: int, tiny: bool,
@@ -730,8 +742,9 @@ def start_server(chat, cfg):
 
 
 def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
-              partial: Path | None = None, penalty: float = 1.0) -> list[dict]:
-    """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone."""
+              partial: Path | None = None, penalty: float = 1.0, profile: Path | None = None) -> list[dict]:
+    """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone. With
+    `profile`, the most clients once more under torch.profiler after the timed runs (profile_clients)."""
     import multiprocessing
     import threading
 
@@ -794,6 +807,8 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                 partial.write_text(json.dumps(rows, default=str))
         if rows and not stopped.is_set():
             rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading))
+        if profile is not None and rows and not stopped.is_set():
+            profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile)
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base and "long_prompt_tokens" not in r else None
@@ -839,6 +854,18 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
                   "long_prompt_tokens": tokens, "long_prompt_ttft_s": got[n]["ttft_s"],
                   "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record),
                   **memory(chat)}
+
+
+def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: str, profile: Path) -> None:
+    """The clients' questions streamed once more, all at once, under torch.profiler: where the GPU waited for the
+    host while the server admitted and streamed them (the engine's thread and the server's alike), to `profile`."""
+    sync()
+    with profiler(all_threads=True) as prof:  # the model runs on the generation thread
+        start = time.perf_counter()
+        pool.starmap(stream_completion, [(port, q, new_tokens, model) for q in asked], chunksize=1)
+        sync()
+        wall = time.perf_counter() - start
+    write_profile(prof, 1, wall, profile, f"{len(asked)} streaming clients, one run: ")
 
 
 def memory(chat) -> dict:
@@ -935,7 +962,8 @@ def child(args) -> int:
         result = [row]
     elif spec["kind"] == "serve":
         result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
-                           spec["new_tokens"], Path(spec["result"]), spec["penalty"])
+                           spec["new_tokens"], Path(spec["result"]), spec["penalty"],
+                           Path(spec["profile"]) if spec.get("profile") else None)
     else:
         result = run_generate(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["prompt_len"],
                               spec["new_tokens"], spec["batch"], spec["check_prompts"], Path(spec["result"]))
@@ -988,7 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", default=None,
                         help="epoch: compile-cache folder kept across runs (default: a new empty one, cold)")
     parser.add_argument("--profile", action="store_true",
-                        help="train: profile 2 steps after the timed ones (bench-train-<name>-profile.md beside --out)")
+                        help="train: profile 2 steps after the timed ones (bench-train-<name>-profile.md beside --out); "
+                        "serve: the most clients once more (bench-serve-<dtype>-profile.md)")
     parser.add_argument("--runs", type=int, default=1, help="epoch: runs per preset (with --cache: cold, then warm)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1],
                         help="epoch: data-parallel processes (GPUs) per run; more than 1 runs through accelerate "
@@ -1053,7 +1082,9 @@ def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: 
         logger.info("serving %s ...", dtype)
         rows += spawn({"kind": "serve", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
                        "clients": args.clients, "prompt_words": 12 if args.tiny else 40, "penalty": args.penalty,
-                       "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent)}, args.timeout)
+                       "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent),
+                       "profile": str(out.parent / f"bench-serve-{dtype}-profile.md") if args.profile else None},
+                      args.timeout)
     table = serve_table([r for r in rows if "error" not in r])
     table += "".join(f"\n{r['name']}: failed: {r['error']}" for r in rows if "error" in r)
     return rows, table

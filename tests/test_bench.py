@@ -81,7 +81,7 @@ def test_serving_bench_tiny(tmp_path):
     """Concurrent streaming clients over HTTP against the OpenAI-compatible routes: decoded together, each client's
     greedy text the same as alone (fp32)."""
     out = tmp_path / "serve.json"
-    run_script("bench.py", "serve", "--tiny", "--clients", "1", "4", "--out", str(out))
+    run_script("bench.py", "serve", "--tiny", "--clients", "1", "4", "--profile", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     rows, probe = rows[:-1], rows[-1]
     assert [r["clients"] for r in rows] == [1, 4] and not any("error" in r for r in rows)
@@ -110,6 +110,10 @@ def test_serving_bench_tiny(tmp_path):
     # fast path off, there is no warm-up)
     assert all(0 <= r["warm_up_s"] < r["load_and_warm_up_s"] for r in rows)
     assert "of which the warm-up" in (tmp_path / "bench-serve-fp32.log").read_text()
+    # --profile: the 4 clients once more under torch.profiler, which sees the model's products (addmm on the CPU)
+    # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
+    profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
+    assert profile.startswith("4 streaming clients, one run: ") and "aten::addmm" in profile
 
 
 def test_idle_summary_names_the_code_that_kept_the_device_waiting():
