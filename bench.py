@@ -1016,8 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", default=None,
                         help="epoch: compile-cache folder kept across runs (default: a new empty one, cold)")
     parser.add_argument("--profile", action="store_true",
-                        help="train: profile 2 steps after the timed ones (bench-train-<name>-profile.md beside --out); "
-                        "serve: the most clients once more (bench-serve-<dtype>-profile.md)")
+                        help="train: profile 2 steps after the timed ones (bench-train-<name>-profile.md beside "
+                        "--out); serve: the most clients once more (bench-serve-<dtype>-profile.md)")
     parser.add_argument("--runs", type=int, default=1, help="epoch: runs per preset (with --cache: cold, then warm)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1],
                         help="epoch: data-parallel processes (GPUs) per run; more than 1 runs through accelerate "
