@@ -29,6 +29,7 @@ import gc
 import logging
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -285,32 +286,38 @@ class ChatModel:
         word = len(self.tokenizer(" Hello", add_special_tokens=False).input_ids)
         words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
         question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
-        for rows in reversed(batcher.shapes):
-            for first, settings in self._warm_up_runs(rows, ids, question, gen):
-                answers = [self.start(first, settings)]
-                if rows > 1:
-                    next(iter(answers[0]), None)  # running: the others join it
-                    answers += [self.start(question, settings) for _ in range(rows - 1)]
-                for answer in answers:
-                    for _ in answer:
-                        pass
+        runs = [(rows, *run) for rows in reversed(batcher.shapes)
+                for run in self._warm_up_runs(rows, ids, question, gen)]
+        began = time.perf_counter()
+        for i, (rows, first, settings, slots) in enumerate(runs, 1):
+            # each compiles a shape: the person starting the server sees where the minutes go
+            logger.info("warm-up %d of %d: %d answer(s) together%s", i, len(runs), rows,
+                        f", rows of {slots} slots" if slots else "")
+            answers = [self.start(first, settings)]
+            if rows > 1:
+                next(iter(answers[0]), None)  # running: the others join it
+                answers += [self.start(question, settings) for _ in range(rows - 1)]
+            for answer in answers:
+                for _ in answer:
+                    pass
+        logger.info("warm-up done in %.0f s", time.perf_counter() - began)
 
     def _warm_up_runs(self, rows: int, ids: list[int], question: list[int], gen: GenerationSettings
-                      ) -> list[tuple[list[int], GenerationSettings]]:
-        """What warm_up runs for the `rows`-row shape: the first answer's prompt and everyone's settings, once for
-        each row length the shape is compiled at. Sized by need: the usual length (a short prompt +
-        gen.max_new_tokens), where the GPU's memory holds the shape. Fixed lengths: each one, whatever
-        max_new_tokens a request asks for; answers as long as fit it, the first one's prompt long enough to need
-        more than the shorter length. Nothing for a shape the GPU's memory cannot hold (it is never run)."""
+                      ) -> list[tuple[list[int], GenerationSettings, int | None]]:
+        """What warm_up runs for the `rows`-row shape: the first answer's prompt, everyone's settings and the row
+        length where it is fixed, once for each row length the shape is compiled at. Sized by need: the usual length
+        (a short prompt + gen.max_new_tokens), where the GPU's memory holds the shape. Fixed lengths: each one,
+        whatever max_new_tokens a request asks for; answers as long as fit it, the first one's prompt long enough to
+        need more than the shorter length. Nothing for a shape the GPU's memory cannot hold (it is never run)."""
         batcher = self.batcher
         if batcher.lengths is None:
             holds = rows == 1 or batcher.holds(rows, len(question) + gen.max_new_tokens)
-            return [(ids, gen)] if holds else []
+            return [(ids, gen, None)] if holds else []
         runs = []
         for shorter, length in zip((0,) + batcher.lengths[rows], batcher.lengths[rows]):
             new = max(1, min(gen.max_new_tokens, length - len(question)))
             first = ids if len(ids) + new > shorter else (question * length)[:shorter + 1 - new]
-            runs.append((first, replace(gen, max_new_tokens=new)))
+            runs.append((first, replace(gen, max_new_tokens=new), length))
         return runs
 
     def save_merged(self, out_dir: str | Path) -> Path:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import re
 import threading
 import time
 
@@ -120,7 +122,8 @@ def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch)
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("server_max_new_tokens", [40, 600])
-def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokenizer, device, server_max_new_tokens):
+def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokenizer, device, server_max_new_tokens,
+                                                                          caplog):
     """The compiled engine (the GPU's; on the CPU too) compiles each batch shape at load, at each of its row lengths
     (the context window, or as long as the KV budget lets; up to 8 rows also 512), whatever max_new_tokens the
     server's settings give the warm-up: the history of a long conversation (~560 tokens) that arrives while three
@@ -138,7 +141,13 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokeni
     torch._dynamo.reset()  # what other tests compiled would otherwise serve this engine's shapes
     chat = ChatModel(copy.deepcopy(model), tokenizer, fast=True, batch_slots=8)
     assert chat.batcher.lengths == {1: (512, 2048), 8: (512, 2048)}
-    chat.warm_up(dataclasses.replace(gen, max_new_tokens=server_max_new_tokens))
+    with caplog.at_level(logging.INFO, logger="inference"):
+        chat.warm_up(dataclasses.replace(gen, max_new_tokens=server_max_new_tokens))
+    # the person starting the server sees each shape's compile begin (minutes in all on a GPU), then the total
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up")]
+    assert progress[:4] == [f"warm-up {i} of 4: {rows} answer(s) together, rows of {slots} slots" for i, (rows, slots)
+                            in enumerate([(8, 512), (8, 2048), (1, 512), (1, 2048)], 1)]
+    assert len(progress) == 5 and re.fullmatch(r"warm-up done in \d+ s", progress[4])
     compiled = counters["stats"]["unique_graphs"]
     short = start_all(chat, conversations[:3], gen)
     next(iter(short[0]))  # being written when the long conversation arrives
