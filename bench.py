@@ -750,7 +750,9 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
 
     from inference import load_model_folder
 
-    cfg = serving_config(dtype, torch.cuda.is_available(), ("--inference.batch_slots", str(max(clients)),
+    # inference.batch_slots as `python app.py` chooses it with no batching settings (64 on a GPU: README's table of
+    # what its memory holds); the queue holds every client beyond them
+    cfg = serving_config(dtype, torch.cuda.is_available(), ("--app.max_queue", str(max(clients)),
                                                             "--generation.max_new_tokens", str(new_tokens),
                                                             "--generation.repetition_penalty", str(penalty)))
     t0 = time.perf_counter()
@@ -869,9 +871,9 @@ def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: s
 
 
 def memory(chat) -> dict:
-    """The KV cache the engine holds and the process's peak GPU memory so far (GiB; 0 on the CPU)."""
+    """The KV cache the engine holds, the process's peak GPU memory so far (GiB; 0 on the CPU) and the slots."""
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    return {"kv_cache_gib": chat.batcher.kv_bytes / 2**30, "peak_gib": peak}
+    return {"kv_cache_gib": chat.batcher.kv_bytes / 2**30, "peak_gib": peak, "batch_slots": chat.batch_slots}
 
 
 def static_batch(chat, asked: list[str], new_tokens: int) -> dict:

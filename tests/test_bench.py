@@ -110,6 +110,8 @@ def test_serving_bench_tiny(tmp_path):
     # fast path off, there is no warm-up)
     assert all(0 <= r["warm_up_s"] < r["load_and_warm_up_s"] for r in rows)
     assert "of which the warm-up" in (tmp_path / "bench-serve-fp32.log").read_text()
+    # the server as `python app.py` sets it up with no batching settings: the slots it chooses (8 on the CPU)
+    assert all(r["batch_slots"] == 8 for r in rows)
     # --profile: the 4 clients once more under torch.profiler, which sees the model's products (addmm on the CPU)
     # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
     profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
