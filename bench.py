@@ -721,6 +721,22 @@ def napping_pid(_) -> int:
     return os.getpid()
 
 
+def load_for_serving(model_path: Path, cfg, tiny: bool):
+    """The model loaded and warmed up as the app does; returns it and the seconds both took and the warm-up alone."""
+    from inference import load_model_folder
+    t0 = time.perf_counter()
+    chat = load_model_folder(str(model_path), cfg)
+    if not tiny:
+        # The random Phi-2 speaks with the tiny tokenizer (822 tokens): its other 50k ids would decode to no text at
+        # all. Ruling them out costs nothing (all 51,200 logits are still computed) and gives clients text to stream.
+        chat.model.lm_head.bias.data[len(chat.tokenizer):] = -1e4
+    warm = time.perf_counter()
+    chat.warm_up(cfg.generation)
+    load_s, warm_s = time.perf_counter() - t0, time.perf_counter() - warm
+    logging.info("loaded in %.1f s, of which the warm-up %.1f s", load_s, warm_s)
+    return chat, {"load_and_warm_up_s": load_s, "warm_up_s": warm_s}
+
+
 def start_server(chat, cfg):
     """openai_api's routes for `chat` under uvicorn on a free local port, in a thread; returns (server, thread, port)
     once it answers."""
@@ -748,24 +764,12 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     import multiprocessing
     import threading
 
-    from inference import load_model_folder
-
     # inference.batch_slots as `python app.py` chooses it with no batching settings (64 on a GPU: README's table of
     # what its memory holds); the queue holds every client beyond them
     cfg = serving_config(dtype, torch.cuda.is_available(), ("--app.max_queue", str(max(clients)),
                                                             "--generation.max_new_tokens", str(new_tokens),
                                                             "--generation.repetition_penalty", str(penalty)))
-    t0 = time.perf_counter()
-    chat = load_model_folder(str(model_path), cfg)
-    if not tiny:
-        # The random Phi-2 speaks with the tiny tokenizer (822 tokens): its other 50k ids would decode to no text at
-        # all. Ruling them out costs nothing (all 51,200 logits are still computed) and gives clients text to stream.
-        chat.model.lm_head.bias.data[len(chat.tokenizer):] = -1e4
-    warm = time.perf_counter()
-    chat.warm_up(cfg.generation)
-    load_s, warm_s = time.perf_counter() - t0, time.perf_counter() - warm
-    logging.info("loaded in %.1f s, of which the warm-up %.1f s", load_s, warm_s)
-    loading = {"load_and_warm_up_s": load_s, "warm_up_s": warm_s}
+    chat, loading = load_for_serving(model_path, cfg, tiny)
     server, serving, port = start_server(chat, cfg)
     asked = questions(max(clients), prompt_words)
     alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; warms every shape
