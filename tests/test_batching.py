@@ -155,11 +155,12 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokeni
     assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
     assert len(chat.prompt_ids(history, 40)[0]) > 512 and chat.batcher.most_rows >= 2
     assert counters["stats"]["unique_graphs"] == compiled, chat.batcher.record
-    # where the time went (bench.py serve's columns): on a GPU, its seconds for each shape's steps
+    # where the time went (bench.py serve's columns): each pass's wait for the GPU at its end and, on a GPU, its
+    # seconds for each shape's steps
     record = chat.batcher.record
     stepped = {k.removeprefix("steps at ") for k in record if k.startswith("steps at ")}
     timed = {k.removeprefix("gpu s at ") for k in record if k.startswith("gpu s at ") and record[k] > 0}
-    assert timed == (stepped if device == "cuda" else set()) and record["prefill_wait_s"] >= 0
+    assert timed == (stepped if device == "cuda" else set()) and "prefill_wait_s" in record
 
 
 def test_each_batch_shape_has_row_lengths_fixed_at_load_within_the_kv_budget(chat_model):
