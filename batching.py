@@ -497,9 +497,9 @@ class BatchDecoder:
         self.record.update(prefill_passes=1, prompts=len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         issued = time.perf_counter()
-        first = first.tolist()  # one wait for the GPU for the whole group
+        tokens = first.tolist()  # one wait for the GPU for the whole group
         self.record["prefill_wait_s"] += time.perf_counter() - issued
-        for answer, token in zip(group, first):
+        for answer, token in zip(group, tokens):
             self._take(answer, [token])
 
     def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
