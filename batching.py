@@ -155,8 +155,14 @@ class BatchDecoder:
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # Prompts prefilled together: one graph for any number (2+) and length of them, and one for a prompt alone
+            # too long for a prefill graph, both compiled at the warm-up (ChatModel.warm_up). The host issuing the
+            # eager pass (~1,241 launches) was its bound: admitting 64 users took 0.341 s eager, 0.231 compiled
+            # (docs/PERFORMANCE.md)
+            self.group_prefill = torch.compile(self._group_prefill, dynamic=True)
         else:
             self.step = model
+            self.group_prefill = self._group_prefill
         self.device = model.device
         # The host looks at new tokens (and admits new answers) every CHECK_EVERY steps on the compiled path, which
         # must not wait for the GPU each token; eager steps (the CPU) wait anyway, so there it streams every token.
@@ -443,8 +449,9 @@ class BatchDecoder:
     def _prefill(self, group: list[_Answer]) -> None:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
         prompt's tokens from seeing the padding after them, so each row computes what it computes alone), copy each
-        one's keys and values into a free row of the shared cache, from its slot 0, and choose its first
-        token. One prompt alone is a prefill graph's pass (padded further to its bucket), several an eager one."""
+        one's keys and values into a free row of the shared cache, from its slot 0, and choose its first token. One
+        prompt alone is a prefill graph's pass (padded further to its bucket), several (or one too long for a graph)
+        a pass of group_prefill, compiled on the fast path."""
         lengths = [len(a.ids) for a in group]
         ids = torch.full((len(group), max(lengths)), self.tokenizer.eos_token_id, dtype=torch.long)
         for i, answer in enumerate(group):
@@ -466,17 +473,15 @@ class BatchDecoder:
         if bucket is not None:
             graph = self.prefills[bucket]
             logits = graph(ids, write_at=0)  # (1, vocab)
-            scratch = graph.cache  # the prompt from slot 0
+            scratch = [(layer.keys, layer.values) for layer in graph.cache.layers]  # the prompt from slot 0
             self.record["graph_prefills"] += 1
         else:
-            last = torch.tensor(lengths, device=self.device)[:, None] - 1  # (prompts, 1): each one's last position
-            scratch = DynamicCache(config=self.model.config)
+            last = torch.tensor(lengths, device=self.device) - 1  # (prompts,): each one's last position
             with prefill_attention(self.device):
-                logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device)[None],
-                                    past_key_values=scratch, use_cache=True, logits_to_keep=last).logits[:, -1]
-        for source, target in zip(scratch.layers, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
-            target.keys[target_rows, :, slots] = source.keys[source_rows, :, slots]
-            target.values[target_rows, :, slots] = source.values[source_rows, :, slots]
+                logits, scratch = self.group_prefill(ids, last)
+        for (keys, values), target in zip(scratch, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
+            target.keys[target_rows, :, slots] = keys[source_rows, :, slots]
+            target.values[target_rows, :, slots] = values[source_rows, :, slots]
         # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to
         # best), then the prompts that sample choose theirs with generate()'s processors.
         best, token = logits.max(-1)  # (prompts,) each
@@ -501,6 +506,17 @@ class BatchDecoder:
         self.record["prefill_wait_s"] += time.perf_counter() - issued
         for answer, token in zip(group, tokens):
             self._take(answer, [token])
+
+    def _group_prefill(self, ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Right-padded prompts ids (prompts, length) through the model: the logits at each one's last position
+        `last` (prompts,) and every layer's (keys, values), (prompts, heads, length, head dim). The last positions are
+        gathered here, not by transformers' logits_to_keep, whose gather made a compiled graph hold the number of
+        prompts (docs/PERFORMANCE.md)."""
+        scratch = DynamicCache(config=self.model.config)
+        hidden = self.model.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
+                                  past_key_values=scratch, use_cache=True).last_hidden_state
+        logits = self.model.lm_head(hidden[torch.arange(ids.shape[0], device=ids.device), last])
+        return logits, [(layer.keys, layer.values) for layer in scratch.layers]
 
     def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next token of one answer from its logits (1, vocab), as generate() would choose it, and whether its

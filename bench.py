@@ -76,6 +76,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -740,7 +741,6 @@ def load_for_serving(model_path: Path, cfg, tiny: bool):
 def start_server(chat, cfg):
     """openai_api's routes for `chat` under uvicorn on a free local port, in a thread; returns (server, thread, port)
     once it answers."""
-    import threading
 
     import uvicorn
     from fastapi import FastAPI
@@ -757,12 +757,42 @@ def start_server(chat, cfg):
     return server, serving, port
 
 
+class HostTime:
+    """Where a serve run's host time went: CPU seconds of the engine's thread (the generation thread: admitting and
+    decoding), of the HTTP server's thread (its event loop: parsing requests, templates, streaming), of the rest of
+    the process, and graphs compiled, from start() to spent(). The engine and the server share one interpreter: where
+    their seconds add up to more than the wall, they waited for each other (the GIL)."""
+
+    def __init__(self, chat, server_thread):
+        from inference import generation_thread
+        self.threads = (generation_thread().submit(threading.get_ident).result(), server_thread.ident)
+        self.began = self._read()
+
+    @staticmethod
+    def _compiled() -> int:
+        from torch._dynamo.utils import counters
+        return counters["stats"]["unique_graphs"]
+
+    def _read(self) -> tuple[float, ...]:
+        return (*(time.clock_gettime(time.pthread_getcpuclockid(t)) for t in self.threads), time.process_time(),
+                self._compiled())
+
+    def start(self) -> None:
+        self.began = self._read()
+
+    def spent(self, run: str) -> dict:
+        engine, server, process, compiled = (b - a for a, b in zip(self.began, self._read()))
+        if compiled:
+            logging.warning("%d graph(s) compiled during the %s run: its figures include compiling", compiled, run)
+        return {"engine_cpu_s": engine, "server_cpu_s": server, "other_cpu_s": process - engine - server,
+                "compiled_while_serving": compiled}
+
+
 def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
               partial: Path | None = None, penalty: float = 1.0, profile: Path | None = None) -> list[dict]:
     """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone. With
     `profile`, the most clients once more under torch.profiler after the timed runs (profile_clients)."""
     import multiprocessing
-    import threading
 
     # inference.batch_slots as `python app.py` chooses it with no batching settings (64 on a GPU: README's table of
     # what its memory holds); the queue holds every client beyond them
@@ -794,9 +824,11 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         while len(set(pool.map(napping_pid, range(2 * processes), chunksize=1))) < processes:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{processes} client processes did not all start within 300 s")
+        host = HostTime(chat, serving)
         for n in clients:
             chat.batcher.most_rows = 0
             chat.batcher.record.clear()
+            host.start()
             start = time.perf_counter()
             try:
                 got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name) for q in asked[:n]],
@@ -808,11 +840,11 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                 break
             wall = time.perf_counter() - start
             rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, loading)
-                        | {"decoder": dict(chat.batcher.record)} | memory(chat))
+                        | {"decoder": dict(chat.batcher.record)} | host.spent(f"{n}-client") | memory(chat))
             if partial is not None:
                 partial.write_text(json.dumps(rows, default=str))
         if rows and not stopped.is_set():
-            rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading))
+            rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading, host))
         if profile is not None and rows and not stopped.is_set():
             profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile)
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
@@ -833,7 +865,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
 
 
 def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, rows: list[dict], alone: list[dict],
-                      dtype: str, loading: dict) -> dict:
+                      dtype: str, loading: dict, host: HostTime) -> dict:
     """Up to 8 answers streaming, and a prompt of ~1,000 tokens (what the context leaves, on the tiny model) that
     arrives halfway through them: the longest wait between two pieces of a running answer (its stall while the long
     prompt is prefilled), against the same clients' longest wait without it (the row of that many clients)."""
@@ -851,6 +883,7 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
     tokens = len(chat.prompt_ids([{"role": "user", "content": long_question}], new_tokens)[0])
     chat.batcher.most_rows = 0
     chat.batcher.record.clear()
+    host.start()
     start = time.perf_counter()
     got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name, 0.0) for q in asked[:n]]
                        + [(port, long_question, new_tokens, chat.name, delay)], chunksize=1)
@@ -859,7 +892,7 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
     return row | {"name": f"{dtype} {n} client(s) + a {tokens}-token prompt at {delay:.2f} s",
                   "long_prompt_tokens": tokens, "long_prompt_ttft_s": got[n]["ttft_s"],
                   "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record),
-                  **memory(chat)}
+                  **host.spent("long prompt's"), **memory(chat)}
 
 
 def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: str, profile: Path) -> None:
@@ -911,9 +944,9 @@ def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: floa
 def serve_table(rows: list[dict]) -> str:
     lines = ["| clients | aggregate tok/s | x one client | per-client tok/s | first token median / max (s) | "
              "longest wait between pieces (s) | decoded together | same text as alone | prefill passes (prompts) | "
-             "admitting (s) (of it waiting for the GPU) | GPU ms a step by shape | answers a step | x static batch | "
-             "KV cache / peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "admitting (s) (of it waiting for the GPU) | GPU ms a step by shape | answers a step | "
+             "CPU s: engine / server / rest (wall) | x static batch | KV cache / peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         d = r.get("decoder", {})
         lines.append(f"| {r['name']} | {r['aggregate_tok_s']:,.0f} | {r['speedup_vs_1'] or float('nan'):.2f} | "
@@ -921,13 +954,21 @@ def serve_table(rows: list[dict]) -> str:
                      f"{r['max_gap_s']:.3f} | {r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} | "
                      f"{d.get('prefill_passes', 0)} ({d.get('prompts', 0)}) | {d.get('admit_s', 0.0):.3f} "
                      f"({d.get('prefill_wait_s', 0.0):.3f}) | {step_ms(d)} | "
-                     f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} | "
+                     f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} | {cpu_split(r)} | "
                      f"{r.get('x_static_batch', float('nan')):.2f} | "
                      f"{r.get('kv_cache_gib', float('nan')):.2f} / {r.get('peak_gib', float('nan')):.1f} |")
     statics = {r["name"].split()[0]: r["static_batch"] for r in rows if "static_batch" in r}
     lines += [f"{dtype} static batch of {s['rows']} (the same questions and model, ChatModel.generate_ids): "
               f"{s['tok_s']:,.0f} tok/s" for dtype, s in statics.items()]
     return "\n".join(lines)
+
+
+def cpu_split(row: dict) -> str:
+    """A serve row's CPU seconds by thread (HostTime) and its clients' wall, "-" for a row without them."""
+    if "engine_cpu_s" not in row:
+        return "-"
+    wall = sum(row["completion_tokens"]) / row["aggregate_tok_s"]
+    return f"{row['engine_cpu_s']:.2f} / {row['server_cpu_s']:.2f} / {row['other_cpu_s']:.2f} ({wall:.2f})"
 
 
 def step_ms(decoder: dict) -> str:

@@ -43,7 +43,7 @@ from adapter_utils import AdapterError, check_adapter_base, check_adapter_fits, 
 from config import Config, GenerationSettings, InferenceConfig, parse_config
 from data_utils import HUMAN, Message, PromptTooLong, encode_prompt
 from batching import ROW_BUCKETS, BatchDecoder
-from decoding import FastDecoder, penalty_processors
+from decoding import PREFILL_BUCKETS, FastDecoder, penalty_processors
 from model_utils import DTYPE_NAMES, ModelLoadError, load_model, load_tokenizer, readable_by_transformers_4
 from phi_layers import kv_budget_for, kv_bytes_per_token
 
@@ -265,11 +265,12 @@ class ChatModel:
 
     def warm_up(self, gen: GenerationSettings) -> None:
         """Compile the fast path at load in every batch shape (one user; up to batch_slots at once:
-        BatchDecoder.shapes), capture the prefill graphs of users' prompts, and run once what a burst of users costs
-        (several prompts joining a running answer: one eager prefill of them all), so the first users do not wait
-        for any of it. Where the shapes' row lengths are fixed (BatchDecoder.lengths: GPUs with the Triton kernels)
-        nothing is compiled after this; elsewhere this compiles the usual length (a short prompt + max_new_tokens),
-        and longer chats compile a longer one (at most 2 more per shape) when they first occur."""
+        BatchDecoder.shapes), capture the prefill graphs of users' prompts, and run once what a burst of users
+        costs (several prompts joining a running answer: one compiled prefill of them all) and a prompt alone
+        too long for a prefill graph (the same prefill for one prompt), so the first users do not wait for any
+        of it. Where the shapes' row lengths are fixed (BatchDecoder.lengths: GPUs with the Triton kernels)
+        nothing is compiled after this; elsewhere this compiles the usual length (a short prompt +
+        max_new_tokens), and longer chats compile a longer one (at most 2 more per shape) when they first occur."""
         if not self.fast:
             return
         batcher = self.batcher
@@ -280,19 +281,26 @@ class ChatModel:
         ids, _ = self.prompt_ids([{"role": "user", "content": "Hello"}], gen.max_new_tokens)
         # Largest shape first, so the KV buffers are allocated once and the smaller shapes' caches view them. For
         # each shape of several rows, one answer running, then the rest of that shape's users at once, with
-        # questions of a usual length (~64 tokens): the shape's step, the move to its cache and the eager prefill
-        # of several prompts (the first such prefill of a process cost more than later ones: docs/PERFORMANCE.md);
-        # then one answer alone, the one-row shape.
+        # questions of a usual length (~64 tokens): the shape's step, the move to its cache and the prefill of
+        # several prompts (its compile; eager, the first such prefill of a process cost more than later ones:
+        # docs/PERFORMANCE.md); then one answer alone, the one-row shape.
         word = len(self.tokenizer(" Hello", add_special_tokens=False).input_ids)
         words = "Hello" + " Hello" * max(0, (64 - len(ids)) // max(word, 1))
         question, _ = self.prompt_ids([{"role": "user", "content": words}], gen.max_new_tokens)
-        runs = [(rows, *run) for rows in reversed(batcher.shapes)
+        runs = [(rows, *run, "") for rows in reversed(batcher.shapes)
                 for run in self._warm_up_runs(rows, ids, question, gen)]
+        # A prompt alone longer than the largest prefill graph takes goes through the compiled prefill of prompts,
+        # which compiles a graph of its own for one prompt: a prompt one token longer, and one new token
+        longest = PREFILL_BUCKETS[-1] + 1
+        if batcher.prefill_graphs and longest < self.context_window:
+            runs.append((1, (question * longest)[:longest], replace(gen, max_new_tokens=1),
+                         batcher.lengths[1][-1] if batcher.lengths else None,
+                         f", a prompt of {longest} tokens (longer than a prefill graph takes)"))
         began = time.perf_counter()
-        for i, (rows, first, settings, slots) in enumerate(runs, 1):
+        for i, (rows, first, settings, slots, note) in enumerate(runs, 1):
             # each compiles a shape: the person starting the server sees where the minutes go
-            logger.info("warm-up %d of %d: %d answer(s) together%s", i, len(runs), rows,
-                        f", rows of {slots} slots" if slots else "")
+            logger.info("warm-up %d of %d: %d answer(s) together%s%s", i, len(runs), rows,
+                        f", rows of {slots} slots" if slots else "", note)
             answers = [self.start(first, settings)]
             if rows > 1:
                 next(iter(answers[0]), None)  # running: the others join it

@@ -27,26 +27,34 @@ ARGMAX = GenerationSettings(max_new_tokens=40, temperature=0.0, repetition_penal
 
 
 class ScriptedPhi(PhiForCausalLM):
-    """A real PhiForCausalLM whose next token follows a script, to drive transformers' generate loop."""
+    """A real PhiForCausalLM whose next token follows a script, to drive transformers' generate loop and the engines.
+    The script is forced where every pass goes, whether through forward or the layers and lm_head on their own (a
+    group prefill): the layers' pass is counted and timed, and lm_head's scores replaced."""
 
     script: list[int] = []
     prompt_len = 0
-    calls = 0  # forward passes of all instances (plain path: one per generated token)
-    delay = 0.0  # seconds per forward: a model slow enough for a person to press Stop while it writes
+    calls = 0  # passes of all instances (plain path: one per generated token)
+    delay = 0.0  # seconds per pass: a model slow enough for a person to press Stop while it writes
 
-    def forward(self, input_ids=None, past_key_values=None, position_ids=None, **kwargs):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.register_forward_pre_hook(self._passing, with_kwargs=True)
+        self.lm_head.register_forward_hook(self._forced)
+        self.step = 0
+
+    def _passing(self, module, args, kwargs):
         type(self).calls += 1
         time.sleep(self.delay)
-        out = super().forward(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids,
-                              **kwargs)
         # tokens generated before this one, by the position of the last input (BatchDecoder's cache has no one
         # length: each row has its own)
-        last = past_key_values.get_seq_length() - 1 if position_ids is None else int(position_ids[0, -1])
-        step = last + 1 - self.prompt_len
-        forced = torch.full_like(out.logits[:, -1], -1e9)
-        forced[:, self.script[min(step, len(self.script) - 1)]] = 0
-        out.logits[:, -1] = forced
-        return out
+        position_ids, cache = kwargs.get("position_ids"), kwargs.get("past_key_values")
+        last = cache.get_seq_length() - 1 if position_ids is None else int(position_ids[0, -1])
+        self.step = last + 1 - self.prompt_len
+
+    def _forced(self, module, args, scores):
+        forced = torch.full_like(scores, -1e9)
+        forced[..., self.script[min(self.step, len(self.script) - 1)]] = 0
+        return forced
 
 
 def scripted(tokenizer, text: str, tail: list[int] | None = None, fast: bool = False
@@ -61,17 +69,20 @@ def scripted(tokenizer, text: str, tail: list[int] | None = None, fast: bool = F
 
 class TiedPhi(PhiForCausalLM):
     """A real PhiForCausalLM whose every next-token distribution is a near tie: `top` at logit 1.0, `runner_up` at
-    0.95, all else far below. A repetition penalty of 1.1 on `top` (1.0 / 1.1 = 0.91) flips the choice."""
+    0.95, all else far below (lm_head's scores replaced, whatever calls it). A repetition penalty of 1.1 on `top`
+    (1.0 / 1.1 = 0.91) flips the choice."""
 
     top = 0
     runner_up = 1
 
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        forced = torch.full_like(out.logits[:, -1], -1e9)
-        forced[:, self.top], forced[:, self.runner_up] = 1.0, 0.95
-        out.logits[:, -1] = forced
-        return out
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head.register_forward_hook(self._tied)
+
+    def _tied(self, module, args, scores):
+        forced = torch.full_like(scores, -1e9)
+        forced[..., self.top], forced[..., self.runner_up] = 1.0, 0.95
+        return forced
 
 
 def tied(tokenizer, top: int, runner_up: int, fast: bool) -> ChatModel:

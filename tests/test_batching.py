@@ -127,33 +127,40 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokeni
     """The compiled engine (the GPU's; on the CPU too) compiles each batch shape at load, at each of its row lengths
     (the context window, or as long as the KV budget lets; up to 8 rows also 512), whatever max_new_tokens the
     server's settings give the warm-up: the history of a long conversation (~560 tokens) that arrives while three
-    short answers (40 tokens, as an API request may ask) are being written joins them, and nothing is compiled while
-    they are served (on a GPU a compile stops every answer for half a minute: docs/PERFORMANCE.md). Each answer is
-    the one it gets alone (fp32)."""
+    short answers (40 tokens, as an API request may ask) are being written joins them, and a longer one (~1,140
+    tokens, past the largest prefill graph's 1,024) that arrives alone is prefilled through the compiled prefill of
+    prompts, which takes it alone then; nothing is compiled while they are served (on a GPU a compile stops every
+    answer for half a minute: docs/PERFORMANCE.md). Each answer is the one it gets alone (fp32)."""
     from torch._dynamo.utils import counters
     model = AutoModelForCausalLM.from_pretrained(TINY).to(device).eval()
     model.config.max_position_embeddings = 2048  # Phi-2's window (the tiny model's 512 holds no such history)
     plain = ChatModel(model, tokenizer, fast=False)
     history = city_history(22) + [{"role": "user", "content": "What is the capital of Peru?"}]
-    conversations = TOGETHER[:3] + [history]
+    longer = city_history(44) + [{"role": "user", "content": "What is the capital of Peru?"}]
+    conversations = TOGETHER[:3] + [history, longer]
     gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
     alone = [plain.chat(c, gen) for c in conversations]
     torch._dynamo.reset()  # what other tests compiled would otherwise serve this engine's shapes
     chat = ChatModel(copy.deepcopy(model), tokenizer, fast=True, batch_slots=8)
+    chat.batcher.prefill_graphs = True  # as on a GPU: a prompt alone of up to 1,024 tokens takes its prefill graph
     assert chat.batcher.lengths == {1: (512, 2048), 8: (512, 2048)}
     with caplog.at_level(logging.INFO, logger="inference"):
         chat.warm_up(dataclasses.replace(gen, max_new_tokens=server_max_new_tokens))
     # the person starting the server sees each shape's compile begin (minutes in all on a GPU), then the total
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up")]
-    assert progress[:4] == [f"warm-up {i} of 4: {rows} answer(s) together, rows of {slots} slots" for i, (rows, slots)
-                            in enumerate([(8, 512), (8, 2048), (1, 512), (1, 2048)], 1)]
-    assert len(progress) == 5 and re.fullmatch(r"warm-up done in \d+ s", progress[4])
+    assert progress[:5] == [f"warm-up {i} of 5: {rows} answer(s) together, rows of {slots} slots" for i, (rows, slots)
+                            in enumerate([(8, 512), (8, 2048), (1, 512), (1, 2048)], 1)] + [
+        "warm-up 5 of 5: 1 answer(s) together, rows of 2048 slots, a prompt of 1025 tokens (longer than a prefill "
+        "graph takes)"]
+    assert len(progress) == 6 and re.fullmatch(r"warm-up done in \d+ s", progress[5])
     compiled = counters["stats"]["unique_graphs"]
     short = start_all(chat, conversations[:3], gen)
     next(iter(short[0]))  # being written when the long conversation arrives
-    replies = finish(short + start_all(chat, conversations[3:], gen))
+    replies = finish(short + start_all(chat, conversations[3:4], gen))
+    replies += finish(start_all(chat, conversations[4:], gen))
     assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
     assert len(chat.prompt_ids(history, 40)[0]) > 512 and chat.batcher.most_rows >= 2
+    assert len(chat.prompt_ids(longer, 40)[0]) > decoding.PREFILL_BUCKETS[-1]
     assert counters["stats"]["unique_graphs"] == compiled, chat.batcher.record
     # where the time went (bench.py serve's columns): each pass's wait for the GPU at its end and, on a GPU, its
     # seconds for each shape's steps
@@ -189,18 +196,19 @@ def test_questions_that_arrive_together_are_prefilled_together(chat_model):
     gen = GenerationSettings(max_new_tokens=24, temperature=0.0)
     alone = [chat.chat(c, gen) for c in TOGETHER[:5]]
     prefills, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
-    forward = chat.model.forward
+    layers = chat.model.model  # every pass goes through them (a group prefill calls them and lm_head itself)
+    forward = layers.forward
 
     def watched(*args, **kwargs):
         ids = kwargs["input_ids"]
         if ids.shape[1] > 1:
-            prefills.append(ids.shape[0])  # prompts in this forward pass
+            prefills.append(ids.shape[0])  # prompts in this pass
         elif hold.is_set():  # a decode step, held until the others have arrived
             inside.set()
             release.wait(30)
         return forward(*args, **kwargs)
 
-    chat.model.forward = watched
+    layers.forward = watched
     first = chat.start(chat.prompt_ids(TOGETHER[0], gen.max_new_tokens)[0], gen)
     next(iter(first))
     hold.set()
@@ -223,7 +231,7 @@ def test_running_answers_go_on_between_the_prefill_passes_of_a_burst(tokenizer, 
     ids = chat.prompt_ids(messages, 40)[0]
     monkeypatch.setattr(batching, "PREFILL_TOKENS", len(ids))
     calls, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
-    forward = chat.model.forward
+    forward = chat.model.model.forward
 
     def watched(*args, **kwargs):
         calls.append("prefill" if kwargs["input_ids"].shape[1] > 1 else "step")
@@ -232,7 +240,7 @@ def test_running_answers_go_on_between_the_prefill_passes_of_a_burst(tokenizer, 
             release.wait(30)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(chat.model, "forward", watched)
+    monkeypatch.setattr(chat.model.model, "forward", watched)
     running = chat.start(ids, GenerationSettings(max_new_tokens=40, temperature=0.0))
     next(iter(running))
     hold.set()
@@ -257,7 +265,7 @@ def test_a_prompt_that_joins_alone_prefilled_padded_to_its_bucket_keeps_its_answ
     gen = GenerationSettings(max_new_tokens=24, temperature=0.0)
     expected = chat_model.chat_batch(TOGETHER, gen, batch_size=1)  # transformers' generate, one at a time
     prefills, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
-    forward, step = chat.model.forward, batcher.step
+    forward, step = chat.model.model.forward, batcher.step
 
     def watched(*args, **kwargs):
         if kwargs["input_ids"].shape[1] > 1:
@@ -270,7 +278,7 @@ def test_a_prompt_that_joins_alone_prefilled_padded_to_its_bucket_keeps_its_answ
             release.wait(30)
         return step(*args, **kwargs)
 
-    chat.model.forward = watched
+    chat.model.model.forward = watched
     monkeypatch.setattr(batcher, "step", held_step)
     hold.set()
     first = chat.start(chat.prompt_ids(TOGETHER[0], gen.max_new_tokens)[0], gen)
@@ -325,14 +333,14 @@ def test_a_failed_prefill_fails_every_answer_it_was_admitting(tokenizer):
     chat, messages = endless(tokenizer, fast=False)
     gen = GenerationSettings(max_new_tokens=20, temperature=0.0)
     alone = chat.chat(messages, gen).text
-    forward = chat.model.forward
+    forward = chat.model.model.forward
 
     def failing(*args, **kwargs):
         if kwargs["input_ids"].shape[1] > 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(*args, **kwargs)
 
-    chat.model.forward = failing
+    chat.model.model.forward = failing
     answers = start_all(chat, [messages] * 3, gen)
     for answer in answers:
         errors = []
@@ -348,7 +356,7 @@ def test_a_failed_prefill_fails_every_answer_it_was_admitting(tokenizer):
         reader.start()
         reader.join(60)
         assert not reader.is_alive() and "out of memory" in str(errors[0])
-    chat.model.forward = forward
+    chat.model.model.forward = forward
     assert chat.chat(messages, gen).text == alone
 
 
@@ -357,7 +365,7 @@ def test_a_failed_step_fails_every_answer_it_held_and_the_next_answer_works(toke
     chat, messages = endless(tokenizer, fast=False)
     gen = GenerationSettings(max_new_tokens=40, temperature=0.0)
     alone = chat.chat(messages, gen).text
-    forward = chat.model.forward
+    forward = chat.model.model.forward
     calls = [0]
 
     def failing(*args, **kwargs):
@@ -366,7 +374,7 @@ def test_a_failed_step_fails_every_answer_it_held_and_the_next_answer_works(toke
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return forward(*args, **kwargs)
 
-    chat.model.forward = failing
+    chat.model.model.forward = failing
     answers = start_all(chat, [messages] * 3, gen)
     for answer in answers:
         with pytest.raises(RuntimeError, match="illegal memory access"):

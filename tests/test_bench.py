@@ -112,6 +112,13 @@ def test_serving_bench_tiny(tmp_path):
     assert "of which the warm-up" in (tmp_path / "bench-serve-fp32.log").read_text()
     # the server as `python app.py` sets it up with no batching settings: the slots it chooses (8 on the CPU)
     assert all(r["batch_slots"] == 8 for r in rows)
+    # where the host's time went in each run: the engine's thread decoded (CPU seconds, within the clients' wall),
+    # the server's thread parsed and streamed; nothing was compiled while they were served
+    for r in rows + [probe]:
+        wall = sum(r["completion_tokens"]) / r["aggregate_tok_s"]
+        assert 0 < r["engine_cpu_s"] < wall + 0.1 and 0 < r["server_cpu_s"] < wall + 0.1, r
+        assert r["compiled_while_serving"] == 0
+    assert "CPU s: engine / server / rest (wall)" in json.loads(out.read_text())["table"]
     # --profile: the 4 clients once more under torch.profiler, which sees the model's products (addmm on the CPU)
     # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
     profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
