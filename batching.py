@@ -41,6 +41,13 @@ def timed_event(device: torch.device) -> torch.cuda.Event | None:
     return event
 
 
+def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`values` (a list or a CPU tensor) on `device` without waiting for the GPU: on CUDA through pinned memory (a
+    copy from pageable memory first waits for every kernel queued, the decode chunk running included)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 class Busy(RuntimeError):
     """Every place in the queue is taken: the request is turned away now (HTTP 429) rather than waiting unbounded.
     retry_after: seconds after which a place is likely free."""
@@ -178,8 +185,9 @@ class BatchDecoder:
         self._kv_numel = 0
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (admit_s) and
-        # of it waiting for the GPU at a pass's end (prefill_wait_s: near 0 where the host issuing the pass is the
-        # bound), decode steps queued, answers in them (answer_steps / steps = rows), steps by shape and, on a GPU,
+        # of it waiting for the GPU at a pass's end (prefill_wait_s: for the chunk queued before the pass and the
+        # pass; near 0 where the host issuing them is the bound), decode steps queued, answers in them (answer_steps
+        # / steps = rows), steps by shape and, on a GPU,
         # the GPU's seconds for them ("gpu s at ..."), and the host's seconds waiting for a chunk (step_wait_s)
         self.record = Counter()
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
@@ -278,9 +286,15 @@ class BatchDecoder:
                         raise closed
                     self._free_cancelled()
                     # One prefill pass a boundary: the answers being written get a chunk between the passes of a
-                    # burst of arrivals, instead of waiting for all of them.
-                    if group := self._pick():
-                        self._flush()  # the layout may change: every queued token must be seen first
+                    # burst of arrivals, instead of waiting for all of them. Admitted while the last chunk queued
+                    # runs: what admitting issues follows it on the stream, and the host's work of admitting (the
+                    # bound of a pass) overlaps the GPU's steps instead of leaving it idle (docs/PERFORMANCE.md).
+                    # Where no row is free by what the host has seen, the chunk's ended answers may free one.
+                    group = self._pick()
+                    if not group and self._waiting and self._pending is not None:
+                        self._flush()
+                        group = self._pick()
+                    if group:
                         begun = time.perf_counter()
                         self._admit(group)
                         self.record["admit_s"] += time.perf_counter() - begun
@@ -366,7 +380,7 @@ class BatchDecoder:
         seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
         penalty = torch.ones(batch, device=self.device)
         if active:
-            n, src = len(active), torch.tensor(active, device=self.device)
+            n, src = len(active), on_device(active, self.device)
             held = max(self.rows[i].position for i in active) + 1
             for old, new in zip(self.cache.layers, cache.layers):
                 new.keys[:n, :, :held] = old.keys[src, :, :held]  # (a copy: the index gathers)
@@ -460,15 +474,14 @@ class BatchDecoder:
         # Every prompt's slots as index lists (prompt's row in the prefill's cache, row in the shared one, and the
         # slot, the same in both), for one gather and one scatter per tensor and layer below (a slice copy per
         # prompt, tensor and layer was slower, docs/PERFORMANCE.md), and each prompt's row, length, last slot and
-        # penalty, for one write of each below; sent before the prefill, while the GPU is idle (a copy from the
-        # host waits for it).
+        # penalty, for one write of each below; none of the copies waits for the chunk the GPU is running.
         sizes = torch.tensor(lengths)
         where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes), torch.tensor(rows).repeat_interleave(
             sizes), torch.cat([torch.arange(n) for n in lengths])])
-        ids, (source_rows, target_rows, slots) = ids.to(self.device), where.to(self.device)
-        rows_at, lengths_at, last_at = torch.tensor([rows, lengths, [a.last_slot for a in group]]).to(self.device)
+        ids, (source_rows, target_rows, slots) = on_device(ids, self.device), on_device(where, self.device)
+        rows_at, lengths_at, last_at = on_device([rows, lengths, [a.last_slot for a in group]], self.device)
         # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
-        penalties = torch.tensor([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group]).to(self.device)
+        penalties = on_device([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group], self.device)
         bucket = self.prefills.bucket(len(group), max(lengths)) if self.prefill_graphs else None
         if bucket is not None:
             graph = self.prefills[bucket]
@@ -476,7 +489,7 @@ class BatchDecoder:
             scratch = [(layer.keys, layer.values) for layer in graph.cache.layers]  # the prompt from slot 0
             self.record["graph_prefills"] += 1
         else:
-            last = torch.tensor(lengths, device=self.device) - 1  # (prompts,): each one's last position
+            last = on_device(lengths, self.device) - 1  # (prompts,): each one's last position
             with prefill_attention(self.device):
                 logits, scratch = self.group_prefill(ids, last)
         for (keys, values), target in zip(scratch, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
