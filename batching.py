@@ -186,9 +186,9 @@ class BatchDecoder:
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (admit_s) and
         # of it waiting for the GPU at a pass's end (prefill_wait_s: for the chunk queued before the pass and the
-        # pass; near 0 where the host issuing them is the bound), decode steps queued, answers in them (answer_steps
-        # / steps = rows), steps by shape and, on a GPU,
-        # the GPU's seconds for them ("gpu s at ..."), and the host's seconds waiting for a chunk (step_wait_s)
+        # pass; near 0 where the host issuing them is the bound), decode steps queued, answers in them
+        # (answer_steps / steps = rows), steps by shape and, on a GPU, the GPU's seconds for them ("gpu s at ..."),
+        # and the host's seconds waiting for a chunk (step_wait_s)
         self.record = Counter()
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
         # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).

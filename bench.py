@@ -78,6 +78,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -846,7 +847,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         if rows and not stopped.is_set():
             rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading, host))
         if profile is not None and rows and not stopped.is_set():
-            profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile)
+            profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile, host)
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base and "long_prompt_tokens" not in r else None
@@ -895,16 +896,63 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
                   **host.spent("long prompt's"), **memory(chat)}
 
 
-def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: str, profile: Path) -> None:
+def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: str, profile: Path,
+                    host: HostTime) -> None:
     """The clients' questions streamed once more, all at once, under torch.profiler: where the GPU waited for the
-    host while the server admitted and streamed them (the engine's thread and the server's alike), to `profile`."""
+    host while the server admitted and streamed them (the engine's thread and the server's alike), to `profile`;
+    then once more with the engine's and the server's Python stacks sampled (StackSampler), appended to it."""
+    requests = [(port, q, new_tokens, model) for q in asked]
     sync()
     with profiler(all_threads=True) as prof:  # the model runs on the generation thread
         start = time.perf_counter()
-        pool.starmap(stream_completion, [(port, q, new_tokens, model) for q in asked], chunksize=1)
+        pool.starmap(stream_completion, requests, chunksize=1)
         sync()
         wall = time.perf_counter() - start
     write_profile(prof, 1, wall, profile, f"{len(asked)} streaming clients, one run: ")
+    with StackSampler(dict(zip(("engine", "server"), host.threads))) as sampler:
+        pool.starmap(stream_completion, requests, chunksize=1)
+    with profile.open("a") as f:
+        f.write(f"\n\n{len(asked)} streaming clients once more, the threads' Python stacks sampled every "
+                f"{1000 * sampler.every:.0f} ms (innermost frame first; a thread in C code, a CUDA wait or the event "
+                f"loop's select, shows the Python line that called it):\n\n{sampler.table()}\n")
+
+
+class StackSampler:
+    """Where named threads spend their time, by their Python stacks: every `every` seconds, from a thread of its own,
+    the innermost `depth` frames of each (sys._current_frames), counted. The sampler takes the interpreter for a few
+    microseconds a sample."""
+
+    def __init__(self, threads: dict[str, int], every: float = 0.002, depth: int = 3):
+        self.threads, self.every, self.depth = threads, every, depth
+        self.counts = {name: Counter() for name in threads}
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StackSampler:
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._sampler.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            frames = sys._current_frames()
+            for name, ident in self.threads.items():
+                frame, where = frames.get(ident), []
+                while frame is not None and len(where) < self.depth:
+                    where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}")
+                    frame = frame.f_back
+                self.counts[name][" < ".join(where)] += 1
+
+    def table(self, top: int = 12) -> str:
+        lines = []
+        for name, counts in self.counts.items():
+            total = sum(counts.values())
+            lines += [f"| {name} thread: where ({total} samples) | share |", "| --- | --- |"]
+            lines += [f"| {where} | {n / total:.1%} |" for where, n in counts.most_common(top)] + [""]
+        return "\n".join(lines)
 
 
 def memory(chat) -> dict:

@@ -123,6 +123,12 @@ def test_serving_bench_tiny(tmp_path):
     # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
     profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
     assert profile.startswith("4 streaming clients, one run: ") and "aten::addmm" in profile
+    # and once more with the engine's and the server's Python stacks sampled: where each thread's time went (the
+    # server's event loop among the server's)
+    sampled = profile[profile.index("4 streaming clients once more"):]
+    table = r"\| {} thread: where \((\d+) samples\) \| share \|\n\| --- \| --- \|\n((\|.*\n)+)"
+    engine, server = (re.search(table.format(name), sampled) for name in ("engine", "server"))
+    assert int(engine[1]) > 10 and int(server[1]) > 10 and "base_events.py" in server[2], sampled
 
 
 def test_idle_summary_names_the_code_that_kept_the_device_waiting():
