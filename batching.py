@@ -289,12 +289,9 @@ class BatchDecoder:
                     # burst of arrivals, instead of waiting for all of them. Admitted while the last chunk queued
                     # runs: what admitting issues follows it on the stream, and the host's work of admitting (the
                     # bound of a pass) overlaps the GPU's steps instead of leaving it idle (docs/PERFORMANCE.md).
-                    # Where no row is free by what the host has seen, the chunk's ended answers may free one.
-                    group = self._pick()
-                    if not group and self._waiting and self._pending is not None:
-                        self._flush()
-                        group = self._pick()
-                    if group:
+                    # Rows whose answers ended in that chunk are free at the next boundary, once the host has seen
+                    # it (waiting for it here would stall every chunk while the queue is full).
+                    if group := self._pick():
                         begun = time.perf_counter()
                         self._admit(group)
                         self.record["admit_s"] += time.perf_counter() - begun
