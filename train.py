@@ -710,6 +710,20 @@ def main(argv: list[str] | None = None) -> int:
         leave_process_group()
 
 
+def end_process(code: int) -> None:
+    """Exits with `code`. A rank of a distributed run (WORLD_SIZE > 1), its work saved and its process group left,
+    skips the interpreter's teardown: rank 1 of a two-process FSDP run that had left its group still died there with
+    SIGABRT ("terminate called without an active exception") after saving the adapter, and the launcher failed a
+    run that had succeeded (this repo's CI, 12-05: gloo's threads outlive destroy_process_group while anything still
+    holds the group)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def fine_tune(argv: list[str] | None) -> int:
     cfg, args = parse_config(argv, __doc__, extra=add_train_arguments)
     setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)  # set by accelerate launch / torchrun
@@ -768,4 +782,4 @@ def fine_tune(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

@@ -58,4 +58,4 @@ def recording_build_trainer(*args, **kwargs):
 train.build_trainer = recording_build_trainer
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    train.end_process(train.main())

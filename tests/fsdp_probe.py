@@ -69,4 +69,4 @@ if os.environ.get("KILL_AFTER_ROTATION_AT_STEP"):  # a kill -9 just after the Tr
     transformers.trainer.rotate_checkpoints = rotate_then_die
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    train.end_process(train.main())

@@ -21,6 +21,7 @@ import bench  # noqa: E402
 import training_plan  # noqa: E402
 from config import parse_config  # noqa: E402
 from model_utils import DeviceChoice  # noqa: E402
+from train import end_process  # noqa: E402
 from transformers import PhiConfig  # noqa: E402
 
 if __name__ == "__main__":
@@ -40,3 +41,4 @@ if __name__ == "__main__":
         # leaves it: left to interpreter exit a rank can die with SIGABRT (train.leave_process_group says why)
         if dist.is_initialized():
             dist.destroy_process_group()
+    end_process(0)  # without the interpreter's teardown, as train.py ends a distributed run
