@@ -742,7 +742,6 @@ def load_for_serving(model_path: Path, cfg, tiny: bool):
 def start_server(chat, cfg):
     """openai_api's routes for `chat` under uvicorn on a free local port, in a thread; returns (server, thread, port)
     once it answers."""
-
     import uvicorn
     from fastapi import FastAPI
 
@@ -764,7 +763,7 @@ class HostTime:
     the process, and graphs compiled, from start() to spent(). The engine and the server share one interpreter: where
     their seconds add up to more than the wall, they waited for each other (the GIL)."""
 
-    def __init__(self, chat, server_thread):
+    def __init__(self, server_thread: threading.Thread):
         from inference import generation_thread
         self.threads = (generation_thread().submit(threading.get_ident).result(), server_thread.ident)
         self.began = self._read()
@@ -825,7 +824,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         while len(set(pool.map(napping_pid, range(2 * processes), chunksize=1))) < processes:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{processes} client processes did not all start within 300 s")
-        host = HostTime(chat, serving)
+        host = HostTime(serving)
         for n in clients:
             chat.batcher.most_rows = 0
             chat.batcher.record.clear()
