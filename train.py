@@ -712,9 +712,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def end_process(code: int) -> None:
     """Exits with `code`. A rank of a distributed run (WORLD_SIZE > 1), its work saved and its process group left,
-    skips the interpreter's teardown: rank 1 of a two-process FSDP run that had left its group still died there with
-    SIGABRT ("terminate called without an active exception") after saving the adapter, and the launcher failed a
-    run that had succeeded (this repo's CI, 12-05: gloo's threads outlive destroy_process_group while anything still
+    skips the interpreter's teardown: there, a rank of a two-process FSDP run that had left its group could still die
+    with SIGABRT ("terminate called without an active exception") after the adapter was saved, and the launcher
+    failed a run that had succeeded (seen in CI; gloo's threads outlive destroy_process_group while anything still
     holds the group)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         logging.shutdown()
