@@ -41,10 +41,10 @@ def timed_event(device: torch.device) -> torch.cuda.Event | None:
     return event
 
 
-def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def on_device(values, device: torch.device) -> torch.Tensor:
     """`values` (a list or a CPU tensor) on `device` without waiting for the GPU: on CUDA through pinned memory (a
     copy from pageable memory first waits for every kernel queued, the decode chunk running included)."""
-    host = torch.as_tensor(values, dtype=dtype)
+    host = torch.as_tensor(values)
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 

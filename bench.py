@@ -13,7 +13,8 @@
     python bench.py serve --dtypes bf16 --clients 1 8   # concurrent streaming clients of the OpenAI-compatible API
     python bench.py serve --tiny               # the same on the tiny model on the CPU
     python bench.py serve --dtypes bf16 --penalty 1.1   # greedy with the app's default repetition penalty
-    python bench.py serve --dtypes bf16 --clients 64 --profile   # + the 64 clients once more under torch.profiler
+    python bench.py serve --dtypes bf16 --clients 64 --profile   # + the 64 clients once more under torch.profiler,
+                                                                 # and once more with Python stacks sampled
 
 Real Phi-2 weights cannot be downloaded here and speed does not depend on their values, so the model is randomly
 initialised with Phi-2's exact configuration and saved once, then loaded through the normal `from_pretrained` +
