@@ -32,6 +32,13 @@ ROW_BUCKETS = (1, 8, 16, 32, 64)
 SHORT_ROWS = 8  # shapes of up to this many rows keep 512-slot rows for short answers beside their long ones (__init__)
 
 
+def pool_slots(slots: int, window: int, kv_budget: int | None, per_token: int) -> int:
+    """Token slots of the KV pool of an engine of `slots` rows (BatchDecoder): every row's whole context window, or
+    what kv_budget bytes hold where that is less, and never less than one window (one answer alone always runs)."""
+    full = slots * window
+    return full if kv_budget is None else min(full, max(window, kv_budget // per_token))
+
+
 def timed_event(device: torch.device) -> torch.cuda.Event | None:
     """A CUDA event recorded now on the current stream, that times (None off CUDA)."""
     if device.type != "cuda":
@@ -81,6 +88,7 @@ class _Answer:
     new: list[int] = field(default_factory=list)  # tokens the host has seen
     queued: int = 0                           # decode steps queued on the device (the host sees them a chunk later)
     streamed: int = 0
+    base: int | None = None                   # its first slot in the engine's KV pool, where it has one
 
     @property
     def max_new_tokens(self) -> int:
@@ -103,6 +111,11 @@ class _Answer:
         return len(self.ids) + self.max_new_tokens - 1
 
     @property
+    def need(self) -> int:
+        """Cache slots it can fill: its prompt and every token it may be given."""
+        return self.last_slot + 1
+
+    @property
     def position(self) -> int:
         """The position of its next input token, the slot the next step writes, counting the steps queued on the
         device (as the device's pos, capped at last_slot): it has filled the slots before it."""
@@ -121,19 +134,25 @@ class BatchDecoder:
     to all rows at once). The host queues a chunk before it reads the previous one's tokens (one chunk behind the
     GPU, as FastDecoder), so a finished answer costs up to one chunk of wasted steps.
 
-    The cache: every row holds its prompt and answer from slot 0, each token at the slot of its position, and a
-    decode step writes each row's token at that row's own next slot (DecodeCache with rows_apart; the attention
-    mask, or decode_layout where the fused step reads a row's slots itself, says which slots a row reads): a row's
-    greedy answer is the one it gets alone (tested exactly in fp32 on the CPU), and a row that ends is free at once.
-    The batch runs the smallest of ROW_BUCKETS' shapes (up to `slots`) that holds its answers, its rows as long as
-    the shape's fixed `lengths` (compiled steps that read each row's own slots: each shape compiled at the warm-up)
-    or as the longest answer needs; a change of shape moves the rows (one block copy per layer).
+    The cache: every answer holds its prompt and answer in a run of slots of its own, each token at the slot of its
+    position, and a decode step writes each row's token at that row's own next slot (DecodeCache with rows_apart;
+    the attention mask, or decode_layout where the fused step reads a row's slots itself, says which slots a row
+    reads): a row's greedy answer is the one it gets alone (tested exactly in fp32 on the CPU), and a row that ends
+    is free at once. The batch runs the smallest of ROW_BUCKETS' shapes (up to `slots`) that holds its answers.
+    Where the compiled steps read each row's own slots (a GPU with the Triton kernels), the KV memory is one pool of
+    token slots allocated at load (pool_slots: every row's context, or what kv_budget holds) from which each answer
+    takes, while it runs, a run of exactly its prompt + max_new_tokens (first fit; where the free slots are
+    scattered, the answers' slots are moved together first), so 64 short chats take 64 short runs, not 64 context
+    windows; a shape's fixed `lengths` are then only how far its steps reach (each shape compiled at the warm-up),
+    and a change of shape moves no memory. Elsewhere (transformers' attention reads whole rows) each row is a
+    region of the batch's cache, as long as the longest answer needs, and a change of shape moves the rows (one
+    block copy per layer).
 
     Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order; past that, submit
     raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a row is free,
-    whatever the lengths of the answers running, as long as the batch's cache with it stays within `kv_budget`
-    bytes (on a GPU, what its memory holds); else it waits at the head of the queue until answers end (one answer
-    alone always runs).
+    whatever the lengths of the answers running, as long as its slots are free in the pool (or, without one, the
+    batch's cache with it stays within `kv_budget` bytes: on a GPU, what its memory holds); else it waits at the
+    head of the queue until answers end (one answer alone always runs).
 
     One request cannot fail another: what comes from a request (its settings, its sampling processors, its prompt)
     is checked and built in `submit`, in the caller's thread; in the loop, what is done for one answer (its sampled
@@ -153,12 +172,18 @@ class BatchDecoder:
         self.kv_budget, self.kv_per_token = kv_budget, kv_bytes_per_token(model.config, model.dtype)
         self.shapes = sorted({b for b in ROW_BUCKETS if b < slots} | {slots})  # batch shapes, rows
         self.fused = compiled and fuse_phi_layers(model)
-        # Row lengths (cache slots a row). Where the compiled steps read only each row's own slots, every batch
-        # shape's are fixed at load and compiled at the warm-up, so nothing compiles while serving (a compile stops
-        # every answer while it runs: docs/PERFORMANCE.md): _fixed_lengths. Elsewhere (eager steps; transformers'
-        # attention, which reads whole rows) rows are sized by need: a power of two from 512.
-        self.lengths = {rows: self._fixed_lengths(rows) for rows in self.shapes} \
-            if self.fused and reads_own_slots(model, slots) else None
+        # Where the compiled steps read only each row's own slots: the KV pool's token slots (its memory is taken at
+        # the first step, the warm-up's), and every batch shape's row lengths (how far a row's steps reach), fixed
+        # at load and compiled at the warm-up, so nothing compiles while serving (a compile stops every answer
+        # while it runs: docs/PERFORMANCE.md): _fixed_lengths. Elsewhere (eager steps; transformers' attention,
+        # which reads whole rows) rows are regions sized by need: a power of two from 512.
+        own = self.fused and reads_own_slots(model, slots)
+        self.pool = pool_slots(slots, context_window, kv_budget, self.kv_per_token) if own else None
+        self.lengths = {rows: self._fixed_lengths(rows) for rows in self.shapes} if own else None
+        if own:
+            logger.info("KV cache: one pool of %d tokens (%.1f GiB, taken at the first step), each answer taking its "
+                        "prompt + max_new_tokens of it while it runs", self.pool,
+                        (self.pool + 1) * self.kv_per_token / 2**30)
         if compiled:
             self.step = model.get_compiled_call(CompileConfig(dynamic=False))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -209,6 +234,8 @@ class BatchDecoder:
         # the last queued chunk, not yet looked at: (host tokens, its begin and ready events, its rows, its shape)
         self._pending = None
         self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
+        # the pool's free runs of slots (start, slots), in order; the slot after the pool is where free rows write
+        self._free = [(0, self.pool)] if self.pool is not None else []
 
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, ids: list[int], gen: GenerationSettings, sink, seed: int | None = None) -> _Answer:
@@ -312,13 +339,14 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------------------------------------------------
     def _fixed_lengths(self, rows: int) -> tuple[int, ...]:
-        """The row lengths of the `rows`-row shape where they are fixed (see __init__), shortest first; none where
-        the KV budget holds no such shape. One row always gets the context window (one answer alone always runs)."""
+        """The row lengths (the slots a row's steps reach) of the `rows`-row shape where they are fixed (see
+        __init__), shortest first: the context window, and 512 as well for shapes of up to SHORT_ROWS rows (a short
+        answer's faster step); none where the pool cannot hold more answers of 512 tokens than the next smaller
+        shape has rows (such a shape is not run). One row always gets the context window (one answer alone always
+        runs)."""
         length, short = self.context_window, min(512, self.context_window)
-        if rows > 1 and self.kv_budget is not None:
-            while length >= short and rows * length * self.kv_per_token > self.kv_budget:
-                length //= 2
-        if length < short:
+        smaller = max([r for r in self.shapes if r < rows], default=0)
+        if rows > 1 and (smaller + 1) * short > self.pool:
             return ()
         return (short, length) if rows <= SHORT_ROWS and length > short else (length,)
 
@@ -333,24 +361,27 @@ class BatchDecoder:
         return next(rows for rows in self.shapes if rows >= answers)
 
     def _cache_for(self, batch: int, size: int) -> DecodeCache:
-        """The (batch, size) cache: a view from the start of one keys and one values buffer a layer that every shape
-        shares, so the KV memory held is the largest shape used so far (64 short chats hold 64 short rows, not 64
-        context windows), and a compiled shape finds its cache where it was captured. A larger shape replaces the
-        buffers; the caches on the old ones are dropped (the current one lives until _relayout has moved its rows)."""
-        numel = batch * size * kv_width(self.model.config)
+        """The (batch, size) cache: a view of one keys and one values buffer a layer that every shape shares, and a
+        compiled shape finds its cache where it was captured. With the pool, the buffers are the pool (and the slot
+        after it), allocated once, and every shape's cache views all of it, `size` being how far its rows reach.
+        Without, the shape's rows are regions from the buffers' start, so the KV memory held is the largest shape
+        used so far; a larger shape replaces the buffers and the caches on the old ones are dropped (the current
+        one lives until _relayout has moved its rows)."""
+        numel = (self.pool + 1 if self.pool is not None else batch * size) * kv_width(self.model.config)
         if numel > self._kv_numel:
             self._kv = [tuple(torch.zeros(numel, dtype=self.model.dtype, device=self.device) for _ in range(2))
                         for _ in range(self.model.config.num_hidden_layers)]
             self._kv_numel, self._caches = numel, {}
         key = (batch, size)
         if key not in self._caches:
-            self._caches[key] = allocated(DecodeCache(self.model.config, size, self._kv, rows_apart=True), self.model,
-                                          batch)
+            self._caches[key] = allocated(DecodeCache(self.model.config, size, self._kv, rows_apart=True,
+                                                      pooled=self.pool is not None), self.model, batch)
         return self._caches[key]
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of KV cache the engine holds now (every shape's cache is a view of them)."""
+        """Bytes of KV cache the engine holds now (every shape's cache is a view of them; the pool's from the first
+        step)."""
         return sum(t.numel() * t.element_size() for pair in self._kv for t in pair)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -367,8 +398,8 @@ class BatchDecoder:
         self.executor().submit(capture).result()
 
     def _relayout(self, batch: int, size: int) -> None:
-        """Move the active rows to rows 0.. of the (batch, size) cache, each row's slots where they were (one block
-        copy per layer), and their state with them."""
+        """Move the active rows to rows 0.. of the (batch, size) cache, and their state with them: each row's slots
+        where they were (one block copy per layer), or with the pool, nothing (the rows' slots stay in it)."""
         active = [i for i, a in enumerate(self.rows) if a]
         cache = self._cache_for(batch, size)
         tok = torch.full((batch, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
@@ -379,7 +410,7 @@ class BatchDecoder:
         if active:
             n, src = len(active), on_device(active, self.device)
             held = max(self.rows[i].position for i in active) + 1
-            for old, new in zip(self.cache.layers, cache.layers):
+            for old, new in zip(self.cache.layers, cache.layers if self.pool is None else ()):
                 new.keys[:n, :, :held] = old.keys[src, :, :held]  # (a copy: the index gathers)
                 new.values[:n, :, :held] = old.values[src, :, :held]
             tok[:n], pos[:n], limit[:n], seen[:n], penalty[:n] = (
@@ -393,12 +424,17 @@ class BatchDecoder:
         self._place_rows()
 
     def _place_rows(self) -> None:
-        """Where the next decode step's rows sit (decode_layout): each row's slots from 0 up to its position, where
-        its next token goes; a free row reads slot 0. The cache's own writes read it, and so do the fused steps that
-        read a row's slots themselves (reads_own_slots); transformers' attention reads the mask."""
+        """Where the next decode step's rows sit (decode_layout): each row's slots from its first (its region's slot
+        0, or its answer's base in the pool) up to its position, where its next token goes; a free row reads one
+        slot (its region's first, or the one after the pool). The cache's own writes read it, and so do the fused
+        steps that read a row's slots themselves (reads_own_slots); transformers' attention reads the mask."""
         self.own_slots = self.fused and reads_own_slots(self.model, len(self.rows))
-        size = self.cache.layers[0].max_cache_len
-        self.layout = decode_layout(torch.zeros_like(self.pos[:, 0]), self.pos[:, 0] + 1, size)
+        if self.pool is not None:
+            starts = on_device([self.pool if a is None else a.base for a in self.rows], self.device)
+            self.layout = decode_layout(starts, self.pos[:, 0] + 1, 0)
+        else:
+            size = self.cache.layers[0].max_cache_len
+            self.layout = decode_layout(torch.zeros_like(self.pos[:, 0]), self.pos[:, 0] + 1, size)
         self.cache.place(self.layout)
 
     def _free_cancelled(self) -> None:
@@ -406,8 +442,14 @@ class BatchDecoder:
         never looked at)."""
         for row, answer in enumerate(self.rows):
             if answer is not None and answer.cancel.is_set():
-                self.rows[row] = None
+                self._vacate(row)
                 self._finish(answer)
+
+    def _vacate(self, row: int) -> None:
+        """Row `row` free, and its answer's slots of the pool."""
+        answer, self.rows[row] = self.rows[row], None
+        if self.pool is not None:
+            self._release(answer)
 
     def _pick(self) -> list[_Answer]:
         """The waiting answers that join at this boundary, in arrival order, as many as rows are free; the prompts
@@ -436,12 +478,16 @@ class BatchDecoder:
 
     def _fits(self, active: list[_Answer], joining: list[_Answer]) -> bool:
         """Whether the batch with `joining` holds every answer: in the shape _admit gives it (at least the rows, and
-        by need the length, the cache has while answers run)."""
-        rows, longest = self._rows_for(len(active) + len(joining)), max(a.last_slot + 1 for a in active + joining)
+        by need the length, the cache has while answers run), and with the pool, `joining`'s slots among its free
+        ones."""
+        rows, longest = self._rows_for(len(active) + len(joining)), max(a.need for a in active + joining)
         if active:
             rows = max(rows, len(self.rows))
             if self.lengths is None:
                 longest = max(longest, self.cache.layers[0].max_cache_len)
+        if self.pool is not None:
+            return self._length(rows, longest) is not None and \
+                sum(a.need for a in joining) <= sum(slots for _, slots in self._free)
         return self.holds(rows, longest)
 
     def _admit(self, group: list[_Answer]) -> None:
@@ -451,11 +497,66 @@ class BatchDecoder:
         rows = self._rows_for(len(active) + len(group))
         if active:
             rows = max(rows, len(self.rows))
-        size = self._length(rows, max(a.last_slot + 1 for a in active + group))
+        size = self._length(rows, max(a.need for a in active + group))
         if not active or rows != len(self.rows) or size > self.cache.layers[0].max_cache_len:
             self._relayout(rows, size)
+        if self.pool is not None:
+            self._place(group)
         self._prefill(group)
         self._admitting = []
+
+    # The pool's slots (where it is used): answers take runs of them by need and give them back when they end.
+    def _place(self, group: list[_Answer]) -> None:
+        """A run of the pool's free slots for each answer of `group`, first fit; where no free run holds one, the
+        running answers' slots are moved together first (_fits has checked that enough are free in all)."""
+        if all(self._claim(answer) for answer in group):
+            return
+        for answer in group:
+            self._release(answer)
+        self._compact()
+        for answer in group:
+            self._claim(answer)
+
+    def _claim(self, answer: _Answer) -> bool:
+        """The first free run of the pool that holds `answer`'s slots, for it (answer.base); False where none does."""
+        for i, (start, slots) in enumerate(self._free):
+            if slots >= answer.need:
+                answer.base = start
+                self._free[i:i + 1] = [(start + answer.need, slots - answer.need)] if slots > answer.need else []
+                return True
+        return False
+
+    def _release(self, answer: _Answer) -> None:
+        """`answer`'s slots back to the pool's free runs (merged with the runs beside them), where it has any. Steps
+        queued before may still write them; whatever is queued after (the next answer's prefill there) follows."""
+        if answer.base is None:
+            return
+        merged: list[tuple[int, int]] = []
+        for start, slots in sorted(self._free + [(answer.base, answer.need)]):
+            if merged and sum(merged[-1]) == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + slots)
+            else:
+                merged.append((start, slots))
+        self._free, answer.base = merged, None
+
+    def _compact(self) -> None:
+        """The running answers' slots moved to the pool's start, one run after another, so that its free slots are
+        one run: the slots each has filled (with the steps queued), one gather and scatter per keys and values
+        tensor, queued after the steps that wrote them."""
+        source, target, at = [], [], 0
+        for answer in sorted((a for a in self.rows if a), key=lambda a: a.base):
+            held = min(answer.position + 1, answer.need)
+            if answer.base != at:
+                source.append(torch.arange(answer.base, answer.base + held))
+                target.append(torch.arange(at, at + held))
+            answer.base, at = at, at + answer.need
+        self._free = [(at, self.pool - at)] if at < self.pool else []
+        if source:
+            source, target = (on_device(torch.cat(t), self.device) for t in (source, target))
+            for layer in self.cache.layers:
+                for t in (layer.token_keys, layer.token_values):
+                    t[0, target] = t[0, source]  # (the index gathers first: runs may overlap)
+        self.record["compactions"] += 1
 
     def _prefill(self, group: list[_Answer]) -> None:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
@@ -473,9 +574,11 @@ class BatchDecoder:
         # prompt, tensor and layer was slower, docs/PERFORMANCE.md), and each prompt's row, length, last slot and
         # penalty, for one write of each below; none of the copies waits for the chunk the GPU is running.
         sizes = torch.tensor(lengths)
+        slots = torch.cat([torch.arange(n) for n in lengths])
+        bases = torch.tensor([a.base or 0 for a in group]).repeat_interleave(sizes)  # with the pool
         where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes), torch.tensor(rows).repeat_interleave(
-            sizes), torch.cat([torch.arange(n) for n in lengths])])
-        ids, (source_rows, target_rows, slots) = on_device(ids, self.device), on_device(where, self.device)
+            sizes), slots, bases + slots])
+        ids, (source_rows, target_rows, slots, pooled) = on_device(ids, self.device), on_device(where, self.device)
         rows_at, lengths_at, last_at = on_device([rows, lengths, [a.last_slot for a in group]], self.device)
         # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
         penalties = on_device([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group], self.device)
@@ -490,8 +593,12 @@ class BatchDecoder:
             with prefill_attention(self.device):
                 logits, scratch = self.group_prefill(ids, last)
         for (keys, values), target in zip(scratch, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
-            target.keys[target_rows, :, slots] = keys[source_rows, :, slots]
-            target.values[target_rows, :, slots] = values[source_rows, :, slots]
+            if self.pool is not None:  # (prompt tokens, heads, head dim) into the answers' runs of the pool
+                target.token_keys[0, pooled] = keys[source_rows, :, slots]
+                target.token_values[0, pooled] = values[source_rows, :, slots]
+            else:
+                target.keys[target_rows, :, slots] = keys[source_rows, :, slots]
+                target.values[target_rows, :, slots] = values[source_rows, :, slots]
         # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to
         # best), then the prompts that sample choose theirs with generate()'s processors.
         best, token = logits.max(-1)  # (prompts,) each
@@ -607,7 +714,7 @@ class BatchDecoder:
         if not active:
             return None
         rows = self._rows_for(len(active))
-        size = self._length(rows, max(a.last_slot + 1 for a in active))  # (a smaller shape's rows are no shorter)
+        size = self._length(rows, max(a.need for a in active))  # (a smaller shape's rows are no shorter)
         return (rows, size) if rows < len(self.rows) or size < self.cache.layers[0].max_cache_len else None
 
     def _flush(self) -> None:
@@ -654,13 +761,16 @@ class BatchDecoder:
         if answer.error is not None or stop is not None or answer.remaining <= 0 or answer.cancel.is_set():
             if answer in self.rows:
                 row = self.rows.index(answer)
-                self.rows[row] = None
                 if isinstance(answer.error, NonFiniteScores):
                     # Its slots may hold NaN, and a masked slot still multiplies: 0 * NaN is NaN. A later answer in
-                    # this row would read them (transformers' attention reads the whole row, masked).
+                    # these slots would read them (transformers' attention reads the whole row, masked).
                     for layer in self.cache.layers:
-                        layer.keys[row].zero_()
-                        layer.values[row].zero_()
+                        for t in (layer.token_keys, layer.token_values):
+                            if self.pool is not None:
+                                t[0, answer.base:answer.base + answer.need].zero_()
+                            else:
+                                t[row].zero_()
+                self._vacate(row)
             self._finish(answer, answer.error)
 
     def _finish(self, answer: _Answer, error: BaseException | None = None) -> None:

@@ -373,7 +373,7 @@ def split_attention_kernel(q_ptr, k_ptr, v_ptr, layout_ptr, acc_ptr, stats_ptr, 
 
 def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
                     config: tuple[int, int, int, int], wrap=None, new: tuple[torch.Tensor, ...] | None = None,
-                    counts: torch.Tensor | None = None) -> torch.Tensor:
+                    counts: torch.Tensor | None = None, reach: int | None = None) -> torch.Tensor:
     """Run split_attention_kernel: q (batch, heads, 1, head dim), or (batch, 1, heads * head dim) in any row
     stride; keys/values (batch, cache, heads, head dim) in any strides (a transposed view of a head-major cache
     too); config: SPLIT_CONFIGS' (slots a program, slots a step, warps, stages). Returns (batch, 1, heads * head
@@ -382,25 +382,31 @@ def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     (batch, 1, rotary dims): q and the key are rotated (partial rotary, rotate_half) and the key and value written
     to the row's newest slot (decode_layout's last used one), all inside the kernel.
     counts: (batch * heads) int32, zero (each launch leaves it so; _TokenMajorLayer.step_counts), where the
-    blocks of each (row, head) count their arrivals; zeros made here without."""
+    blocks of each (row, head) count their arrivals; zeros made here without.
+    reach: the most slots a row may use, which the launch's blocks cover: the cache's row length (the default)
+    for a cache of one region a row; for a pool (keys/values one flat run of every row's slots, (1, slots, heads,
+    head dim), decode_layout's starts flat), the longest a row may be."""
     partial = split_attention_kernel if wrap is None else wrap(split_attention_kernel)
     _, _, warps, stages = config
-    grid, args, constants, out = _attention_launch(q, keys, values, layout, scale, config, new, counts)
+    grid, args, constants, out = _attention_launch(q, keys, values, layout, scale, config, new, counts, reach)
     partial[grid](*args, **constants, num_warps=warps, num_stages=stages)
     return out
 
 
 def _attention_launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
                       config: tuple[int, int, int, int], new: tuple[torch.Tensor, ...] | None,
-                      counts: torch.Tensor | None) -> tuple[tuple[int, int], list, dict, torch.Tensor]:
+                      counts: torch.Tensor | None, reach: int | None = None
+                      ) -> tuple[tuple[int, int], list, dict, torch.Tensor]:
     """split_attention's launch (split_attention's arguments): the grid ((row, head)s, blocks a row), the kernel's
-    arguments and constants, and the output it writes."""
+    arguments and constants, and the output it writes. A row's slots are found from its flat start (decode_layout)
+    whatever the cache's shape: the kernel's row offset and row length cancel out, in a pool's one-row view too."""
     batch, heads, dim = q.shape[0], keys.shape[2], keys.shape[3]
     size = keys.shape[1]
+    reach = size if reach is None else reach
     slots, step, _, _ = config
     if slots != step:  # a walking launch: at most WALKED_SLOTS' blocks
-        slots = max(slots, triton.cdiv(triton.cdiv(size, triton.cdiv(WALKED_SLOTS, slots)), step) * step)
-    blocks = triton.cdiv(size, slots)
+        slots = max(slots, triton.cdiv(triton.cdiv(reach, triton.cdiv(WALKED_SLOTS, slots)), step) * step)
+    blocks = triton.cdiv(reach, slots)
     block_d = triton.next_power_of_2(dim)
     acc = q.new_empty(batch * heads * blocks * block_d, dtype=torch.float32)  # each block's weighted values
     stats = q.new_empty(batch * heads * blocks * 2, dtype=torch.float32)  # each block's max and sum
@@ -470,15 +476,16 @@ ATTEND_OUT_BLOCKS = (4, 512, 4, 3)
 def attend_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float, counts: torch.Tensor,
                sync: torch.Tensor, ff: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hidden: torch.Tensor,
-               wrap=None) -> torch.Tensor:
+               wrap=None, reach: int | None = None) -> torch.Tensor:
     """Run attend_out_kernel for one row: the step attention as split_attention(q, keys, values, layout, scale,
     new=(k, v, cos, sin), counts), then weight [attention; ff] + bias + hidden; ff (1, 1, ff width), weight
     (hidden, heads * head dim + ff width), hidden (1, 1, hidden). sync: 3 int32, zero (each launch leaves them so;
-    _TokenMajorLayer.step_sync). Returns (1, 1, hidden). wrap: torch.library.wrap_triton inside an op."""
+    _TokenMajorLayer.step_sync). Returns (1, 1, hidden). wrap: torch.library.wrap_triton inside an op; reach: as
+    split_attention's."""
     kernel = attend_out_kernel if wrap is None else wrap(attend_out_kernel)
     assert q.shape[0] == 1, "one row"
     (heads, blocks), args, constants, out = _attention_launch(q, keys, values, layout, scale, _split_config(1),
-                                                              (k, v, cos, sin), counts)
+                                                              (k, v, cos, sin), counts, reach)
     n, width = weight.shape
     assert ff.is_contiguous() and width == out.shape[-1] + ff.shape[-1], "[attention | ff] is the weight's input"
     assert sync.shape == (3,) and sync.dtype == torch.int32, "three sync counts"
@@ -498,12 +505,12 @@ def triton_decode_attention():
     """decode_attention's "split" kernel, registered as the PyTorch op phi2_qlora::decode_attention so that inductor
     and CUDA graphs take it in: one query a row against the row's used slots only (decode_layout), split into
     blocks read in parallel (split_attention_kernel, launched as SPLIT_CONFIGS says for the batch size), so that a
-    step reads what the answers hold, not the whole cache, at any batch size. Its sibling
-    phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale, counts) also rotates q and k
+    step reads what the answers hold, not the whole cache, at any batch size (reach: split_attention's). Its sibling
+    phi2_qlora::decode_step_attention(q, k, v, cos, sin, keys, values, layout, scale, reach, counts) rotates q and k
     and writes the step's key and value into the cache (in place: the op mutates keys and values): the rotary and
     the two cache writes were kernels of their own. A fused Phi layer's
     decode step of one row in bf16/fp16 calls phi2_qlora::attend_out(q, k, v, cos, sin, keys, values, layout, scale,
-    counts, sync, ff, [dense | fc2] weight, bias, hidden): that attention and the layer's output in one launch
+    reach, counts, sync, ff, [dense | fc2] weight, bias, hidden): that attention and the layer's output in one launch
     (attend_out_kernel); of one row in fp32, and of 2 to FEW_ROWS rows in bf16/fp16, decode_step_attention. All add
     up the blocks in the one kernel (counts: the cache's step_counts).
 
@@ -514,24 +521,24 @@ def triton_decode_attention():
 
     @triton_op("phi2_qlora::decode_attention", mutates_args={"counts"})
     def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
-               scale: float, counts: torch.Tensor) -> torch.Tensor:
+               scale: float, reach: int, counts: torch.Tensor) -> torch.Tensor:
         return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
-                               counts=counts)
+                               counts=counts, reach=reach)
 
     @triton_op("phi2_qlora::decode_step_attention", mutates_args={"keys", "values", "counts"})
     def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
+                   keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float, reach: int,
                    counts: torch.Tensor) -> torch.Tensor:
         return split_attention(q, keys, values, layout, scale, _split_config(q.shape[0]), wrap=wrap_triton,
-                               new=(k, v, cos, sin), counts=counts)
+                               new=(k, v, cos, sin), counts=counts, reach=reach)
 
     @triton_op("phi2_qlora::attend_out", mutates_args={"keys", "values", "counts", "sync"})
     def attend_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
+                       keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float, reach: int,
                        counts: torch.Tensor, sync: torch.Tensor, ff: torch.Tensor, weight: torch.Tensor,
                        bias: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return attend_out(q, k, v, cos, sin, keys, values, layout, scale, counts, sync, ff, weight, bias, hidden,
-                          wrap=wrap_triton)
+                          wrap=wrap_triton, reach=reach)
 
     return attend
 

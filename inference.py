@@ -315,15 +315,17 @@ class ChatModel:
         """What warm_up runs for the `rows`-row shape: the first answer's prompt, everyone's settings and the row
         length where it is fixed, once for each row length the shape is compiled at. Sized by need: the usual length
         (a short prompt + gen.max_new_tokens), where the GPU's memory holds the shape. Fixed lengths: each one,
-        whatever max_new_tokens a request asks for; answers as long as fit it, the first one's prompt long enough to
-        need more than the shorter length. Nothing for a shape the GPU's memory cannot hold (it is never run)."""
+        whatever max_new_tokens a request asks for; answers as long as fit it and the pool together, the first one's
+        prompt long enough to need more than the shorter length. Nothing for a shape the GPU's memory cannot hold
+        (it is never run)."""
         batcher = self.batcher
         if batcher.lengths is None:
             holds = rows == 1 or batcher.holds(rows, len(question) + gen.max_new_tokens)
             return [(ids, gen, None)] if holds else []
         runs = []
         for shorter, length in zip((0,) + batcher.lengths[rows], batcher.lengths[rows]):
-            new = max(1, min(gen.max_new_tokens, length - len(question)))
+            # as long as the pool holds all of them together (a shape has 512 slots a row at least)
+            new = max(1, min(gen.max_new_tokens, min(length, batcher.pool // rows) - len(question)))
             first = ids if len(ids) + new > shorter else (question * length)[:shorter + 1 - new]
             runs.append((first, replace(gen, max_new_tokens=new), length))
         return runs
@@ -568,11 +570,12 @@ def serving_slots(requested: int, model) -> tuple[int, int | None]:
     per_token = kv_bytes_per_token(model.config, model.dtype)
     free, total = torch.cuda.mem_get_info(model.device)
     budget = kv_budget_for(free, total)
+    tokens = max(0, budget) // per_token
     logger.info("%d answers decoded together at most, their KV cache within %.1f GiB (%.1f of %.1f GiB free after the "
-                "model, less a reserve): %d KiB a token in %s, so %d answers at the %d-token context, %d at 512 "
-                "tokens", slots, budget / 2**30, free / 2**30, total / 2**30, per_token >> 10,
-                str(model.dtype).removeprefix("torch."), max(0, budget // (window * per_token)), window,
-                max(0, budget // (512 * per_token)))
+                "model, less a reserve): %d KiB a token in %s, so %d tokens, each answer taking its prompt + "
+                "max_new_tokens: %d answers of 512 tokens at once, %d of %d", slots, budget / 2**30, free / 2**30,
+                total / 2**30, per_token >> 10, str(model.dtype).removeprefix("torch."), tokens,
+                max(1, min(slots, tokens // 512)), max(1, min(slots, tokens // window)), window)
     return slots, budget
 
 

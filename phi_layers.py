@@ -137,7 +137,8 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
         layer = past_key_values.layers[attn.layer_idx]
         cos, sin = position_embeddings  # (batch, 1, rotary dims)
         out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, layer.token_keys, layer.token_values,
-                                                         kv_layout, attn.scaling, layer.step_counts)
+                                                         kv_layout, attn.scaling, layer.max_cache_len,
+                                                         layer.step_counts)
         return linear_out(torch.cat((out, self.mlp.activation_fn(ff)), dim=-1), self.fused_out_weight,
                           self.fused_out_bias) + hidden_states
     heads = (*x.shape[:-1], -1, attn.head_dim)
@@ -153,7 +154,7 @@ def _fused_phi_layer_forward(self, hidden_states: torch.Tensor, attention_mask=N
     if kv_layout is not None and q.shape[-2] == 1 and isinstance(past_key_values, DecodeCache):
         layer = past_key_values.layers[attn.layer_idx]
         out = decode_attention(q, layer.token_keys, layer.token_values, kv_layout, attn.scaling,
-                               self.decode_kernel, layer.step_counts)  # (batch, 1, heads * head dim)
+                               self.decode_kernel, layer.step_counts, layer.max_cache_len)  # (batch, 1, heads * dim)
     else:
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         if q.shape[-2] == 1 and q.dtype == torch.float32 and attention_mask is not None:
@@ -187,10 +188,11 @@ def _fused_decode_step(self, hidden: torch.Tensor, position_embeddings: tuple[to
     cos, sin = position_embeddings  # (1, 1, rotary dims)
     if hidden.dtype in HALF:
         return torch.ops.phi2_qlora.attend_out(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
-                                               self.self_attn.scaling, cache.step_counts, cache.step_sync, ff,
-                                               self.fused_out_weight, self.fused_out_bias, hidden)
+                                               self.self_attn.scaling, cache.max_cache_len, cache.step_counts,
+                                               cache.step_sync, ff, self.fused_out_weight, self.fused_out_bias, hidden)
     out = torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, cache.token_keys, cache.token_values, layout,
-                                                     self.self_attn.scaling, cache.step_counts)  # (1, 1, heads * dim)
+                                                     self.self_attn.scaling, cache.max_cache_len,
+                                                     cache.step_counts)  # (1, 1, heads * dim)
     return torch.ops.phi2_qlora.layer_out(out, ff, self.fused_out_weight, self.fused_out_bias, hidden)
 
 
@@ -214,12 +216,15 @@ class _TokenMajorLayer(StaticLayer):
     rows_apart: each row has its own positions (BatchDecoder's rows, each from slot 0): a decode step writes each
     row's key and value at that row's newest slot of decode_layout (the step's kv_layout, else the layout placed on
     the cache), not at one write index shared by all rows; the shared index stays at the last slot, so that
-    transformers' causal mask hides nothing and each row's attention mask alone says which slots it reads."""
+    transformers' causal mask hides nothing and each row's attention mask alone says which slots it reads.
+    pooled (with rows_apart and storage): the rows have no regions of their own; `token_keys`/`token_values` view all
+    of the storage as one run of slots, (1, slots, heads, head dim), a row's slots wherever decode_layout's flat
+    starts put them (BatchDecoder's pool), and max_cache_len is the most slots a row may use (the step's reach)."""
 
     def __init__(self, max_cache_len: int, storage: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 rows_apart: bool = False):
+                 rows_apart: bool = False, pooled: bool = False):
         super().__init__(max_cache_len=max_cache_len)
-        self.storage, self.rows_apart = storage, rows_apart
+        self.storage, self.rows_apart, self.pooled = storage, rows_apart, pooled
         self.layout: torch.Tensor | None = None  # rows_apart: decode_layout of the next step (DecodeCache.place)
         if rows_apart:
             self.cumulative_length.fill_(max_cache_len - 1)
@@ -232,6 +237,10 @@ class _TokenMajorLayer(StaticLayer):
         if self.storage is None:
             self.token_keys = torch.zeros(*rows, self.k_head_dim, dtype=self.dtype, device=self.device)
             self.token_values = torch.zeros(*rows, self.v_head_dim, dtype=self.dtype, device=self.device)
+        elif self.pooled:
+            keys, values = self.storage
+            self.token_keys = keys.view(1, -1, self.num_heads, self.k_head_dim)
+            self.token_values = values.view(1, -1, self.num_heads, self.v_head_dim)
         else:
             keys, values = self.storage
             self.token_keys = keys[:rows[0] * rows[1] * rows[2] * self.k_head_dim].view(*rows, self.k_head_dim)
@@ -255,10 +264,10 @@ class _TokenMajorLayer(StaticLayer):
             self.lazy_initialization(key_states, value_states)
         if self.rows_apart:
             layout = self.layout if kv_layout is None else kv_layout
-            rows = layout[0, :-1].long()
-            slots = layout[1, :-1] - layout[0, :-1] * self.max_cache_len + layout[2, :-1] - 1  # start + used - 1
-            self.token_keys[rows, slots.long()] = key_states[:, :, 0]  # (batch, heads, head dim): one query a row
-            self.token_values[rows, slots.long()] = value_states[:, :, 0]
+            newest = (layout[1, :-1] + layout[2, :-1] - 1).long()  # flat start + used - 1, in any layout
+            # (batch, heads, head dim): one query a row
+            self.token_keys.view(-1, *self.token_keys.shape[2:])[newest] = key_states[:, :, 0]
+            self.token_values.view(-1, *self.token_values.shape[2:])[newest] = value_states[:, :, 0]
             return self.token_keys.transpose(1, 2), self.token_values.transpose(1, 2)
         new = key_states.shape[-2]
         slots = torch.arange(new, device=self.device) + self.cumulative_length
@@ -271,12 +280,12 @@ class _TokenMajorLayer(StaticLayer):
 class DecodeCache(StaticCache):
     """The decoders' static KV cache: StaticCache with token-major storage (_TokenMajorLayer); storage: a layer's
     flat (keys, values) buffers to view, one pair a layer (None: each layer allocates its own); rows_apart: every
-    row at its own positions (_TokenMajorLayer)."""
+    row at its own positions; pooled: rows placed anywhere in the buffers (_TokenMajorLayer)."""
 
     def __init__(self, config, max_cache_len: int, storage: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 rows_apart: bool = False):
+                 rows_apart: bool = False, pooled: bool = False):
         Cache.__init__(self, layers=[_TokenMajorLayer(max_cache_len, None if storage is None else storage[i],
-                                                      rows_apart) for i in range(config.num_hidden_layers)])
+                                                      rows_apart, pooled) for i in range(config.num_hidden_layers)])
 
     def place(self, layout: torch.Tensor) -> None:
         """Where the rows of the next decode steps sit (decode_layout), for steps that do not pass kv_layout
@@ -318,7 +327,8 @@ def decode_layout(starts: torch.Tensor, used: torch.Tensor, size: int) -> torch.
     newest at the end: FastDecoder's rows end at its shared write index t (left padding before start), BatchDecoder's
     each start at slot 0 and end at their own position; the decoders advance `used` after each step. This is
     FlashAttention's varlen layout
-    (cu_seqlens_q, cu_seqlens_k, seqused_k): no step reads the unused rest of the cache."""
+    (cu_seqlens_q, cu_seqlens_k, seqused_k): no step reads the unused rest of the cache. size 0: `starts` are flat
+    already (a pool's rows, anywhere in it)."""
     batch = starts.shape[0]
     layout = torch.zeros(3, batch + 1, dtype=torch.int32, device=starts.device)
     layout[0] = torch.arange(batch + 1, device=starts.device)
@@ -329,7 +339,7 @@ def decode_layout(starts: torch.Tensor, used: torch.Tensor, size: int) -> torch.
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, scale: float,
-                     kernel: str, counts: torch.Tensor | None = None) -> torch.Tensor:
+                     kernel: str, counts: torch.Tensor | None = None, reach: int | None = None) -> torch.Tensor:
     """One query per row, q: (batch, heads, 1, head dim), against that row's slots (decode_layout) of a
     token-major cache, keys/values: (batch, cache, heads, head dim); returns (batch, 1, heads * head dim).
     kernel (decode_kernel decides it):
@@ -338,18 +348,25 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
       than cuDNN over the whole cache at batch 1; at batch 64 its one-query tiles made it slower than cuDNN, so with
       it batches keep transformers' attention (docs/PERFORMANCE.md);
     - "products" (the CPU): two small batched products and a softmax over the row's slots, masked.
-    counts: "split"'s arrival counts (split_attention), the cache's step_counts; zeros made here without."""
+    counts: "split"'s arrival counts (split_attention), the cache's step_counts; zeros made here without.
+    reach: the most slots a row may use (split_attention's): the row length of a cache of one region a row (the
+    default), the longest row of a pool (keys/values (1, slots, heads, head dim), every row anywhere in it)."""
     batch, heads, _, dim = q.shape
     size = keys.shape[1]
+    reach = size if reach is None else reach
     if kernel == "split":
         if counts is None:
             counts = torch.zeros(batch * keys.shape[2], dtype=torch.int32, device=q.device)
-        return torch.ops.phi2_qlora.decode_attention(q, keys, values, layout, scale, counts)
+        return torch.ops.phi2_qlora.decode_attention(q, keys, values, layout, scale, reach, counts)
     if kernel == "flash":
         out = torch.ops.aten._flash_attention_forward(
             q.reshape(batch, heads, dim), keys.view(batch * size, heads, dim), values.view(batch * size, heads, dim),
             layout[0], layout[1], 1, size, 0.0, False, False, scale=scale, seqused_k=layout[2, :-1])[0]
         return out.reshape(batch, 1, heads * dim)
+    if reach != size:  # a pool: each row's `reach` slots from its flat start, as a cache of one region a row
+        at = (layout[1, :-1, None] + torch.arange(reach, device=q.device)).clamp(max=size - 1)  # (batch, reach)
+        keys, values, size = keys.view(-1, *keys.shape[2:])[at], values.view(-1, *values.shape[2:])[at], reach
+        layout = torch.stack((layout[0], layout[0] * size, layout[2]))  # each row from its slot 0
     slot = torch.arange(size, device=q.device)[None]  # (1, cache)
     start = (layout[1, :-1] - layout[0, :-1] * size)[:, None]  # (batch, 1)
     hidden = (slot < start) | (slot >= start + layout[2, :-1, None])  # (batch, cache)

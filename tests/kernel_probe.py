@@ -45,6 +45,26 @@ out["long cache split"] = split_attention(q, *longer, decode_layout(inputs["star
                                           SPLIT_CONFIGS[64])
 triton_decode_attention()  # registers the op the decode step calls
 out["op"] = decode_attention(q, keys, values, layout, scale, "split")
+# the same rows in a pool (BatchDecoder's): one flat run of slots viewed (1, slots, heads, dim), each row's slots at
+# a flat start of its own, out of row order and past the end of a region of 384, every other slot loud; the launch
+# covers `reach` slots a row (the rows' length), not the pool's; then the step's key and value written into it
+starts, used = inputs["starts"], inputs["used"]
+pool_starts = inputs["pool starts"]
+pool_k, pool_v = (torch.full((1, int((pool_starts + used).max()) + 50, *keys.shape[2:]), 30.0) for _ in range(2))
+for row in range(rows := q.shape[0]):
+    mine = slice(int(starts[row]), int(starts[row] + used[row]))
+    theirs = slice(int(pool_starts[row]), int(pool_starts[row] + used[row]))
+    pool_k[0, theirs], pool_v[0, theirs] = keys[row, mine], values[row, mine]
+pool_layout = decode_layout(pool_starts, used, 0)
+for config in set(SPLIT_CONFIGS.values()):
+    out[f"pool split {config}"] = split_attention(q, pool_k, pool_v, pool_layout, scale, config, reach=keys.shape[1])
+out["pool op"] = decode_attention(q, pool_k, pool_v, pool_layout, scale, "split", reach=keys.shape[1])
+out["pool products"] = decode_attention(q, pool_k, pool_v, pool_layout, scale, "products", reach=keys.shape[1])
+kk, vv = pool_k.clone(), pool_v.clone()
+step_q = q.transpose(1, 2).reshape(rows, 1, -1)
+o = split_attention(step_q, kk, vv, pool_layout, scale, SPLIT_CONFIGS[64], reach=keys.shape[1],
+                    new=tuple(inputs[k] for k in ("k new", "v new", "cos", "sin")))
+out["pool step"] = (o, kk, vv, pool_k, pool_v)
 gemv = triton_gemv()
 for rows, dtype in inputs["gemv cases"]:
     x, w, b = (inputs[f"gemv {n}"][:rows].to(dtype) if n == "x" else inputs[f"gemv {n}"].to(dtype)

@@ -170,22 +170,28 @@ def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokeni
     assert timed == (stepped if device == "cuda" else set()) and "prefill_wait_s" in record
 
 
-def test_each_batch_shape_has_row_lengths_fixed_at_load_within_the_kv_budget(chat_model):
-    """Where the compiled steps read each row's own slots, every batch shape's row lengths are decided at load: the
-    context window where the KV budget holds it for that many rows, else the longest power-of-two fraction of it
-    down to 512 (no shorter: such a shape is not run); shapes of up to 8 rows also 512 (a short answer's step);
-    one row always the window. The engine sized by need (eager) has none."""
+def test_each_batch_shape_has_row_lengths_fixed_at_load_and_the_pool_its_budget(chat_model):
+    """Where the compiled steps read each row's own slots, the KV memory is one pool of token slots: every row's
+    context window, or what the KV budget holds where that is less (never less than one window). Every batch
+    shape's row lengths (how far its steps reach, not memory) are decided at load: the context window, and 512 too
+    for shapes of up to 8 rows (a short answer's step); none for a shape that the pool cannot give more answers of
+    512 tokens than the next smaller shape has rows (such a shape is not run); one row always the window. The
+    engine sized by need (eager) has neither."""
     model = copy.deepcopy(chat_model.model)
     model.config.max_position_embeddings = 2048
     per_token = kv_bytes_per_token(model.config, model.dtype)
-    lengths = {budget: ChatModel(model, chat_model.tokenizer, fast=True, batch_slots=64,
-                                 kv_budget=budget * per_token).batcher.lengths
-               for budget in (64 * 2048, 16 * 2048, 16 * 512)}
-    assert lengths == {
-        64 * 2048: {1: (512, 2048), 8: (512, 2048), 16: (2048,), 32: (2048,), 64: (2048,)},
-        16 * 2048: {1: (512, 2048), 8: (512, 2048), 16: (2048,), 32: (1024,), 64: (512,)},
-        16 * 512: {1: (512, 2048), 8: (512, 1024), 16: (512,), 32: (), 64: ()}}
-    assert ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=64).batcher.lengths is None
+    engines = {budget: ChatModel(model, chat_model.tokenizer, fast=True, batch_slots=64,
+                                 kv_budget=None if budget is None else budget * per_token).batcher
+               for budget in (None, 64 * 2048 * 2, 16 * 2048, 16 * 512, 1000)}
+    assert {budget: engine.pool for budget, engine in engines.items()} == {
+        None: 64 * 2048, 64 * 2048 * 2: 64 * 2048, 16 * 2048: 16 * 2048, 16 * 512: 16 * 512, 1000: 2048}
+    every = {1: (512, 2048), 8: (512, 2048), 16: (2048,), 32: (2048,), 64: (2048,)}
+    assert {budget: engine.lengths for budget, engine in engines.items()} == {
+        None: every, 64 * 2048 * 2: every, 16 * 2048: every,
+        16 * 512: {1: (512, 2048), 8: (512, 2048), 16: (2048,), 32: (), 64: ()},  # 17 x 512 > 8,192
+        1000: {1: (512, 2048), 8: (512, 2048), 16: (), 32: (), 64: ()}}  # the window's 2,048: 2 (not 9) x 512
+    eager = ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=64).batcher
+    assert eager.lengths is None and eager.pool is None
 
 
 def test_questions_that_arrive_together_are_prefilled_together(chat_model):
@@ -565,17 +571,71 @@ def test_an_answer_waits_while_the_cache_with_it_would_pass_the_kv_budget(tokeni
     assert chat.batcher.kv_bytes == 8 * 512 * per_token
 
 
-def test_on_a_gpu_64_short_chats_are_decoded_together_from_80_gb(chat_model):
+@pytest.mark.slow
+def test_answers_take_from_one_kv_pool_only_the_slots_they_need(tokenizer):
+    """The GPU's engine (compiled, each row reading its own slots; here on the CPU) keeps its KV memory as one pool
+    of token slots, sized by the budget (4,096 tokens here), from which each answer takes its prompt +
+    max_new_tokens: three answers of up to ~920 and ~320 tokens run together, where rows of the 8-row shape's
+    length would each take 2,048 (8 x 2,048 would pass the budget). When the short one has ended, a fourth that
+    needs ~1,970 slots joins the two still running: no free run of the pool is that long, but enough slots are free
+    in all, so the running answers' slots are moved together first. Every answer is, exactly, the one it gets alone
+    (fp32), the two that were moved included, and the pool's memory is the budget's."""
+    model = AutoModelForCausalLM.from_pretrained(TINY).eval()  # random weights: no EOS in 2,000 tokens
+    model.config.max_position_embeddings = 2048
+    per_token = kv_bytes_per_token(model.config, model.dtype)
+    plain = ChatModel(model, tokenizer, fast=False)
+    asked = {"A": ("What is the capital of Peru?", 900), "B": ("Hi", 300), "C": ("Name a color.", 900),
+             "D": ("What is the capital of France?", 1950)}
+    conversations = {name: [{"role": "user", "content": q}] for name, (q, _) in asked.items()}
+    settings = {name: GenerationSettings(max_new_tokens=n, temperature=0.0) for name, (_, n) in asked.items()}
+    alone = {name: plain.chat(conversations[name], settings[name]) for name in asked}
+    assert all(r.new_tokens == settings[name].max_new_tokens for name, r in alone.items())
+    torch._dynamo.reset()  # what other tests compiled would otherwise serve this engine's shapes
+    chat = ChatModel(copy.deepcopy(model), tokenizer, fast=True, batch_slots=8, kv_budget=4096 * per_token)
+    order: list[str] = []
+    replies = {}
+
+    def run(name: str) -> threading.Thread:
+        answer = chat.start(chat.prompt_ids(conversations[name], settings[name].max_new_tokens)[0], settings[name])
+
+        def watch():
+            for i, _ in enumerate(answer):
+                if i == 0:
+                    order.append(f"{name} started")
+            order.append(f"{name} ended")
+            replies[name] = answer.reply
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
+
+    threads = [run(name) for name in "ABC"]
+    threads[1].join(300)  # B has ended; A and C are ~300 tokens into their 900
+    threads.append(run("D"))
+    for thread in threads:
+        thread.join(300)
+        assert not thread.is_alive()
+    assert order.index("D started") < order.index("A ended"), order  # it did not wait for A and C to end
+    assert {name: (r.text, r.new_tokens) for name, r in replies.items()} == \
+        {name: (r.text, r.new_tokens) for name, r in alone.items()}
+    assert chat.batcher.most_rows >= 3 and chat.batcher.record["compactions"] >= 1
+    assert chat.batcher.kv_bytes == (4096 + 1) * per_token  # the pool and the slot free rows write
+
+
+def test_on_a_gpu_64_short_chats_are_decoded_together_from_24_gb(chat_model):
     """inference.batch_slots 0 (the default): 64 on a GPU, within the KV budget its free memory gives (free after the
     model, less max(2 GiB, a tenth)); 8 on the CPU; a number wins. README's table, computed for Phi-2 (320 KiB a
-    token in bf16, 640 KiB in fp32; the engine's batch shapes 1, 8, 16, 32, 64): how many answers of 512 and of
-    2,048 tokens fit."""
+    token in bf16, 640 KiB in fp32): how many answers of 512 and of 2,048 tokens are decoded at once. With the
+    Triton kernels (Ampere and newer) each takes its tokens from one pool (pool_slots); on older GPUs (a T4) each
+    row is a region of its batch shape's cache (shapes 1, 8, 16, 32, 64 rows), all as long as the longest."""
     import inference
-    from batching import ROW_BUCKETS
+    from batching import ROW_BUCKETS, pool_slots
     from phi_layers import kv_budget_for
     gib, weights = 2**30, int(2.78e9 * 2)  # Phi-2's weights in bf16/fp16
 
-    def most(budget: int, tokens: int, per_token: int) -> int:  # answers whose batch shape fits the budget
+    def pooled(budget: int, tokens: int, per_token: int) -> int:  # answers whose tokens fit the pool
+        return max(1, min(64, pool_slots(64, 2048, budget, per_token) // tokens))
+
+    def regions(budget: int, tokens: int, per_token: int) -> int:  # answers whose batch shape fits the budget
         return max([n for n in range(1, 65) if next(r for r in ROW_BUCKETS if r >= n) * tokens * per_token <= budget]
                    or [1])  # one answer alone always runs
 
@@ -583,10 +643,14 @@ def test_on_a_gpu_64_short_chats_are_decoded_together_from_80_gb(chat_model):
     for dtype, size in (("bf16", 2), ("fp32", 4)):
         for name, total in {"16 GB": 14.7, "24 GB": 23.6, "80 GB": 79.2, "141 GB": 139.8}.items():
             budget = kv_budget_for(int(total * gib) - weights // 2 * size - gib // 2, int(total * gib))
-            table[dtype, name] = (most(budget, 512, 160 * 1024 * size), most(budget, 2048, 160 * 1024 * size))
-    assert table == {("bf16", "16 GB"): (32, 8), ("bf16", "24 GB"): (64, 16), ("bf16", "80 GB"): (64, 64),
-                     ("bf16", "141 GB"): (64, 64), ("fp32", "16 GB"): (1, 1), ("fp32", "24 GB"): (32, 8),
-                     ("fp32", "80 GB"): (64, 32), ("fp32", "141 GB"): (64, 64)}
+            per_token = 160 * 1024 * size
+            table[dtype, name] = tuple(pooled(budget, n, per_token) for n in (512, 2048))
+            if name == "16 GB":
+                table[dtype, "T4"] = tuple(regions(budget, n, per_token) for n in (512, 2048))
+    assert table == {("bf16", "16 GB"): (44, 11), ("bf16", "T4"): (32, 8), ("bf16", "24 GB"): (64, 24),
+                     ("bf16", "80 GB"): (64, 64), ("bf16", "141 GB"): (64, 64), ("fp32", "16 GB"): (5, 1),
+                     ("fp32", "T4"): (1, 1), ("fp32", "24 GB"): (33, 8), ("fp32", "80 GB"): (64, 48),
+                     ("fp32", "141 GB"): (64, 64)}
     assert inference.serving_slots(0, chat_model.model) == (8, None)
     assert inference.serving_slots(12, chat_model.model) == (12, None)
 

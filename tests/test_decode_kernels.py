@@ -112,7 +112,9 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
                 "gemv b": b, "gemv x": x, "gemv cases": cases, "k new": k_new, "v new": v_new, "cos": cos,
                 "sin": sin, **{f"layer {k}": t for k, t in layer.items()}, "gelu from": 120, "model": str(TINY),
                 **{f"out {k}": t for k, t in out_product.items()}, "starts": starts, "used": used, "prompts": prompts,
-                "greedy": {"max_new_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0}},
+                "greedy": {"max_new_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0},
+                # a pool: rows 1, 4, 3, 0, 2 in that order, row 2 past 5 regions of 200
+                "pool starts": torch.tensor([400, 0, 1000, 300, 10])},
                tmp_path / "in.pt")
     run_script("tests/kernel_probe.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
                env={"TRITON_INTERPRET": "1"})
@@ -125,6 +127,21 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
         assert out[name].shape == (5, 1, 4 * dim)
         assert near(out[name], reference, 0.02 if "bf16" in name else 1e-5), name
     assert near(out["long cache split"], reference, 1e-5)  # the same rows in 2,048 slots: 4 blocks of 512
+    # the same rows anywhere in a pool (BatchDecoder's): every launch, the op and the CPU's products read each
+    # row's slots from its flat start, nothing else; the step writes its key and value at start + used - 1 there
+    pooled = [k for k in out if k.startswith("pool split")] + ["pool op", "pool products"]
+    assert len(pooled) == len(set(decode_kernels.SPLIT_CONFIGS.values())) + 2
+    for name in pooled:
+        assert near(out[name], reference, 1e-5), name
+    got, got_keys, got_values, pool_keys, pool_values = out["pool step"]
+    expected, written_keys, written_values = step_reference(q.transpose(1, 2).reshape(batch, 1, -1), k_new, v_new,
+                                                            cos, sin, keys, values, starts, used)
+    assert near(got, expected, 1e-5)
+    pool_newest = torch.tensor([400, 0, 1000, 300, 10]) + used - 1
+    assert near(got_keys[0, pool_newest], written_keys[torch.arange(batch), starts + used - 1], 1e-5)
+    assert near(got_values[0, pool_newest], written_values[torch.arange(batch), starts + used - 1], 1e-5)
+    untouched = torch.ones(got_keys.shape[1], dtype=torch.bool).index_fill_(0, pool_newest, False)
+    assert torch.equal(got_keys[0, untouched], pool_keys[0, untouched])  # no other slot written
     for rows, dtype in cases:
         expected = torch.nn.functional.linear(x[:rows].to(dtype).double(), w.to(dtype).double(), b.to(dtype).double())
         y = out[f"gemv {rows} {dtype}"]
@@ -289,7 +306,7 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
 
     def step(q, k, v, cos, sin, keys, values, layout, counts):
         return torch.ops.phi2_qlora.decode_step_attention(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5,
-                                                          counts)
+                                                          keys.shape[1], counts)
 
     for batch in (1, 7):
         _, keys, values, starts, used = loud_cache(batch, "cuda")
@@ -310,8 +327,8 @@ def test_fused_layer_kernels_compute_the_reference_on_gpu(dtype):
     # attend_out: the same step attention of one row and, in the same launch, the layer's output ([dense | fc2] of
     # [attention | gelu(fc1)] plus the residual)
     def attend_out(q, k, v, cos, sin, keys, values, layout, counts, sync, ff):
-        return torch.ops.phi2_qlora.attend_out(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5, counts, sync, ff,
-                                               w_out, b_out, residual)
+        return torch.ops.phi2_qlora.attend_out(q, k, v, cos, sin, keys, values, layout, 80 ** -0.5, keys.shape[1],
+                                               counts, sync, ff, w_out, b_out, residual)
 
     _, keys, values, starts, used = loud_cache(1, "cuda")
     q, k, v, ff = randn(1, 1, 3 * 2560 + 10240).split([2560] * 3 + [10240], -1)  # layer_in's output
