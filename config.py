@@ -217,8 +217,9 @@ class InferenceConfig:
     fast: Literal["auto", "on", "off"] = doc(
         "auto", "static KV cache + compiled decode step; auto = on for CUDA, off on CPU")
     batch_slots: int = doc(0, "chat answers decoded together at most (continuous batching: app, API and CLI "
-                              "users); 0 = 64 on a GPU, 8 on the CPU. On a GPU answers also wait while the KV "
-                              "cache would pass what its free memory holds (Phi-2: 320 KiB a token in bf16)")
+                              "users); 0 = 64 on a GPU, 8 on the CPU. On a GPU answers also wait while their KV "
+                              "cache (each its prompt + max_new_tokens) would pass what its free memory holds "
+                              "(Phi-2: 320 KiB a token in bf16)")
 
 
 @dataclass
