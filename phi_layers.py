@@ -364,8 +364,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
             layout[0], layout[1], 1, size, 0.0, False, False, scale=scale, seqused_k=layout[2, :-1])[0]
         return out.reshape(batch, 1, heads * dim)
     if reach != size:  # a pool: each row's `reach` slots from its flat start, as a cache of one region a row
-        at = (layout[1, :-1, None] + torch.arange(reach, device=q.device)).clamp(max=size - 1)  # (batch, reach)
+        slot = torch.arange(reach, device=q.device)
+        at = (layout[1, :-1, None] + slot).clamp(max=size - 1)  # (batch, reach)
         keys, values, size = keys.view(-1, *keys.shape[2:])[at], values.view(-1, *values.shape[2:])[at], reach
+        # past a row's used slots lie other answers' (a NaN there would pass through a masked weight: 0 * NaN)
+        values = values.masked_fill((slot >= layout[2, :-1, None])[:, :, None, None], 0)
         layout = torch.stack((layout[0], layout[0] * size, layout[2]))  # each row from its slot 0
     slot = torch.arange(size, device=q.device)[None]  # (1, cache)
     start = (layout[1, :-1] - layout[0, :-1] * size)[:, None]  # (batch, 1)

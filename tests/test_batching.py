@@ -412,24 +412,26 @@ def read(answer, timeout: float = 60):
     return out["text"], out["error"]
 
 
-def poisoned(chat_model) -> ChatModel:
+def poisoned(chat_model, fast: bool = False) -> ChatModel:
     """The smoke model with the embedding of " Lima" made NaN: a row that writes " Lima" (only the answer about Peru
-    does) gets NaN hidden states, keys, values and scores from its next step on."""
+    does) gets NaN hidden states, keys, values and scores from its next step on. fast: the GPU's engine (compiled,
+    rows reading their own slots of one KV pool)."""
     model = PhiForCausalLM.from_pretrained(TINY).eval()
     model.load_state_dict(chat_model.model.state_dict())
     lima = chat_model.tokenizer(" Lima", add_special_tokens=False)["input_ids"]
     assert len(lima) == 1
     with torch.no_grad():
         model.model.embed_tokens.weight[lima[0]] = float("nan")
-    return ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=4)
+    return ChatModel(model, chat_model.tokenizer, fast=fast, batch_slots=4)
 
 
-def test_a_row_whose_scores_go_non_finite_fails_alone_and_leaves_nothing_behind(chat_model):
-    chat = poisoned(chat_model)
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_a_row_whose_scores_go_non_finite_fails_alone_and_leaves_nothing_behind(chat_model, fast):
+    chat = poisoned(chat_model, fast)
     alone = [chat.chat(c, SHORT).text for c in OTHERS]
     assert all(alone) and not any("Lima" in a for a in alone)
-    answers = start_all(chat, [PERU] + OTHERS, SHORT)
-    (peru, error), *others = [read(a) for a in answers]
+    answers = start_all(chat, OTHERS + [PERU], SHORT)  # (with the pool, its slots after theirs)
+    *others, (peru, error) = [read(a) for a in answers]
     assert isinstance(error, RuntimeError) and "not finite" in str(error)  # a clear error to that client alone
     assert peru == "The capital of Peru is Lima"                            # with the text it had
     assert [text for text, _ in others] == alone and all(e is None for _, e in others)
