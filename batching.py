@@ -578,7 +578,7 @@ class BatchDecoder:
         bases = torch.tensor([a.base or 0 for a in group]).repeat_interleave(sizes)  # with the pool
         where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes), torch.tensor(rows).repeat_interleave(
             sizes), slots, bases + slots])
-        ids, (source_rows, target_rows, slots, pooled) = on_device(ids, self.device), on_device(where, self.device)
+        ids, (source_rows, target_rows, slots, flat) = on_device(ids, self.device), on_device(where, self.device)
         rows_at, lengths_at, last_at = on_device([rows, lengths, [a.last_slot for a in group]], self.device)
         # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
         penalties = on_device([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group], self.device)
@@ -594,8 +594,8 @@ class BatchDecoder:
                 logits, scratch = self.group_prefill(ids, last)
         for (keys, values), target in zip(scratch, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
             if self.pool is not None:  # (prompt tokens, heads, head dim) into the answers' runs of the pool
-                target.token_keys[0, pooled] = keys[source_rows, :, slots]
-                target.token_values[0, pooled] = values[source_rows, :, slots]
+                target.token_keys[0, flat] = keys[source_rows, :, slots]
+                target.token_values[0, flat] = values[source_rows, :, slots]
             else:
                 target.keys[target_rows, :, slots] = keys[source_rows, :, slots]
                 target.values[target_rows, :, slots] = values[source_rows, :, slots]
