@@ -265,9 +265,10 @@ class _TokenMajorLayer(StaticLayer):
         if self.rows_apart:
             layout = self.layout if kv_layout is None else kv_layout
             newest = (layout[1, :-1] + layout[2, :-1] - 1).long()  # flat start + used - 1, in any layout
-            # (batch, heads, head dim): one query a row
-            self.token_keys.view(-1, *self.token_keys.shape[2:])[newest] = key_states[:, :, 0]
-            self.token_values.view(-1, *self.token_values.shape[2:])[newest] = value_states[:, :, 0]
+            # as (row, slot) of the cache: written in place (a view of it, written, made inductor copy all of it)
+            row, slot = newest // self.token_keys.shape[1], newest % self.token_keys.shape[1]
+            self.token_keys[row, slot] = key_states[:, :, 0]  # (batch, heads, head dim): one query a row
+            self.token_values[row, slot] = value_states[:, :, 0]
             return self.token_keys.transpose(1, 2), self.token_values.transpose(1, 2)
         new = key_states.shape[-2]
         slots = torch.arange(new, device=self.device) + self.cumulative_length
