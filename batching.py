@@ -446,10 +446,14 @@ class BatchDecoder:
                 self._finish(answer)
 
     def _vacate(self, row: int) -> None:
-        """Row `row` free, and its answer's slots of the pool."""
+        """Row `row` free, and its answer's slots of the pool: the row's next steps read and write the spare slot
+        past the pool, at position 0 (its run may be another answer's by then; steps queued before still write it,
+        and whatever is queued for the next answer there follows them)."""
         answer, self.rows[row] = self.rows[row], None
         if self.pool is not None:
             self._release(answer)
+            self.pos[row], self.limit[row] = 0, 0
+            self.layout[1, row], self.layout[2, row] = self.pool, 1
 
     def _pick(self) -> list[_Answer]:
         """The waiting answers that join at this boundary, in arrival order, as many as rows are free; the prompts

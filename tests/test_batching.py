@@ -716,15 +716,18 @@ def crowd_conversations(count: int, rng) -> list[list[dict]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
-def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_answer(chat_model, monkeypatch, fast):
+@pytest.mark.parametrize("fast, pool", [(False, None), (True, None), (True, 4608)], ids=["plain", "fast", "fast-pool"])
+def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_answer(chat_model, monkeypatch, fast,
+                                                                                       pool):
     """A crowd on one engine of 64 slots (fp32, CPU, the smoke model): 64 conversations of different lengths and
     answer budgets arrive at random moments; 12 of them leave at random points. Every answer that was not cancelled
     is exactly the one it gets alone (text, stop reason, tokens); every cancelled one stops with "cancelled" (or had
     ended already) and holds a beginning of its alone answer; and the engine decoded many of them together. Steps are
     slowed a little so that arrivals overlap as they do on a busy GPU. fast: the GPU's engine (compiled, fused
     layers, each row reading its own slots, row lengths fixed at load) in a 2,048-token window, with 4 long
-    conversations among the 64: after the warm-up nothing is compiled."""
+    conversations among the 64: after the warm-up nothing is compiled. pool: that engine with a KV pool of that
+    many tokens, the least that runs 16 rows (9 x 512), so that its rows are freed and taken again while the others
+    run: a freed row's steps go on in the spare slot, whatever run its answer had."""
     import random
 
     from torch._dynamo.utils import counters
@@ -744,7 +747,8 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
     chat = plain
     if fast:
         torch._dynamo.reset()  # what other tests compiled would otherwise serve this engine's shapes
-        chat = ChatModel(copy.deepcopy(model), chat_model.tokenizer, fast=True, batch_slots=64)
+        budget = None if pool is None else pool * kv_bytes_per_token(model.config, model.dtype)
+        chat = ChatModel(copy.deepcopy(model), chat_model.tokenizer, fast=True, batch_slots=64, kv_budget=budget)
         chat.warm_up(GenerationSettings(max_new_tokens=40, temperature=0.0))
         assert sum(len(p) > 512 for p in prompts) == 4
     compiled = counters["stats"]["unique_graphs"]
