@@ -113,7 +113,7 @@ def test_triton_kernels_compute_the_reference_in_the_interpreter(tmp_path, token
                 "sin": sin, **{f"layer {k}": t for k, t in layer.items()}, "gelu from": 120, "model": str(TINY),
                 **{f"out {k}": t for k, t in out_product.items()}, "starts": starts, "used": used, "prompts": prompts,
                 "greedy": {"max_new_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0},
-                # a pool: rows 1, 4, 3, 0, 2 in that order, row 2 past 5 regions of 200
+                # a pool: the rows in the order 1, 4, 3, 0, 2, each at a start of its own, not its region's
                 "pool starts": torch.tensor([400, 0, 1000, 300, 10])},
                tmp_path / "in.pt")
     run_script("tests/kernel_probe.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
