@@ -473,12 +473,9 @@ class BatchDecoder:
         return group
 
     def holds(self, rows: int, tokens: int) -> bool:
-        """Whether a batch of `rows` rows can hold answers of `tokens` tokens: within the shape's fixed length, or
-        sized by need within kv_budget."""
-        length = self._length(rows, tokens)
-        if self.lengths is not None:
-            return length is not None
-        return self.kv_budget is None or rows * length * self.kv_per_token <= self.kv_budget
+        """Without the pool (rows sized by need): whether a batch of `rows` rows of `tokens` slots stays within
+        kv_budget."""
+        return self.kv_budget is None or rows * self._length(rows, tokens) * self.kv_per_token <= self.kv_budget
 
     def _fits(self, active: list[_Answer], joining: list[_Answer]) -> bool:
         """Whether the batch with `joining` holds every answer: in the shape _admit gives it (at least the rows, and
