@@ -213,7 +213,8 @@ class BatchDecoder:
         # of it waiting for the GPU at a pass's end (prefill_wait_s: for the chunk queued before the pass and the
         # pass; near 0 where the host issuing them is the bound), decode steps queued, answers in them
         # (answer_steps / steps = rows), steps by shape and, on a GPU, the GPU's seconds for them ("gpu s at ..."),
-        # and the host's seconds waiting for a chunk (step_wait_s)
+        # and the host's seconds waiting for a chunk (step_wait_s); admitting's host seconds by part ("admit <part> s",
+        # _spent) and freeing rows ("vacate s")
         self.record = Counter()
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
         # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).
@@ -233,6 +234,7 @@ class BatchDecoder:
         self.seen = self.penalty = None
         # the last queued chunk, not yet looked at: (host tokens, its begin and ready events, its rows, its shape)
         self._pending = None
+        self._vacated: list[int] = []  # rows freed whose device state is not reset yet (_reset_vacated)
         self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
         # the pool's free runs of slots (start, slots), in order; the slot after the pool is where free rows write
         self._free = [(0, self.pool)] if self.pool is not None else []
@@ -401,6 +403,7 @@ class BatchDecoder:
         """Move the active rows to rows 0.. of the (batch, size) cache, and their state with them: each row's slots
         where they were (one block copy per layer), or with the pool, nothing (the rows' slots stay in it)."""
         active = [i for i, a in enumerate(self.rows) if a]
+        self._vacated = []  # (the rows' state is rebuilt here)
         cache = self._cache_for(batch, size)
         tok = torch.full((batch, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
         pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -446,14 +449,25 @@ class BatchDecoder:
                 self._finish(answer)
 
     def _vacate(self, row: int) -> None:
-        """Row `row` free, and its answer's slots of the pool: the row's next steps read and write the spare slot
-        past the pool, at position 0 (its run may be another answer's by then; steps queued before still write it,
-        and whatever is queued for the next answer there follows them)."""
+        """Row `row` free, and its answer's slots of the pool; the row's device state is reset with the other rows
+        freed at this boundary (_reset_vacated), before anything more is queued."""
         answer, self.rows[row] = self.rows[row], None
         if self.pool is not None:
             self._release(answer)
-            self.pos[row], self.limit[row] = 0, 0
-            self.layout[1, row], self.layout[2, row] = self.pool, 1
+            self._vacated.append(row)
+
+    def _reset_vacated(self) -> None:
+        """The rows freed since the last call read and write the spare slot past the pool from now on, at position 0
+        (their runs may be other answers' by then; steps queued before still write them, and whatever is queued for
+        the next answers there follows them): one write per tensor for all of them (a write per row and tensor was
+        12% of the engine thread's time at 64 clients, docs/PERFORMANCE.md)."""
+        if self._vacated:
+            begun = time.perf_counter()
+            rows = on_device(self._vacated, self.device)
+            self.pos[rows], self.limit[rows] = 0, 0
+            self.layout[1, rows], self.layout[2, rows] = self.pool, 1
+            self._vacated = []
+            self.record["vacate s"] += time.perf_counter() - begun
 
     def _pick(self) -> list[_Answer]:
         """The waiting answers that join at this boundary, in arrival order, as many as rows are free; the prompts
@@ -494,6 +508,8 @@ class BatchDecoder:
     def _admit(self, group: list[_Answer]) -> None:
         """Move `group` into free rows: the cache re-laid out first if the batch needs more rows or longer rows, then
         the prefill."""
+        self._reset_vacated()
+        begun = time.perf_counter()
         active = [a for a in self.rows if a]
         rows = self._rows_for(len(active) + len(group))
         if active:
@@ -503,8 +519,14 @@ class BatchDecoder:
             self._relayout(rows, size)
         if self.pool is not None:
             self._place(group)
-        self._prefill(group)
+        self._prefill(group, self._spent("layout", begun))
         self._admitting = []
+
+    def _spent(self, part: str, since: float) -> float:
+        """The host's seconds since `since` added to admitting's `part` (record["admit <part> s"]); returns now."""
+        now = time.perf_counter()
+        self.record[f"admit {part} s"] += now - since
+        return now
 
     # The pool's slots (where it is used): answers take runs of them by need and give them back when they end.
     def _place(self, group: list[_Answer]) -> None:
@@ -559,7 +581,7 @@ class BatchDecoder:
                     t[0, target] = t[0, source]  # (the index gathers first: runs may overlap)
         self.record["compactions"] += 1
 
-    def _prefill(self, group: list[_Answer]) -> None:
+    def _prefill(self, group: list[_Answer], begun: float) -> None:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
         prompt's tokens from seeing the padding after them, so each row computes what it computes alone), copy each
         one's keys and values into a free row of the shared cache, from its slot 0, and choose its first token. One
@@ -584,6 +606,7 @@ class BatchDecoder:
         # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
         penalties = on_device([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group], self.device)
         bucket = self.prefills.bucket(len(group), max(lengths)) if self.prefill_graphs else None
+        begun = self._spent("inputs", begun)
         if bucket is not None:
             graph = self.prefills[bucket]
             logits = graph(ids, write_at=0)  # (1, vocab)
@@ -593,6 +616,7 @@ class BatchDecoder:
             last = on_device(lengths, self.device) - 1  # (prompts,): each one's last position
             with prefill_attention(self.device):
                 logits, scratch = self.group_prefill(ids, last)
+        begun = self._spent("pass", begun)
         for (keys, values), target in zip(scratch, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
             if self.pool is not None:  # (prompt tokens, heads, head dim) into the answers' runs of the pool
                 target.token_keys[0, flat] = keys[source_rows, :, slots]
@@ -600,6 +624,7 @@ class BatchDecoder:
             else:
                 target.keys[target_rows, :, slots] = keys[source_rows, :, slots]
                 target.values[target_rows, :, slots] = values[source_rows, :, slots]
+        begun = self._spent("scatter", begun)
         # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to
         # best), then the prompts that sample choose theirs with generate()'s processors.
         best, token = logits.max(-1)  # (prompts,) each
@@ -619,11 +644,13 @@ class BatchDecoder:
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
-        issued = time.perf_counter()
+        issued = self._spent("first tokens", begun)
         tokens = first.tolist()  # one wait for the GPU for the whole group
-        self.record["prefill_wait_s"] += time.perf_counter() - issued
+        begun = time.perf_counter()
+        self.record["prefill_wait_s"] += begun - issued
         for answer, token in zip(group, tokens):
             self._take(answer, [token])
+        self._spent("handing out", begun)
 
     def _group_prefill(self, ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Right-padded prompts ids (prompts, length) through the model: the logits at each one's last position
@@ -660,6 +687,7 @@ class BatchDecoder:
     def _decode_chunk(self) -> None:
         """Queue up to check_every steps for every row without waiting for the GPU; then look at the chunk queued
         before this one (the GPU has finished it by now, so the host never stalls it)."""
+        self._reset_vacated()
         rows = list(self.rows)
         steps = min(self.check_every, max(a.to_queue for a in rows if a))
         shape = f"{len(rows)} rows x {self.cache.layers[0].max_cache_len} slots"

@@ -1008,6 +1008,15 @@ def serve_table(rows: list[dict]) -> str:
     statics = {r["name"].split()[0]: r["static_batch"] for r in rows if "static_batch" in r}
     lines += [f"{dtype} static batch of {s['rows']} (the same questions and model, ChatModel.generate_ids): "
               f"{s['tok_s']:,.0f} tok/s" for dtype, s in statics.items()]
+    # where admitting's host seconds went, pass by pass summed (BatchDecoder.record), and freeing rows
+    parts = ["layout", "inputs", "pass", "scatter", "first tokens"]
+    lines += ["", "| clients | admitting (s): " + " | ".join(parts) + " | waiting for the GPU | handing out | "
+              "freeing rows (s) |", "| --- " * (len(parts) + 4) + "|"]
+    for r in rows:
+        d = r.get("decoder", {})
+        lines.append(f"| {r['name']} | " + " | ".join(f"{d.get(f'admit {p} s', 0.0):.3f}" for p in parts) +
+                     f" | {d.get('prefill_wait_s', 0.0):.3f} | {d.get('admit handing out s', 0.0):.3f} | "
+                     f"{d.get('vacate s', 0.0):.3f} |")
     return "\n".join(lines)
 
 

@@ -120,6 +120,13 @@ def test_serving_bench_tiny(tmp_path):
         assert 0 < r["engine_cpu_s"] < wall + 0.1 and 0 < r["server_cpu_s"] < wall + 0.1, r
         assert "compiled_while_serving" in r
     assert "CPU s: engine / server / rest (wall)" in json.loads(out.read_text())["table"]
+    # admitting's host time by part (layout, inputs, the pass, the scatter into the cache, first tokens, handing them
+    # out) with its wait for the GPU accounts for admitting's time, within the timers' own overhead
+    for r in rows + [probe]:
+        d = r["decoder"]
+        parts = [v for k, v in d.items() if k.startswith("admit ") and k.endswith(" s")]
+        assert len(parts) == 6 and 0.9 * d["admit_s"] < sum(parts) + d["prefill_wait_s"] <= d["admit_s"], d
+    assert "| admitting (s): layout | inputs | pass | scatter | first tokens |" in json.loads(out.read_text())["table"]
     # --profile: the 4 clients once more under torch.profiler, which sees the model's products (addmm on the CPU)
     # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
     profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
