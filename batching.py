@@ -55,6 +55,20 @@ def on_device(values, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
+def to_host(values: torch.Tensor) -> list:
+    """`values` as a list, waiting for the GPU on an event: the engine waits for the GPU only where it means to (a
+    chunk's end, a prefill pass's end), and torch's sync debug mode, which flags every other wait (a .tolist() of a
+    CUDA tensor among them), shows that in a test."""
+    if values.device.type != "cuda":
+        return values.tolist()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    ready.synchronize()
+    return host.tolist()
+
+
 class Busy(RuntimeError):
     """Every place in the queue is taken: the request is turned away now (HTTP 429) rather than waiting unbounded.
     retry_after: seconds after which a place is likely free."""
@@ -464,8 +478,8 @@ class BatchDecoder:
         if self._vacated:
             begun = time.perf_counter()
             rows = on_device(self._vacated, self.device)
-            self.pos[rows], self.limit[rows] = 0, 0
-            self.layout[1, rows], self.layout[2, rows] = self.pool, 1
+            for t, value in ((self.pos, 0), (self.limit, 0), (self.layout[1], self.pool), (self.layout[2], 1)):
+                t.index_fill_(0, rows, value)  # (t[rows] = value would wait for the GPU: see _prefill)
             self._vacated = []
             self.record["vacate s"] += time.perf_counter() - begun
 
@@ -638,14 +652,18 @@ class BatchDecoder:
         first = token.where(ok, -1)
         slot = torch.arange(self.mask.shape[1], device=self.device)[None]
         self.mask[rows_at] = (slot <= lengths_at[:, None]).long()  # the prompt and the slot its first step writes
-        self.penalty[rows_at], self.seen[rows_at] = penalties, False
+        # index_fill_, not seen[rows_at] = False: a number written through an index tensor is first copied to the GPU
+        # from pageable memory, which waits for everything queued (the chunk running and this pass; measured on an
+        # H100, docs/PERFORMANCE.md)
+        self.penalty[rows_at] = penalties
+        self.seen.index_fill_(0, rows_at, False)
         self.tok[rows_at, 0], self.pos[rows_at, 0], self.limit[rows_at, 0] = token, lengths_at, last_at
         remember(self.seen, self.tok, self.tokenizer.eos_token_id)  # the other rows' tokens are there already
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         issued = self._spent("first tokens", begun)
-        tokens = first.tolist()  # one wait for the GPU for the whole group
+        tokens = to_host(first)  # one wait for the GPU for the whole group
         begun = time.perf_counter()
         self.record["prefill_wait_s"] += begun - issued
         for answer, token in zip(group, tokens):

@@ -49,6 +49,36 @@ def test_joining_prompts_prefill_through_graphs_captured_at_load_on_gpu(tokenize
     assert batcher.record["graph_prefills"] == len(TOGETHER) and batcher.prefills.graphs == graphs
 
 
+@pytest.mark.gpu
+def test_on_a_gpu_the_engine_waits_for_the_gpu_only_at_a_chunks_or_a_passs_end(tokenizer):
+    """The engine's host waits for the GPU at a decode chunk's end and at a prefill pass's end, nowhere else:
+    anywhere else the GPU idles while the host catches up (a number written through an index tensor, seen[rows] =
+    False, is first copied from pageable memory, which waits for everything queued: ~20 ms of each prefill pass on an
+    H100, docs/PERFORMANCE.md). With torch's sync debug mode at "error", which fails every other wait, 18 users on 8
+    rows (rows freed and taken again), greedy, penalized and sampled, one of them leaving, get the answers they get
+    with it off."""
+    if not triton_supported(torch.device("cuda"), torch.float32):
+        pytest.skip("needs Triton and compute capability 8.0 or later")
+    chat = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).cuda(), tokenizer, fast=True, batch_slots=8)
+    assert chat.batcher.pool is not None
+    chat.warm_up(GREEDY)  # (capturing graphs waits for the GPU: at load, not while serving)
+    sampled = GenerationSettings(max_new_tokens=30, temperature=1.0, top_p=0.9, repetition_penalty=1.3)
+    work = [(c, g) for g in (GREEDY, PENALIZED, sampled) for c in TOGETHER]
+
+    def serve() -> list[tuple[str, str]]:
+        answers = [chat.start(chat.prompt_ids(c, g.max_new_tokens)[0], g, seed=i) for i, (c, g) in enumerate(work)]
+        answers[-1].cancel()
+        return [(r.text, r.stop) for r in finish(answers)]
+
+    expected = serve()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = serve()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got == expected and got[-1] == ("", "cancelled")  # (a wait elsewhere fails the answers with its error)
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch, fast):
     """Six users at once (the last with a longer, multi-turn prompt that joins later): each greedy answer is the one
