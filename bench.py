@@ -64,7 +64,6 @@ them (beside the same clients' wait without it).
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import gc
 import json
@@ -79,11 +78,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from profiling import HostTime, StackSampler, profiler, sync, write_profile
 
 ROOT = Path(__file__).resolve().parent
 TINY_MODEL = ROOT / "data" / "tiny-phi"
@@ -163,11 +163,6 @@ def versions() -> dict[str, str]:
     return info
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training benchmark
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,104 +190,6 @@ def preset_values(spec: str) -> tuple[str, dict]:
         section, _, field = key.partition(".")
         values.setdefault(section, {})[field] = yaml.safe_load(value)
     return name, values
-
-
-KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
-    ("attention", ("flash", "fmha", "attention", "flex")),
-    ("inductor fused", ("triton_",)),
-    ("nf4 dequantize", ("dequantize", "kDequantize")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "splitK")),
-    ("optimizer", ("adam", "Adam", "Optimizer", "multi_tensor", "foreach")),
-    ("copies", ("Memcpy", "Memset", "copy_", "CatArrayBatched")),
-)
-
-
-def kernel_summary(prof, steps: int, wall_s: float) -> str:
-    """GPU time per step by kind of kernel, from a torch.profiler run over `steps` steps that took `wall_s`."""
-    groups: dict[str, float] = {}
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", 0.0)
-        if us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
-            continue  # the kernels themselves, not the operators that launched them (counted twice otherwise)
-        group = next((g for g, keys in KERNEL_GROUPS if any(k in event.key for k in keys)), "other")
-        groups[group] = groups.get(group, 0.0) + us / 1e3 / steps
-    busy = sum(groups.values())
-    lines = [f"wall {1e3 * wall_s / steps:.1f} ms/step, GPU busy {busy:.1f} ms/step "
-             f"({100 * busy / (1e3 * wall_s / steps):.0f}%)",
-             "| kernels | ms/step | share of GPU time |", "| --- | --- | --- |"]
-    lines += [f"| {g} | {ms:.1f} | {100 * ms / busy:.0f}% |" for g, ms in sorted(groups.items(), key=lambda x: -x[1])]
-    return "\n".join(lines)
-
-
-SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # a .item() or blocking copy
-LAUNCHES = ("cudaLaunch", "cuLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
-PYTHON_FRAME = re.compile(r".+\.py\(\d+\): ")  # with_stack's frames: "path/file.py(123): function"
-
-
-def idle_summary(prof, steps: int, min_gap_us: float = 20.0, top: int = 8,
-                 device: torch.autograd.DeviceType = torch.autograd.DeviceType.CUDA) -> str:
-    """Where the GPU waited for the host, per step: every gap of at least `min_gap_us` between kernels, put down to
-    the host's last wait for the GPU that ended inside the gap (a read-back such as `.item()`, a blocking copy) or,
-    with none, to the launch of the kernel after the gap (the host was busy elsewhere until then); each named by the
-    innermost Python frame outside torch above it. Needs a profile taken with `with_stack=True`. `device` CPU reads
-    the CPU's matrix products as the kernels and as their own launches (what the tests can run)."""
-    events = prof.events()
-    on_cpu = device == torch.autograd.DeviceType.CPU
-    kernels = sorted((e for e in events if e.device_type == device and (not on_cpu or e.name == "aten::mm")),
-                     key=lambda e: e.time_range.start)
-    if not kernels:
-        return "no kernels"
-    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    waits = sorted((e for e in host if e.name.startswith(SYNCS)), key=lambda e: e.time_range.end)
-    launches = sorted((e for e in host if e.name.startswith(LAUNCHES)), key=lambda e: e.time_range.start)
-    launch_starts = [e.time_range.start for e in launches]
-
-    ops = sorted((e for e in host if not e.name.startswith(("cuda", "cu"))), key=lambda e: e.time_range.start)
-    op_starts = [e.time_range.start for e in ops]
-
-    def enclosing(event):  # the innermost operator or frame around a runtime call (older torch leaves no parent)
-        i = bisect.bisect_right(op_starts, event.time_range.start) - 1
-        while i >= 0 and ops[i].time_range.end < event.time_range.end:
-            i -= 1
-        return ops[i] if i >= 0 else None
-
-    def caller(event) -> str:
-        event = event.cpu_parent or enclosing(event) if event.name.startswith(("cuda", "cu")) else event
-        while event is not None:
-            frames = [f for f in (getattr(event, "stack", None) or []) if "/torch/" not in f]
-            if frames:  # older torch: the stack rides on the operator
-                return frames[0].rsplit("/", 1)[-1]
-            if PYTHON_FRAME.match(event.name) and "/torch/" not in event.name:
-                return event.name.rsplit("/", 1)[-1]
-            event = event.cpu_parent
-        return "?"
-
-    def launcher(kernel):  # the last launch call the host made before the kernel started
-        if on_cpu:
-            return kernel
-        i = bisect.bisect_right(launch_starts, kernel.time_range.start) - 1
-        return launches[i] if i >= 0 else None
-
-    causes: dict[str, list[float]] = {}
-    end = kernels[0].time_range.end
-    for k in kernels[1:]:
-        gap = k.time_range.start - end
-        if gap >= min_gap_us:
-            inside = [w for w in waits if end - 1 <= w.time_range.end <= k.time_range.start]
-            if inside:
-                cause = f"after a wait ({inside[-1].name}) in {caller(inside[-1])}"
-            else:
-                op = launcher(k)
-                parent = (op.cpu_parent or enclosing(op)) if op is not None and not on_cpu else op
-                cause = f"host busy; next kernel from {parent.name if parent else '?'} ({caller(op)})"
-            causes.setdefault(cause, []).append(gap)
-        end = max(end, k.time_range.end)
-    total = sum(sum(g) for g in causes.values())
-    lines = [f"GPU idle between kernels: {total / 1e3 / steps:.1f} ms/step in gaps >= {min_gap_us:.0f} us",
-             "| idle because | gaps/step | ms/step |", "| --- | --- | --- |"]
-    for cause, gaps in sorted(causes.items(), key=lambda c: -sum(c[1]))[:top]:
-        lines.append(f"| {cause} | {len(gaps) / steps:.1f} | {sum(gaps) / 1e3 / steps:.1f} |")
-    return "\n".join(lines)
 
 
 def bench_train_config(values: dict, model_path: Path, steps: int, warmup: int, tiny: bool, profile: bool):
@@ -350,25 +247,6 @@ def step_profiler(profile: Path, first: int):
                 write_profile(self.prof, 2, wall, profile, f"steps {first + 1}-{first + 2} of {args.max_steps}: ")
 
     return Profile()
-
-
-def profiler(all_threads: bool = False):
-    """torch.profiler over the CPU (the operators with their Python frames: of this thread, or of every thread) and
-    the GPU's kernels."""
-    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []), with_stack=True,
-        experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=all_threads))
-
-
-def write_profile(prof, steps: int, wall: float, path: Path, title: str) -> None:
-    """A profile's per-kind kernel summary, where the GPU waited for the host and the busiest operators, to `path`."""
-    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
-    try:
-        idle = idle_summary(prof, steps)
-    except Exception as e:  # a diagnostic that breaks on another torch must not lose the measured row
-        idle = f"idle summary failed: {e!r}"
-    path.write_text(title + kernel_summary(prof, steps, wall) + "\n\n" + idle + "\n\n" + table)
 
 
 def run_train_config(name: str, values: dict, model_path: Path, steps: int, warmup: int, tiny: bool,
@@ -758,42 +636,13 @@ def start_server(chat, cfg):
     return server, serving, port
 
 
-class HostTime:
-    """Where a serve run's host time went: CPU seconds of the engine's thread (the generation thread: admitting and
-    decoding), of the HTTP server's thread (its event loop: parsing requests, templates, streaming), of the rest of
-    the process, and graphs compiled, from start() to spent(). The engine and the server share one interpreter: where
-    their seconds add up to more than the wall, they waited for each other (the GIL)."""
-
-    def __init__(self, server_thread: threading.Thread):
-        from inference import generation_thread
-        self.threads = (generation_thread().submit(threading.get_ident).result(), server_thread.ident)
-        self.began = self._read()
-
-    @staticmethod
-    def _compiled() -> int:
-        from torch._dynamo.utils import counters
-        return counters["stats"]["unique_graphs"]
-
-    def _read(self) -> tuple[float, ...]:
-        return (*(time.clock_gettime(time.pthread_getcpuclockid(t)) for t in self.threads), time.process_time(),
-                self._compiled())
-
-    def start(self) -> None:
-        self.began = self._read()
-
-    def spent(self, run: str) -> dict:
-        engine, server, process, compiled = (b - a for a, b in zip(self.began, self._read()))
-        if compiled:
-            logging.warning("%d graph(s) compiled during the %s run: its figures include compiling", compiled, run)
-        return {"engine_cpu_s": engine, "server_cpu_s": server, "other_cpu_s": process - engine - server,
-                "compiled_while_serving": compiled}
-
-
 def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
               partial: Path | None = None, penalty: float = 1.0, profile: Path | None = None) -> list[dict]:
     """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone. With
     `profile`, the most clients once more under torch.profiler after the timed runs (profile_clients)."""
     import multiprocessing
+
+    from inference import generation_thread
 
     # inference.batch_slots as `python app.py` chooses it with no batching settings (64 on a GPU: README's table of
     # what its memory holds); the queue holds every client beyond them
@@ -825,7 +674,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         while len(set(pool.map(napping_pid, range(2 * processes), chunksize=1))) < processes:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{processes} client processes did not all start within 300 s")
-        host = HostTime(serving)
+        host = HostTime(generation_thread().submit(threading.get_ident).result(), serving.ident)
         for n in clients:
             chat.batcher.most_rows = 0
             chat.batcher.record.clear()
@@ -917,44 +766,6 @@ def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: s
                 f"loop's select, shows the Python line that called it):\n\n{sampler.table()}\n")
 
 
-class StackSampler:
-    """Where named threads spend their time, by their Python stacks: every `every` seconds, from a thread of its own,
-    the innermost `depth` frames of each (sys._current_frames), counted. The sampler takes the interpreter for a few
-    microseconds a sample."""
-
-    def __init__(self, threads: dict[str, int], every: float = 0.002, depth: int = 3):
-        self.threads, self.every, self.depth = threads, every, depth
-        self.counts = {name: Counter() for name in threads}
-        self._stop = threading.Event()
-        self._sampler = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> StackSampler:
-        self._sampler.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._sampler.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            frames = sys._current_frames()
-            for name, ident in self.threads.items():
-                frame, where = frames.get(ident), []
-                while frame is not None and len(where) < self.depth:
-                    where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}")
-                    frame = frame.f_back
-                self.counts[name][" < ".join(where)] += 1
-
-    def table(self, top: int = 12) -> str:
-        lines = []
-        for name, counts in self.counts.items():
-            total = sum(counts.values())
-            lines += [f"| {name} thread: where ({total} samples) | share |", "| --- | --- |"]
-            lines += [f"| {where} | {n / total:.1%} |" for where, n in counts.most_common(top)] + [""]
-        return "\n".join(lines)
-
-
 def memory(chat) -> dict:
     """The KV cache the engine holds, the process's peak GPU memory so far (GiB; 0 on the CPU) and the slots."""
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -1011,13 +822,21 @@ def serve_table(rows: list[dict]) -> str:
     # where admitting's host seconds went, pass by pass summed (BatchDecoder.record), and freeing rows
     parts = ["layout", "inputs", "pass", "scatter", "first tokens"]
     lines += ["", "| clients | admitting (s): " + " | ".join(parts) + " | waiting for the GPU | handing out | "
-              "freeing rows (s) |", "| --- " * (len(parts) + 4) + "|"]
+              "freeing rows (s) | garbage collector: passes, s (full passes, longest s) |",
+              "| --- " * (len(parts) + 5) + "|"]
     for r in rows:
         d = r.get("decoder", {})
         lines.append(f"| {r['name']} | " + " | ".join(f"{d.get(f'admit {p} s', 0.0):.3f}" for p in parts) +
                      f" | {d.get('prefill_wait_s', 0.0):.3f} | {d.get('admit handing out s', 0.0):.3f} | "
-                     f"{d.get('vacate s', 0.0):.3f} |")
+                     f"{d.get('vacate s', 0.0):.3f} | {collector(r)} |")
     return "\n".join(lines)
+
+
+def collector(row: dict) -> str:
+    """A serve row's garbage collector passes (HostTime), "-" for a row without them."""
+    if "gc_passes" not in row:
+        return "-"
+    return f"{row['gc_passes']}, {row['gc_s']:.3f} ({row['gc_full_passes']}, {row['gc_longest_full_s']:.3f})"
 
 
 def cpu_split(row: dict) -> str:

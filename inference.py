@@ -259,11 +259,22 @@ class ChatModel:
         self.model = self._decoder = self.batcher = None
         if self.fast:  # compiled code and CUDA-graph trees are per thread: reset them on the generation thread
             generation_thread().submit(torch._dynamo.reset).result()
+        gc.unfreeze()  # (warm_up froze it with the rest)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def warm_up(self, gen: GenerationSettings) -> None:
+        """Ready the model for its first users: the fast path compiled (_compile_shapes), then what is loaded and
+        compiled put out of the garbage collector's full passes, which would otherwise walk it all while every answer
+        waits (0.43 s for a loaded process's ~576k objects on a 2-core CPU, docs/PERFORMANCE.md; vLLM and SGLang
+        freeze their heaps after warm-up too). close() gives it back to the collector."""
+        if self.fast:
+            self._compile_shapes(gen)
+        gc.collect()
+        gc.freeze()
+
+    def _compile_shapes(self, gen: GenerationSettings) -> None:
         """Compile the fast path at load in every batch shape (one user; up to batch_slots at once:
         BatchDecoder.shapes), capture the prefill graphs of users' prompts, and run once what a burst of users
         costs (several prompts joining a running answer: one compiled prefill of them all) and a prompt alone
@@ -271,8 +282,6 @@ class ChatModel:
         of it. Where the shapes' row lengths are fixed (BatchDecoder.lengths: GPUs with the Triton kernels)
         nothing is compiled after this; elsewhere this compiles the usual length (a short prompt +
         max_new_tokens), and longer chats compile a longer one (at most 2 more per shape) when they first occur."""
-        if not self.fast:
-            return
         batcher = self.batcher
         if batcher.lengths is not None:
             logger.info("batch shapes (answers x cache slots a row): %s", ", ".join(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -137,43 +136,3 @@ def test_serving_bench_tiny(tmp_path):
     table = r"\| {} thread: where \((\d+) samples\) \| share \|\n\| --- \| --- \|\n((\|.*\n)+)"
     engine, server = (re.search(table.format(name), sampled) for name in ("engine", "server"))
     assert int(engine[1]) > 10 and int(server[1]) > 10 and "base_events.py" in server[2], sampled
-
-
-def test_a_compile_during_a_serve_run_is_counted_and_named(caplog):
-    """A serve run's figures that include a compile (a graph first met while serving stops every answer: 48.7 s on an
-    H100, docs/PERFORMANCE.md) say so: HostTime counts the graphs compiled between start() and spent() and warns;
-    a run without one counts none."""
-    import threading
-
-    import torch
-
-    import bench
-    host = bench.HostTime(threading.current_thread())
-    host.start()
-    assert host.spent("quiet")["compiled_while_serving"] == 0
-    host.start()
-    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
-    with caplog.at_level(logging.WARNING):
-        spent = host.spent("64-client")
-    assert spent["compiled_while_serving"] >= 1 and spent["engine_cpu_s"] >= 0 and spent["server_cpu_s"] > 0
-    assert "graph(s) compiled during the 64-client run: its figures include compiling" in caplog.text
-
-
-def test_idle_summary_names_the_code_that_kept_the_device_waiting():
-    """bench.py train --profile says where the GPU waited for the host. Here the CPU's matrix products stand in for
-    kernels: a 30 ms pause of the host between two of them is found and put down to the line that launched the
-    product after it."""
-    import time
-
-    import torch
-    from bench import idle_summary
-
-    a = torch.randn(64, 64)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
-        a @ a
-        time.sleep(0.03)
-        a @ a  # the launcher
-    summary = idle_summary(prof, steps=1, min_gap_us=10_000, device=torch.autograd.DeviceType.CPU)
-    first = summary.splitlines()[3]
-    assert "next kernel from aten::mm" in first and "test_bench.py" in first, summary
-    assert 30 <= float(first.split("|")[-2]) < 60, summary

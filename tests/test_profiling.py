@@ -1,0 +1,57 @@
+"""profiling.py: the instruments bench.py reads a run with (on the CPU: the GPU's own figures are measured on GPUs)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+
+import torch
+
+from profiling import HostTime, idle_summary
+
+
+def test_a_compile_during_a_serve_run_is_counted_and_named(caplog):
+    """A serve run's figures that include a compile (a graph first met while serving stops every answer: 48.7 s on an
+    H100, docs/PERFORMANCE.md) say so: HostTime counts the graphs compiled between start() and spent() and warns;
+    a run without one counts none."""
+    host = HostTime(threading.get_ident(), threading.get_ident())
+    host.start()
+    assert host.spent("quiet")["compiled_while_serving"] == 0
+    host.start()
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+    with caplog.at_level(logging.WARNING):
+        spent = host.spent("64-client")
+    assert spent["compiled_while_serving"] >= 1 and spent["engine_cpu_s"] >= 0 and spent["server_cpu_s"] > 0
+    assert "graph(s) compiled during the 64-client run: its figures include compiling" in caplog.text
+
+
+def test_a_serve_runs_garbage_collector_passes_are_counted():
+    """A full pass of the garbage collector stops every thread while it walks every object (a loaded server's:
+    docs/PERFORMANCE.md): HostTime counts the passes between start() and spent(), and the full ones with the
+    longest's seconds."""
+    host = HostTime(threading.get_ident(), threading.get_ident())
+    host.start()
+    gc.collect()
+    gc.collect(0)
+    spent = host.spent("collected")
+    assert spent["gc_full_passes"] == 1 and spent["gc_passes"] >= 2
+    assert 0 < spent["gc_longest_full_s"] <= spent["gc_s"]
+    host.start()
+    assert host.spent("quiet")["gc_full_passes"] == 0
+
+
+def test_idle_summary_names_the_code_that_kept_the_device_waiting():
+    """bench.py train --profile says where the GPU waited for the host. Here the CPU's matrix products stand in for
+    kernels: a 30 ms pause of the host between two of them is found and put down to the line that launched the
+    product after it."""
+    a = torch.randn(64, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        a @ a
+        time.sleep(0.03)
+        a @ a  # the launcher
+    summary = idle_summary(prof, steps=1, min_gap_us=10_000, device=torch.autograd.DeviceType.CPU)
+    first = summary.splitlines()[3]
+    assert "next kernel from aten::mm" in first and "test_profiling.py" in first, summary
+    assert 30 <= float(first.split("|")[-2]) < 60, summary
