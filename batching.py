@@ -3,7 +3,8 @@
 BatchDecoder is the engine behind chat (the CLI, the Gradio page, the OpenAI-compatible API, through inference.py's
 ChatModel): one bounded queue, one model step for every answer being written, each answer streamed to its own sink
 with its own settings, stop rules and seed, and one request unable to fail another (the class docstring says how).
-It uses decoding.py's rules and prefill graphs and phi_layers.py's cache and fused layers.
+It uses decoding.py's rules and prefill graphs, phi_layers.py's cache and fused layers, and kv_pool.py's books of
+the KV pool's slots.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import CompileConfig, DynamicCache, LogitsProcessorList
 from config import GenerationSettings
 from decoding import (CHECK_EVERY, PREFILL_BUCKETS, ScratchPrefills, logits_processors, penalize, prefill_attention,
                       remember, stop_index)
+from kv_pool import SlotPool, pool_slots
 from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_bytes_per_token, kv_width,
                         reads_own_slots)
 
@@ -30,13 +32,6 @@ PREFILL_TOKENS = 4096  # prompts that wait together are prefilled in passes of u
 # shape is compiled once (times each cache size).
 ROW_BUCKETS = (1, 8, 16, 32, 64)
 SHORT_ROWS = 8  # shapes of up to this many rows keep 512-slot rows for short answers beside their long ones (__init__)
-
-
-def pool_slots(slots: int, window: int, kv_budget: int | None, per_token: int) -> int:
-    """Token slots of the KV pool of an engine of `slots` rows (BatchDecoder): every row's whole context window, or
-    what kv_budget bytes hold where that is less, and never less than one window (one answer alone always runs)."""
-    full = slots * window
-    return full if kv_budget is None else min(full, max(window, kv_budget // per_token))
 
 
 def timed_event(device: torch.device) -> torch.cuda.Event | None:
@@ -250,8 +245,8 @@ class BatchDecoder:
         self._pending = None
         self._vacated: list[int] = []  # rows freed whose device state is not reset yet (_reset_vacated)
         self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
-        # the pool's free runs of slots (start, slots), in order; the slot after the pool is where free rows write
-        self._free = [(0, self.pool)] if self.pool is not None else []
+        # the pool's free slots (the slot after the pool is where free rows write)
+        self._slots = SlotPool(self.pool) if self.pool is not None else None
 
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, ids: list[int], gen: GenerationSettings, sink, seed: int | None = None) -> _Answer:
@@ -516,7 +511,7 @@ class BatchDecoder:
                 longest = max(longest, self.cache.layers[0].max_cache_len)
         if self.pool is not None:
             return self._length(rows, longest) is not None and \
-                sum(a.need for a in joining) <= sum(slots for _, slots in self._free)
+                sum(a.need for a in joining) <= self._slots.free
         return self.holds(rows, longest)
 
     def _admit(self, group: list[_Answer]) -> None:
@@ -546,48 +541,35 @@ class BatchDecoder:
     def _place(self, group: list[_Answer]) -> None:
         """A run of the pool's free slots for each answer of `group`, first fit; where no free run holds one, the
         running answers' slots are moved together first (_fits has checked that enough are free in all)."""
-        if all(self._claim(answer) for answer in group):
+        for answer in group:
+            answer.base = self._slots.claim(answer.need)
+        if all(answer.base is not None for answer in group):
             return
         for answer in group:
             self._release(answer)
         self._compact()
         for answer in group:
-            self._claim(answer)
-
-    def _claim(self, answer: _Answer) -> bool:
-        """The first free run of the pool that holds `answer`'s slots, for it (answer.base); False where none does."""
-        for i, (start, slots) in enumerate(self._free):
-            if slots >= answer.need:
-                answer.base = start
-                self._free[i:i + 1] = [(start + answer.need, slots - answer.need)] if slots > answer.need else []
-                return True
-        return False
+            answer.base = self._slots.claim(answer.need)
 
     def _release(self, answer: _Answer) -> None:
-        """`answer`'s slots back to the pool's free runs (merged with the runs beside them), where it has any. Steps
-        queued before may still write them; whatever is queued after (the next answer's prefill there) follows."""
-        if answer.base is None:
-            return
-        merged: list[tuple[int, int]] = []
-        for start, slots in sorted(self._free + [(answer.base, answer.need)]):
-            if merged and sum(merged[-1]) == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + slots)
-            else:
-                merged.append((start, slots))
-        self._free, answer.base = merged, None
+        """`answer`'s slots back to the pool, where it has any. Steps queued before may still write them; whatever is
+        queued after (the next answer's prefill there) follows."""
+        if answer.base is not None:
+            self._slots.release(answer.base, answer.need)
+            answer.base = None
 
     def _compact(self) -> None:
         """The running answers' slots moved to the pool's start, one run after another, so that its free slots are
         one run: the slots each has filled (with the steps queued), one gather and scatter per keys and values
         tensor, queued after the steps that wrote them."""
-        source, target, at = [], [], 0
-        for answer in sorted((a for a in self.rows if a), key=lambda a: a.base):
+        running = [a for a in self.rows if a]
+        source, target = [], []
+        for answer, base in zip(running, self._slots.compact([(a.base, a.need) for a in running])):
             held = min(answer.position + 1, answer.need)
-            if answer.base != at:
+            if answer.base != base:
                 source.append(torch.arange(answer.base, answer.base + held))
-                target.append(torch.arange(at, at + held))
-            answer.base, at = at, at + answer.need
-        self._free = [(at, self.pool - at)] if at < self.pool else []
+                target.append(torch.arange(base, base + held))
+            answer.base = base
         if source:
             source, target = (on_device(torch.cat(t), self.device) for t in (source, target))
             for layer in self.cache.layers:

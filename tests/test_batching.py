@@ -660,7 +660,8 @@ def test_on_a_gpu_64_short_chats_are_decoded_together_from_24_gb(chat_model):
     Triton kernels (Ampere and newer) each takes its tokens from one pool (pool_slots); on older GPUs (a T4) each
     row is a region of its batch shape's cache (shapes 1, 8, 16, 32, 64 rows), all as long as the longest."""
     import inference
-    from batching import ROW_BUCKETS, pool_slots
+    from batching import ROW_BUCKETS
+    from kv_pool import pool_slots
     from phi_layers import kv_budget_for
     gib, weights = 2**30, int(2.78e9 * 2)  # Phi-2's weights in bf16/fp16
 
