@@ -267,8 +267,8 @@ class ChatModel:
     def warm_up(self, gen: GenerationSettings) -> None:
         """Ready the model for its first users: the fast path compiled (_compile_shapes), then what is loaded and
         compiled put out of the garbage collector's full passes, which would otherwise walk it all while every answer
-        waits (0.43 s for a loaded process's ~576k objects on a 2-core CPU, docs/PERFORMANCE.md; vLLM and SGLang
-        freeze their heaps after warm-up too). close() gives it back to the collector."""
+        waits (docs/PERFORMANCE.md; vLLM and SGLang freeze their heaps after warm-up too). close() gives it back to
+        the collector."""
         if self.fast:
             self._compile_shapes(gen)
         gc.collect()

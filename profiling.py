@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 
 def sync() -> None:
     """Wait for the GPU (nothing on the CPU): timings start and stop on an idle device."""
@@ -180,7 +182,7 @@ class HostTime:
     def spent(self, run: str) -> dict:
         engine, server, process, compiled = (b - a for a, b in zip(self.began, self._read()))
         if compiled:
-            logging.warning("%d graph(s) compiled during the %s run: its figures include compiling", compiled, run)
+            logger.warning("%d graph(s) compiled during the %s run: its figures include compiling", compiled, run)
         full = [seconds for generation, seconds in self.collections if generation == 2]
         return {"engine_cpu_s": engine, "server_cpu_s": server, "other_cpu_s": process - engine - server,
                 "compiled_while_serving": compiled, "gc_passes": len(self.collections),

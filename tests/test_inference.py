@@ -159,9 +159,8 @@ def test_closing_the_stream_frees_the_model(tokenizer):
 
 def test_a_warmed_up_model_is_out_of_the_collectors_way_until_it_is_closed():
     """What a server loads and compiles lives as long as it does: after the warm-up, the garbage collector's full
-    passes (every answer stops while one walks every object: 0.43 s for the ~576k objects of a loaded process on a
-    2-core CPU, docs/PERFORMANCE.md) no longer walk the model; close() gives it back to the collector, and the model
-    is freed (evaluate.py loads one model after another)."""
+    passes (every answer stops while one walks every object: docs/PERFORMANCE.md) no longer walk the model; close()
+    gives it back to the collector, and the model is freed (evaluate.py loads one model after another)."""
     import gc
     import weakref
 
