@@ -273,6 +273,8 @@ class ChatModel:
             self._compile_shapes(gen)
         gc.collect()
         gc.freeze()
+        logger.info("%d objects (the model, the compiled code, the libraries) left out of the garbage collector's "
+                    "full passes", gc.get_freeze_count())
 
     def _compile_shapes(self, gen: GenerationSettings) -> None:
         """Compile the fast path at load in every batch shape (one user; up to batch_slots at once:

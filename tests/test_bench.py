@@ -126,6 +126,10 @@ def test_serving_bench_tiny(tmp_path):
         parts = [v for k, v in d.items() if k.startswith("admit ") and k.endswith(" s")]
         assert len(parts) == 6 and 0.9 * d["admit_s"] < sum(parts) + d["prefill_wait_s"] <= d["admit_s"], d
     assert "| admitting (s): layout | inputs | pass | scatter | first tokens |" in json.loads(out.read_text())["table"]
+    # the garbage collector's passes in each run (every thread stops during one), counted apart from the full ones
+    for r in rows + [probe]:
+        assert r["gc_passes"] >= r["gc_full_passes"] >= 0 and r["gc_longest_full_s"] <= r["gc_s"], r
+    assert "garbage collector: passes, s (full passes, longest s)" in json.loads(out.read_text())["table"]
     # --profile: the 4 clients once more under torch.profiler, which sees the model's products (addmm on the CPU)
     # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
     profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
