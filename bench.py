@@ -697,6 +697,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
             rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading, host))
         if profile is not None and rows and not stopped.is_set():
             profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile, host)
+        host.close()
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base and "long_prompt_tokens" not in r else None

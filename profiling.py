@@ -160,6 +160,10 @@ class HostTime:
         gc.callbacks.append(self._collection)
         self.began = self._read()
 
+    def close(self) -> None:
+        """Stop counting the collector's passes (its callback off: it would outlive the run otherwise)."""
+        gc.callbacks.remove(self._collection)
+
     def _collection(self, phase: str, info: dict) -> None:
         """gc's callback, at the start and the stop of each pass (on the thread whose allocation set it off)."""
         if phase == "start":

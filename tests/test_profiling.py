@@ -25,6 +25,7 @@ def test_a_compile_during_a_serve_run_is_counted_and_named(caplog):
         spent = host.spent("64-client")
     assert spent["compiled_while_serving"] >= 1 and spent["engine_cpu_s"] >= 0 and spent["server_cpu_s"] > 0
     assert "graph(s) compiled during the 64-client run: its figures include compiling" in caplog.text
+    host.close()
 
 
 def test_a_serve_runs_garbage_collector_passes_are_counted():
@@ -40,6 +41,9 @@ def test_a_serve_runs_garbage_collector_passes_are_counted():
     assert 0 < spent["gc_longest_full_s"] <= spent["gc_s"]
     host.start()
     assert host.spent("quiet")["gc_full_passes"] == 0
+    host.close()
+    gc.collect()
+    assert host.spent("closed")["gc_full_passes"] == 0  # (its callback is off)
 
 
 def test_idle_summary_names_the_code_that_kept_the_device_waiting():
