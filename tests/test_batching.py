@@ -151,7 +151,7 @@ def test_an_answer_left_alone_late_in_the_cache_goes_on(chat_model, monkeypatch)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("server_max_new_tokens", [40, 600])
+@pytest.mark.parametrize("server_max_new_tokens", [40, pytest.param(600, marks=pytest.mark.slow)])
 def test_a_long_conversation_that_arrives_mid_run_joins_without_a_compile(tokenizer, device, server_max_new_tokens,
                                                                           caplog):
     """The compiled engine (the GPU's; on the CPU too) compiles each batch shape at load, at each of its row lengths

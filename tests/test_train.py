@@ -251,7 +251,7 @@ def test_plain_bf16_training_keeps_the_loss(tmp_path):
     assert losses["off"][-1] < 0.8 * losses["off"][0]
 
 
-
+@pytest.mark.slow  # a compiled training run, as the other compiled-training tests
 def test_training_metrics_stay_training_metrics_after_a_compiled_evaluation(tmp_path):
     """With torch.compile the Trainer trains a copy of the model object; an evaluation left trl reading the original
     as in eval mode, so every later training log carried eval_* metrics and the token count stopped (seen on the
