@@ -674,30 +674,29 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
         while len(set(pool.map(napping_pid, range(2 * processes), chunksize=1))) < processes:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{processes} client processes did not all start within 300 s")
-        host = HostTime(generation_thread().submit(threading.get_ident).result(), serving.ident)
-        for n in clients:
-            chat.batcher.most_rows = 0
-            chat.batcher.record.clear()
-            host.start()
-            start = time.perf_counter()
-            try:
-                got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name) for q in asked[:n]],
-                                   chunksize=1)
-            except RuntimeError:
-                if not stopped.is_set():
-                    raise
-                logging.warning("stopped by a signal: the %d-client run is left out", n)
-                break
-            wall = time.perf_counter() - start
-            rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, loading)
-                        | {"decoder": dict(chat.batcher.record)} | host.spent(f"{n}-client") | memory(chat))
-            if partial is not None:
-                partial.write_text(json.dumps(rows, default=str))
-        if rows and not stopped.is_set():
-            rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading, host))
-        if profile is not None and rows and not stopped.is_set():
-            profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile, host)
-        host.close()
+        with HostTime(generation_thread().submit(threading.get_ident).result(), serving.ident) as host:
+            for n in clients:
+                chat.batcher.most_rows = 0
+                chat.batcher.record.clear()
+                host.start()
+                start = time.perf_counter()
+                try:
+                    got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name) for q in asked[:n]],
+                                       chunksize=1)
+                except RuntimeError:
+                    if not stopped.is_set():
+                        raise
+                    logging.warning("stopped by a signal: the %d-client run is left out", n)
+                    break
+                wall = time.perf_counter() - start
+                rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, loading)
+                            | {"decoder": dict(chat.batcher.record)} | host.spent(f"{n}-client") | memory(chat))
+                if partial is not None:
+                    partial.write_text(json.dumps(rows, default=str))
+            if rows and not stopped.is_set():
+                rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading, host))
+            if profile is not None and rows and not stopped.is_set():
+                profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile, host)
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base and "long_prompt_tokens" not in r else None

@@ -151,7 +151,8 @@ class HostTime:
     decoding), of the HTTP server's thread (its event loop: parsing requests, templates, streaming), of the rest of
     the process, graphs compiled, and the garbage collector's passes (every thread stops while one runs), from
     start() to spent(). The engine and the server share one interpreter: where their seconds add up to more than the
-    wall, they waited for each other (the GIL)."""
+    wall, they waited for each other (the GIL). Used as `with HostTime(...) as host:`, which stops counting the
+    collector's passes however the block ends."""
 
     def __init__(self, engine_thread: int, server_thread: int):
         self.threads = (engine_thread, server_thread)  # (threading.get_ident()s)
@@ -160,7 +161,10 @@ class HostTime:
         gc.callbacks.append(self._collection)
         self.began = self._read()
 
-    def close(self) -> None:
+    def __enter__(self) -> HostTime:
+        return self
+
+    def __exit__(self, *exc) -> None:
         """Stop counting the collector's passes (its callback off: it would outlive the run otherwise)."""
         gc.callbacks.remove(self._collection)
 

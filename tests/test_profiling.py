@@ -16,34 +16,44 @@ def test_a_compile_during_a_serve_run_is_counted_and_named(caplog):
     """A serve run's figures that include a compile (a graph first met while serving stops every answer: 48.7 s on an
     H100, docs/PERFORMANCE.md) say so: HostTime counts the graphs compiled between start() and spent() and warns;
     a run without one counts none."""
-    host = HostTime(threading.get_ident(), threading.get_ident())
-    host.start()
-    assert host.spent("quiet")["compiled_while_serving"] == 0
-    host.start()
-    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
-    with caplog.at_level(logging.WARNING):
-        spent = host.spent("64-client")
+    with HostTime(threading.get_ident(), threading.get_ident()) as host:
+        host.start()
+        assert host.spent("quiet")["compiled_while_serving"] == 0
+        host.start()
+        torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+        with caplog.at_level(logging.WARNING):
+            spent = host.spent("64-client")
     assert spent["compiled_while_serving"] >= 1 and spent["engine_cpu_s"] >= 0 and spent["server_cpu_s"] > 0
     assert "graph(s) compiled during the 64-client run: its figures include compiling" in caplog.text
-    host.close()
 
 
 def test_a_serve_runs_garbage_collector_passes_are_counted():
     """A full pass of the garbage collector stops every thread while it walks every object (a loaded server's:
     docs/PERFORMANCE.md): HostTime counts the passes between start() and spent(), and the full ones with the
     longest's seconds."""
-    host = HostTime(threading.get_ident(), threading.get_ident())
-    host.start()
-    gc.collect()
-    gc.collect(0)
-    spent = host.spent("collected")
-    assert spent["gc_full_passes"] == 1 and spent["gc_passes"] >= 2
-    assert 0 < spent["gc_longest_full_s"] <= spent["gc_s"]
-    host.start()
-    assert host.spent("quiet")["gc_full_passes"] == 0
-    host.close()
+    with HostTime(threading.get_ident(), threading.get_ident()) as host:
+        host.start()
+        gc.collect()
+        gc.collect(0)
+        spent = host.spent("collected")
+        assert spent["gc_full_passes"] == 1 and spent["gc_passes"] >= 2
+        assert 0 < spent["gc_longest_full_s"] <= spent["gc_s"]
+        host.start()
+        assert host.spent("quiet")["gc_full_passes"] == 0
     gc.collect()
     assert host.spent("closed")["gc_full_passes"] == 0  # (its callback is off)
+
+
+def test_a_serve_run_that_fails_stops_counting_the_collectors_passes():
+    """A serve run that stops on an error (a client's RuntimeError) leaves no collector callback behind it: in a
+    process that goes on (a test session, a notebook) it would keep a list of every pass growing until the end."""
+    callbacks = list(gc.callbacks)
+    try:
+        with HostTime(threading.get_ident(), threading.get_ident()):
+            raise RuntimeError("a client's stream broke")
+    except RuntimeError:
+        pass
+    assert gc.callbacks == callbacks
 
 
 def test_idle_summary_names_the_code_that_kept_the_device_waiting():
