@@ -758,7 +758,8 @@ def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: s
         sync()
         wall = time.perf_counter() - start
     write_profile(prof, 1, wall, profile, f"{len(asked)} streaming clients, one run: ")
-    with StackSampler(dict(zip(("engine", "server"), host.threads))) as sampler:
+    # (and every other thread of the process while the engine admits: who takes the interpreter from it then)
+    with StackSampler(dict(zip(("engine", "server"), host.threads)), during=("engine", "_prefill")) as sampler:
         pool.starmap(stream_completion, requests, chunksize=1)
     with profile.open("a") as f:
         f.write(f"\n\n{len(asked)} streaming clients once more, the threads' Python stacks sampled every "

@@ -200,14 +200,18 @@ class HostTime:
 
 class StackSampler:
     """Where named threads spend their time, by their Python stacks: every `every` seconds, from a thread of its own,
-    the innermost `depth` frames of each (sys._current_frames), counted. The sampler takes the interpreter for a few
-    microseconds a sample."""
+    the innermost `depth` frames of each (sys._current_frames), counted. With `during` (a named thread and a function
+    name), also every other thread of the process, by its name, in the samples where that thread's stack holds that
+    function: who else runs, or waits where, while the engine admits, say. The sampler takes the interpreter for a
+    few microseconds a sample."""
 
-    def __init__(self, threads: dict[str, int], every: float = 0.002, depth: int = 3):
-        self.threads, self.every, self.depth = threads, every, depth
+    def __init__(self, threads: dict[str, int], every: float = 0.002, depth: int = 3,
+                 during: tuple[str, str] | None = None):
+        self.threads, self.every, self.depth, self.during = threads, every, depth, during
         self.counts = {name: Counter() for name in threads}
+        self.beside: dict[str, Counter] = {}  # thread name -> where, in the samples inside `during`
         self._stop = threading.Event()
-        self._sampler = threading.Thread(target=self._run, daemon=True)
+        self._sampler = threading.Thread(target=self._run, daemon=True, name="stack sampler")
 
     def __enter__(self) -> StackSampler:
         self._sampler.start()
@@ -217,20 +221,51 @@ class StackSampler:
         self._stop.set()
         self._sampler.join()
 
+    def _where(self, frame) -> str:
+        where = []
+        while frame is not None and len(where) < self.depth:
+            where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        return " < ".join(where)
+
+    @staticmethod
+    def _inside(frame, function: str) -> bool:
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return True
+            frame = frame.f_back
+        return False
+
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             frames = sys._current_frames()
             for name, ident in self.threads.items():
-                frame, where = frames.get(ident), []
-                while frame is not None and len(where) < self.depth:
-                    where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}")
-                    frame = frame.f_back
-                self.counts[name][" < ".join(where)] += 1
+                self.counts[name][self._where(frames.get(ident))] += 1
+            if self.during is None:
+                continue
+            watched, function = self.during
+            if not self._inside(frames.get(self.threads[watched]), function):
+                continue
+            names, seen = {}, Counter()
+            for t in threading.enumerate():  # (several threads may share a name: AnyIO's workers)
+                seen[t.name] += 1
+                names[t.ident] = t.name if seen[t.name] == 1 else f"{t.name} #{seen[t.name]}"
+            for ident, frame in frames.items():
+                if ident not in (self.threads[watched], threading.get_ident()):
+                    self.beside.setdefault(names.get(ident, str(ident)), Counter())[self._where(frame)] += 1
 
     def table(self, top: int = 12) -> str:
         lines = []
         for name, counts in self.counts.items():
-            total = sum(counts.values())
-            lines += [f"| {name} thread: where ({total} samples) | share |", "| --- | --- |"]
-            lines += [f"| {where} | {n / total:.1%} |" for where, n in counts.most_common(top)] + [""]
+            lines += self._table(f"{name} thread", counts, top)
+        if self.during is not None:
+            watched, function = self.during
+            for name, counts in sorted(self.beside.items()):
+                lines += self._table(f"{name!r} while the {watched} thread is in {function}", counts, top)
         return "\n".join(lines)
+
+    @staticmethod
+    def _table(title: str, counts: Counter, top: int) -> list[str]:
+        total = sum(counts.values())
+        return ([f"| {title}: where ({total} samples) | share |", "| --- | --- |"]
+                + [f"| {where} | {n / total:.1%} |" for where, n in counts.most_common(top)] + [""])

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from profiling import HostTime, idle_summary
+from profiling import HostTime, StackSampler, idle_summary
 
 
 def test_a_compile_during_a_serve_run_is_counted_and_named(caplog):
@@ -69,3 +69,40 @@ def test_idle_summary_names_the_code_that_kept_the_device_waiting():
     first = summary.splitlines()[3]
     assert "next kernel from aten::mm" in first and "test_profiling.py" in first, summary
     assert 30 <= float(first.split("|")[-2]) < 60, summary
+
+
+def test_the_stack_sampler_names_who_ran_while_the_engine_admitted():
+    """bench.py serve --profile samples every thread's stack while the engine's thread admits (its _prefill), to find
+    who holds the interpreter then. Here a thread spins in Python in one function before the "engine" admits and in
+    another while it does: only the second is counted beside the admission, and by the spinning thread's name."""
+    admitting, done = threading.Event(), threading.Event()
+
+    def _prefill():
+        admitting.set()
+        time.sleep(0.3)
+
+    def engine():
+        time.sleep(0.3)
+        _prefill()
+        done.set()
+
+    def spin_before():
+        while not admitting.is_set():
+            pass
+
+    def spin_during():
+        while not done.is_set():
+            pass
+
+    spinner = threading.Thread(target=lambda: (spin_before(), spin_during()), name="spinner")
+    worker = threading.Thread(target=engine, name="engine")
+    worker.start()
+    spinner.start()
+    with StackSampler({"engine": worker.ident}, every=0.005, during=("engine", "_prefill")) as sampler:
+        worker.join()
+        spinner.join()
+    spun = sampler.beside["spinner"]
+    during = sum(n for where, n in spun.items() if "test_profiling.py:spin_during" in where)
+    assert during >= 10 and during >= 0.9 * sum(spun.values()), spun
+    assert "| 'spinner' while the engine thread is in _prefill: where (" in sampler.table()
+    assert sum(sampler.counts["engine"].values()) > during  # the engine's own stack in every sample
