@@ -28,6 +28,7 @@ from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, 
 logger = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 4096  # prompts that wait together are prefilled in passes of up to this many (padded) tokens
+BURST_STEPS = 2  # the decode steps between two prefill passes of a burst (a full chunk would delay the next pass)
 # Batch shapes (rows a decode step runs), up to the engine's slots: a few users do not pay for a 64-row step, and each
 # shape is compiled once (times each cache size).
 ROW_BUCKETS = (1, 8, 16, 32, 64)
@@ -245,6 +246,7 @@ class BatchDecoder:
         self._pending = None
         self._vacated: list[int] = []  # rows freed whose device state is not reset yet (_reset_vacated)
         self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
+        self._pass_ready = False  # whether the last _pick left prompts for a next pass (see _serve)
         # the pool's free slots (the slot after the pool is where free rows write)
         self._slots = SlotPool(self.pool) if self.pool is not None else None
 
@@ -333,8 +335,11 @@ class BatchDecoder:
                         begun = time.perf_counter()
                         self._admit(group)
                         self.record["admit_s"] += time.perf_counter() - begun
+                    # While another pass is ready (the prompts that arrived together did not fit in one), the
+                    # running answers get a few steps, not a full chunk: the next pass is queued behind them on the
+                    # GPU, and its users' first tokens with it.
                     if any(a is not None and a.to_queue > 0 for a in self.rows):
-                        self._decode_chunk()
+                        self._decode_chunk(BURST_STEPS if self._pass_ready else self.check_every)
                     else:
                         self._flush()
         except BaseException as error:  # every waiting client must hear of it, not hang
@@ -485,9 +490,11 @@ class BatchDecoder:
         group: list[_Answer] = []
         with self._lock:
             active = [a for a in self.rows if a]
+            self._pass_ready = False
             while self._waiting and len(active) + len(group) < self.slots:
                 head = self._waiting[0]
                 if group and (len(group) + 1) * max(len(a.ids) for a in group + [head]) > PREFILL_TOKENS:
+                    self._pass_ready = True
                     break
                 if (active or group) and not self._fits(active, group + [head]):
                     break  # it waits for answers to end, and nothing behind it passes it
@@ -684,12 +691,12 @@ class BatchDecoder:
         answer.seq[0, width + step] = token[0]
         return token, ok
 
-    def _decode_chunk(self) -> None:
-        """Queue up to check_every steps for every row without waiting for the GPU; then look at the chunk queued
-        before this one (the GPU has finished it by now, so the host never stalls it)."""
+    def _decode_chunk(self, most: int) -> None:
+        """Queue up to `most` steps for every row without waiting for the GPU; then look at the chunk queued before
+        this one (the GPU has finished it by now, so the host never stalls it)."""
         self._reset_vacated()
         rows = list(self.rows)
-        steps = min(self.check_every, max(a.to_queue for a in rows if a))
+        steps = min(most, max(a.to_queue for a in rows if a))
         shape = f"{len(rows)} rows x {self.cache.layers[0].max_cache_len} slots"
         began = timed_event(self.device)
         chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)

@@ -289,6 +289,41 @@ def test_running_answers_go_on_between_the_prefill_passes_of_a_burst(tokenizer, 
     assert len(passes) == 4 and all(b - a > 1 for a, b in zip(passes, passes[1:])), calls
 
 
+def test_a_bursts_next_pass_waits_behind_a_short_chunk_not_a_full_one(tokenizer, monkeypatch):
+    """Between the prefill passes of a burst the running answers get BURST_STEPS decode steps, not a full chunk
+    (CHECK_EVERY steps on a GPU): the next pass, queued on the GPU behind those steps, starts sooner, and so do its
+    users' first tokens (a GPU's 64 users arriving at once take 3-4 passes, docs/PERFORMANCE.md). Once no pass is
+    ready, the chunks are full again. Each answer still writes all its tokens."""
+    import batching
+    chat, messages = endless(tokenizer, fast=False)
+    chat.batcher.check_every = 8  # the compiled path's chunk, on the plain path
+    ids = chat.prompt_ids(messages, 40)[0]
+    monkeypatch.setattr(batching, "PREFILL_TOKENS", len(ids))  # one prompt a pass
+    calls, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
+    forward = chat.model.model.forward
+
+    def watched(*args, **kwargs):
+        calls.append("prefill" if kwargs["input_ids"].shape[1] > 1 else "step")
+        if calls[-1] == "step" and hold.is_set():  # the running answer's step, held until the others have arrived
+            inside.set()
+            release.wait(30)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(chat.model.model, "forward", watched)
+    running = chat.start(ids, GenerationSettings(max_new_tokens=60, temperature=0.0))
+    next(iter(running))
+    hold.set()
+    assert inside.wait(30)
+    others = [chat.start(ids, GenerationSettings(max_new_tokens=20, temperature=0.0)) for _ in range(3)]
+    hold.clear()
+    release.set()
+    assert [r.new_tokens for r in finish([running] + others)] == [60, 20, 20, 20]
+    passes = [i for i, call in enumerate(calls) if call == "prefill"][1:]  # (the running answer's own first)
+    between = [b - a - 1 for a, b in zip(passes, passes[1:])]
+    after = calls[passes[-1] + 1:passes[-1] + 1 + 8]
+    assert between == [2, 2] and after == ["step"] * 8, calls  # (BURST_STEPS, then a full chunk)
+
+
 def test_a_prompt_that_joins_alone_prefilled_padded_to_its_bucket_keeps_its_answer(chat_model, monkeypatch):
     """On a GPU BatchDecoder prefills a prompt that joins alone through the CUDA graph of its padded length
     (decoding._PrefillGraph, PREFILL_BUCKETS), captured at load, into a scratch cache its slots are copied out of;
