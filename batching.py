@@ -339,7 +339,7 @@ class BatchDecoder:
                     # running answers get a few steps, not a full chunk: the next pass is queued behind them on the
                     # GPU, and its users' first tokens with it.
                     if any(a is not None and a.to_queue > 0 for a in self.rows):
-                        self._decode_chunk(BURST_STEPS if self._pass_ready else self.check_every)
+                        self._decode_chunk(min(BURST_STEPS, self.check_every) if self._pass_ready else self.check_every)
                     else:
                         self._flush()
         except BaseException as error:  # every waiting client must hear of it, not hang

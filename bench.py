@@ -13,6 +13,7 @@
     python bench.py serve --dtypes bf16 --clients 1 8   # concurrent streaming clients of the OpenAI-compatible API
     python bench.py serve --tiny               # the same on the tiny model on the CPU
     python bench.py serve --dtypes bf16 --penalty 1.1   # greedy with the app's default repetition penalty
+    python bench.py serve --dtypes bf16 --clients 64 --burst-steps 8   # a full chunk between a burst's passes
     python bench.py serve --dtypes bf16 --clients 64 --profile   # + the 64 clients once more under torch.profiler,
                                                                  # and once more with Python stacks sampled
 
@@ -495,7 +496,8 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
         chat = ChatModel(model, tokenizer, fast=fast)
         label = f"{dtype} {'fast' if fast else 'plain'}"
         t0 = time.perf_counter()
-        chat.generate_ids(prompts[:1], dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)  # warm-up/compile
+        # warm-up/compile
+        chat.generate_ids(prompts[:1], dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)
         sync()
         first_call = time.perf_counter() - t0
         chat.generate_ids(prompts[:1], dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)
@@ -528,7 +530,8 @@ def run_generate(model_path: Path, dtype: str, tiny: bool, prompt_len: int, new_
             logits[fast].append(step_logits[0])  # (64, vocab)
         if batch > 1:
             t0 = time.perf_counter()
-            chat.generate_ids(prompts, dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)  # warm-up/compile
+            # warm-up/compile
+            chat.generate_ids(prompts, dataclasses.replace(gen, max_new_tokens=new_tokens), ignore_eos=True)
             sync()
             row[f"batch{batch}_first_call_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -593,7 +596,8 @@ def stream_completion(port: int, question: str, max_tokens: int, model: str, del
         text += content or ""
         usage = event.get("usage") or usage
     connection.close()
-    return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start, "max_gap_s": gap, "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
+    return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start, "max_gap_s": gap,
+            "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
 
 
 def napping_pid(_) -> int:
@@ -885,6 +889,9 @@ def child(args) -> int:
                                spec["tiny"], Path(spec["profile"]) if spec.get("profile") else None)
         result = [row]
     elif spec["kind"] == "serve":
+        if spec.get("burst_steps") is not None:  # (an A/B of the engine's scheduling on one loaded machine)
+            import batching
+            batching.BURST_STEPS = spec["burst_steps"]
         result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
                            spec["new_tokens"], Path(spec["result"]), spec["penalty"],
                            Path(spec["profile"]) if spec.get("profile") else None)
@@ -930,6 +937,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], help="generation: merged model dtypes")
     parser.add_argument("--batch", type=int, default=64, help="generation: batch for aggregate throughput")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="serve: concurrent clients per run")
+    parser.add_argument("--burst-steps", type=int, default=None,
+                        help="serve: decode steps between two prefill passes of a burst of arrivals (default "
+                             "batching.BURST_STEPS; 8, a full chunk on a GPU, to compare with)")
     parser.add_argument("--penalty", type=float, default=1.0,
                         help="serve: the server's repetition penalty (default 1.0, none; the app's default is 1.1)")
     parser.add_argument("--model-dir", default=None, help="where the random Phi-2 is saved (reused if present)")
@@ -1006,6 +1016,7 @@ def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: 
         logger.info("serving %s ...", dtype)
         rows += spawn({"kind": "serve", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
                        "clients": args.clients, "prompt_words": 12 if args.tiny else 40, "penalty": args.penalty,
+                       "burst_steps": args.burst_steps,
                        "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent),
                        "profile": str(out.parent / f"bench-serve-{dtype}-profile.md") if args.profile else None},
                       args.timeout)

@@ -289,14 +289,16 @@ def test_running_answers_go_on_between_the_prefill_passes_of_a_burst(tokenizer, 
     assert len(passes) == 4 and all(b - a > 1 for a, b in zip(passes, passes[1:])), calls
 
 
-def test_a_bursts_next_pass_waits_behind_a_short_chunk_not_a_full_one(tokenizer, monkeypatch):
+@pytest.mark.parametrize("chunk, between", [(8, [2, 2]), (1, [1, 1])])
+def test_a_bursts_next_pass_waits_behind_a_short_chunk_not_a_full_one(tokenizer, monkeypatch, chunk, between):
     """Between the prefill passes of a burst the running answers get BURST_STEPS decode steps, not a full chunk
     (CHECK_EVERY steps on a GPU): the next pass, queued on the GPU behind those steps, starts sooner, and so do its
-    users' first tokens (a GPU's 64 users arriving at once take 3-4 passes, docs/PERFORMANCE.md). Once no pass is
-    ready, the chunks are full again. Each answer still writes all its tokens."""
+    users' first tokens (a GPU's 64 users arriving at once take 3-4 passes, docs/PERFORMANCE.md); never more than a
+    chunk (the plain path's is one step). Once no pass is ready, the chunks are full again. Each answer still writes
+    all its tokens."""
     import batching
     chat, messages = endless(tokenizer, fast=False)
-    chat.batcher.check_every = 8  # the compiled path's chunk, on the plain path
+    chat.batcher.check_every = chunk  # 8: the compiled path's chunk, on the plain path
     ids = chat.prompt_ids(messages, 40)[0]
     monkeypatch.setattr(batching, "PREFILL_TOKENS", len(ids))  # one prompt a pass
     calls, hold, inside, release = [], threading.Event(), threading.Event(), threading.Event()
@@ -319,9 +321,9 @@ def test_a_bursts_next_pass_waits_behind_a_short_chunk_not_a_full_one(tokenizer,
     release.set()
     assert [r.new_tokens for r in finish([running] + others)] == [60, 20, 20, 20]
     passes = [i for i, call in enumerate(calls) if call == "prefill"][1:]  # (the running answer's own first)
-    between = [b - a - 1 for a, b in zip(passes, passes[1:])]
-    after = calls[passes[-1] + 1:passes[-1] + 1 + 8]
-    assert between == [2, 2] and after == ["step"] * 8, calls  # (BURST_STEPS, then a full chunk)
+    steps = [b - a - 1 for a, b in zip(passes, passes[1:])]
+    after = calls[passes[-1] + 1:passes[-1] + 1 + chunk]
+    assert steps == between and after == ["step"] * chunk, calls  # (BURST_STEPS, then a full chunk)
 
 
 def test_a_prompt_that_joins_alone_prefilled_padded_to_its_bucket_keeps_its_answer(chat_model, monkeypatch):
