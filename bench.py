@@ -1015,6 +1015,9 @@ def bench_training(args, parser: argparse.ArgumentParser, model_path: Path, out:
 def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: Path, steps: int,
                   warmup: int) -> tuple[list[dict], str]:
     """bench.py serve: concurrent streaming clients over HTTP, per dtype, in a process of its own."""
+    for flag in ("burst_steps", "prefill_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be 1 or more (got {getattr(args, flag)})")
     rows: list[dict] = []
     for dtype in args.dtypes if args.dtypes != parser.get_default("dtypes") else ["fp32" if args.tiny else "bf16"]:
         logger.info("serving %s ...", dtype)

@@ -140,3 +140,13 @@ def test_serving_bench_tiny(tmp_path):
     table = r"\| {} thread: where \((\d+) samples\) \| share \|\n\| --- \| --- \|\n((\|.*\n)+)"
     engine, server = (re.search(table.format(name), sampled) for name in ("engine", "server"))
     assert int(engine[1]) > 10 and int(server[1]) > 10 and "base_events.py" in server[2], sampled
+
+
+@pytest.mark.parametrize("flag", ["--burst-steps", "--prefill-tokens"])
+def test_serve_scheduling_flags_below_one_are_refused_before_anything_loads(flag, capsys):
+    """bench serve's A/B flags for the engine's scheduling: 0 steps between a burst's passes would never decode, 0
+    tokens a pass would never prefill; either is refused with the fix, before a model is loaded."""
+    import bench
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["serve", "--tiny", flag, "0"])
+    assert exit_.value.code == 2 and f"{flag} must be 1 or more (got 0)" in capsys.readouterr().err
