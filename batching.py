@@ -138,8 +138,8 @@ class BatchDecoder:
     A request that arrives while others are being generated joins them at the next chunk boundary (every
     CHECK_EVERY steps when compiled, every step otherwise): its prompt is prefilled (the prompts waiting at a
     boundary in one pass of up to PREFILL_TOKENS tokens, one pass a boundary, so the answers being written go on
-    between the passes of a burst, BURST_STEPS steps each; on a GPU one prompt alone through a CUDA graph captured at load) and copied into
-    a free row of the cache; a finished or cancelled answer frees its row at the next boundary. Each answer streams
+    between the passes of a burst, BURST_STEPS steps each; on a GPU one prompt alone through a CUDA graph captured at
+    load) and copied into a free row of the cache; a finished or cancelled answer frees its row at the next boundary. Each answer streams
     to its own client with its own sampling settings, stop rules and seed (greedy rows' repetition penalties applied
     to all rows at once). The host queues a chunk before it reads the previous one's tokens (one chunk behind the
     GPU, as FastDecoder), so a finished answer costs up to one chunk of wasted steps.
