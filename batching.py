@@ -135,14 +135,14 @@ class _Answer:
 class BatchDecoder:
     """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
 
-    A request that arrives while others are being generated joins them at the next chunk boundary (every
-    CHECK_EVERY steps when compiled, every step otherwise): its prompt is prefilled (the prompts waiting at a
-    boundary in one pass of up to PREFILL_TOKENS tokens, one pass a boundary, so the answers being written go on
-    between the passes of a burst, BURST_STEPS steps each; on a GPU one prompt alone through a CUDA graph captured at
-    load) and copied into a free row of the cache; a finished or cancelled answer frees its row at the next boundary. Each answer streams
-    to its own client with its own sampling settings, stop rules and seed (greedy rows' repetition penalties applied
-    to all rows at once). The host queues a chunk before it reads the previous one's tokens (one chunk behind the
-    GPU, as FastDecoder), so a finished answer costs up to one chunk of wasted steps.
+    A request that arrives while others are being generated joins them at the next chunk boundary (every CHECK_EVERY
+    steps when compiled, every step otherwise): its prompt is prefilled (the prompts waiting at a boundary in one pass
+    of up to PREFILL_TOKENS tokens, one pass a boundary, so the answers being written go on between the passes of a
+    burst, BURST_STEPS steps each; on a GPU one prompt alone through a CUDA graph captured at load) and copied into a
+    free row of the cache; a finished or cancelled answer frees its row at the next boundary. Each answer streams to its
+    own client with its own sampling settings, stop rules and seed (greedy rows' repetition penalties applied to all
+    rows at once). The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as
+    FastDecoder), so a finished answer costs up to one chunk of wasted steps.
 
     The cache: every answer holds its prompt and answer in a run of slots of its own, each token at the slot of its
     position, and a decode step writes each row's token at that row's own next slot (DecodeCache with rows_apart;
