@@ -25,42 +25,8 @@ lognormal(mu=ln 250, sigma=0.8) clipped to [16, 2048], numpy seed 0 (mean ~338 t
 Tokens/s counts non-padding tokens only. Each configuration runs in its own process (clean memory, clean
 compile caches); results go to reports/bench-*.json and a markdown table on stdout.
 
-The epoch benchmark runs train.py's real entry point as a subprocess, from process start to `final/` written, on
-an oasst1-sized synthetic conversation set: 9,500 conversations (oasst1's English+other top-ranked threads number
-about 9.8k), 1-4 turns each (P = 0.55/0.25/0.12/0.08), words drawn with numpy seed 0 from a fixed vocabulary,
-question lengths lognormal(ln 17, 0.7) and answer lengths lognormal(ln 75, 0.8) words, clipped to [3, 1500];
-5.8M tokens after the 2048-token cut with the repo's tiny tokenizer (the issue's oasst1-sized set: 9.5k
-conversations, 5.9M tokens; train.py's count is reported). It reports train.py's own phase timing
-(run.json: data, model load + quantization, trainer set-up, first 10 steps (mostly compilation), steady steps,
-final evaluation, save), the interpreter start + imports before them, and the steady tokens/s. The time to adapter
-is process start to the last file of `final/` written (the process exit after it is reported apart). `--cache` keeps
-inductor's and Triton's compile caches in a folder, so a second run reports the warm figure; by default each run
-gets an empty one (cold). `--processes 1 2` runs each preset on 1 process (GPU) and then through `accelerate launch`
-(configs/accelerate/ddp.yaml: data-parallel, the same per-device micro-batch) on 2, sharing the preset's compile
-cache, and gives each row's steady tokens/s (all processes' tokens) as a multiple of the 1-process run's.
-
-The dpo benchmark runs train.py the same way with configs/phi2-dpo.yaml (training.method dpo) on 20,000 preference
-pairs (the size issue 42 gives for oasst1's ranked replies): each pair's context is an epoch conversation without
-its last answer, and the chosen and the rejected answer are two answers of that length distribution, as TRL-format
-messages. The SFT adapter DPO starts from is a fresh peft LoRA shaped as its SFT preset's on the same random model
-(its values do not change the speed). It reports what epoch does plus the steady optimizer steps/s and the pairs per
-optimizer step.
-
-The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves
-openai_api's routes (the app's OpenAI-compatible endpoint, without the Gradio page) with uvicorn, and sends N
-streaming greedy requests at once over HTTP from N client processes, each with its own question (40 random words
-from a fixed vocabulary, numpy seed 0: about 60 tokens) and max_tokens 256, without a repetition penalty unless
---penalty says. It reports the aggregate tokens/s (completion
-tokens of all clients over the time from sending to the last answer), the time to first token (median and worst),
-the most answers decoded together, how many clients got the same text as when they were alone, and where the
-decoder's time went: prefill passes (prompts), seconds spent admitting answers (prefill, cache moves, first tokens)
-and the mean number of answers in a decode step. After the clients, the same model decodes the most clients' questions
-as one static batch (ChatModel.generate_ids, each answer to the same length), and each row's aggregate is also
-given as a multiple of that figure (x static batch), so the two are measured in one run. Each row also gives the
-longest wait between two pieces of text of any client's answer after its first; a last row streams up to 8 of the
-questions again while one more client sends a prompt of ~1,000 tokens (90% of what the context leaves after the
-answer, on the tiny model) halfway through them: the running answers' longest wait then is what that prefill costs
-them (beside the same clients' wait without it).
+The epoch and dpo benchmarks (train.py itself, end to end) are in bench_epoch.py, the serve benchmark in
+bench_serve.py; each module's docstring gives its workload and what it reports.
 """
 
 from __future__ import annotations
@@ -73,19 +39,16 @@ import logging
 import math
 import os
 import platform
-import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from profiling import HostTime, StackSampler, profiler, sync, write_profile
+from profiling import profiler, sync, write_profile
 
 ROOT = Path(__file__).resolve().parent
 TINY_MODEL = ROOT / "data" / "tiny-phi"
@@ -151,6 +114,23 @@ def make_random_phi2(path: Path) -> Path:
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return path
+
+
+# The fixed vocabulary the epoch, dpo and serve workloads draw their words from (bench_epoch.py, bench_serve.py).
+WORDS = ("the of and to in is that it for you was with on as have be at this are not but or what from by an "
+         "they we can which if will one all would there their so do when your about more how who make like time "
+         "just know take people into year good some could them see other than then now look only come its over "
+         "think also back after use two work first well way even new want because any these give day most us "
+         "question answer model language learn paris water energy history music science computer data python "
+         "function example explain important different because however therefore usually often").split()
+
+
+def free_port() -> int:
+    """A free local TCP port (accelerate's main process in bench_epoch.py, the server in bench_serve.py)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def versions() -> dict[str, str]:
@@ -319,147 +299,6 @@ def run_train_config(name: str, values: dict, model_path: Path, steps: int, warm
     return row
 
 
-WORDS = ("the of and to in is that it for you was with on as have be at this are not but or what from by an "
-         "they we can which if will one all would there their so do when your about more how who make like time "
-         "just know take people into year good some could them see other than then now look only come its over "
-         "think also back after use two work first well way even new want because any these give day most us "
-         "question answer model language learn paris water energy history music science computer data python "
-         "function example explain important different because however therefore usually often").split()
-
-
-def epoch_conversations(n: int, seed: int = 0) -> list[dict]:
-    """The oasst1-sized synthetic set (module docstring): {"messages": [...]} rows for train.py's messages format."""
-    rng = np.random.default_rng(seed)
-    words = np.array(WORDS)
-
-    def text(mu: float, sigma: float) -> str:
-        length = int(np.clip(rng.lognormal(mu, sigma), 3, 1500))
-        return " ".join(words[rng.integers(0, len(words), size=length)])
-
-    rows = []
-    for _ in range(n):
-        turns = int(rng.choice([1, 2, 3, 4], p=[0.55, 0.25, 0.12, 0.08]))
-        messages = []
-        for _ in range(turns):
-            messages += [{"role": "user", "content": text(math.log(17), 0.7)},
-                         {"role": "assistant", "content": text(math.log(75), 0.8)}]
-        rows.append({"messages": messages})
-    return rows
-
-
-def preference_pairs(n: int, seed: int = 0) -> list[dict]:
-    """The DPO set (module docstring): TRL-format rows, the context as messages, chosen and rejected as answers."""
-    rng = np.random.default_rng(seed + 1)
-    words = np.array(WORDS)
-
-    def answer() -> list[dict]:
-        length = int(np.clip(rng.lognormal(math.log(75), 0.8), 3, 1500))
-        return [{"role": "assistant", "content": " ".join(words[rng.integers(0, len(words), size=length)])}]
-
-    return [{"prompt": row["messages"][:-1], "chosen": answer(), "rejected": answer()}
-            for row in epoch_conversations(n, seed)]
-
-
-def make_sft_adapter(model_path: Path, preset: str) -> Path:
-    """A fresh LoRA in the shape of the SFT preset the DPO preset follows, saved once in the temp folder: the adapter
-    DPO continues from."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from adapter_utils import build_lora_config
-    from config import load_config
-    lora = load_config(ROOT / PRESET_FILES[SFT_PRESET_OF[preset]]).lora
-    out = Path(tempfile.gettempdir()) / f"{model_path.name}-sft-adapter-r{lora.r}"
-    if not (out / "adapter_model.safetensors").is_file():
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
-        get_peft_model(base, build_lora_config(lora)).save_pretrained(out)
-        del base
-        gc.collect()
-    return out
-
-
-def run_epoch(name: str, preset: str, overrides: list[tuple[str, str]], processes: int, model_path: Path,
-              rows: list[dict], tiny: bool, cache: Path, log_dir: Path, timeout: int | None) -> dict:
-    """train.py on the epoch set (or the DPO pairs) as a user runs it; time to adapter split into train.py's phases.
-
-    With processes > 1 it runs through `accelerate launch` with configs/accelerate/ddp.yaml, as README's 'Several
-    GPUs' says (each process its own GPU and its own 4-bit copy, the same per-device micro-batch); the token counts
-    train.py logs are gathered over all processes, so steady tok/s is the whole run's."""
-    work = Path(tempfile.mkdtemp(prefix="bench-epoch-"))
-    data = work / "conversations.jsonl"
-    with data.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    cold = not any(p.is_file() for p in cache.rglob("*"))
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
-           "PYTHONUNBUFFERED": "1"}
-    if torch.cuda.device_count() > processes and "CUDA_VISIBLE_DEVICES" not in env:
-        # one process per GPU: a lone train.py that sees several refuses to run (transformers would use DataParallel)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(processes))
-    launch = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-        "--num_processes", str(processes), "--main_process_port", str(free_port())]
-    cmd = [*launch, str(ROOT / "train.py"), "--config", str(ROOT / PRESET_FILES[preset]),
-           "--model.name_or_path", str(model_path), "--model.tokenizer", str(TINY_MODEL), "--data.dataset", str(data),
-           "--training.output_dir", str(work / "out"), "--training.report_to", "none"]
-    if tiny:
-        cmd += ["--data.max_length", "128", "--training.max_steps", "30", "--training.logging_steps", "5"]
-    cmd += [arg for key, value in overrides for arg in (f"--{key}", value)]
-    log = log_dir / f"bench-epoch-{name}.log"
-    start, started_at = time.perf_counter(), time.time()
-    with log.open("w") as f:
-        try:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=work)
-            error = None if proc.returncode == 0 else f"exit code {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            error = f"timed out after {timeout}s"
-    wall = time.perf_counter() - start
-    if error:
-        return {"name": name, "error": error, "log": str(log)}
-    final = work / "out" / "final"
-    run = json.loads((final / "run.json").read_text())
-    stats = json.loads((final / "data_stats.json").read_text())["train"]
-    steps = max(h["step"] for h in json.loads((final / "log_history.json").read_text()))
-    timing = run["timing"]
-    # The time to adapter: process start to the last file of final/ written (the process then still exits).
-    written = max(p.stat().st_mtime for p in final.iterdir()) - started_at
-    per_step = run["plan"]["micro_batch"] * run["plan"]["accumulation"] * processes
-    first = next(int(m[1]) for k in timing if (m := re.fullmatch(r"first_(\d+)_steps_s", k)))  # not steady yet
-    return {"name": name, "preset": preset, "overrides": dict(overrides), "processes": processes,
-            "to_final_s": round(written, 1), "wall_s": round(wall, 1),
-            "start_and_imports_s": round(written - timing["total_s"], 1), **timing,
-            "steps": steps, "steady_steps_per_s": round((steps - first) / timing["steady_steps_s"], 3),
-            "rows_per_step": per_step, "train_tokens": stats.get("tokens"),
-            "train_sequences": stats.get("sequences", stats.get("pairs")),
-            "compile_cache": "cold" if cold else "warm", "log": str(log)}
-
-
-def scale_to_one_process(rows: list[dict]) -> None:
-    """Each row's steady tok/s as a multiple of the first 1-process row's (the same preset), where there is one."""
-    one = next((r for r in rows if r.get("processes") == 1 and r.get("steady_tokens_per_s")), None)
-    for r in rows:
-        if one and r.get("steady_tokens_per_s"):
-            r["x_one_process"] = round(r["steady_tokens_per_s"] / one["steady_tokens_per_s"], 3)
-
-
-def epoch_table(rows: list[dict]) -> str:
-    done = [r for r in rows if "error" not in r]
-    keys = [k for k in done[0] if k.endswith("_s") and not k.endswith("per_s")
-            and k not in ("to_final_s", "wall_s", "total_s")] if done else []
-    lines = ["| run | time to adapter (s) | process exit (s) | " + " | ".join(keys)
-             + " | steady tok/s | steps/s | rows/step | x 1 process | train rows |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} (log {r['log']}) |")
-            continue
-        lines.append(f"| {r['name']} ({r['compile_cache']} cache) | {r['to_final_s']:.1f} | {r['wall_s']:.1f} | "
-                     + " | ".join(f"{r.get(k, 0):.1f}" for k in keys)
-                     + f" | {r.get('steady_tokens_per_s', float('nan')):,.0f} | {r['steady_steps_per_s']:.2f} | "
-                     f"{r['rows_per_step']} | {r.get('x_one_process', float('nan')):.2f} | {r['train_sequences']:,} |")
-    return "\n".join(lines)
-
-
 def train_table(rows: list[dict], tiny: bool) -> str:
     base = next((r for r in rows if r["name"] == "baseline" and "error" not in r), None)
     lines = ["| config | tokens/s | s/step | tokens/step | peak GiB | x baseline | % of physical limit | loss |",
@@ -559,314 +398,6 @@ def serving_config(dtype: str, fast: bool, extra: tuple[str, ...] = ()):
                          "--generation.temperature", "0", "--generation.repetition_penalty", "1.0", *extra])[0]
 
 
-def questions(n: int, words: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    vocab = np.array(WORDS)
-    return [" ".join(vocab[rng.integers(0, len(vocab), size=words)]) + "?" for _ in range(n)]
-
-
-def stream_completion(port: int, question: str, max_tokens: int, model: str, delay_s: float = 0.0) -> dict:
-    """One streaming request as an OpenAI client sends it (after delay_s); times the first content token, the end
-    and the longest wait between two pieces of text after the first (a running answer's stall)."""
-    import http.client
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
-                       "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
-    time.sleep(delay_s)
-    start, last, gap = time.perf_counter(), None, 0.0
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    assert response.status == 200, response.read()
-    text, first, usage = "", None, None
-    for line in response:
-        line = line.decode().strip()
-        if not line.startswith("data: {"):
-            continue
-        event = json.loads(line[6:])
-        if "error" in event:
-            raise RuntimeError(event["error"]["message"])
-        content = event["choices"][0]["delta"].get("content") if event["choices"] else None
-        now = time.perf_counter()
-        if content and first is None:
-            first = now - start
-        if content:
-            if last is not None:
-                gap = max(gap, now - last)
-            last = now
-        text += content or ""
-        usage = event.get("usage") or usage
-    connection.close()
-    return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start, "max_gap_s": gap,
-            "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
-
-
-def napping_pid(_) -> int:
-    """A client process's id after a short nap (bench serve: proof that every client process has started)."""
-    time.sleep(0.2)
-    return os.getpid()
-
-
-def load_for_serving(model_path: Path, cfg, tiny: bool):
-    """The model loaded and warmed up as the app does; returns it and the seconds both took and the warm-up alone."""
-    from inference import load_model_folder
-    t0 = time.perf_counter()
-    chat = load_model_folder(str(model_path), cfg)
-    if not tiny:
-        # The random Phi-2 speaks with the tiny tokenizer (822 tokens): its other 50k ids would decode to no text at
-        # all. Ruling them out costs nothing (all 51,200 logits are still computed) and gives clients text to stream.
-        chat.model.lm_head.bias.data[len(chat.tokenizer):] = -1e4
-    warm = time.perf_counter()
-    chat.warm_up(cfg.generation)
-    load_s, warm_s = time.perf_counter() - t0, time.perf_counter() - warm
-    logging.info("loaded in %.1f s, of which the warm-up %.1f s", load_s, warm_s)
-    return chat, {"load_and_warm_up_s": load_s, "warm_up_s": warm_s}
-
-
-def start_server(chat, cfg):
-    """openai_api's routes for `chat` under uvicorn on a free local port, in a thread; returns (server, thread, port)
-    once it answers."""
-    import uvicorn
-    from fastapi import FastAPI
-
-    import openai_api
-    from config import AppConfig
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(FastAPI(routes=openai_api.routes(chat, cfg.generation, AppConfig())),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, serving, port
-
-
-def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
-              partial: Path | None = None, penalty: float = 1.0, profile: Path | None = None) -> list[dict]:
-    """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone. With
-    `profile`, the most clients once more under torch.profiler after the timed runs (profile_clients)."""
-    import multiprocessing
-
-    from inference import generation_thread
-
-    # inference.batch_slots as `python app.py` chooses it with no batching settings (64 on a GPU: README's table of
-    # what its memory holds); the queue holds every client beyond them
-    cfg = serving_config(dtype, torch.cuda.is_available(), ("--app.max_queue", str(max(clients)),
-                                                            "--generation.max_new_tokens", str(new_tokens),
-                                                            "--generation.repetition_penalty", str(penalty)))
-    chat, loading = load_for_serving(model_path, cfg, tiny)
-    server, serving, port = start_server(chat, cfg)
-    asked = questions(max(clients), prompt_words)
-    alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; warms every shape
-    rows = []
-    # SIGTERM or Ctrl-C: the streams in flight end with the server's error event, the rows measured so far are kept,
-    # and the process stops in order below (exit code 0).
-    stopped = threading.Event()
-
-    def stop(signum, frame):
-        stopped.set()
-        chat.batcher.shutdown("the benchmark was stopped")
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
-    # Clients run in processes of their own, as remote clients would: in this process their threads would take the
-    # interpreter lock from the server's generation loop.
-    processes = max(max(clients), min(8, max(clients)) + 1)  # (the long prompt's probe: up to 8 clients + 1)
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        # Every client process started (its imports done) before any timing: a pool hands requests only to started
-        # processes, so 8 "concurrent" clients would otherwise run partly one after another.
-        deadline = time.monotonic() + 300
-        while len(set(pool.map(napping_pid, range(2 * processes), chunksize=1))) < processes:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{processes} client processes did not all start within 300 s")
-        with HostTime(generation_thread().submit(threading.get_ident).result(), serving.ident) as host:
-            for n in clients:
-                chat.batcher.most_rows = 0
-                chat.batcher.record.clear()
-                host.start()
-                start = time.perf_counter()
-                try:
-                    got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name) for q in asked[:n]],
-                                       chunksize=1)
-                except RuntimeError:
-                    if not stopped.is_set():
-                        raise
-                    logging.warning("stopped by a signal: the %d-client run is left out", n)
-                    break
-                wall = time.perf_counter() - start
-                rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, loading)
-                            | {"decoder": dict(chat.batcher.record)} | host.spent(f"{n}-client") | memory(chat))
-                if partial is not None:
-                    partial.write_text(json.dumps(rows, default=str))
-            if rows and not stopped.is_set():
-                rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading, host))
-            if profile is not None and rows and not stopped.is_set():
-                profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile, host)
-    base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
-    for r in rows:
-        r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base and "long_prompt_tokens" not in r else None
-    if rows and not stopped.is_set():
-        static = static_batch(chat, asked[:max(clients)], new_tokens)
-        for r in rows:
-            if "long_prompt_tokens" not in r:  # (the probe's aggregate counts its running clients only)
-                r["static_batch"], r["x_static_batch"] = static, r["aggregate_tok_s"] / static["tok_s"]
-    # Stopped in order, as app.py stops: the server, then the model freed on its own thread, before the interpreter
-    # exits (a process left to tear down live CUDA graphs at exit ended with a segfault on an H200).
-    server.should_exit = True
-    serving.join(timeout=30)
-    chat.shutdown()
-    chat.close()
-    return rows
-
-
-def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, rows: list[dict], alone: list[dict],
-                      dtype: str, loading: dict, host: HostTime) -> dict:
-    """Up to 8 answers streaming, and a prompt of ~1,000 tokens (what the context leaves, on the tiny model) that
-    arrives halfway through them: the longest wait between two pieces of a running answer (its stall while the long
-    prompt is prefilled), against the same clients' longest wait without it (the row of that many clients)."""
-    n = min(8, len(asked))
-    without = next((r for r in rows if r["clients"] == n), None)
-    delay = (without or rows[-1])["end_median_s"] / 2
-    target = min(1000, int(0.9 * (chat.context_window - new_tokens)))
-    words = 100
-    for _ in range(6):  # random words take 1-3 tokens each: within 5% of the target in a few guesses
-        long_question = questions(1, words)[0]
-        tokens = len(chat.tokenizer(long_question, add_special_tokens=False).input_ids)
-        if abs(tokens - target) <= target // 20:
-            break
-        words = max(1, round(words * target / tokens))
-    tokens = len(chat.prompt_ids([{"role": "user", "content": long_question}], new_tokens)[0])
-    chat.batcher.most_rows = 0
-    chat.batcher.record.clear()
-    host.start()
-    start = time.perf_counter()
-    got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name, 0.0) for q in asked[:n]]
-                       + [(port, long_question, new_tokens, chat.name, delay)], chunksize=1)
-    wall = time.perf_counter() - start
-    row = serve_row(dtype, n, got[:n], alone, wall, chat.batcher.most_rows, loading)
-    return row | {"name": f"{dtype} {n} client(s) + a {tokens}-token prompt at {delay:.2f} s",
-                  "long_prompt_tokens": tokens, "long_prompt_ttft_s": got[n]["ttft_s"],
-                  "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record),
-                  **host.spent("long prompt's"), **memory(chat)}
-
-
-def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: str, profile: Path,
-                    host: HostTime) -> None:
-    """The clients' questions streamed once more, all at once, under torch.profiler: where the GPU waited for the
-    host while the server admitted and streamed them (the engine's thread and the server's alike), to `profile`;
-    then once more with the engine's and the server's Python stacks sampled (StackSampler), appended to it."""
-    requests = [(port, q, new_tokens, model) for q in asked]
-    sync()
-    with profiler(all_threads=True) as prof:  # the model runs on the generation thread
-        start = time.perf_counter()
-        pool.starmap(stream_completion, requests, chunksize=1)
-        sync()
-        wall = time.perf_counter() - start
-    write_profile(prof, 1, wall, profile, f"{len(asked)} streaming clients, one run: ")
-    # (and every other thread of the process while the engine admits: who takes the interpreter from it then)
-    with StackSampler(dict(zip(("engine", "server"), host.threads)), during=("engine", "_prefill")) as sampler:
-        pool.starmap(stream_completion, requests, chunksize=1)
-    with profile.open("a") as f:
-        f.write(f"\n\n{len(asked)} streaming clients once more, the threads' Python stacks sampled every "
-                f"{1000 * sampler.every:.0f} ms (innermost frame first; a thread in C code, a CUDA wait or the event "
-                f"loop's select, shows the Python line that called it):\n\n{sampler.table()}\n")
-
-
-def memory(chat) -> dict:
-    """The KV cache the engine holds, the process's peak GPU memory so far (GiB; 0 on the CPU) and the slots."""
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    return {"kv_cache_gib": chat.batcher.kv_bytes / 2**30, "peak_gib": peak, "batch_slots": chat.batch_slots}
-
-
-def static_batch(chat, asked: list[str], new_tokens: int) -> dict:
-    """The clients' questions decoded as one static batch by the same loaded model (ChatModel.generate_ids:
-    FastDecoder on a GPU), each to new_tokens tokens: what continuous batching is compared with, in the same run.
-    The first call compiles the batch's shape; the second is timed."""
-    from config import GenerationSettings
-    gen = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
-    ids = [chat.prompt_ids([{"role": "user", "content": q}], new_tokens)[0] for q in asked]
-    chat.generate_ids(ids, gen, ignore_eos=True)
-    sync()
-    start = time.perf_counter()
-    tokens = sum(len(answer) for answer in chat.generate_ids(ids, gen, ignore_eos=True))
-    sync()
-    return {"rows": len(ids), "tokens": tokens, "tok_s": tokens / (time.perf_counter() - start)}
-
-
-def serve_row(dtype: str, n: int, got: list[dict], alone: list[dict], wall: float, most_rows: int,
-              loading: dict) -> dict:
-    """One row of the serve table; loading: the load's and the warm-up's seconds (run_serve)."""
-    ttfts = sorted(g["ttft_s"] for g in got if g["ttft_s"] is not None) or [float("nan")]
-    return {"name": f"{dtype} {n} client(s)", "clients": n, "aggregate_tok_s": sum(g["tokens"] for g in got) / wall,
-            "per_client_tok_s": float(np.median([g["tokens"] / g["end_s"] for g in got])),
-            "ttft_median_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
-            "end_median_s": float(np.median([g["end_s"] for g in got])), "max_gap_s": max(g["max_gap_s"] for g in got),
-            "completion_tokens": [g["tokens"] for g in got], "client_processes": len({g["client_pid"] for g in got}),
-            "most_rows": most_rows,
-            "same_text_as_alone": sum(g["text"] == a["text"] for g, a in zip(got, alone)), **loading}
-
-
-def serve_table(rows: list[dict]) -> str:
-    lines = ["| clients | aggregate tok/s | x one client | per-client tok/s | first token median / max (s) | "
-             "longest wait between pieces (s) | decoded together | same text as alone | prefill passes (prompts) | "
-             "admitting (s) (of it waiting for the GPU) | GPU ms a step by shape | answers a step | "
-             "CPU s: engine / server / rest (wall) | x static batch | KV cache / peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        d = r.get("decoder", {})
-        lines.append(f"| {r['name']} | {r['aggregate_tok_s']:,.0f} | {r['speedup_vs_1'] or float('nan'):.2f} | "
-                     f"{r['per_client_tok_s']:,.0f} | {r['ttft_median_s']:.3f} / {r['ttft_max_s']:.3f} | "
-                     f"{r['max_gap_s']:.3f} | {r['most_rows']} | {r['same_text_as_alone']}/{r['clients']} | "
-                     f"{d.get('prefill_passes', 0)} ({d.get('prompts', 0)}) | {d.get('admit_s', 0.0):.3f} "
-                     f"({d.get('prefill_wait_s', 0.0):.3f}) | {step_ms(d)} | "
-                     f"{d.get('answer_steps', 0) / max(d.get('steps', 0), 1):.1f} | {cpu_split(r)} | "
-                     f"{r.get('x_static_batch', float('nan')):.2f} | "
-                     f"{r.get('kv_cache_gib', float('nan')):.2f} / {r.get('peak_gib', float('nan')):.1f} |")
-    statics = {r["name"].split()[0]: r["static_batch"] for r in rows if "static_batch" in r}
-    lines += [f"{dtype} static batch of {s['rows']} (the same questions and model, ChatModel.generate_ids): "
-              f"{s['tok_s']:,.0f} tok/s" for dtype, s in statics.items()]
-    # where admitting's host seconds went, pass by pass summed (BatchDecoder.record), and freeing rows
-    parts = ["layout", "inputs", "pass", "scatter", "first tokens"]
-    lines += ["", "| clients | admitting (s): " + " | ".join(parts) + " | waiting for the GPU | handing out | "
-              "freeing rows (s) | garbage collector: passes, s (full passes, longest s) |",
-              "| --- " * (len(parts) + 5) + "|"]
-    for r in rows:
-        d = r.get("decoder", {})
-        lines.append(f"| {r['name']} | " + " | ".join(f"{d.get(f'admit {p} s', 0.0):.3f}" for p in parts) +
-                     f" | {d.get('prefill_wait_s', 0.0):.3f} | {d.get('admit handing out s', 0.0):.3f} | "
-                     f"{d.get('vacate s', 0.0):.3f} | {collector(r)} |")
-    return "\n".join(lines)
-
-
-def collector(row: dict) -> str:
-    """A serve row's garbage collector passes (HostTime), "-" for a row without them."""
-    if "gc_passes" not in row:
-        return "-"
-    return f"{row['gc_passes']}, {row['gc_s']:.3f} ({row['gc_full_passes']}, {row['gc_longest_full_s']:.3f})"
-
-
-def cpu_split(row: dict) -> str:
-    """A serve row's CPU seconds by thread (HostTime) and its clients' wall, "-" for a row without them."""
-    if "engine_cpu_s" not in row:
-        return "-"
-    wall = sum(row["completion_tokens"]) / row["aggregate_tok_s"]
-    return f"{row['engine_cpu_s']:.2f} / {row['server_cpu_s']:.2f} / {row['other_cpu_s']:.2f} ({wall:.2f})"
-
-
-def step_ms(decoder: dict) -> str:
-    """A serve row's GPU milliseconds a decode step for each batch shape it ran ("rows x slots: ms"; GPUs only)."""
-    shapes = [k.removeprefix("gpu s at ") for k in decoder if k.startswith("gpu s at ")]
-    return ", ".join(f"{s.replace(' rows x ', 'x').removesuffix(' slots')}: "
-                     f"{1000 * decoder['gpu s at ' + s] / decoder['steps at ' + s]:.2f}" for s in shapes) or "-"
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def gen_table(rows: list[dict], batch: int) -> str:
     lines = [f"| path | batch-1 tok/s | time to first token (s) | batch-{batch} tok/s | first call (s): batch 1 / "
              f"batch {batch} |", "| --- | --- | --- | --- | --- |"]
@@ -891,6 +422,7 @@ def child(args) -> int:
         result = [row]
     elif spec["kind"] == "serve":
         import batching  # (A/Bs of the engine's scheduling on one loaded machine)
+        from bench_serve import run_serve
         batching.BURST_STEPS = spec.get("burst_steps") or batching.BURST_STEPS
         batching.PREFILL_TOKENS = spec.get("prefill_tokens") or batching.PREFILL_TOKENS
         result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
@@ -967,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
 def bench_epochs(args, parser: argparse.ArgumentParser, model_path: Path, out: Path, steps: int,
                  warmup: int) -> tuple[list[dict], str]:
     """bench.py epoch / dpo: train.py itself on the oasst1-sized set or the pairs, per preset, runs and processes."""
+    from bench_epoch import (epoch_conversations, epoch_table, make_sft_adapter, preference_pairs, run_epoch,
+                             scale_to_one_process)
     rows: list[dict] = []
     dpo = args.kind == "dpo"
     default = ("smoke-dpo" if args.tiny else "dpo") if dpo else ("smoke" if args.tiny else "speed")
@@ -1015,6 +549,7 @@ def bench_training(args, parser: argparse.ArgumentParser, model_path: Path, out:
 def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: Path, steps: int,
                   warmup: int) -> tuple[list[dict], str]:
     """bench.py serve: concurrent streaming clients over HTTP, per dtype, in a process of its own."""
+    from bench_serve import serve_table
     for flag in ("burst_steps", "prefill_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be 1 or more (got {getattr(args, flag)})")

@@ -1,10 +1,10 @@
-"""bench.py runs its real code paths on the tiny model on the CPU (speed is measured on GPUs, not here)."""
+"""bench.py train and generate run their real code paths on the tiny model on the CPU (speed is measured on GPUs, not
+here)."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from conftest import run_script
@@ -36,117 +36,3 @@ def test_generation_bench_tiny(tmp_path):
     assert [r["name"] for r in rows] == ["fp32 plain", "fp32 fast"]
     assert rows[1]["greedy_agreement_first64"] == [64, 64]  # the fast path decodes the same tokens (fp32)
     assert rows[1]["max_logit_diff"] < 1e-3
-
-
-def test_epoch_bench_tiny(tmp_path):
-    """train.py's real entry point on the epoch set; the phases it reports add up to its time to the adapter. With
-    --processes 1 2 the second run trains data-parallel through `accelerate launch` (2 CPU processes over gloo)."""
-    out = tmp_path / "epoch.json"
-    run_script("bench.py", "epoch", "--tiny", "--processes", "1", "2", "--out", str(out))
-    record = json.loads(out.read_text())
-    one, two = record["rows"]
-    assert "error" not in one and "error" not in two, record["rows"]
-    phases = ["start_and_imports_s", "data_s", "model_load_quantize_s", "trainer_setup_s", "train_setup_s",
-              "first_10_steps_s", "steady_steps_s", "final_eval_s", "save_s"]
-    for row in (one, two):
-        assert all(row[p] >= 0 for p in phases) and row["steady_steps_s"] > 0
-        # time to adapter = process start to final/ written; the process exits after it
-        assert row["total_s"] < row["to_final_s"] <= row["wall_s"]
-        assert abs(sum(row[p] for p in phases) - row["to_final_s"]) < 0.5
-        assert row["steady_tokens_per_s"] > 0 and row["train_tokens"] > 10_000
-    assert one["compile_cache"] == "cold"
-    assert (one["name"], one["processes"], two["name"], two["processes"]) == ("smoke-1proc", 1, "smoke-2proc", 2)
-    assert "x 2 process(es)" in Path(two["log"]).read_text()  # train.py's own line: it ran as 2 ranks
-    assert one["x_one_process"] == 1.0 and two["x_one_process"] == pytest.approx(
-        two["steady_tokens_per_s"] / one["steady_tokens_per_s"], rel=1e-2)
-    assert "| smoke-2proc (" in record["table"]
-
-
-def test_dpo_bench_tiny(tmp_path):
-    """train.py with training.method dpo on the synthetic pairs, from a fresh SFT adapter of the preset's shape:
-    phases that add up, the steps and pairs a step it ran."""
-    out = tmp_path / "dpo.json"
-    run_script("bench.py", "dpo", "--tiny", "--out", str(out))
-    (row,) = json.loads(out.read_text())["rows"]
-    assert "error" not in row, row
-    assert "DPO from" in Path(row["log"]).read_text()
-    phases = ["start_and_imports_s", "data_s", "model_load_quantize_s", "trainer_setup_s", "train_setup_s",
-              "first_10_steps_s", "steady_steps_s", "final_eval_s", "save_s"]
-    assert abs(sum(row[p] for p in phases) - row["to_final_s"]) < 0.5
-    assert row["steps"] == 30 and row["rows_per_step"] == 8 and row["train_sequences"] > 100
-    assert row["steady_steps_per_s"] > 0 and row["steady_tokens_per_s"] > 0
-
-
-def test_serving_bench_tiny(tmp_path):
-    """Concurrent streaming clients over HTTP against the OpenAI-compatible routes: decoded together, each client's
-    greedy text the same as alone (fp32)."""
-    out = tmp_path / "serve.json"
-    run_script("bench.py", "serve", "--tiny", "--clients", "1", "4", "--profile", "--out", str(out))
-    rows = json.loads(out.read_text())["rows"]
-    rows, probe = rows[:-1], rows[-1]
-    assert [r["clients"] for r in rows] == [1, 4] and not any("error" in r for r in rows)
-    assert [r["client_processes"] for r in rows] == [1, 4]  # concurrent: each client its own process
-    # decoded together (how many overlap depends on when each client process connects: 24-token answers on the CPU
-    # can finish before the last client arrives), each text exactly the one it got alone
-    assert rows[1]["most_rows"] >= 2 and rows[1]["same_text_as_alone"] == 4 and rows[0]["same_text_as_alone"] == 1
-    assert all(r["aggregate_tok_s"] > 0 and r["ttft_median_s"] > 0 for r in rows)
-    assert all(t > 0 for r in rows for t in r["completion_tokens"])
-    # where the decoder's time went: every client's prompt prefilled, the decode steps counted
-    assert all(r["decoder"]["prompts"] == r["clients"] and r["decoder"]["steps"] > 0 for r in rows)
-    assert rows[1]["decoder"]["answer_steps"] > rows[1]["decoder"]["steps"]  # steps held several answers
-    # a long prompt (what the tiny model's 512-token window leaves: ~440 tokens) arriving while 4 answers stream: they
-    # go on unchanged, and the longest wait between two pieces of a running answer is reported beside the same
-    # clients' wait without it
-    assert probe["clients"] == 4 and probe["same_text_as_alone"] == 4 and probe["decoder"]["prompts"] == 5
-    assert 400 < probe["long_prompt_tokens"] <= 488 and probe["long_prompt_ttft_s"] > 0
-    assert probe["max_gap_s"] > 0 and probe["max_gap_without_s"] == rows[1]["max_gap_s"] > 0
-    # the same questions as one static batch of the most clients, from the same loaded model, after the clients:
-    # the figure continuous batching is compared with, in the same run
-    static = json.loads(out.read_text())["static_batch"]
-    assert static["rows"] == 4 and static["tok_s"] > 0 and static["tokens"] == 4 * 24
-    assert all(r["x_static_batch"] == pytest.approx(r["aggregate_tok_s"] / static["tok_s"]) for r in rows)
-    # the warm-up's time apart from loading, in the rows and in the measuring process's log (that process logged
-    # warnings only: a GPU run's warm-up time and the batch shapes it compiled were nowhere; on the CPU, with the
-    # fast path off, there is no warm-up)
-    assert all(0 <= r["warm_up_s"] < r["load_and_warm_up_s"] for r in rows)
-    assert "of which the warm-up" in (tmp_path / "bench-serve-fp32.log").read_text()
-    # the server as `python app.py` sets it up with no batching settings: the slots it chooses (8 on the CPU)
-    assert all(r["batch_slots"] == 8 for r in rows)
-    # where the host's time went in each run: the engine's thread decoded (CPU seconds, within the clients' wall),
-    # the server's thread parsed and streamed; graphs compiled meanwhile are counted (HostTime's own test below)
-    for r in rows + [probe]:
-        wall = sum(r["completion_tokens"]) / r["aggregate_tok_s"]
-        assert 0 < r["engine_cpu_s"] < wall + 0.1 and 0 < r["server_cpu_s"] < wall + 0.1, r
-        assert "compiled_while_serving" in r
-    assert "CPU s: engine / server / rest (wall)" in json.loads(out.read_text())["table"]
-    # admitting's host time by part (layout, inputs, the pass, the scatter into the cache, first tokens, handing them
-    # out) with its wait for the GPU accounts for admitting's time, within the timers' own overhead
-    for r in rows + [probe]:
-        d = r["decoder"]
-        parts = [v for k, v in d.items() if k.startswith("admit ") and k.endswith(" s")]
-        assert len(parts) == 6 and 0.9 * d["admit_s"] < sum(parts) + d["prefill_wait_s"] <= d["admit_s"], d
-    assert "| admitting (s): layout | inputs | pass | scatter | first tokens |" in json.loads(out.read_text())["table"]
-    # the garbage collector's passes in each run (every thread stops during one), counted apart from the full ones
-    for r in rows + [probe]:
-        assert r["gc_passes"] >= r["gc_full_passes"] >= 0 and r["gc_longest_full_s"] <= r["gc_s"], r
-    assert "garbage collector: passes, s (full passes, longest s)" in json.loads(out.read_text())["table"]
-    # --profile: the 4 clients once more under torch.profiler, which sees the model's products (addmm on the CPU)
-    # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
-    profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
-    assert profile.startswith("4 streaming clients, one run: ") and "aten::addmm" in profile
-    # and once more with the engine's and the server's Python stacks sampled: where each thread's time went (the
-    # server's event loop among the server's)
-    sampled = profile[profile.index("4 streaming clients once more"):]
-    table = r"\| {} thread: where \((\d+) samples\) \| share \|\n\| --- \| --- \|\n((\|.*\n)+)"
-    engine, server = (re.search(table.format(name), sampled) for name in ("engine", "server"))
-    assert int(engine[1]) > 10 and int(server[1]) > 10 and "base_events.py" in server[2], sampled
-
-
-@pytest.mark.parametrize("flag", ["--burst-steps", "--prefill-tokens"])
-def test_serve_scheduling_flags_below_one_are_refused_before_anything_loads(flag, capsys):
-    """bench serve's A/B flags for the engine's scheduling: 0 steps between a burst's passes would never decode, 0
-    tokens a pass would never prefill; either is refused with the fix, before a model is loaded."""
-    import bench
-    with pytest.raises(SystemExit) as exit_:
-        bench.main(["serve", "--tiny", flag, "0"])
-    assert exit_.value.code == 2 and f"{flag} must be 1 or more (got 0)" in capsys.readouterr().err
