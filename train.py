@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import signal
 import sys
-import time
 import warnings
-import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,19 +28,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from peft import prepare_model_for_kbit_training
-from safetensors import safe_open
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import ProgressCallback, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 import preferences
 import report_utils
 from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
+from checkpoints import newest_complete_checkpoint, save_fsdp_adapter
 from config import Config, DataConfig, QuantizationConfig, TrainingConfig, parse_config, save_config
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
 from model_utils import DeviceChoice, ModelLoadError, decide_device_dtype, fsdp_enabled, load_model, load_tokenizer
 from quantization_utils import build_bnb_config, products_used, use_fp8_products
+from training_callbacks import CompactLog, Guard, PhaseClock, TrainModeAfterEvaluation
 from training_plan import TrainingPlan, decide_training
 
 logger = logging.getLogger("train")
@@ -224,162 +219,8 @@ def build_sft_config(t: TrainingConfig, max_length: int, choice: DeviceChoice, c
     )
 
 
-class CompactLog(ProgressCallback):
-    """Progress bar plus one line per logging step: loss, lr, tokens/s, peak memory."""
-
-    def __init__(self, device: str):
-        super().__init__()
-        self.device = device
-        self.last = (time.perf_counter(), 0)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        now, tokens = time.perf_counter(), logs.get("num_tokens", self.last[1])
-        parts = [f"step {state.global_step}/{state.max_steps}"]
-        for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("learning_rate", "lr {:.2e}"),
-                         ("grad_norm", "grad_norm {:.3f}")):
-            if key in logs:
-                parts.append(fmt.format(logs[key]))
-        if "loss" in logs and tokens > self.last[1]:
-            # num_tokens counts every non-padding token of all processes
-            parts.append(f"{(tokens - self.last[1]) / (now - self.last[0]):,.0f} tok/s")
-            self.last = (now, tokens)
-        parts.append(f"peak mem {peak_memory_gib(self.device):.2f} GiB")
-        line = " | ".join(parts)
-        if self.training_bar is not None:
-            self.training_bar.write(line)
-        else:
-            print(line, flush=True)
-
-
-def peak_memory_gib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (resident set, CPU)
-
-
-class PhaseClock(TrainerCallback):
-    """Where the time to the adapter goes: set-up phases, the first steps (compilation), steady steps, the end.
-
-    Marks are taken on the host; it still waits for the GPU a few times a step (transformers' packed-sequence check
-    before the layers, trl's selection of the labelled positions for the LM head), so it is never a step ahead. The
-    first FIRST_STEPS steps of this process (resumed or not) hold the compilation. The steady rate counts the tokens
-    trl logs (`num_tokens`, every process's non-padding tokens) between the first log after them and the last log."""
-
-    FIRST_STEPS = 10
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.marks: dict[str, float] = {}
-        self.logs: list[tuple[float, float]] = []  # (time, num_tokens)
-        self.steps = 0
-
-    def mark(self, name: str) -> None:
-        self.marks[name] = time.perf_counter()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.mark("train_begin")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps += 1
-        if "first_steps" not in self.marks and (self.steps == self.FIRST_STEPS or state.global_step >= state.max_steps):
-            self.mark("first_steps")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "num_tokens" in logs and "loss" in logs:
-            self.logs.append((time.perf_counter(), float(logs["num_tokens"])))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.mark("train_end")
-
-    def summary(self) -> dict[str, float]:
-        """Seconds per phase (they add up to total_s) and the steady tokens/s."""
-        m, t = self.marks, self.start
-        order = ["data", "model", "trainer", "train_begin", "first_steps", "train_end", "final_eval", "saved"]
-        names = {"data": "data_s", "model": "model_load_quantize_s", "trainer": "trainer_setup_s",
-                 "train_begin": "train_setup_s", "first_steps": f"first_{self.FIRST_STEPS}_steps_s",
-                 "train_end": "steady_steps_s", "final_eval": "final_eval_s", "saved": "save_s"}
-        out = {}
-        for name in order:
-            if name in m:
-                out[names[name]] = round(m[name] - t, 3)
-                t = m[name]
-        out["total_s"] = round(t - self.start, 3)
-        steady = [entry for entry in self.logs if entry[0] >= m.get("first_steps", float("inf"))]
-        if len(steady) >= 2 and steady[-1][0] > steady[0][0]:
-            out["steady_tokens_per_s"] = round((steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]), 1)
-        return out
-
-
-class TrainModeAfterEvaluation(TrainerCallback):
-    """Puts the model trl reads back in training mode after an evaluation.
-
-    With torch.compile (accelerate's regional compilation) the Trainer trains a shallow copy of the model object
-    that shares its layers: `.train()` on the copy reaches every layer but not the original's own flag, which an
-    evaluation had set to eval. trl reads that flag to tell training from evaluation, so without this every later
-    training log carried eval_* metrics and the token count stopped. The layers themselves (dropout) were in
-    training mode either way."""
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and not model.training:
-            model.train()
-
-
 class TrainingOutOfMemory(RuntimeError):
     """CUDA ran out of memory; the message names the knobs."""
-
-
-class Guard(TrainerCallback):
-    """Stops on non-finite loss/weights without saving them, and turns SIGTERM/Ctrl-C into save-and-exit.
-
-    Under several processes a signal reaches one of them (a scheduler, a user's kill), but all must stop at the same
-    step: the flag is shared with one all-reduce per optimizer step, so every process saves the same checkpoint and
-    exits, instead of the others waiting forever in the next gradient all-reduce."""
-
-    def __init__(self):
-        self.diverged: str | None = None
-        self.interrupted: str | None = None
-
-    def install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            if self.interrupted:  # a second signal: stop now, the last checkpoint stays
-                raise KeyboardInterrupt
-            self.interrupted = signal.Signals(signum).name
-            logger.warning("%s received: saving a checkpoint at the end of this step, then exiting "
-                           "(send it again to stop at once)", self.interrupted)
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-    @staticmethod
-    def _on_any_process(flag: bool) -> bool:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return flag
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        shared = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-        return bool(shared.item())
-
-    @staticmethod
-    def _weights_finite(model) -> bool:
-        return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm", "eval_loss"):
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value):
-                self.diverged = f"{key} became {value} at step {state.global_step}"
-                control.should_training_stop, control.should_save = True, False
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self._on_any_process(self.interrupted is not None):
-            self.interrupted = self.interrupted or "a signal to another process"
-            control.should_save, control.should_training_stop = True, True
-        if (control.should_save or self.diverged) and model is not None and not self._weights_finite(model):
-            self.diverged = self.diverged or f"adapter weights became non-finite by step {state.global_step}"
-        if self.diverged:
-            control.should_save, control.should_training_stop = False, True
 
 
 class SFTTrainerMetricsOnDevice(SFTTrainer):
@@ -524,84 +365,8 @@ def finish_trainer(trainer, choice: DeviceChoice, rows: str, note: str = "") -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# The adapter and its records
 # ----------------------------------------------------------------------------------------------------------------
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (None when complete). One GPU and DDP write optimizer.pt;
-    FSDP writes the sharded model and optimizer state as torch.distributed.checkpoint folders."""
-    state = path / "trainer_state.json"
-    try:
-        json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return f"trainer_state.json unreadable ({type(e).__name__})"
-    try:
-        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as e:  # safetensors raises its own error types for truncation
-        return f"adapter_model.safetensors unreadable ({type(e).__name__}: {e})"
-    sharded = (path / "optimizer_0").is_dir()
-    for name in (("optimizer_0", "pytorch_model_fsdp_0") if sharded else ("optimizer.pt",)) + ("scheduler.pt",):
-        problem = sharded_state_problem(path / name) if name.endswith("_0") else zip_problem(path / name)
-        if problem:
-            return problem
-    return None
-
-
-def zip_problem(file: Path) -> str | None:
-    try:
-        with zipfile.ZipFile(file) as z:
-            if z.testzip() is not None:
-                return f"{file.name} is corrupt"
-    except (OSError, zipfile.BadZipFile) as e:
-        return f"{file.name} unreadable ({type(e).__name__})"
-    return None
-
-
-def sharded_state_problem(folder: Path) -> str | None:
-    """A torch.distributed.checkpoint folder is complete when its .metadata (written last) reads and every byte
-    range it lists is on disk."""
-    from torch.distributed.checkpoint import FileSystemReader
-    try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
-    except Exception as e:  # a missing or truncated .metadata raises pickle's or the OS's errors
-        return f"{folder.name}/.metadata unreadable ({type(e).__name__})"
-    for item in (metadata.storage_data or {}).values():
-        file = folder / item.relative_path
-        if not file.is_file() or file.stat().st_size < item.offset + item.length:
-            return f"{folder.name}/{item.relative_path} is missing or truncated"
-    return None
-
-
-def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest resumable checkpoint; half-written or corrupt ones are skipped with a warning."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    candidates = []
-    for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        if p.is_dir() and p.name.split("-")[-1].isdigit():
-            candidates.append((int(p.name.split("-")[-1]), p))
-    for _, path in sorted(candidates, reverse=True):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
-    return None
-
-
-def save_fsdp_adapter(model, tokenizer, folder: Path, main_process: bool) -> None:
-    """Under FSDP: the adapter and tokenizer in `folder`, gathered from the shards; every process must call it.
-
-    The Trainer writes no weights under FSDP with sharded state dicts (its checkpoints keep the shards, for
-    --resume). Only the trainable LoRA weights are gathered, to the main process's CPU, never the 4-bit base."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                 ignore_frozen_params=True))
-    if main_process:
-        model.save_pretrained(folder, state_dict=state)
-        tokenizer.save_pretrained(folder)
-
 
 def save_final(trainer: SFTTrainer, cfg: Config, stats: dict, choice: DeviceChoice,
                clock: PhaseClock | None = None, plan: TrainingPlan | None = None) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import accelerate.state
 from accelerate.utils import DistributedType
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,7 +39,7 @@ train.FSDP_DEVICES = ("cuda", "cpu")
 build_trainer = train.build_trainer
 
 
-class RecordSharding(train.TrainerCallback):
+class RecordSharding(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         from torch.distributed.tensor import DTensor
         trained = [p for p in model.parameters() if p.requires_grad]

@@ -251,22 +251,6 @@ def test_plain_bf16_training_keeps_the_loss(tmp_path):
     assert losses["off"][-1] < 0.8 * losses["off"][0]
 
 
-@pytest.mark.slow  # a compiled training run, as the other compiled-training tests
-def test_training_metrics_stay_training_metrics_after_a_compiled_evaluation(tmp_path):
-    """With torch.compile the Trainer trains a copy of the model object; an evaluation left trl reading the original
-    as in eval mode, so every later training log carried eval_* metrics and the token count stopped (seen on the
-    H200 as log lines without tok/s). Training logs after an evaluation keep their own metrics and count on."""
-    out = tmp_path / "run"
-    run_script("train.py", "--config", "configs/smoke.yaml", "--training.output_dir", str(out), "--training.max_steps",
-               "12", "--training.logging_steps", "4", "--training.eval_steps", "4", "--training.torch_compile", "on")
-    history = json.loads((out / "final" / "log_history.json").read_text())
-    train_logs = [h for h in history if "loss" in h]
-    assert [h["step"] for h in train_logs] == [4, 8, 12]
-    assert all("mean_token_accuracy" in h and not any(k.startswith("eval_") for k in h) for h in train_logs)
-    tokens = [h["num_tokens"] for h in train_logs]
-    assert tokens[0] < tokens[1] < tokens[2]
-
-
 @pytest.mark.parametrize("packing", [True, False])
 def test_metrics_kept_on_the_device_log_what_trl_logs(tmp_path, monkeypatch, packing):
     """train.py's trainer reads trl's per-micro-batch metrics back only when it logs (trl 1.16 waits for the GPU
