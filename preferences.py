@@ -39,9 +39,9 @@ from trl import DPOConfig, DPOTrainer
 
 from adapter_utils import AdapterError, check_adapter_base, read_adapter_config
 from config import Config, DataConfig, LoraSettings
-from data_utils import (ROLES, BadConversation, DataError, Message, _in_validation, _missing, _rank_key,
-                        detect_format, normalize_chat, oasst_trees, read_source, render_text, turn_answer_text,
-                        validation_split)
+from data_sources import DataError, read_source, validation_split
+from data_utils import (ROLES, BadConversation, Message, _in_validation, _missing, _rank_key, detect_format,
+                        normalize_chat, oasst_trees, render_text, turn_answer_text)
 
 logger = logging.getLogger(__name__)
 

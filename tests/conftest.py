@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,23 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: int = 600, check: bool = T
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def m(mid, parent, role, text, rank=None, tree="t1", **kw):
+    """One oasst1 message row (its columns the pipeline reads; the data tests' rows are built from it)."""
+    return {"message_id": mid, "parent_id": parent, "text": text, "role": role, "lang": kw.pop("lang", "en"),
+            "rank": rank, "deleted": kw.pop("deleted", False), "review_result": kw.pop("review", True),
+            "message_tree_id": tree, "tree_state": kw.pop("state", "ready_for_export"), **kw}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# 40 one-answer trees (tests/test_data_utils.py, tests/test_data_sources.py)
+OASST_ROWS = [m(f"q{i}", None, "prompter", f"Question {i}?", tree=f"t{i}") for i in range(40)] + \
+             [m(f"a{i}", f"q{i}", "assistant", f"Answer {i}.", rank=0, tree=f"t{i}") for i in range(40)]
 
 
 @pytest.fixture(scope="session")
