@@ -42,6 +42,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -432,6 +433,10 @@ def child(args) -> int:
         result = run_generate(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["prompt_len"],
                               spec["new_tokens"], spec["batch"], spec["check_prompts"], Path(spec["result"]))
     Path(spec["result"]).write_text(json.dumps(result, default=str))
+    # The threads the interpreter still has to end (32nd session: a serve child aborted once as it exited, after
+    # writing its results; with PYTHONFAULTHANDLER its stacks are printed too).
+    logging.info("exiting; threads alive: %s", ", ".join(f"{t.name}{' (daemon)' if t.daemon else ''}"
+                                                        for t in threading.enumerate()))
     return 0
 
 

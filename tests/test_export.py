@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PhiConfig, PhiForC
 
 import export
 from config import GenerationSettings
-from conftest import ROOT, TINY, run_script
+from conftest import TINY, run_script
 from data_utils import render_text
 from inference import ChatModel
 
