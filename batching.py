@@ -33,6 +33,7 @@ BURST_STEPS = 2  # the decode steps between two prefill passes of a burst (a ful
 # shape is compiled once (times each cache size).
 ROW_BUCKETS = (1, 8, 16, 32, 64)
 SHORT_ROWS = 8  # shapes of up to this many rows keep 512-slot rows for short answers beside their long ones (__init__)
+SCHEDULE_EVENTS = 12  # the first prefill passes and chunks kept in BatchDecoder.schedule (for benchmarks)
 
 
 def timed_event(device: torch.device) -> torch.cuda.Event | None:
@@ -226,6 +227,9 @@ class BatchDecoder:
         # and the host's seconds waiting for a chunk (step_wait_s); admitting's host seconds by part ("admit <part> s",
         # _spent) and freeing rows ("vacate s")
         self.record = Counter()
+        # the order the loop ran in since it was last cleared, for benchmarks (how a burst of arrivals was admitted):
+        # ("pass", prompts) and ("steps", steps, rows) with a shape's consecutive chunks merged; SCHEDULE_EVENTS at most
+        self.schedule: list[list] = []
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
         # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).
         self.prefill_graphs = self.fused and self.device.type == "cuda" and model.model.layers[0].step_kernels
@@ -650,6 +654,7 @@ class BatchDecoder:
         remember(self.seen, self.tok, self.tokenizer.eos_token_id)  # the other rows' tokens are there already
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group))
+        self._scheduled("pass", len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         issued = self._spent("first tokens", begun)
         tokens = to_host(first)  # one wait for the GPU for the whole group
@@ -732,6 +737,7 @@ class BatchDecoder:
                 answer.queued += steps
         self.record.update(steps=steps, answer_steps=steps * sum(a is not None for a in rows))
         self.record[f"steps at {shape}"] += steps
+        self._scheduled("steps", steps, len(rows))
         host = torch.empty(chunk.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
         host.copy_(chunk, non_blocking=True)
         previous, self._pending = self._pending, (host, began, timed_event(self.device), rows, shape)
@@ -743,6 +749,14 @@ class BatchDecoder:
             self._flush()
             if shape := self._smaller_shape():
                 self._relayout(*shape)
+
+    def _scheduled(self, kind: str, n: int, rows: int = 0) -> None:
+        """A prefill pass of n prompts or a chunk of n steps at `rows` rows, added to self.schedule."""
+        last = self.schedule[-1] if self.schedule else None
+        if kind == "steps" and last is not None and last[0] == "steps" and last[2] == rows:
+            last[1] += n
+        elif len(self.schedule) < SCHEDULE_EVENTS:
+            self.schedule.append([kind, n] + ([rows] if kind == "steps" else []))
 
     def _smaller_shape(self) -> tuple[int, int] | None:
         """The (rows, row length) that holds the answers in the rows, where it is smaller than the current one."""

@@ -9,13 +9,14 @@ numpy seed 0: about 60 tokens) and max_tokens 256, without a repetition penalty 
 aggregate tokens/s (completion tokens of all clients over the time from sending to the last answer), the time to first
 token (median and worst), the most answers decoded together, how many clients got the same text as when they were alone,
 and where the decoder's time went: prefill passes (prompts), seconds spent admitting answers (prefill, cache moves,
-first tokens) and the mean number of answers in a decode step. After the clients, the same model decodes the most
-clients' questions as one static batch (ChatModel.generate_ids, each answer to the same length), and each row's
-aggregate is also given as a multiple of that figure (x static batch), so the two are measured in one run. Each row also
-gives the longest wait between two pieces of text of any client's answer after its first; a last row streams up to 8 of
-the questions again while one more client sends a prompt of ~1,000 tokens (90% of what the context leaves after the
-answer, on the tiny model) halfway through them: the running answers' longest wait then is what that prefill costs them
-(beside the same clients' wait without it).
+first tokens) and the mean number of answers in a decode step, and the order a run's first passes and chunks ran in (how
+its burst of arrivals was admitted). After the clients, the same model decodes the most clients' questions as one static
+batch (ChatModel.generate_ids, each answer to the same length), and each row's aggregate is also given as a multiple of
+that figure (x static batch), so the two are measured in one run. Each row also gives the longest wait between two
+pieces of text of any client's answer after its first; a last row streams up to 8 of the questions again while one more
+client sends a prompt of ~1,000 tokens (90% of what the context leaves after the answer, on the tiny model) halfway
+through them: the running answers' longest wait then is what that prefill costs them (beside the same clients' wait
+without it).
 """
 
 from __future__ import annotations
@@ -159,8 +160,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                 raise RuntimeError(f"{processes} client processes did not all start within 300 s")
         with HostTime(generation_thread().submit(threading.get_ident).result(), serving.ident) as host:
             for n in clients:
-                chat.batcher.most_rows = 0
-                chat.batcher.record.clear()
+                cleared(chat.batcher)
                 host.start()
                 start = time.perf_counter()
                 try:
@@ -173,7 +173,8 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                     break
                 wall = time.perf_counter() - start
                 rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, loading)
-                            | {"decoder": dict(chat.batcher.record)} | host.spent(f"{n}-client") | memory(chat))
+                            | {"decoder": dict(chat.batcher.record), "schedule": schedule(chat.batcher)}
+                            | host.spent(f"{n}-client") | memory(chat))
                 if partial is not None:
                     partial.write_text(json.dumps(rows, default=str))
             if rows and not stopped.is_set():
@@ -197,6 +198,19 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
     return rows
 
 
+def cleared(batcher) -> None:
+    """The engine's records emptied before a run: the most rows, the counts and the schedule."""
+    batcher.most_rows = 0
+    batcher.record.clear()
+    batcher.schedule.clear()
+
+
+def schedule(batcher) -> str:
+    """The order a run's first passes and chunks ran in (BatchDecoder.schedule): "P31" a prefill pass of 31 prompts,
+    "2@64" 2 decode steps at 64 rows."""
+    return " ".join(f"P{e[1]}" if e[0] == "pass" else f"{e[1]}@{e[2]}" for e in batcher.schedule)
+
+
 def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, rows: list[dict], alone: list[dict],
                       dtype: str, loading: dict, host: HostTime) -> dict:
     """Up to 8 answers streaming, and a prompt of ~1,000 tokens (what the context leaves, on the tiny model) that
@@ -214,8 +228,7 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
             break
         words = max(1, round(words * target / tokens))
     tokens = len(chat.prompt_ids([{"role": "user", "content": long_question}], new_tokens)[0])
-    chat.batcher.most_rows = 0
-    chat.batcher.record.clear()
+    cleared(chat.batcher)
     host.start()
     start = time.perf_counter()
     got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name, 0.0) for q in asked[:n]]
@@ -225,6 +238,7 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
     return row | {"name": f"{dtype} {n} client(s) + a {tokens}-token prompt at {delay:.2f} s",
                   "long_prompt_tokens": tokens, "long_prompt_ttft_s": got[n]["ttft_s"],
                   "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record),
+                  "schedule": schedule(chat.batcher),
                   **host.spent("long prompt's"), **memory(chat)}
 
 
@@ -306,13 +320,14 @@ def serve_table(rows: list[dict]) -> str:
     # where admitting's host seconds went, pass by pass summed (BatchDecoder.record), and freeing rows
     parts = ["layout", "inputs", "pass", "scatter", "first tokens"]
     lines += ["", "| clients | admitting (s): " + " | ".join(parts) + " | waiting for the GPU | handing out | "
-              "freeing rows (s) | garbage collector: passes, s (full passes, longest s) |",
-              "| --- " * (len(parts) + 5) + "|"]
+              "freeing rows (s) | garbage collector: passes, s (full passes, longest s) | "
+              "in order (P31: a prefill pass of 31 prompts; 2@64: 2 decode steps at 64 rows) |",
+              "| --- " * (len(parts) + 6) + "|"]
     for r in rows:
         d = r.get("decoder", {})
         lines.append(f"| {r['name']} | " + " | ".join(f"{d.get(f'admit {p} s', 0.0):.3f}" for p in parts) +
                      f" | {d.get('prefill_wait_s', 0.0):.3f} | {d.get('admit handing out s', 0.0):.3f} | "
-                     f"{d.get('vacate s', 0.0):.3f} | {collector(r)} |")
+                     f"{d.get('vacate s', 0.0):.3f} | {collector(r)} | {r.get('schedule') or '-'} |")
     return "\n".join(lines)
 
 

@@ -64,6 +64,14 @@ def test_serving_bench_tiny(tmp_path):
     for r in rows + [probe]:
         assert r["gc_passes"] >= r["gc_full_passes"] >= 0 and r["gc_longest_full_s"] <= r["gc_s"], r
     assert "garbage collector: passes, s (full passes, longest s)" in json.loads(out.read_text())["table"]
+    # the order each run's passes and chunks ran in (how its burst was admitted): the passes and steps it counted
+    for r in rows + [probe]:
+        events = r["schedule"].split()
+        passes = [int(e[1:]) for e in events if e.startswith("P")]
+        steps = [int(e.split("@")[0]) for e in events if "@" in e]
+        assert events[0].startswith("P") and len(passes) == r["decoder"]["prefill_passes"], r
+        assert sum(passes) == r["decoder"]["prompts"] and sum(steps) == r["decoder"]["steps"], r
+    assert "P31: a prefill pass of 31 prompts" in json.loads(out.read_text())["table"]
     # --profile: the 4 clients once more under torch.profiler, which sees the model's products (addmm on the CPU)
     # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
     profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
