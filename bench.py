@@ -26,7 +26,8 @@ Tokens/s counts non-padding tokens only. Each configuration runs in its own proc
 compile caches); results go to reports/bench-*.json and a markdown table on stdout.
 
 The epoch and dpo benchmarks (train.py itself, end to end) are in bench_epoch.py, the serve benchmark in
-bench_serve.py; each module's docstring gives its workload and what it reports.
+bench_serve.py; each module's docstring gives its workload and what it reports. They import the shared pieces below
+(the word list, free_port, serving_config) from here, so bench.py imports them inside the functions that run them.
 """
 
 from __future__ import annotations
