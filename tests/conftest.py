@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny Phi model, and one real smoke training run reused by the inference/eval/app tests."""
+"""Shared fixtures: the tiny Phi model, one real smoke training run reused by the inference/eval/app tests, and the
+oasst1 rows the data tests build on."""
 
 from __future__ import annotations
 
