@@ -228,7 +228,7 @@ class BatchDecoder:
         # _spent) and freeing rows ("vacate s")
         self.record = Counter()
         # the order the loop ran in since it was last cleared, for benchmarks (how a burst of arrivals was admitted):
-        # ("pass", prompts) and ("steps", steps, rows) with a shape's consecutive chunks merged; SCHEDULE_EVENTS at most
+        # ["pass", prompts, 0] and ["steps", steps, rows], a shape's consecutive chunks merged; SCHEDULE_EVENTS at most
         self.schedule: list[list] = []
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
         # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).
@@ -753,10 +753,10 @@ class BatchDecoder:
     def _scheduled(self, kind: str, n: int, rows: int = 0) -> None:
         """A prefill pass of n prompts or a chunk of n steps at `rows` rows, added to self.schedule."""
         last = self.schedule[-1] if self.schedule else None
-        if kind == "steps" and last is not None and last[0] == "steps" and last[2] == rows:
+        if kind == "steps" and last is not None and last[0] == kind and last[2] == rows:
             last[1] += n
         elif len(self.schedule) < SCHEDULE_EVENTS:
-            self.schedule.append([kind, n] + ([rows] if kind == "steps" else []))
+            self.schedule.append([kind, n, rows])
 
     def _smaller_shape(self) -> tuple[int, int] | None:
         """The (rows, row length) that holds the answers in the rows, where it is smaller than the current one."""
