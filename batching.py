@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 4096  # prompts that wait together are prefilled in passes of up to this many (padded) tokens
 BURST_STEPS = 2  # the decode steps between two prefill passes of a burst (a full chunk would delay the next pass)
+# Whether the chunk after a pass that leaves rows free is BURST_STEPS too (the rest of a burst may be arriving)
+SHORT_AFTER_PASS = True
 # Batch shapes (rows a decode step runs), up to the engine's slots: a few users do not pay for a 64-row step, and each
 # shape is compiled once (times each cache size).
 ROW_BUCKETS = (1, 8, 16, 32, 64)
@@ -139,11 +141,12 @@ class BatchDecoder:
     A request that arrives while others are being generated joins them at the next chunk boundary (every CHECK_EVERY
     steps when compiled, every step otherwise): its prompt is prefilled (the prompts waiting at a boundary in one pass
     of up to PREFILL_TOKENS tokens, one pass a boundary, so the answers being written go on between the passes of a
-    burst, BURST_STEPS steps each; on a GPU one prompt alone through a CUDA graph captured at load) and copied into a
-    free row of the cache; a finished or cancelled answer frees its row at the next boundary. Each answer streams to its
-    own client with its own sampling settings, stop rules and seed (greedy rows' repetition penalties applied to all
-    rows at once). The host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as
-    FastDecoder), so a finished answer costs up to one chunk of wasted steps.
+    burst, BURST_STEPS steps each, as after a pass that leaves rows free; on a GPU one prompt alone through a CUDA
+    graph captured at load) and copied into a free row of the cache; a finished or cancelled answer frees its row at
+    the next boundary. Each answer streams to its own client with its own sampling settings, stop rules and seed
+    (greedy rows' repetition penalties applied to all rows at once). The host queues a chunk before it reads the
+    previous one's tokens (one chunk behind the GPU, as FastDecoder), so a finished answer costs up to one chunk of
+    wasted steps.
 
     The cache: every answer holds its prompt and answer in a run of slots of its own, each token at the slot of its
     position, and a decode step writes each row's token at that row's own next slot (DecodeCache with rows_apart;
@@ -341,9 +344,13 @@ class BatchDecoder:
                         self.record["admit_s"] += time.perf_counter() - begun
                     # While another pass is ready (the prompts that arrived together did not fit in one), the
                     # running answers get a few steps, not a full chunk: the next pass is queued behind them on the
-                    # GPU, and its users' first tokens with it.
+                    # GPU, and its users' first tokens with it. So do they after a pass that left rows free: a
+                    # burst's first prompts often arrive before the rest (on an H100, one prompt alone, then a full
+                    # chunk at one row before the next 63's pass: docs/PERFORMANCE.md).
+                    room = sum(a is not None for a in self.rows) < self.slots
+                    short = self._pass_ready or (SHORT_AFTER_PASS and bool(group) and room)
                     if any(a is not None and a.to_queue > 0 for a in self.rows):
-                        self._decode_chunk(min(BURST_STEPS, self.check_every) if self._pass_ready else self.check_every)
+                        self._decode_chunk(min(BURST_STEPS, self.check_every) if short else self.check_every)
                     else:
                         self._flush()
         except BaseException as error:  # every waiting client must hear of it, not hang

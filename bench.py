@@ -15,6 +15,7 @@
     python bench.py serve --dtypes bf16 --penalty 1.1   # greedy with the app's default repetition penalty
     python bench.py serve --dtypes bf16 --clients 64 --burst-steps 8   # a full chunk between a burst's passes
     python bench.py serve --dtypes bf16 --clients 64 --prefill-tokens 8192   # fewer, longer passes in a burst
+    python bench.py serve --dtypes bf16 --clients 64 --full-chunk-after-pass  # a full chunk after a burst's first pass
     python bench.py serve --dtypes bf16 --clients 64 --profile   # + the 64 clients once more under torch.profiler,
                                                                  # and once more with Python stacks sampled
 
@@ -427,6 +428,7 @@ def child(args) -> int:
         from bench_serve import run_serve
         batching.BURST_STEPS = spec.get("burst_steps") or batching.BURST_STEPS
         batching.PREFILL_TOKENS = spec.get("prefill_tokens") or batching.PREFILL_TOKENS
+        batching.SHORT_AFTER_PASS = not spec.get("full_chunk_after_pass")
         result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
                            spec["new_tokens"], Path(spec["result"]), spec["penalty"],
                            Path(spec["profile"]) if spec.get("profile") else None)
@@ -482,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-tokens", type=int, default=None,
                         help="serve: padded tokens a prefill pass of waiting prompts takes at most (default "
                              "batching.PREFILL_TOKENS; more: fewer, longer passes in a burst)")
+    parser.add_argument("--full-chunk-after-pass", action="store_true",
+                        help="serve: a full chunk after a prefill pass that leaves rows free (default: BURST_STEPS "
+                             "steps, batching.SHORT_AFTER_PASS), to compare with")
     parser.add_argument("--penalty", type=float, default=1.0,
                         help="serve: the server's repetition penalty (default 1.0, none; the app's default is 1.1)")
     parser.add_argument("--model-dir", default=None, help="where the random Phi-2 is saved (reused if present)")
@@ -565,6 +570,7 @@ def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: 
         rows += spawn({"kind": "serve", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
                        "clients": args.clients, "prompt_words": 12 if args.tiny else 40, "penalty": args.penalty,
                        "burst_steps": args.burst_steps, "prefill_tokens": args.prefill_tokens,
+                       "full_chunk_after_pass": args.full_chunk_after_pass,
                        "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent),
                        "profile": str(out.parent / f"bench-serve-{dtype}-profile.md") if args.profile else None},
                       args.timeout)

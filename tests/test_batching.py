@@ -257,6 +257,29 @@ def test_questions_that_arrive_together_are_prefilled_together(chat_model):
     assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
 
 
+@pytest.mark.parametrize("slots, chunks", [(4, [2, 8, 8]), (1, [8, 8, 8])], ids=["rows-free", "rows-full"])
+def test_the_chunk_after_a_pass_that_leaves_rows_free_is_short(tokenizer, monkeypatch, slots, chunks):
+    """A burst's first prompt often arrives alone (on an H100, one of three 64-client runs: its pass, then a full
+    chunk at one row while the other 63 arrived, before their pass). A pass that leaves rows free is followed by
+    BURST_STEPS steps, not a full chunk (8 on a GPU, set here on the plain path), so the next boundary, where the
+    rest of a burst joins, comes sooner; then the chunks are full again. A pass that fills every row is followed by a
+    full chunk: no one could join at a sooner boundary."""
+    import batching
+    chat, _ = endless(tokenizer, fast=False)
+    chat = ChatModel(chat.model, tokenizer, batch_slots=slots)
+    chat.batcher.check_every = 8
+    sizes, chunk = [], chat.batcher._decode_chunk
+
+    def watched(most):
+        sizes.append(most)
+        return chunk(most)
+
+    monkeypatch.setattr(chat.batcher, "_decode_chunk", watched)
+    finish([chat.start(chat.prompt_ids([{"role": "user", "content": "Hi"}], 40)[0],
+                       GenerationSettings(max_new_tokens=40, temperature=0.0))])
+    assert batching.BURST_STEPS == 2 and sizes[:3] == chunks, sizes
+
+
 @pytest.mark.parametrize("chunk, between", [(1, [1, 1]), (8, [2, 2])], ids=["chunk-1", "chunk-8"])
 def test_running_answers_go_on_between_the_prefill_passes_of_a_burst(tokenizer, monkeypatch, chunk, between):
     """Prompts that arrive together while an answer is being written and take several prefill passes (here one a
