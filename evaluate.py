@@ -41,9 +41,10 @@ from tqdm.auto import tqdm
 import preferences
 import report_utils
 from adapter_utils import AdapterError, read_adapter_config
+from answers import Reply
 from config import Config, ConfigError, GenerationSettings, load_config, parse_config
 from data_utils import DataError, Message, load_conversations, render_text, tokenize_conversations
-from inference import (ChatModel, Reply, adapter_dir_for, load_chat_model, load_model_folder, resolve_device,
+from inference import (ChatModel, adapter_dir_for, load_chat_model, load_model_folder, resolve_device,
                        trained_base)
 from model_utils import ModelLoadError
 

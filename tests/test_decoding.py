@@ -12,11 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import decoding
+from answers import Reply
 from config import GenerationSettings
 from data_utils import HUMAN
 from decoding import CHECK_EVERY, FastDecoder
 from doubles import ARGMAX, GREEDY, PENALIZED, limited, scripted, tied
-from inference import ChatModel, Reply
+from inference import ChatModel
 from phi_layers import DecodeCache
 from conftest import TINY
 

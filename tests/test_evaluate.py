@@ -14,8 +14,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 import evaluate
+from answers import Reply
 from conftest import TINY, run_script
-from inference import Reply
 
 
 class Uniformish(torch.nn.Module):

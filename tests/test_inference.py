@@ -1,4 +1,4 @@
-"""inference.py: the exact merge, the merged folder, ChatModel's answers and streams, the CLI."""
+"""inference.py: the exact merge, the merged folder, ChatModel's answers, the CLI."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import inference
 from config import GenerationSettings
-from decoding import CHECK_EVERY
-from doubles import GREEDY, ScriptedPhi, endless, scripted
+from doubles import GREEDY
 import adapter_utils
 from adapter_utils import merge_adapter
 from inference import ChatModel, chat_loop
@@ -51,30 +50,6 @@ def test_answer_is_the_answer_only(chat_model):
     reply = chat_model.chat([{"role": "user", "content": "What is the capital of Peru?"}], GREEDY)
     assert reply.text == "The capital of Peru is Lima." and reply.stop == "eos"
     assert "###" not in reply.text and "Human" not in reply.text
-
-
-@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
-def test_generation_halts_at_a_human_turn_the_model_writes(tokenizer, fast):
-    chat, messages = scripted(tokenizer, " Sure, here it is. ### Human: and now I ask myself a long question", fast=fast)
-    reply = chat.chat(messages, GenerationSettings(max_new_tokens=60, temperature=0.0))
-    assert reply.text == "Sure, here it is." and reply.stop == "marker"
-    assert reply.new_tokens < 30  # generation stopped at the marker, not at max_new_tokens
-    streamed = list(chat.stream(messages, GenerationSettings(max_new_tokens=60, temperature=0.0)))
-    assert streamed[-1] == "Sure, here it is." and all("#" not in s for s in streamed)
-
-
-@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
-def test_generation_halts_at_eos(tokenizer, fast):
-    chat, messages = scripted(tokenizer, " Done.", tail=[tokenizer.eos_token_id] + [5] * 50, fast=fast)
-    reply = chat.chat(messages, GenerationSettings(max_new_tokens=60, temperature=0.0))
-    answer_tokens = len(tokenizer(" Done.", add_special_tokens=False)["input_ids"])
-    assert (reply.text, reply.stop, reply.new_tokens) == ("Done.", "eos", answer_tokens + 1)
-
-
-def test_streaming_grows_token_by_token(chat_model):
-    pieces = list(chat_model.stream([{"role": "user", "content": "What is the capital of Peru?"}], GREEDY))
-    assert len(pieces) >= 3 and pieces[-1] == "The capital of Peru is Lima."
-    assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
 
 
 def test_batched_generation_equals_one_by_one(chat_model):
@@ -131,30 +106,6 @@ def test_cli_adapter_for_another_base_names_both(smoke_run, tmp_path):
     proc = run_script("inference.py", "--inference.adapter", str(smoke_run / "final"), "--model.name_or_path",
                       str(tmp_path / "phi-2"), "--prompt", "hi", check=False)
     assert proc.returncode == 1 and "tiny-phi" in proc.stderr and "phi-2" in proc.stderr
-
-
-@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
-def test_cancel_stops_the_generation_within_one_chunk(tokenizer, fast):
-    chat, messages = endless(tokenizer, fast)
-    gen = GenerationSettings(max_new_tokens=300, temperature=0.0)
-    answer = chat.start(chat.prompt_ids(messages, 300)[0], gen)
-    pieces = iter(answer)
-    next(pieces), next(pieces)
-    answer.cancel()
-    rest = list(pieces)
-    assert answer.reply.stop == "cancelled" and answer.reply.new_tokens <= 4 * CHECK_EVERY
-    assert all(r.startswith("la") for r in rest)
-
-
-def test_closing_the_stream_frees_the_model(tokenizer):
-    """A client that leaves closes the stream (gradio does); generation stops at the next token, not at 300."""
-    chat, messages = endless(tokenizer, fast=False)
-    ScriptedPhi.calls = 0
-    stream = chat.stream(messages, GenerationSettings(max_new_tokens=300, temperature=0.0))
-    next(stream)
-    stream.close()
-    inference.generation_thread().submit(lambda: None).result()  # the generation thread is free again
-    assert ScriptedPhi.calls < 20
 
 
 def test_a_warmed_up_model_is_out_of_the_collectors_way_until_it_is_closed():
