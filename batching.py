@@ -9,11 +9,13 @@ the KV pool's slots.
 
 from __future__ import annotations
 
+import array
 import logging
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 from transformers import CompileConfig, DynamicCache, LogitsProcessorList
@@ -602,21 +604,25 @@ class BatchDecoder:
         prompt alone is a prefill graph's pass (padded further to its bucket), several (or one too long for a graph)
         a pass of group_prefill, compiled on the fast path."""
         lengths = [len(a.ids) for a in group]
-        ids = torch.full((len(group), max(lengths)), self.tokenizer.eos_token_id, dtype=torch.long)
-        for i, answer in enumerate(group):
-            ids[i, :lengths[i]] = torch.tensor(answer.ids)
-        rows = [i for i, a in enumerate(self.rows) if a is None][:len(group)]
-        # Every prompt's slots as index lists (prompt's row in the prefill's cache, row in the shared one, and the
-        # slot, the same in both), for one gather and one scatter per tensor and layer below (a slice copy per
-        # prompt, tensor and layer was slower, docs/PERFORMANCE.md), and each prompt's row, length, last slot and
-        # penalty, for one write of each below; none of the copies waits for the chunk the GPU is running.
-        sizes = torch.tensor(lengths)
-        slots = torch.cat([torch.arange(n) for n in lengths])
-        bases = torch.tensor([a.base or 0 for a in group]).repeat_interleave(sizes)  # with the pool
-        where = torch.stack([torch.arange(len(group)).repeat_interleave(sizes), torch.tensor(rows).repeat_interleave(
-            sizes), slots, bases + slots])
-        ids, (source_rows, target_rows, slots, flat) = on_device(ids, self.device), on_device(where, self.device)
-        rows_at, lengths_at, last_at = on_device([rows, lengths, [a.last_slot for a in group]], self.device)
+        width, total, prompts = max(lengths), sum(lengths), len(group)
+        rows = [i for i, a in enumerate(self.rows) if a is None][:prompts]
+        # The prompts right-padded, every prompt's slots as index lists (prompt's row in the prefill's cache, row in
+        # the shared one, the slot, the same in both, and the slot in the pool), for one gather and one scatter per
+        # tensor and layer below (a slice copy per prompt, tensor and layer was slower, docs/PERFORMANCE.md), and each
+        # prompt's row, length, last slot and last position, for one write of each below: built in Python and copied
+        # to the device in one piece, without waiting for the chunk the GPU is running. In Python, not with a
+        # torch operator a prompt: torch lets go of the GIL around every operator, and while the server's threads
+        # take a burst's requests each one can cost a switch interval (5 ms) to get it back (docs/PERFORMANCE.md).
+        pad = self.tokenizer.eos_token_id
+        parts = ([a.ids + [pad] * (width - n) for a, n in zip(group, lengths)],
+                 [[i] * n for i, n in enumerate(lengths)], [[row] * n for row, n in zip(rows, lengths)],
+                 [range(n) for n in lengths],
+                 [range(a.base or 0, (a.base or 0) + n) for a, n in zip(group, lengths)],
+                 [rows, lengths, [a.last_slot for a in group], [n - 1 for n in lengths]])
+        packed = torch.frombuffer(array.array("q", chain.from_iterable(chain.from_iterable(parts))), dtype=torch.long)
+        ids, source_rows, target_rows, slots, flat, rows_at, lengths_at, last_at, last = on_device(
+            packed, self.device).split([prompts * width] + [total] * 4 + [prompts] * 4)
+        ids = ids.view(prompts, width)
         # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
         penalties = on_device([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group], self.device)
         bucket = self.prefills.bucket(len(group), max(lengths)) if self.prefill_graphs else None
@@ -627,9 +633,10 @@ class BatchDecoder:
             scratch = [(layer.keys, layer.values) for layer in graph.cache.layers]  # the prompt from slot 0
             self.record["graph_prefills"] += 1
         else:
-            last = on_device(lengths, self.device) - 1  # (prompts,): each one's last position
+            # last: each prompt's last position, a tensor of its own (not a view at an offset that changes from pass
+            # to pass, which the compiled pass could guard on)
             with prefill_attention(self.device):
-                logits, scratch = self.group_prefill(ids, last)
+                logits, scratch = self.group_prefill(ids, last.clone())
         begun = self._spent("pass", begun)
         for (keys, values), target in zip(scratch, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
             if self.pool is not None:  # (prompt tokens, heads, head dim) into the answers' runs of the pool

@@ -1,29 +1,66 @@
-"""A GPU diagnostic for .ci/gpu (issue 41's open question: a prefill pass's inputs took 12-14 ms of the host on an H100
-with the GPU idle, 0.4 ms on the CPU): the host time of each statement of BatchDecoder._prefill's inputs, copied here
-as they stand (20 prompts of 95-134 tokens, the pool's bases), with the GPU idle and with ~30 ms of work queued. If
-every statement is fast here, the cost is the engine's context (other threads, the allocator's state), not the
-statements."""
+"""A diagnostic for .ci/gpu (issue 41: a prefill pass's inputs took 12-14 ms of the engine's host time on an H100, and
+21-27 ms a pass while a burst of 64 requests arrived, against ~1 ms alone): the host time of BatchDecoder._prefill's
+inputs, copied here (29 prompts of 95-134 tokens, the pool's bases), in two forms: `operators`, a torch operator or
+two a prompt and five copies to the device (the engine up to b47ce93), and `packed`, the lists built in Python and
+copied in one piece (the engine since). Each with the GPU idle and with ~30 ms of work queued (on a GPU), alone and
+with a thread spinning in Python beside it (the GIL contended, as the server's threads contend for it while they take
+a burst's requests): torch lets go of the GIL around every operator, and each can cost a switch interval (5 ms) to
+get it back. Runs on the CPU too (no queued work there).
+
+    python3 .ci/prefill_inputs_micro.py
+"""
+import array
 import statistics
 import sys
+import threading
 import time
+from itertools import chain
 
 import torch
 
 sys.path.insert(0, ".")
 from batching import on_device  # noqa: E402
 
-REPEATS = 40  # the first 5 not counted
+REPEATS = 25  # the first 5 not counted
+PAD = 50256
 
-if not torch.cuda.is_available():
-    sys.exit("needs a CUDA GPU")
-device = torch.device("cuda")
-product = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gen = torch.Generator().manual_seed(0)
 prompts = [torch.randint(0, 50000, (int(n),), generator=gen).tolist()
-           for n in torch.randint(95, 135, (20,), generator=gen)]
-bases = [i * 2048 for i in range(20)]
+           for n in torch.randint(95, 135, (29,), generator=gen)]
+bases = [i * 2048 for i in range(29)]
 last_slots = [base + 300 for base in bases]
-free_rows = list(range(3, 23))
+free_rows = list(range(3, 32))
+
+
+def operators() -> list[torch.Tensor]:
+    lengths = [len(p) for p in prompts]
+    ids = torch.full((len(prompts), max(lengths)), PAD, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, :lengths[i]] = torch.tensor(prompt)
+    sizes = torch.tensor(lengths)
+    slots = torch.cat([torch.arange(n) for n in lengths])
+    flat = torch.tensor(bases).repeat_interleave(sizes) + slots
+    where = torch.stack([torch.arange(len(prompts)).repeat_interleave(sizes),
+                         torch.tensor(free_rows).repeat_interleave(sizes), slots, flat])
+    ids, where = on_device(ids, device), on_device(where, device)
+    rows_at, lengths_at, last_at = on_device([free_rows, lengths, last_slots], device)
+    on_device([1.0] * len(prompts), device)
+    last = on_device(lengths, device) - 1
+    return [ids, *where, rows_at, lengths_at, last_at, last]
+
+
+def packed() -> list[torch.Tensor]:
+    lengths = [len(p) for p in prompts]
+    width, total, n_prompts = max(lengths), sum(lengths), len(prompts)
+    parts = ([p + [PAD] * (width - n) for p, n in zip(prompts, lengths)],
+             [[i] * n for i, n in enumerate(lengths)], [[row] * n for row, n in zip(free_rows, lengths)],
+             [range(n) for n in lengths], [range(b, b + n) for b, n in zip(bases, lengths)],
+             [free_rows, lengths, last_slots, [n - 1 for n in lengths]])
+    flat = torch.frombuffer(array.array("q", chain.from_iterable(chain.from_iterable(parts))), dtype=torch.long)
+    ids, *rest = on_device(flat, device).split([n_prompts * width] + [total] * 4 + [n_prompts] * 4)
+    on_device([1.0] * n_prompts, device)
+    return [ids.view(n_prompts, width), *rest]
 
 
 def queue_work() -> None:
@@ -31,55 +68,37 @@ def queue_work() -> None:
         product @ product
 
 
-def inputs(clock) -> None:
-    """_prefill's statements up to the pass, each followed by clock(name)."""
-    lengths = [len(p) for p in prompts]
-    clock("lengths")
-    ids = torch.full((len(prompts), max(lengths)), 50256, dtype=torch.long)
-    clock("full")
-    for i, prompt in enumerate(prompts):
-        ids[i, :lengths[i]] = torch.tensor(prompt)
-    clock("ids rows")
-    sizes = torch.tensor(lengths)
-    slots = torch.cat([torch.arange(n) for n in lengths])
-    clock("slots")
-    flat = torch.tensor(bases).repeat_interleave(sizes) + slots
-    where = torch.stack([torch.arange(len(prompts)).repeat_interleave(sizes),
-                         torch.tensor(free_rows).repeat_interleave(sizes), slots, flat])
-    clock("where")
-    on_device(ids, device)
-    clock("on_device ids")
-    on_device(where, device)
-    clock("on_device where")
-    on_device([free_rows, lengths, last_slots], device)
-    clock("on_device rows, lengths, last slots")
-    on_device([1.0] * len(prompts), device)
-    clock("on_device penalties")
-    on_device(lengths, device)
-    clock("on_device lengths (a group pass)")
-
-
-def run(label: str, before) -> None:
-    times: dict[str, list[float]] = {}
+def run(label: str, form, before) -> None:
+    times = []
     for _ in range(REPEATS):
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         before()
-        start = last = time.perf_counter()
-
-        def clock(name: str) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            times.setdefault(name, []).append(now - last)
-            last = now
-
-        inputs(clock)
-        times.setdefault("all", []).append(time.perf_counter() - start)
-    for name, values in times.items():
-        values = values[5:]
-        print(f"{label:9} {name:36} median {statistics.median(values) * 1e3:7.3f} ms  max {max(values) * 1e3:7.3f} ms",
-              flush=True)
+        start = time.perf_counter()
+        form()
+        times.append(time.perf_counter() - start)
+    times = times[5:]
+    print(f"{label:44} {form.__name__:9} median {statistics.median(times) * 1e3:8.3f} ms  "
+          f"max {max(times) * 1e3:8.3f} ms", flush=True)
 
 
-print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-run("GPU idle", lambda: None)
-run("GPU busy", queue_work)
+if __name__ == "__main__":
+    assert all(torch.equal(a, b) for a, b in zip(operators(), packed()))  # the same inputs
+    product = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) if device.type == "cuda" else None
+    print(torch.__version__, torch.cuda.get_device_name() if device.type == "cuda" else "CPU", flush=True)
+    spinning = False
+
+    def spin() -> None:
+        while spinning:
+            pass
+
+    for contended in (False, True):
+        if contended:
+            spinning = True
+            threading.Thread(target=spin, daemon=True).start()
+        for busy in ([False, True] if device.type == "cuda" else [False]):
+            label = ("GPU busy" if busy else "GPU idle" if device.type == "cuda" else "CPU") + \
+                (", a thread spinning in Python" if contended else "")
+            for form in (operators, packed):
+                run(label, form, queue_work if busy else lambda: None)
+    spinning = False
