@@ -348,7 +348,7 @@ class BatchDecoder:
                     # running answers get a few steps, not a full chunk: the next pass is queued behind them on the
                     # GPU, and its users' first tokens with it. So do they after a pass that left rows free: a
                     # burst's first prompts often arrive before the rest (on an H100, one prompt alone, then a full
-                    # chunk at one row before the next 63's pass: docs/PERFORMANCE.md).
+                    # chunk at one row before the others' pass: docs/PERFORMANCE.md).
                     room = sum(a is not None for a in self.rows) < self.slots
                     short = self._pass_ready or (SHORT_AFTER_PASS and bool(group) and room)
                     if any(a is not None and a.to_queue > 0 for a in self.rows):

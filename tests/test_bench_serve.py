@@ -92,3 +92,23 @@ def test_serve_scheduling_flags_below_one_are_refused_before_anything_loads(flag
     with pytest.raises(SystemExit) as exit_:
         bench.main(["serve", "--tiny", flag, "0"])
     assert exit_.value.code == 2 and f"{flag} must be 1 or more (got 0)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, short", [([], True), (["--full-chunk-after-pass"], False)], ids=["default", "flag"])
+def test_the_full_chunk_flag_reaches_the_measuring_process(flags, short, monkeypatch, tmp_path):
+    """--full-chunk-after-pass, the A/B of the short chunk after a prefill pass (which only a GPU's chunks of 8 steps
+    show: on the CPU a chunk is one step), goes from the command line into the measuring process's spec, and there
+    turns batching.SHORT_AFTER_PASS off while the clients run; without it, the engine's default stands."""
+    import argparse
+
+    import batching
+    import bench
+    import bench_serve
+    specs, seen = [], {}
+    monkeypatch.setattr(bench, "spawn", lambda spec, timeout: specs.append(spec) or [])
+    bench.main(["serve", "--tiny", *flags, "--out", str(tmp_path / "serve.json")])
+    for name in ("SHORT_AFTER_PASS", "BURST_STEPS", "PREFILL_TOKENS"):  # (the child sets them; restored after)
+        monkeypatch.setattr(batching, name, getattr(batching, name))
+    monkeypatch.setattr(bench_serve, "run_serve", lambda *args: seen.update(short=batching.SHORT_AFTER_PASS) or [])
+    assert bench.child(argparse.Namespace(one=json.dumps({**specs[0], "result": str(tmp_path / "rows.json")}))) == 0
+    assert seen == {"short": short}
