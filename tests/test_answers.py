@@ -57,3 +57,23 @@ def test_closing_the_stream_frees_the_model(tokenizer):
     stream.close()
     inference.generation_thread().submit(lambda: None).result()  # the generation thread is free again
     assert ScriptedPhi.calls < 20
+
+
+def test_half_a_character_is_never_shown(tokenizer):
+    """An emoji is four byte tokens here: while only some of them have come, the stream shows the text before it,
+    never the replacement character a partial decode gives; once whole, the emoji."""
+    chat, messages = scripted(tokenizer, " Hi 😀 there", tail=[tokenizer.eos_token_id])
+    pieces = list(chat.stream(messages, GenerationSettings(max_new_tokens=20, temperature=0.0)))
+    assert pieces[-1] == "Hi 😀 there" and "Hi 😀" in pieces, pieces
+    assert not any("\ufffd" in p for p in pieces), pieces
+
+
+def test_a_stop_string_is_never_shown_even_in_part(tokenizer):
+    """A caller's stop string ("END", the OpenAI routes' `stop`) arrives a token at a time; no piece shows its start
+    while it may still become the stop string, and the answer ends before it, the rest unsent."""
+    chat, messages = scripted(tokenizer, " Sure, END here is more text", tail=[tokenizer.eos_token_id])
+    answer = chat.start(chat.prompt_ids(messages, 30)[0], GenerationSettings(max_new_tokens=30, temperature=0.0),
+                        stop=("END",))
+    pieces = list(answer)
+    assert pieces[-1] == "Sure," and not any("E" in p for p in pieces), pieces
+    assert answer.reply.text == "Sure," and answer.reply.stop == "stop"
