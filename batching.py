@@ -56,6 +56,26 @@ def on_device(values, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
+def prefill_inputs(prompts: list[list[int]], bases: list[int], last_slots: list[int], rows: list[int], pad: int,
+                   device: torch.device) -> list[torch.Tensor]:
+    """A prefill pass's inputs on `device`: the prompts right-padded with `pad` (prompts, width); every prompt token's
+    row in the pass's cache, row in the shared one, slot (the same in both) and slot in the pool (from the prompt's
+    base), for one gather and one scatter per tensor and layer (a slice copy per prompt, tensor and layer was slower,
+    docs/PERFORMANCE.md); and each prompt's row, length, last slot and last position. Built in Python and copied to
+    the device in one piece, without waiting for the chunk the GPU is running: torch lets go of the GIL around every
+    operator, and while the server's threads take a burst's requests, each operator can cost a switch interval (5 ms)
+    to get it back (a torch operator or two a prompt took 672-681 ms a pass so, on the CPU: docs/PERFORMANCE.md)."""
+    lengths = [len(p) for p in prompts]
+    width, total = max(lengths), sum(lengths)
+    parts = ([p + [pad] * (width - n) for p, n in zip(prompts, lengths)],
+             [[i] * n for i, n in enumerate(lengths)], [[row] * n for row, n in zip(rows, lengths)],
+             [range(n) for n in lengths], [range(base, base + n) for base, n in zip(bases, lengths)],
+             [rows, lengths, last_slots, [n - 1 for n in lengths]])
+    packed = torch.frombuffer(array.array("q", chain.from_iterable(chain.from_iterable(parts))), dtype=torch.long)
+    ids, *rest = on_device(packed, device).split([len(prompts) * width] + [total] * 4 + [len(prompts)] * 4)
+    return [ids.view(len(prompts), width), *rest]
+
+
 def to_host(values: torch.Tensor) -> list:
     """`values` as a list, waiting for the GPU on an event: the engine waits for the GPU only where it means to (a
     chunk's end, a prefill pass's end), and torch's sync debug mode, which flags every other wait (a .tolist() of a
@@ -604,25 +624,10 @@ class BatchDecoder:
         prompt alone is a prefill graph's pass (padded further to its bucket), several (or one too long for a graph)
         a pass of group_prefill, compiled on the fast path."""
         lengths = [len(a.ids) for a in group]
-        width, total, prompts = max(lengths), sum(lengths), len(group)
-        rows = [i for i, a in enumerate(self.rows) if a is None][:prompts]
-        # The prompts right-padded, every prompt's slots as index lists (prompt's row in the prefill's cache, row in
-        # the shared one, the slot, the same in both, and the slot in the pool), for one gather and one scatter per
-        # tensor and layer below (a slice copy per prompt, tensor and layer was slower, docs/PERFORMANCE.md), and each
-        # prompt's row, length, last slot and last position, for one write of each below: built in Python and copied
-        # to the device in one piece, without waiting for the chunk the GPU is running. In Python, not with a
-        # torch operator a prompt: torch lets go of the GIL around every operator, and while the server's threads
-        # take a burst's requests each one can cost a switch interval (5 ms) to get it back (docs/PERFORMANCE.md).
-        pad = self.tokenizer.eos_token_id
-        parts = ([a.ids + [pad] * (width - n) for a, n in zip(group, lengths)],
-                 [[i] * n for i, n in enumerate(lengths)], [[row] * n for row, n in zip(rows, lengths)],
-                 [range(n) for n in lengths],
-                 [range(a.base or 0, (a.base or 0) + n) for a, n in zip(group, lengths)],
-                 [rows, lengths, [a.last_slot for a in group], [n - 1 for n in lengths]])
-        packed = torch.frombuffer(array.array("q", chain.from_iterable(chain.from_iterable(parts))), dtype=torch.long)
-        ids, source_rows, target_rows, slots, flat, rows_at, lengths_at, last_at, last = on_device(
-            packed, self.device).split([prompts * width] + [total] * 4 + [prompts] * 4)
-        ids = ids.view(prompts, width)
+        rows = [i for i, a in enumerate(self.rows) if a is None][:len(group)]
+        ids, source_rows, target_rows, slots, flat, rows_at, lengths_at, last_at, last = prefill_inputs(
+            [a.ids for a in group], [a.base or 0 for a in group], [a.last_slot for a in group], rows,
+            self.tokenizer.eos_token_id, self.device)
         # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
         penalties = on_device([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group], self.device)
         bucket = self.prefills.bucket(len(group), max(lengths)) if self.prefill_graphs else None

@@ -1,25 +1,23 @@
 """A diagnostic for .ci/gpu (issue 41: a prefill pass's inputs took 12-14 ms of the engine's host time on an H100, and
 21-27 ms a pass while a burst of 64 requests arrived, against ~1 ms alone): the host time of BatchDecoder._prefill's
-inputs, copied here (29 prompts of 95-134 tokens, the pool's bases), in two forms: `operators`, a torch operator or
-two a prompt and five copies to the device (the engine up to b47ce93), and `packed`, the lists built in Python and
-copied in one piece (the engine since). Each with the GPU idle and with ~30 ms of work queued (on a GPU), alone and
-with a thread spinning in Python beside it (the GIL contended, as the server's threads contend for it while they take
-a burst's requests): torch lets go of the GIL around every operator, and each can cost a switch interval (5 ms) to
-get it back. Runs on the CPU too (no queued work there).
+inputs (29 prompts of 95-134 tokens, the pool's bases), in two forms: `operators`, a torch operator or two a prompt
+and five copies to the device (the engine up to b47ce93, copied here), and `packed`, the lists built in Python and
+copied in one piece (the engine since: batching.prefill_inputs). Each with the GPU idle and with ~30 ms of work
+queued (on a GPU), alone and with a thread spinning in Python beside it (the GIL contended, as the server's threads
+contend for it while they take a burst's requests): torch lets go of the GIL around every operator, and each can
+cost a switch interval (5 ms) to get it back. Runs on the CPU too (no queued work there).
 
     python3 .ci/prefill_inputs_micro.py
 """
-import array
 import statistics
 import sys
 import threading
 import time
-from itertools import chain
 
 import torch
 
 sys.path.insert(0, ".")
-from batching import on_device  # noqa: E402
+from batching import on_device, prefill_inputs  # noqa: E402
 
 REPEATS = 25  # the first 5 not counted
 PAD = 50256
@@ -51,16 +49,9 @@ def operators() -> list[torch.Tensor]:
 
 
 def packed() -> list[torch.Tensor]:
-    lengths = [len(p) for p in prompts]
-    width, total, n_prompts = max(lengths), sum(lengths), len(prompts)
-    parts = ([p + [PAD] * (width - n) for p, n in zip(prompts, lengths)],
-             [[i] * n for i, n in enumerate(lengths)], [[row] * n for row, n in zip(free_rows, lengths)],
-             [range(n) for n in lengths], [range(b, b + n) for b, n in zip(bases, lengths)],
-             [free_rows, lengths, last_slots, [n - 1 for n in lengths]])
-    flat = torch.frombuffer(array.array("q", chain.from_iterable(chain.from_iterable(parts))), dtype=torch.long)
-    ids, *rest = on_device(flat, device).split([n_prompts * width] + [total] * 4 + [n_prompts] * 4)
-    on_device([1.0] * n_prompts, device)
-    return [ids.view(n_prompts, width), *rest]
+    inputs = prefill_inputs(prompts, bases, last_slots, free_rows, PAD, device)
+    on_device([1.0] * len(prompts), device)
+    return inputs
 
 
 def queue_work() -> None:

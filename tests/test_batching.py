@@ -257,6 +257,18 @@ def test_questions_that_arrive_together_are_prefilled_together(chat_model):
     assert [(r.text, r.new_tokens) for r in replies] == [(r.text, r.new_tokens) for r in alone]
 
 
+def test_a_prefill_pass_has_its_inputs_in_one_piece():
+    """Two prompts (2 and 3 tokens, pool runs from slots 10 and 20, rows 5 and 7 free) as a pass's inputs: the
+    prompts right-padded, each token's row in the pass, row in the batch, slot and pool slot, and each prompt's row,
+    length, last slot and last position; all views of one tensor (one copy to the device, not one a list)."""
+    from batching import prefill_inputs
+    inputs = prefill_inputs([[11, 12], [21, 22, 23]], [10, 20], [300, 400], [5, 7], 0, torch.device("cpu"))
+    assert [t.tolist() for t in inputs] == [
+        [[11, 12, 0], [21, 22, 23]], [0, 0, 1, 1, 1], [5, 5, 7, 7, 7], [0, 1, 0, 1, 2], [10, 11, 20, 21, 22],
+        [5, 7], [2, 3], [300, 400], [1, 2]]
+    assert len({t.untyped_storage().data_ptr() for t in inputs}) == 1
+
+
 @pytest.mark.parametrize("slots, chunks", [(4, [2, 8, 8]), (1, [8, 8, 8])], ids=["rows-free", "rows-full"])
 def test_the_chunk_after_a_pass_that_leaves_rows_free_is_short(tokenizer, monkeypatch, slots, chunks):
     """A burst's first prompt often arrives alone (on an H100, one of three 64-client runs: its pass, then a full
