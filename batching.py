@@ -64,7 +64,7 @@ def prefill_inputs(prompts: list[list[int]], bases: list[int], last_slots: list[
     docs/PERFORMANCE.md); and each prompt's row, length, last slot and last position. Built in Python and copied to
     the device in one piece, without waiting for the chunk the GPU is running: torch lets go of the GIL around every
     operator, and while the server's threads take a burst's requests, each operator can cost a switch interval (5 ms)
-    to get it back (a torch operator or two a prompt took 672-681 ms a pass so, on the CPU: docs/PERFORMANCE.md)."""
+    to get it back (what a torch operator or two a prompt cost so: docs/PERFORMANCE.md)."""
     lengths = [len(p) for p in prompts]
     width, total = max(lengths), sum(lengths)
     parts = ([p + [pad] * (width - n) for p, n in zip(prompts, lengths)],
@@ -369,8 +369,8 @@ class BatchDecoder:
                     # GPU, and its users' first tokens with it. So do they after a pass that left rows free: a
                     # burst's first prompts often arrive before the rest (on an H100, one prompt alone, then a full
                     # chunk at one row before the others' pass: docs/PERFORMANCE.md).
-                    room = sum(a is not None for a in self.rows) < self.slots
-                    short = self._pass_ready or (SHORT_AFTER_PASS and bool(group) and room)
+                    short = self._pass_ready or (SHORT_AFTER_PASS and bool(group)
+                                                 and sum(a is not None for a in self.rows) < self.slots)
                     if any(a is not None and a.to_queue > 0 for a in self.rows):
                         self._decode_chunk(min(BURST_STEPS, self.check_every) if short else self.check_every)
                     else:
