@@ -67,8 +67,9 @@ class AnswerStream:
     Iterate it -- `for`, or `async for`, whose waiting holds no thread -- for the answer so far (growing; the stop
     marker and stop strings are never shown, nor half a character); `reply` holds the finished Reply afterwards;
     `cancel()` stops the generation within one decode chunk and frees its row, or its place in the queue (a reader
-    that leaves calls it: iterating again starts from the first piece). A stop string ends the answer and the generation. A failure of this answer (its scores
-    not finite, the server shutting down) is raised by the iteration, after the text it had."""
+    that leaves calls it: iterating again starts from the first piece). A stop string ends the answer and the
+    generation. A failure of this answer (its scores not finite, the server shutting down) is raised by the
+    iteration, after the text it had."""
 
     def __init__(self, batcher: BatchDecoder, tokenizer, ids: list[int], gen: GenerationSettings,
                  stop: tuple[str, ...], seed: int | None, turns_dropped: int):

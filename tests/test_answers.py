@@ -13,7 +13,8 @@ from doubles import GREEDY, ScriptedPhi, endless, scripted
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 def test_generation_halts_at_a_human_turn_the_model_writes(tokenizer, fast):
-    chat, messages = scripted(tokenizer, " Sure, here it is. ### Human: and now I ask myself a long question", fast=fast)
+    chat, messages = scripted(tokenizer, " Sure, here it is. ### Human: and now I ask myself a long question",
+                              fast=fast)
     reply = chat.chat(messages, GenerationSettings(max_new_tokens=60, temperature=0.0))
     assert reply.text == "Sure, here it is." and reply.stop == "marker"
     assert reply.new_tokens < 30  # generation stopped at the marker, not at max_new_tokens
