@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
-from transformers import CompileConfig, DynamicCache, LogitsProcessorList
+from transformers import CompileConfig, DynamicCache
 
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, PREFILL_BUCKETS, ScratchPrefills, logits_processors, penalize, prefill_attention,
-                      remember, stop_index)
+from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, logits_processors, penalize,
+                      prefill_attention, remember, stop_index, warp)
 from kv_pool import SlotPool, pool_slots
 from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_bytes_per_token, kv_width,
                         reads_own_slots)
@@ -113,13 +113,11 @@ class _Answer:
     ids: list[int]
     gen: GenerationSettings
     sink: object                              # gets put(new token ids) and end(error or None); see submit
-    generator: torch.Generator
-    procs: LogitsProcessorList | None = None  # None: greedy (one argmax, and the penalty, for all such rows at once)
+    generator: torch.Generator                # its draws, where it samples: the same as alone, whoever it runs beside
     cancel: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None        # a failure of this answer alone, found in the batch loop
     done: bool = False
     began: float = field(default_factory=time.monotonic)
-    seq: torch.Tensor | None = None           # (1, prompt + max_new_tokens) on the device: what the penalty reads
     new: list[int] = field(default_factory=list)  # tokens the host has seen
     queued: int = 0                           # decode steps queued on the device (the host sees them a chunk later)
     streamed: int = 0
@@ -268,9 +266,11 @@ class BatchDecoder:
         # the last position its steps may take (_Answer.last_slot; 0 for a free row, which stays at slot 0); the
         # slots each row reads, as an attention mask (batch, cache) and as decode_layout
         self.tok = self.pos = self.limit = self.mask = self.layout = None
-        # Greedy rows' repetition penalty, applied to all rows at once (_decode_chunk): the tokens each row's answer
-        # holds (rows, vocab; remember) and each row's penalty (rows,), 1 where none (x * 1 and x / 1 are x).
+        # The repetition penalty, applied to all rows at once (_decode_chunk): the tokens each row's answer holds
+        # (rows, vocab; remember) and each row's penalty (rows,), 1 where none (x * 1 and x / 1 are x).
         self.seen = self.penalty = None
+        # the sampling rows' settings on the device (_draw), kept while the same answers sample in the same rows
+        self._sampling: tuple | None = None
         # the last queued chunk, not yet looked at: (host tokens, its begin and ready events, its rows, its shape)
         self._pending = None
         self._vacated: list[int] = []  # rows freed whose device state is not reset yet (_reset_vacated)
@@ -298,10 +298,10 @@ class BatchDecoder:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        # sampling: generate()'s processors and warpers, this answer alone (their constructors check the values)
-        procs = logits_processors(gen, True, [], self.device, len(ids), self.tokenizer.eos_token_id) \
-            if gen.samples else None
-        answer = _Answer(list(ids), gen, sink, generator, procs)
+        # generate()'s processors and warpers for these settings, which warp and penalize apply to all the rows at
+        # once: made here for their constructors' checks of the values
+        logits_processors(gen, gen.samples, [], self.device, len(ids), self.tokenizer.eos_token_id)
+        answer = _Answer(list(ids), gen, sink, generator)
         with self._lock:
             if self._closed is not None:
                 raise self._closed
@@ -628,8 +628,9 @@ class BatchDecoder:
         ids, source_rows, target_rows, slots, flat, rows_at, lengths_at, last_at, last = prefill_inputs(
             [a.ids for a in group], [a.base or 0 for a in group], [a.last_slot for a in group], rows,
             self.tokenizer.eos_token_id, self.device)
-        # greedy rows: the penalty with all rows at once (the first token has no answer tokens to penalize)
-        penalties = on_device([1.0 if a.gen.samples else a.gen.repetition_penalty for a in group], self.device)
+        # each row's repetition penalty, for every row's steps at once (the first token has no answer tokens to
+        # penalize)
+        penalties = on_device([a.gen.repetition_penalty for a in group], self.device)
         bucket = self.prefills.bucket(len(group), max(lengths)) if self.prefill_graphs else None
         begun = self._spent("inputs", begun)
         if bucket is not None:
@@ -652,14 +653,12 @@ class BatchDecoder:
                 target.values[target_rows, :, slots] = values[source_rows, :, slots]
         begun = self._spent("scatter", begun)
         # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to
-        # best), then the prompts that sample choose theirs with generate()'s processors.
+        # best), then the prompts that sample draw theirs, all at once.
         best, token = logits.max(-1)  # (prompts,) each
         ok = torch.isfinite(best)
-        for i, (row, answer) in enumerate(zip(rows, group)):
-            if answer.procs is not None:  # sampling: what the penalty reads, like generate()'s input_ids
-                answer.seq = torch.empty(1, lengths[i] + answer.max_new_tokens, dtype=torch.long, device=self.device)
-                answer.seq[0, :lengths[i]] = ids[i, :lengths[i]]
-                token[i], ok[i] = (t[0] for t in self._choose(answer, logits[i:i + 1], 0))
+        if sampled := [i for i, a in enumerate(group) if a.gen.samples]:
+            self._draw(logits, token, ok, sampled, group)
+        for row, answer in zip(rows, group):
             self.rows[row] = answer
         first = token.where(ok, -1)
         slot = torch.arange(self.mask.shape[1], device=self.device)[None]
@@ -672,7 +671,7 @@ class BatchDecoder:
         self.tok[rows_at, 0], self.pos[rows_at, 0], self.limit[rows_at, 0] = token, lengths_at, last_at
         remember(self.seen, self.tok, self.tokenizer.eos_token_id)  # the other rows' tokens are there already
         self._place_rows()
-        self.record.update(prefill_passes=1, prompts=len(group))
+        self.record.update(prefill_passes=1, prompts=len(group), sampled=len(sampled))
         self._scheduled("pass", len(group))
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         issued = self._spent("first tokens", begun)
@@ -694,26 +693,30 @@ class BatchDecoder:
         logits = self.model.lm_head(hidden[torch.arange(ids.shape[0], device=ids.device), last])
         return logits, [(layer.keys, layer.values) for layer in scratch.layers]
 
-    def _choose(self, answer: _Answer, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next token of one answer from its logits (1, vocab), as generate() would choose it, and whether its
-        scores were finite (1,) bool. Nothing here waits for the GPU or can assert on it: scores with a NaN or an
-        infinity (their maximum is not finite) sample from a uniform stand-in, and the host fails the answer."""
-        if answer.error is not None:
-            return logits.new_zeros(1, dtype=torch.long), logits.new_zeros(1, dtype=torch.bool)
-        if answer.procs is None:
-            best, token = logits.max(-1)  # the first index of the maximum, as argmax; NaN propagates to best
-            return token, torch.isfinite(best)
-        width = len(answer.ids)
-        try:
-            scores = answer.procs(answer.seq[:, :width + step], logits.to(torch.float32, copy=True))
-            ok = torch.isfinite(scores.max(-1).values)
-            probs = torch.where(ok[:, None], scores.softmax(-1), 1.0)
-            token = torch.multinomial(probs, 1, generator=answer.generator)[:, 0]
-        except Exception as error:  # this answer's own processors: it fails alone
-            answer.error = error
-            return logits.new_zeros(1, dtype=torch.long), logits.new_zeros(1, dtype=torch.bool)
-        answer.seq[0, width + step] = token[0]
-        return token, ok
+    def _draw(self, scores: torch.Tensor, token: torch.Tensor, ok: torch.Tensor, sampled: list[int],
+              answers: list[_Answer | None]) -> None:
+        """The tokens of the rows `sampled` (of answers that sample) drawn into `token` (rows,), and whether their
+        scores were finite into `ok`, from `scores` (rows, vocab; the penalty applied): generate()'s warpers for all
+        of them at once (decoding.warp; each row's own processors were tens of operators a row and step,
+        docs/PERFORMANCE.md), then a draw from each answer's own generator, so that each draws what it draws alone. Nothing here waits for the GPU or can assert
+        on it: scores with a NaN or an infinity (their maximum is not finite) draw from a uniform stand-in, and the
+        host fails that answer."""
+        key = [len(answers)] + [(i, answers[i]) for i in sampled]
+        if self._sampling is None or self._sampling[0] != key:  # (the same rows from one step to the next)
+            at = None if len(sampled) == len(answers) else on_device(sampled, self.device)
+            settings = RowSampling.of([answers[i].gen for i in sampled], scores.shape[-1], self.device)
+            self._sampling = key, at, settings
+        _, at, settings = self._sampling
+        warped = warp((scores if at is None else scores[at]).float(), settings)
+        fine = torch.isfinite(warped.max(-1).values)
+        probs = torch.where(fine[:, None], warped.softmax(-1), 1.0)
+        drawn = torch.cat([torch.multinomial(probs[n:n + 1], 1, generator=answers[i].generator)
+                           for n, i in enumerate(sampled)])[:, 0]
+        if at is None:
+            token.copy_(drawn)
+            ok.copy_(fine)
+        else:
+            token[at], ok[at] = drawn, fine
 
     def _decode_chunk(self, most: int) -> None:
         """Queue up to `most` steps for every row without waiting for the GPU; then look at the chunk queued before
@@ -724,27 +727,26 @@ class BatchDecoder:
         shape = f"{len(rows)} rows x {self.cache.layers[0].max_cache_len} slots"
         began = timed_event(self.device)
         chunk = torch.empty(len(rows), steps, dtype=torch.long, device=self.device)
-        # Greedy rows with a repetition penalty: AnswerRepetitionPenalty's arithmetic for all rows in a few kernels
-        # (per row, generate()'s processors were ~10 small kernels a step).
-        penalized = any(a is not None and a.procs is None and a.gen.repetition_penalty != 1.0 for a in rows)
+        # Rows with a repetition penalty: AnswerRepetitionPenalty's arithmetic for all rows in a few kernels (per row,
+        # generate()'s processors were ~10 small kernels a step).
+        penalized = any(a is not None and a.gen.repetition_penalty != 1.0 for a in rows)
+        sampled = [row for row, a in enumerate(rows) if a is not None and a.gen.samples]
         eos = self.tokenizer.eos_token_id
         for s in range(steps):
             placed = {"kv_layout": self.layout} if self.own_slots else {}
             logits = self.step(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True, **placed).logits[:, -1]  # (batch, vocab)
-            # One argmax for every row, then the rows that sample overwrite theirs. A row whose best score is not
-            # finite (NaN propagates to the maximum) goes to the host as -1; its token (an index, always in range)
-            # is the next step's input until the host drops the row.
-            if penalized:
-                best, token = penalize(logits.float(), self.seen, self.penalty[:, None]).max(-1)
-                remember(self.seen, token[:, None], eos)
-            else:
-                best, token = logits.max(-1)  # (batch,) each
+            # One argmax for every row, then the rows that sample overwrite theirs (also past an answer's end: its
+            # later draws are never read). A row whose best score is not finite (NaN propagates to the maximum) goes
+            # to the host as -1; its token (an index, always in range) is the next step's input until the host drops
+            # the row.
+            scores = penalize(logits.float(), self.seen, self.penalty[:, None]) if penalized else logits
+            best, token = scores.max(-1)  # (batch,) each
             ok = torch.isfinite(best)
-            for row, answer in enumerate(rows):
-                made = 1 + answer.queued + s if answer is not None else 0  # tokens before this one
-                if answer is not None and answer.procs is not None and made < answer.max_new_tokens:
-                    token[row], ok[row] = (t[0] for t in self._choose(answer, logits[row:row + 1], made))
+            if sampled:
+                self._draw(scores, token, ok, sampled, rows)
+            if penalized:
+                remember(self.seen, token[:, None], eos)
             chunk[:, s] = token.where(ok, -1)
             self.tok = token[:, None]
             torch.minimum(self.pos + 1, self.limit, out=self.pos)  # a row past its last step stays at its last slot

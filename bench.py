@@ -13,6 +13,7 @@
     python bench.py serve --dtypes bf16 --clients 1 8   # concurrent streaming clients of the OpenAI-compatible API
     python bench.py serve --tiny               # the same on the tiny model on the CPU
     python bench.py serve --dtypes bf16 --penalty 1.1   # greedy with the app's default repetition penalty
+    python bench.py serve --dtypes bf16 --sample --penalty 1.1   # sampled: the app's default settings, seeded
     python bench.py serve --dtypes bf16 --clients 64 --burst-steps 8   # a full chunk between a burst's passes
     python bench.py serve --dtypes bf16 --clients 64 --prefill-tokens 8192   # fewer, longer passes in a burst
     python bench.py serve --dtypes bf16 --clients 64 --full-chunk-after-pass  # a full chunk after a burst's first pass
@@ -431,7 +432,7 @@ def child(args) -> int:
         batching.SHORT_AFTER_PASS = not spec.get("full_chunk_after_pass")
         result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
                            spec["new_tokens"], Path(spec["result"]), spec["penalty"],
-                           Path(spec["profile"]) if spec.get("profile") else None)
+                           Path(spec["profile"]) if spec.get("profile") else None, spec.get("sample", False))
     else:
         result = run_generate(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["prompt_len"],
                               spec["new_tokens"], spec["batch"], spec["check_prompts"], Path(spec["result"]))
@@ -489,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "steps, batching.SHORT_AFTER_PASS), to compare with")
     parser.add_argument("--penalty", type=float, default=1.0,
                         help="serve: the server's repetition penalty (default 1.0, none; the app's default is 1.1)")
+    parser.add_argument("--sample", action="store_true",
+                        help="serve: clients sample with the app's default settings (temperature, top-p, top-k), "
+                             "each with a seed of its own, instead of decoding greedily")
     parser.add_argument("--model-dir", default=None, help="where the random Phi-2 is saved (reused if present)")
     parser.add_argument("--out", default=None, help="JSON results file (default reports/bench-<kind>.json)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
@@ -570,7 +574,7 @@ def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: 
         rows += spawn({"kind": "serve", "dtype": dtype, "model": str(model_path), "tiny": args.tiny,
                        "clients": args.clients, "prompt_words": 12 if args.tiny else 40, "penalty": args.penalty,
                        "burst_steps": args.burst_steps, "prefill_tokens": args.prefill_tokens,
-                       "full_chunk_after_pass": args.full_chunk_after_pass,
+                       "full_chunk_after_pass": args.full_chunk_after_pass, "sample": args.sample,
                        "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent),
                        "profile": str(out.parent / f"bench-serve-{dtype}-profile.md") if args.profile else None},
                       args.timeout)

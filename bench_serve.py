@@ -5,7 +5,9 @@ per dtype).
 The serve benchmark loads the model as the app does (inference.load_model_folder, warm-up included), serves openai_api's
 routes (the app's OpenAI-compatible endpoint, without the Gradio page) with uvicorn, and sends N streaming greedy
 requests at once over HTTP from N client processes, each with its own question (40 random words from a fixed vocabulary,
-numpy seed 0: about 60 tokens) and max_tokens 256, without a repetition penalty unless --penalty says. It reports the
+numpy seed 0: about 60 tokens) and max_tokens 256, without a repetition penalty unless --penalty says; with --sample,
+sampled with the app's default settings instead (temperature, top-p, top-k), each question with a seed of its own, so
+its answer still compares with its answer alone. It reports the
 aggregate tokens/s (completion tokens of all clients over the time from sending to the last answer), the time to first
 token (median and worst), the most answers decoded together, how many clients got the same text as when they were alone,
 and where the decoder's time went: prefill passes (prompts), seconds spent admitting answers (prefill, cache moves,
@@ -44,13 +46,15 @@ def questions(n: int, words: int) -> list[str]:
     return [" ".join(vocab[rng.integers(0, len(vocab), size=words)]) + "?" for _ in range(n)]
 
 
-def stream_completion(port: int, question: str, max_tokens: int, model: str, delay_s: float = 0.0) -> dict:
-    """One streaming request as an OpenAI client sends it (after delay_s); times the first content token, the end
-    and the longest wait between two pieces of text after the first (a running answer's stall)."""
+def stream_completion(port: int, question: str, max_tokens: int, model: str, delay_s: float = 0.0,
+                      sampling: dict | None = None) -> dict:
+    """One streaming request as an OpenAI client sends it (after delay_s), greedy, or with `sampling`'s settings
+    (temperature, top_p, seed); times the first content token, the end and the longest wait between two pieces of
+    text after the first (a running answer's stall)."""
     import http.client
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
-                       "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
+                       "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+                       **(sampling or {"temperature": 0})})
     time.sleep(delay_s)
     start, last, gap = time.perf_counter(), None, 0.0
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -78,6 +82,18 @@ def stream_completion(port: int, question: str, max_tokens: int, model: str, del
     connection.close()
     return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start, "max_gap_s": gap,
             "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
+
+
+def sampling(seed: int, sample: bool) -> dict | None:
+    """A request's sampling settings: the app's defaults (the server's top-k is its own), seeded; None: greedy."""
+    from config import GenerationSettings
+    app = GenerationSettings()
+    return {"temperature": app.temperature, "top_p": app.top_p, "seed": seed} if sample else None
+
+
+def requests(port: int, asked: list[str], new_tokens: int, model: str, sample: bool) -> list[tuple]:
+    """stream_completion's arguments for each question: greedy, or sampled, each question seeded with its index."""
+    return [(port, q, new_tokens, model, 0.0, sampling(i, sample)) for i, q in enumerate(asked)]
 
 
 def napping_pid(_) -> int:
@@ -121,9 +137,11 @@ def start_server(chat, cfg):
 
 
 def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prompt_words: int, new_tokens: int,
-              partial: Path | None = None, penalty: float = 1.0, profile: Path | None = None) -> list[dict]:
-    """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone. With
-    `profile`, the most clients once more under torch.profiler after the timed runs (profile_clients)."""
+              partial: Path | None = None, penalty: float = 1.0, profile: Path | None = None,
+              sample: bool = False) -> list[dict]:
+    """N concurrent streaming clients of the OpenAI-compatible routes, for each N; answers compared with alone
+    (greedy, or with `sample` sampled and seeded). With `profile`, the most clients once more under torch.profiler
+    after the timed runs (profile_clients)."""
     import multiprocessing
 
     from inference import generation_thread
@@ -135,8 +153,10 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                                                             "--generation.repetition_penalty", str(penalty)))
     chat, loading = load_for_serving(model_path, cfg, tiny)
     server, serving, port = start_server(chat, cfg)
+    label = f"{dtype} sampled" if sample else dtype  # (the rows' names)
     asked = questions(max(clients), prompt_words)
-    alone = [stream_completion(port, q, new_tokens, chat.name) for q in asked]  # one at a time; warms every shape
+    # one at a time; warms every shape
+    alone = [stream_completion(*request) for request in requests(port, asked, new_tokens, chat.name, sample)]
     rows = []
     # SIGTERM or Ctrl-C: the streams in flight end with the server's error event, the rows measured so far are kept,
     # and the process stops in order below (exit code 0).
@@ -164,7 +184,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                 host.start()
                 start = time.perf_counter()
                 try:
-                    got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name) for q in asked[:n]],
+                    got = pool.starmap(stream_completion, requests(port, asked[:n], new_tokens, chat.name, sample),
                                        chunksize=1)
                 except RuntimeError:
                     if not stopped.is_set():
@@ -172,15 +192,17 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                     logger.warning("stopped by a signal: the %d-client run is left out", n)
                     break
                 wall = time.perf_counter() - start
-                rows.append(serve_row(dtype, n, got, alone, wall, chat.batcher.most_rows, loading)
+                rows.append(serve_row(label, n, got, alone, wall, chat.batcher.most_rows, loading)
                             | {"decoder": dict(chat.batcher.record), "schedule": schedule(chat.batcher)}
                             | host.spent(f"{n}-client") | memory(chat))
                 if partial is not None:
                     partial.write_text(json.dumps(rows, default=str))
             if rows and not stopped.is_set():
-                rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, dtype, loading, host))
+                rows.append(long_prompt_probe(chat, pool, port, asked, new_tokens, rows, alone, label, loading, host,
+                                              sample))
             if profile is not None and rows and not stopped.is_set():
-                profile_clients(pool, port, asked[:max(clients)], new_tokens, chat.name, profile, host)
+                profile_clients(pool, requests(port, asked[:max(clients)], new_tokens, chat.name, sample), profile,
+                                host)
     base = rows[0]["aggregate_tok_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1"] = r["aggregate_tok_s"] / base if base and "long_prompt_tokens" not in r else None
@@ -212,7 +234,7 @@ def schedule(batcher) -> str:
 
 
 def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, rows: list[dict], alone: list[dict],
-                      dtype: str, loading: dict, host: HostTime) -> dict:
+                      dtype: str, loading: dict, host: HostTime, sample: bool = False) -> dict:
     """Up to 8 answers streaming, and a prompt of ~1,000 tokens (what the context leaves, on the tiny model) that
     arrives halfway through them: the longest wait between two pieces of a running answer (its stall while the long
     prompt is prefilled), against the same clients' longest wait without it (the row of that many clients)."""
@@ -231,8 +253,8 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
     cleared(chat.batcher)
     host.start()
     start = time.perf_counter()
-    got = pool.starmap(stream_completion, [(port, q, new_tokens, chat.name, 0.0) for q in asked[:n]]
-                       + [(port, long_question, new_tokens, chat.name, delay)], chunksize=1)
+    got = pool.starmap(stream_completion, requests(port, asked[:n], new_tokens, chat.name, sample)
+                       + [(port, long_question, new_tokens, chat.name, delay, sampling(n, sample))], chunksize=1)
     wall = time.perf_counter() - start
     row = serve_row(dtype, n, got[:n], alone, wall, chat.batcher.most_rows, loading)
     return row | {"name": f"{dtype} {n} client(s) + a {tokens}-token prompt at {delay:.2f} s",
@@ -242,24 +264,23 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
                   **host.spent("long prompt's"), **memory(chat)}
 
 
-def profile_clients(pool, port: int, asked: list[str], new_tokens: int, model: str, profile: Path,
-                    host: HostTime) -> None:
+def profile_clients(pool, calls: list[tuple], profile: Path, host: HostTime) -> None:
     """The clients' questions streamed once more, all at once, under torch.profiler: where the GPU waited for the
     host while the server admitted and streamed them (the engine's thread and the server's alike), to `profile`;
-    then once more with the engine's and the server's Python stacks sampled (StackSampler), appended to it."""
-    requests = [(port, q, new_tokens, model) for q in asked]
+    then once more with the engine's and the server's Python stacks sampled (StackSampler), appended to it.
+    calls: stream_completion's arguments for each client."""
     sync()
     with profiler(all_threads=True) as prof:  # the model runs on the generation thread
         start = time.perf_counter()
-        pool.starmap(stream_completion, requests, chunksize=1)
+        pool.starmap(stream_completion, calls, chunksize=1)
         sync()
         wall = time.perf_counter() - start
-    write_profile(prof, 1, wall, profile, f"{len(asked)} streaming clients, one run: ")
+    write_profile(prof, 1, wall, profile, f"{len(calls)} streaming clients, one run: ")
     # (and every other thread of the process while the engine admits: who takes the interpreter from it then)
     with StackSampler(dict(zip(("engine", "server"), host.threads)), during=("engine", "_prefill")) as sampler:
-        pool.starmap(stream_completion, requests, chunksize=1)
+        pool.starmap(stream_completion, calls, chunksize=1)
     with profile.open("a") as f:
-        f.write(f"\n\n{len(asked)} streaming clients once more, the threads' Python stacks sampled every "
+        f.write(f"\n\n{len(calls)} streaming clients once more, the threads' Python stacks sampled every "
                 f"{1000 * sampler.every:.0f} ms (innermost frame first; a thread in C code, a CUDA wait or the event "
                 f"loop's select, shows the Python line that called it):\n\n{sampler.table()}\n")
 
@@ -315,7 +336,7 @@ def serve_table(rows: list[dict]) -> str:
                      f"{r.get('x_static_batch', float('nan')):.2f} | "
                      f"{r.get('kv_cache_gib', float('nan')):.2f} / {r.get('peak_gib', float('nan')):.1f} |")
     statics = {r["name"].split()[0]: r["static_batch"] for r in rows if "static_batch" in r}
-    lines += [f"{dtype} static batch of {s['rows']} (the same questions and model, ChatModel.generate_ids): "
+    lines += [f"{dtype} static batch of {s['rows']} (the same questions and model, greedy, ChatModel.generate_ids): "
               f"{s['tok_s']:,.0f} tok/s" for dtype, s in statics.items()]
     # where admitting's host seconds went, pass by pass summed (BatchDecoder.record), and freeing rows
     parts = ["layout", "inputs", "pass", "scatter", "first tokens"]

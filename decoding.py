@@ -1,7 +1,8 @@
 """The decoding engine's shared rules and the batch decoder: what every path does to choose and stop, and FastDecoder.
 
 The rules: the repetition penalty (counting only the answer's own tokens, never EOS), the logits processors in
-generate()'s order, the stop at EOS or at the stop marker the caller names, and the prefill's attention kernels.
+generate()'s order (and their sampling warpers for many rows with their own settings at once, warp), the stop at EOS
+or at the stop marker the caller names, and the prefill's attention kernels.
 FastDecoder decodes a batch given at once (evaluate.py, bench.py) with a static KV cache and, on CUDA, a compiled,
 CUDA-graphed decode step over the rewritten Phi layers (phi_layers.py), driven by a loop that never waits for the
 GPU between tokens. Chat answers are batching.py's BatchDecoder. The engine takes token ids, a stop marker and
@@ -506,6 +507,42 @@ def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) ->
     """AnswerRepetitionPenalty's arithmetic on fp32 scores (rows, vocab) of the tokens marked in `seen` (rows,
     vocab; remember): negative ones times the penalty, others divided by it. penalty: a tensor, () or (rows, 1)."""
     return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+@dataclass
+class RowSampling:
+    """The sampling settings of some rows of a batch, on the device, one copy for all of them (RowSampling.of):
+    each row's temperature, top-k and top-p as generate()'s warpers take them, for warp."""
+    temperature: torch.Tensor        # (rows, 1)
+    top_k: torch.Tensor | None       # (rows, 1) long, clamped to the vocabulary, 0 where off; None: off in every row
+    most_k: int                      # the largest of them
+    cut: torch.Tensor | None         # (rows, 1): 1 - top_p, -1 where top_p is 1 (off); None: off in every row
+
+    @classmethod
+    def of(cls, gens: list[GenerationSettings], vocab: int, device: torch.device) -> RowSampling:
+        top_k = [min(g.top_k, vocab) for g in gens]
+        cut = [1 - g.top_p if g.top_p < 1.0 else -1.0 for g in gens]  # (1 - top_p in Python, as the warper does)
+        host = torch.tensor([[g.temperature for g in gens], top_k, cut], dtype=torch.float32).T  # (rows, 3)
+        values = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        return cls(values[:, 0:1], values[:, 1:2].long() if any(top_k) else None, max(top_k),
+                   values[:, 2:3] if any(c >= 0 for c in cut) else None)
+
+
+def warp(scores: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
+    """generate()'s TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (in that order, as
+    logits_processors lists them), each row with its own settings, on fp32 scores (rows, vocab): a few operators for
+    all the rows, not the warpers' few a row. The same arithmetic as theirs, so the same scores on the CPU (a GPU
+    divides by a number as a product with its inverse, so the temperature's division may round differently there)."""
+    scores = scores / sampling.temperature
+    if sampling.top_k is not None:  # below the k-th largest score (ties kept); nothing where k is 0
+        kth = torch.topk(scores, sampling.most_k).values.gather(1, (sampling.top_k - 1).clamp(min=0))
+        scores = scores.masked_fill(scores < torch.where(sampling.top_k > 0, kth, float("-inf")), float("-inf"))
+    if sampling.cut is not None:  # the least likely tokens whose probabilities add up to at most 1 - top_p
+        ordered, order = torch.sort(scores, descending=False)
+        drop = ordered.softmax(-1).cumsum(-1) <= sampling.cut
+        drop[:, -1] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
 
 
 def remember(seen: torch.Tensor, token: torch.Tensor, eos: int) -> None:

@@ -395,6 +395,55 @@ def test_sampled_answers_keep_their_seed_in_company(chat_model):
     assert together == alone and len(set(alone)) > 1
 
 
+def test_answers_with_different_sampling_settings_each_keep_their_alone_answer(chat_model):
+    """The rows that sample are warped together, each with its own settings (decoding.warp): greedy, penalized,
+    and sampled with every warper on, off or at an extreme in one batch, each answer is what it is alone."""
+    gens = [GenerationSettings(max_new_tokens=30, temperature=t, top_k=k, top_p=p, repetition_penalty=r)
+            for t, k, p, r in [(0.0, 50, 0.9, 1.0), (1.0, 0, 1.0, 1.0), (1.5, 5, 1.0, 1.3), (0.7, 50, 0.9, 1.1),
+                               (1.2, 0, 0.5, 1.0), (0.0, 50, 0.9, 1.5)]]
+    start = [(c, g, i) for i, (c, g) in enumerate(zip(TOGETHER, gens))]
+    alone = [finish([chat_model.start(chat_model.prompt_ids(c, 30)[0], g, seed=i)])[0].text for c, g, i in start]
+    together = [r.text for r in finish([chat_model.start(chat_model.prompt_ids(c, 30)[0], g, seed=i)
+                                        for c, g, i in start])]
+    assert together == alone and len(set(alone)) == len(alone)
+
+
+def test_answers_that_sample_add_few_operators_to_a_step(chat_model, monkeypatch):
+    """The engine's host issues every step for all rows; each torch call it makes is a dispatch (on a GPU a kernel
+    launch), and can wait for the GIL while the server's threads take requests. Rows that sample are warped together
+    and each draws from its own generator: a step's calls grow by a few a sampling row, where generate()'s processors
+    row by row made it ~40 (the server's default settings sample, so a team of users would run at the host's pace,
+    not the GPU's)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls[-1] += 1
+            return func(*args, **(kwargs or {}))
+
+    batcher = chat_model.batcher
+    chunk, calls, steps = batcher._decode_chunk, [0], [0]
+
+    def counted(most):
+        before = batcher.record["steps"]
+        with Calls():
+            chunk(most)
+        steps[-1] += batcher.record["steps"] - before
+
+    monkeypatch.setattr(batcher, "_decode_chunk", counted)
+    greedy = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+    sampled = GenerationSettings(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.0)
+    per_step = {}
+    for name, sampling in (("greedy", 0), ("2 sampled", 2), ("8 sampled", 8)):
+        calls[-1] = steps[-1] = 0
+        finish([chat_model.start(chat_model.prompt_ids([{"role": "user", "content": f"Say {i}"}], 24)[0],
+                                 sampled if i < sampling else greedy, seed=i) for i in range(8)])
+        per_step[name] = calls[-1] / steps[-1]
+    assert batcher.slots == 8 and steps[-1] >= 23, steps
+    assert per_step["8 sampled"] - per_step["2 sampled"] <= 6 * 3, per_step   # a few calls a row
+    assert per_step["8 sampled"] - per_step["greedy"] <= 40 + 8 * 3, per_step  # and a few for all of them
+
+
 def test_cancelling_one_answer_leaves_the_others_alone(tokenizer):
     chat, messages = endless(tokenizer, fast=False)
     gen = GenerationSettings(max_new_tokens=60, temperature=0.0)

@@ -27,6 +27,7 @@ def test_serving_bench_tiny(tmp_path):
     assert all(t > 0 for r in rows for t in r["completion_tokens"])
     # where the decoder's time went: every client's prompt prefilled, the decode steps counted
     assert all(r["decoder"]["prompts"] == r["clients"] and r["decoder"]["steps"] > 0 for r in rows)
+    assert all(r["decoder"]["sampled"] == 0 for r in rows)  # greedy
     assert rows[1]["decoder"]["answer_steps"] > rows[1]["decoder"]["steps"]  # steps held several answers
     # a long prompt (what the tiny model's 512-token window leaves: ~440 tokens) arriving while 4 answers stream: they
     # go on unchanged, and the longest wait between two pieces of a running answer is reported beside the same
@@ -82,6 +83,22 @@ def test_serving_bench_tiny(tmp_path):
     table = r"\| {} thread: where \((\d+) samples\) \| share \|\n\| --- \| --- \|\n((\|.*\n)+)"
     engine, server = (re.search(table.format(name), sampled) for name in ("engine", "server"))
     assert int(engine[1]) > 10 and int(server[1]) > 10 and "base_events.py" in server[2], sampled
+
+
+@pytest.mark.slow  # a server and client processes (make test leaves it out)
+def test_serving_bench_with_sampling_clients(tmp_path):
+    """--sample: the clients sample with the app's default settings, each question with a seed of its own: every
+    answer is sampled (the engine counts it), and each is still the text its question gets alone."""
+    out = tmp_path / "serve.json"
+    run_script("bench.py", "serve", "--tiny", "--sample", "--clients", "4", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["name"] for r in rows] == ["fp32 sampled 4 client(s)",
+                                         f"fp32 sampled 4 client(s) + a {rows[1]['long_prompt_tokens']}-token prompt "
+                                         f"at {rows[1]['name'].split(' at ')[1]}"]
+    assert rows[0]["decoder"]["sampled"] == 4 and rows[1]["decoder"]["sampled"] == 5
+    assert rows[0]["same_text_as_alone"] == 4 and rows[1]["same_text_as_alone"] == 4
+    assert "static batch of 4 (the same questions and model, greedy," in result["table"]
 
 
 @pytest.mark.parametrize("flag", ["--burst-steps", "--prefill-tokens"])

@@ -75,6 +75,23 @@ def test_the_greedy_steps_argmax_picks_argmaxs_token_even_among_ties(vocab):
     assert torch.equal(compiled(spread), spread.argmax(-1))
 
 
+@pytest.mark.parametrize("vocab", [51200, 822])
+def test_sampling_settings_of_many_rows_warp_as_generates_warpers_row_by_row(vocab):
+    """BatchDecoder warps every sampled row's scores together (decoding.warp), each row with its own temperature,
+    top-k and top-p: each row's scores must be what generate()'s warpers give that row alone (the same tokens drawn
+    from the same seed), with every warper off, on, or cutting all but one token."""
+    settings = [(1.0, 0, 1.0), (0.7, 50, 0.9), (1.3, 0, 0.5), (0.5, 5, 1.0), (2.0, vocab + 7, 0.01), (0.9, 1, 0.9),
+                (1e-3, 40, 0.95)]
+    gens = [GenerationSettings(temperature=t, top_k=k, top_p=p, repetition_penalty=1.0) for t, k, p in settings]
+    scores = torch.randn(len(gens), vocab, generator=torch.Generator().manual_seed(0)) * 4
+    got = decoding.warp(scores, decoding.RowSampling.of(gens, vocab, torch.device("cpu")))
+    for row, gen in enumerate(gens):  # generate()'s processors for this row's settings, as the engine had them
+        procs = decoding.logits_processors(gen, True, [], torch.device("cpu"), 0, 0)
+        assert torch.equal(got[row:row + 1], procs(torch.zeros(1, 0, dtype=torch.long), scores[row:row + 1])), gen
+    kept = torch.isfinite(got).sum(-1).tolist()
+    assert kept[0] == vocab and kept[3] == 5 and kept[5] == 1 and all(1 <= n < vocab for n in kept[1:])
+
+
 def test_one_row_prompts_prefilled_padded_to_their_bucket_keep_their_answers(chat_model):
     """On a GPU a one-row prompt prefills through a CUDA graph made once for all prompts up to its bucket's length,
     padded on the right (decoding._PrefillGraph). The padded prefill, eager on the CPU, must leave every answer as
