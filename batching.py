@@ -21,7 +21,7 @@ import torch
 from transformers import CompileConfig, DynamicCache
 
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, logits_processors, penalize,
+from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, draw, logits_processors, penalize,
                       prefill_attention, remember, stop_index, warp)
 from kv_pool import SlotPool, pool_slots
 from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_bytes_per_token, kv_width,
@@ -710,8 +710,7 @@ class BatchDecoder:
         warped = warp((scores if at is None else scores[at]).float(), settings)
         fine = torch.isfinite(warped.max(-1).values)
         probs = torch.where(fine[:, None], warped.softmax(-1), 1.0)
-        drawn = torch.cat([torch.multinomial(probs[n:n + 1], 1, generator=answers[i].generator)
-                           for n, i in enumerate(sampled)])[:, 0]
+        drawn = draw(probs, [answers[i].generator for i in sampled])
         if at is None:
             token.copy_(drawn)
             ok.copy_(fine)

@@ -545,6 +545,16 @@ def warp(scores: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
     return scores
 
 
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token a row from probabilities (rows, vocab), each row from its own generator: torch.multinomial's draw
+    of one sample (the largest p / q, q ~ Exp(1)) with its q filled row by row and the rest done for all rows at once,
+    so the same tokens as multinomial row by row, with one kernel a row where multinomial launched several."""
+    wait = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        wait[row].exponential_(generator=generator)
+    return (probs / wait).argmax(-1)
+
+
 def remember(seen: torch.Tensor, token: torch.Tensor, eos: int) -> None:
     """Mark each row's new token (batch, 1) in `seen` (batch, vocab), the tokens the repetition penalty counts:
     never eos (AnswerRepetitionPenalty's rule)."""

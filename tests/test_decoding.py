@@ -92,6 +92,21 @@ def test_sampling_settings_of_many_rows_warp_as_generates_warpers_row_by_row(voc
     assert kept[0] == vocab and kept[3] == 5 and kept[5] == 1 and all(1 <= n < vocab for n in kept[1:])
 
 
+def test_rows_drawn_together_draw_what_multinomial_draws_row_by_row():
+    """decoding.draw, each row from its own generator, gives the tokens torch.multinomial gives each row alone from
+    the same seed (what the engine drew before, and what an answer draws alone), uniform rows and one-token rows
+    among them."""
+    probs = torch.softmax(torch.randn(6, 51200, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    probs[3] = 1.0  # (the engine's stand-in for a row whose scores were not finite)
+    probs[4] = torch.nn.functional.one_hot(torch.tensor(7), 51200).float()
+    for seed in range(5):
+        generators = [torch.Generator().manual_seed(seed * 10 + row) for row in range(6)]
+        alone = [torch.multinomial(probs[row:row + 1], 1, generator=torch.Generator().manual_seed(seed * 10 + row))
+                 for row in range(6)]
+        assert decoding.draw(probs, generators).tolist() == [int(t) for t in alone]
+    assert decoding.draw(probs, generators)[4] == 7
+
+
 def test_one_row_prompts_prefilled_padded_to_their_bucket_keep_their_answers(chat_model):
     """On a GPU a one-row prompt prefills through a CUDA graph made once for all prompts up to its bucket's length,
     padded on the right (decoding._PrefillGraph). The padded prefill, eager on the CPU, must leave every answer as
