@@ -38,6 +38,7 @@ SHORT_AFTER_PASS = True
 ROW_BUCKETS = (1, 8, 16, 32, 64)
 SHORT_ROWS = 8  # shapes of up to this many rows keep 512-slot rows for short answers beside their long ones (__init__)
 SCHEDULE_EVENTS = 12  # the first prefill passes and chunks kept in BatchDecoder.schedule (for benchmarks)
+ARRIVALS_KEPT = 256  # the first answers' arrival times kept in BatchDecoder.arrivals (for benchmarks)
 
 
 def timed_event(device: torch.device) -> torch.cuda.Event | None:
@@ -251,8 +252,11 @@ class BatchDecoder:
         # _spent) and freeing rows ("vacate s")
         self.record = Counter()
         # the order the loop ran in since it was last cleared, for benchmarks (how a burst of arrivals was admitted):
-        # ["pass", prompts, 0] and ["steps", steps, rows], a shape's consecutive chunks merged; SCHEDULE_EVENTS at most
+        # ["pass", prompts, 0, begun, handed out] (host times: its admitting began, its first tokens were handed out)
+        # and ["steps", steps, rows, queued] (the first chunk's), a shape's consecutive chunks merged;
+        # SCHEDULE_EVENTS at most. And when the answers were queued (submit), ARRIVALS_KEPT at most.
         self.schedule: list[list] = []
+        self.arrivals: list[float] = []
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
         # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).
         self.prefill_graphs = self.fused and self.device.type == "cuda" and model.model.layers[0].step_kernels
@@ -310,6 +314,8 @@ class BatchDecoder:
                            f"{self.max_waiting} is full", self._retry_after())
             self._in_flight += 1
             self._waiting.append(answer)
+            if len(self.arrivals) < ARRIVALS_KEPT:
+                self.arrivals.append(time.perf_counter())
             if not self._running:
                 self._running = True
                 self.executor().submit(self._serve)
@@ -568,7 +574,7 @@ class BatchDecoder:
             self._relayout(rows, size)
         if self.pool is not None:
             self._place(group)
-        self._prefill(group, self._spent("layout", begun))
+        self._prefill(group, begun, self._spent("layout", begun))
         self._admitting = []
 
     def _spent(self, part: str, since: float) -> float:
@@ -617,7 +623,7 @@ class BatchDecoder:
                     t[0, target] = t[0, source]  # (the index gathers first: runs may overlap)
         self.record["compactions"] += 1
 
-    def _prefill(self, group: list[_Answer], begun: float) -> None:
+    def _prefill(self, group: list[_Answer], started: float, begun: float) -> None:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
         prompt's tokens from seeing the padding after them, so each row computes what it computes alone), copy each
         one's keys and values into a free row of the shared cache, from its slot 0, and choose its first token. One
@@ -672,7 +678,7 @@ class BatchDecoder:
         remember(self.seen, self.tok, self.tokenizer.eos_token_id)  # the other rows' tokens are there already
         self._place_rows()
         self.record.update(prefill_passes=1, prompts=len(group), sampled=len(sampled))
-        self._scheduled("pass", len(group))
+        event = self._scheduled("pass", len(group), 0, started)
         self.most_rows = max(self.most_rows, sum(a is not None for a in self.rows))
         issued = self._spent("first tokens", begun)
         tokens = to_host(first)  # one wait for the GPU for the whole group
@@ -680,7 +686,9 @@ class BatchDecoder:
         self.record["prefill_wait_s"] += begun - issued
         for answer, token in zip(group, tokens):
             self._take(answer, [token])
-        self._spent("handing out", begun)
+        handed = self._spent("handing out", begun)
+        if event is not None:
+            event.append(handed)
 
     def _group_prefill(self, ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Right-padded prompts ids (prompts, length) through the model: the logits at each one's last position
@@ -720,6 +728,7 @@ class BatchDecoder:
     def _decode_chunk(self, most: int) -> None:
         """Queue up to `most` steps for every row without waiting for the GPU; then look at the chunk queued before
         this one (the GPU has finished it by now, so the host never stalls it)."""
+        queued = time.perf_counter()
         self._reset_vacated()
         rows = list(self.rows)
         steps = min(most, max(a.to_queue for a in rows if a))
@@ -757,7 +766,7 @@ class BatchDecoder:
                 answer.queued += steps
         self.record.update(steps=steps, answer_steps=steps * sum(a is not None for a in rows))
         self.record[f"steps at {shape}"] += steps
-        self._scheduled("steps", steps, len(rows))
+        self._scheduled("steps", steps, len(rows), queued)
         host = torch.empty(chunk.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
         host.copy_(chunk, non_blocking=True)
         previous, self._pending = self._pending, (host, began, timed_event(self.device), rows, shape)
@@ -770,13 +779,17 @@ class BatchDecoder:
             if shape := self._smaller_shape():
                 self._relayout(*shape)
 
-    def _scheduled(self, kind: str, n: int, rows: int = 0) -> None:
-        """A prefill pass of n prompts or a chunk of n steps at `rows` rows, added to self.schedule."""
+    def _scheduled(self, kind: str, n: int, rows: int, at: float) -> list | None:
+        """A prefill pass of n prompts or a chunk of n steps at `rows` rows, begun at host time `at`, added to
+        self.schedule; returns its entry there (None: not kept)."""
         last = self.schedule[-1] if self.schedule else None
         if kind == "steps" and last is not None and last[0] == kind and last[2] == rows:
             last[1] += n
-        elif len(self.schedule) < SCHEDULE_EVENTS:
-            self.schedule.append([kind, n, rows])
+            return last
+        if len(self.schedule) < SCHEDULE_EVENTS:
+            self.schedule.append([kind, n, rows, at])
+            return self.schedule[-1]
+        return None
 
     def _smaller_shape(self) -> tuple[int, int] | None:
         """The (rows, row length) that holds the answers in the rows, where it is smaller than the current one."""

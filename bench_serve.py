@@ -81,7 +81,7 @@ def stream_completion(port: int, question: str, max_tokens: int, model: str, del
         usage = event.get("usage") or usage
     connection.close()
     return {"text": text, "ttft_s": first, "end_s": time.perf_counter() - start, "max_gap_s": gap,
-            "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid()}
+            "tokens": usage["completion_tokens"] if usage else 0, "client_pid": os.getpid(), "sent_at": start}
 
 
 def sampling(seed: int, sample: bool) -> dict | None:
@@ -194,6 +194,7 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                 wall = time.perf_counter() - start
                 rows.append(serve_row(label, n, got, alone, wall, chat.batcher.most_rows, loading)
                             | {"decoder": dict(chat.batcher.record), "schedule": schedule(chat.batcher)}
+                            | timeline(chat.batcher, got)
                             | host.spent(f"{n}-client") | memory(chat))
                 if partial is not None:
                     partial.write_text(json.dumps(rows, default=str))
@@ -221,16 +222,31 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
 
 
 def cleared(batcher) -> None:
-    """The engine's records emptied before a run: the most rows, the counts and the schedule."""
+    """The engine's records emptied before a run: the most rows, the counts, the schedule and the arrivals."""
     batcher.most_rows = 0
     batcher.record.clear()
     batcher.schedule.clear()
+    batcher.arrivals.clear()
 
 
 def schedule(batcher) -> str:
     """The order a run's first passes and chunks ran in (BatchDecoder.schedule): "P31" a prefill pass of 31 prompts,
     "2@64" 2 decode steps at 64 rows."""
     return " ".join(f"P{e[1]}" if e[0] == "pass" else f"{e[1]}@{e[2]}" for e in batcher.schedule)
+
+
+def timeline(batcher, got: list[dict]) -> dict:
+    """When a run's requests reached the engine (BatchDecoder.arrivals: parsed, checked and tokenized) and its first
+    prefill passes began and handed out their first tokens (BatchDecoder.schedule), in ms after the run's first
+    request was sent: what its first-text times are made of. (The client processes' perf_counter and the server's
+    are one clock, Linux's CLOCK_MONOTONIC.)"""
+    sent = [g["sent_at"] for g in got]
+    first = min(sent)
+    arrived = sorted(1000 * (t - first) for t in batcher.arrivals)
+    passes = [[e[1], 1000 * (e[3] - first), 1000 * (e[4] - first)]
+              for e in batcher.schedule if e[0] == "pass" and len(e) > 4]
+    return {"sent_over_ms": 1000 * (max(sent) - first), "passes_ms": passes,
+            "reached_engine_ms": [arrived[0], arrived[len(arrived) // 2], arrived[-1]] if arrived else None}
 
 
 def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, rows: list[dict], alone: list[dict],
@@ -260,7 +276,7 @@ def long_prompt_probe(chat, pool, port: int, asked: list[str], new_tokens: int, 
     return row | {"name": f"{dtype} {n} client(s) + a {tokens}-token prompt at {delay:.2f} s",
                   "long_prompt_tokens": tokens, "long_prompt_ttft_s": got[n]["ttft_s"],
                   "max_gap_without_s": without["max_gap_s"] if without else None, "decoder": dict(chat.batcher.record),
-                  "schedule": schedule(chat.batcher),
+                  "schedule": schedule(chat.batcher), **timeline(chat.batcher, got),
                   **host.spent("long prompt's"), **memory(chat)}
 
 
@@ -349,6 +365,13 @@ def serve_table(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | " + " | ".join(f"{d.get(f'admit {p} s', 0.0):.3f}" for p in parts) +
                      f" | {d.get('prefill_wait_s', 0.0):.3f} | {d.get('admit handing out s', 0.0):.3f} | "
                      f"{d.get('vacate s', 0.0):.3f} | {collector(r)} | {r.get('schedule') or '-'} |")
+    # when the requests reached the engine and the first passes ran, after the first request was sent
+    lines += ["", "| clients | requests sent over (ms) | reached the engine (ms after the first was sent): first / "
+              "median / last | prefill passes: prompts, begun - first tokens handed out (ms) |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        reached = " / ".join(f"{t:.0f}" for t in r["reached_engine_ms"]) if r.get("reached_engine_ms") else "-"
+        passes = ", ".join(f"P{n} {begun:.0f}-{out:.0f}" for n, begun, out in r.get("passes_ms", [])) or "-"
+        lines.append(f"| {r['name']} | {r.get('sent_over_ms', float('nan')):.0f} | {reached} | {passes} |")
     return "\n".join(lines)
 
 
