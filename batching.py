@@ -706,9 +706,9 @@ class BatchDecoder:
         """The tokens of the rows `sampled` (of answers that sample) drawn into `token` (rows,), and whether their
         scores were finite into `ok`, from `scores` (rows, vocab; the penalty applied): generate()'s warpers for all
         of them at once (decoding.warp; each row's own processors were tens of operators a row and step,
-        docs/PERFORMANCE.md), then a draw from each answer's own generator, so that each draws what it draws alone. Nothing here waits for the GPU or can assert
-        on it: scores with a NaN or an infinity (their maximum is not finite) draw from a uniform stand-in, and the
-        host fails that answer."""
+        docs/PERFORMANCE.md), then a draw from each answer's own generator (decoding.draw), so that each draws what
+        it draws alone. Nothing here waits for the GPU or can assert on it: scores with a NaN or an infinity (their
+        maximum is not finite) draw from a uniform stand-in, and the host fails that answer."""
         key = [len(answers)] + [(i, answers[i]) for i in sampled]
         if self._sampling is None or self._sampling[0] != key:  # (the same rows from one step to the next)
             at = None if len(sampled) == len(answers) else on_device(sampled, self.device)
