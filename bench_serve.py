@@ -367,7 +367,8 @@ def serve_table(rows: list[dict]) -> str:
                      f"{d.get('vacate s', 0.0):.3f} | {collector(r)} | {r.get('schedule') or '-'} |")
     # when the requests reached the engine and the first passes ran, after the first request was sent
     lines += ["", "| clients | requests sent over (ms) | reached the engine (ms after the first was sent): first / "
-              "median / last | prefill passes: prompts, begun - first tokens handed out (ms) |", "| --- | --- | --- | --- |"]
+              "median / last | prefill passes: prompts, begun - first tokens handed out (ms) |",
+              "| --- | --- | --- | --- |"]
     for r in rows:
         reached = " / ".join(f"{t:.0f}" for t in r["reached_engine_ms"]) if r.get("reached_engine_ms") else "-"
         passes = ", ".join(f"P{n} {begun:.0f}-{out:.0f}" for n, begun, out in r.get("passes_ms", [])) or "-"
