@@ -408,6 +408,24 @@ def test_answers_with_different_sampling_settings_each_keep_their_alone_answer(c
     assert together == alone and len(set(alone)) == len(alone)
 
 
+def test_an_answer_that_samples_where_another_sampled_before_draws_with_its_own_settings(tokenizer):
+    """The sampled rows' settings stay on the device while the same answers sample in the same rows: an answer that
+    takes the row another sampled answer left (one that drew only its most likely token, top-k 1) samples with its
+    own settings, beside a greedy answer that ran through both, and writes what it writes alone."""
+    chat = ChatModel(AutoModelForCausalLM.from_pretrained(TINY), tokenizer, batch_slots=8)  # (untrained: no EOS soon)
+    ask = [{"role": "user", "content": "Hi"}]
+    greedy = GenerationSettings(max_new_tokens=60, temperature=0.0, repetition_penalty=1.0)
+    narrow = GenerationSettings(max_new_tokens=4, temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0)
+    wide = GenerationSettings(max_new_tokens=20, temperature=2.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    alone = finish([chat.start(chat.prompt_ids(ask, 20)[0], wide, seed=3)])[0].text
+    running = chat.start(chat.prompt_ids(ask, 60)[0], greedy)
+    finish([chat.start(chat.prompt_ids(ask, 4)[0], narrow, seed=1)])
+    together = finish([chat.start(chat.prompt_ids(ask, 20)[0], wide, seed=3)])[0].text
+    finish([running])
+    narrowed = finish([chat.start(chat.prompt_ids(ask, 20)[0], dataclasses.replace(wide, top_k=1), seed=3)])[0].text
+    assert together == alone != narrowed
+
+
 def test_answers_that_sample_add_few_operators_to_a_step(chat_model, monkeypatch):
     """The engine's host issues every step for all rows; each torch call it makes is a dispatch (on a GPU a kernel
     launch), and can wait for the GIL while the server's threads take requests. Rows that sample are warped together
@@ -844,8 +862,9 @@ def crowd_conversations(count: int, rng) -> list[list[dict]]:
 def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_answer(chat_model, monkeypatch, fast,
                                                                                        pool):
     """A crowd on one engine of 64 slots (fp32, CPU, the smoke model): 64 conversations of different lengths and
-    answer budgets arrive at random moments; 12 of them leave at random points. Every answer that was not cancelled
-    is exactly the one it gets alone (text, stop reason, tokens); every cancelled one stops with "cancelled" (or had
+    answer budgets arrive at random moments, 16 of them sampled with settings of their own and a seed; 12 of them
+    leave at random points. Every answer that was not cancelled is exactly the one it gets alone (text, stop reason,
+    tokens); every cancelled one stops with "cancelled" (or had
     ended already) and holds a beginning of its alone answer; and the engine decoded many of them together. Steps are
     slowed a little so that arrivals overlap as they do on a busy GPU. fast: the GPU's engine (compiled, fused
     layers, each row reading its own slots, row lengths fixed at load) in a 2,048-token window, with 4 long
@@ -865,9 +884,14 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
             conversations[i] = city_history(24) + conversations[i]
     plain = ChatModel(model, chat_model.tokenizer, fast=False, batch_slots=64)
     settings = [GenerationSettings(max_new_tokens=rng.randint(4, 40), temperature=0.0) for _ in conversations]
+    sampled = set(rng.sample(range(64), 16))  # seeded, each with its own settings (the server's defaults sample)
+    for i in sampled:
+        settings[i] = GenerationSettings(max_new_tokens=settings[i].max_new_tokens, temperature=rng.uniform(0.5, 1.5),
+                                         top_k=rng.choice([0, 20]), top_p=rng.choice([0.8, 1.0]),
+                                         repetition_penalty=rng.choice([1.0, 1.2]))
     prompts = [plain.prompt_ids(c, g.max_new_tokens)[0] for c, g in zip(conversations, settings)]
     assert len({len(p) for p in prompts}) > 20  # different lengths
-    alone = [plain.chat(c, g) for c, g in zip(conversations, settings)]
+    alone = [None if i in sampled else plain.chat(c, g) for i, (c, g) in enumerate(zip(conversations, settings))]
     chat = plain
     if fast:
         torch._dynamo.reset()  # what other tests compiled would otherwise serve this engine's shapes
@@ -875,6 +899,8 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
         chat = ChatModel(copy.deepcopy(model), chat_model.tokenizer, fast=True, batch_slots=64, kv_budget=budget)
         chat.warm_up(GenerationSettings(max_new_tokens=40, temperature=0.0))
         assert sum(len(p) > 512 for p in prompts) == 4
+    for i in sampled:  # alone, on the engine that serves them (the plain and the fast path's draws may part)
+        alone[i] = finish([chat.start(prompts[i], settings[i], seed=i)])[0]
     compiled = counters["stats"]["unique_graphs"]
     leaving = set(rng.sample(range(64), 12))
     delays = [rng.uniform(0, 0.6) for _ in conversations]
@@ -888,7 +914,7 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
     def client(i: int) -> None:
         try:
             time.sleep(delays[i])
-            answer = chat.start(prompts[i], settings[i])
+            answer = chat.start(prompts[i], settings[i], seed=i)
             if i in leaving and pieces_before_leaving[i] < 0:
                 answer.cancel()
             for n, _ in enumerate(answer):
