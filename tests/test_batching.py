@@ -430,8 +430,8 @@ def test_answers_that_sample_add_few_operators_to_a_step(chat_model, monkeypatch
     """The engine's host issues every step for all rows; each torch call it makes is a dispatch (on a GPU a kernel
     launch), and can wait for the GIL while the server's threads take requests. Rows that sample are warped together
     and each draws from its own generator: a step's calls grow by a few a sampling row, where generate()'s processors
-    row by row made it ~40 (the server's default settings sample, so a team of users would run at the host's pace,
-    not the GPU's)."""
+    row by row added over ten a row (the server's default settings sample, so a team of users would run at the host's
+    pace, not the GPU's)."""
     from torch.overrides import TorchFunctionMode
 
     class Calls(TorchFunctionMode):
@@ -864,13 +864,13 @@ def test_64_conversations_arriving_and_leaving_at_random_each_get_their_alone_an
     """A crowd on one engine of 64 slots (fp32, CPU, the smoke model): 64 conversations of different lengths and
     answer budgets arrive at random moments, 16 of them sampled with settings of their own and a seed; 12 of them
     leave at random points. Every answer that was not cancelled is exactly the one it gets alone (text, stop reason,
-    tokens); every cancelled one stops with "cancelled" (or had
-    ended already) and holds a beginning of its alone answer; and the engine decoded many of them together. Steps are
-    slowed a little so that arrivals overlap as they do on a busy GPU. fast: the GPU's engine (compiled, fused
-    layers, each row reading its own slots, row lengths fixed at load) in a 2,048-token window, with 4 long
-    conversations among the 64: after the warm-up nothing is compiled. pool: that engine with a KV pool of that
-    many tokens, the least that runs 16 rows (9 x 512), so that its rows are freed and taken again while the others
-    run: a freed row's steps go on in the spare slot, whatever run its answer had."""
+    tokens); every cancelled one stops with "cancelled" (or had ended already) and holds a beginning of its alone
+    answer; and the engine decoded many of them together. Steps are slowed a little so that arrivals overlap as they
+    do on a busy GPU. fast: the GPU's engine (compiled, fused layers, each row reading its own slots, row lengths
+    fixed at load) in a 2,048-token window, with 4 long conversations among the 64: after the warm-up nothing is
+    compiled. pool: that engine with a KV pool of that many tokens, the least that runs 16 rows (9 x 512), so that
+    its rows are freed and taken again while the others run: a freed row's steps go on in the spare slot, whatever
+    run its answer had."""
     import random
 
     from torch._dynamo.utils import counters
