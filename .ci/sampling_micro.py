@@ -1,8 +1,9 @@
 """A diagnostic for .ci/gpu (docs/PERFORMANCE.md, users who sample): the engine's host work for a decode step at 64
 rows, greedy against the server's default settings (temperature 0.7, top-p 0.9, top-k 50, repetition penalty 1.1,
-each answer seeded): the Python-level torch calls a step makes (each a dispatch, and on a GPU a kernel launch) and
-the host's milliseconds a step, inside BatchDecoder's chunks, on the tiny model (its fast path on a GPU, whose steps
-are CUDA graphs; the plain path on the CPU). Three runs of each, 64 answers of 48 tokens.
+each answer seeded): the Python-level torch calls a step makes (each a dispatch, and on a GPU a kernel launch; counted
+on the plain path, where no compiled code traces the counting mode) and the host's milliseconds a step, inside
+BatchDecoder's chunks, on the tiny model (its fast path on a GPU, whose steps are CUDA graphs; the plain path on the
+CPU). Three runs of each, 64 answers of 48 tokens.
 
     python3 .ci/sampling_micro.py
 """
@@ -60,8 +61,9 @@ def measure(chat: ChatModel, gen: GenerationSettings, count: bool) -> float:
 if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(TINY)
-    chat = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).to(device), tokenizer, fast=device.type == "cuda",
-                     batch_slots=ROWS)
+    plain = ChatModel(AutoModelForCausalLM.from_pretrained(TINY).to(device), tokenizer, fast=False, batch_slots=ROWS)
+    chat = plain if device.type != "cuda" else \
+        ChatModel(AutoModelForCausalLM.from_pretrained(TINY).to(device), tokenizer, fast=True, batch_slots=ROWS)
     greedy = GenerationSettings(max_new_tokens=TOKENS, temperature=0.0, repetition_penalty=1.0)
     defaults = GenerationSettings(max_new_tokens=TOKENS)
     if device.type == "cuda":
@@ -69,9 +71,10 @@ if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name() if device.type == "cuda" else "CPU", flush=True)
     for name, gen in (("greedy", greedy), ("the server's defaults (sampled)", defaults)):
         measure(chat, gen, count=False)  # (each shape seen once)
-        calls = measure(chat, gen, count=True)
+        calls = measure(plain, gen, count=True)
         ms = [measure(chat, gen, count=False) for _ in range(3)]
         print(f"{name:32} {calls:6.0f} torch calls a step; host " + ", ".join(f"{m:.2f}" for m in ms) +
               f" ms a step at {ROWS} rows", flush=True)
-    chat.shutdown()
-    chat.close()
+    for model in {id(m): m for m in (plain, chat)}.values():
+        model.shutdown()
+        model.close()
