@@ -462,6 +462,20 @@ def test_answers_that_sample_add_few_operators_to_a_step(chat_model, monkeypatch
     assert per_step["8 sampled"] - per_step["greedy"] <= 40 + 8 * 3, per_step  # and a few for all of them
 
 
+@pytest.mark.slow  # a fresh interpreter, 64 answers 20 times (make test leaves it out)
+def test_the_sampling_micro_benchmark_runs_and_counts_few_calls_a_sampled_row():
+    """.ci/sampling_micro.py, which a GPU lease runs (.ci/gpu tests), runs here on the CPU as it is and prints, for 64
+    rows, greedy and the server's default (sampled) settings: a step's torch calls and host time. The sampled rows
+    add a few calls a row to a greedy step's (before they were warped together, tens a row: docs/PERFORMANCE.md)."""
+    from conftest import ROOT, run_script
+    out = run_script(str(ROOT / ".ci" / "sampling_micro.py")).stdout
+    rows = re.findall(r"^(greedy|the server's defaults \(sampled\)) +(\d+) torch calls a step; host "
+                      r"([\d.]+), ([\d.]+), ([\d.]+) ms a step at 64 rows$", out, re.M)
+    assert [r[0] for r in rows] == ["greedy", "the server's defaults (sampled)"], out
+    (_, greedy, *_), (_, sampled, *times) = rows
+    assert int(sampled) - int(greedy) <= 40 + 3 * 64 and all(float(t) > 0 for t in times), out
+
+
 def test_cancelling_one_answer_leaves_the_others_alone(tokenizer):
     chat, messages = endless(tokenizer, fast=False)
     gen = GenerationSettings(max_new_tokens=60, temperature=0.0)
