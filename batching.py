@@ -21,8 +21,8 @@ import torch
 from transformers import CompileConfig, DynamicCache
 
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, draw, logits_processors, penalize,
-                      prefill_attention, remember, stop_index, warp)
+from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, draw, logits_processors, on_device,
+                      penalize, prefill_attention, remember, stop_index, warp)
 from kv_pool import SlotPool, pool_slots
 from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_bytes_per_token, kv_width,
                         reads_own_slots)
@@ -48,13 +48,6 @@ def timed_event(device: torch.device) -> torch.cuda.Event | None:
     event = torch.cuda.Event(enable_timing=True)
     event.record()
     return event
-
-
-def on_device(values, device: torch.device) -> torch.Tensor:
-    """`values` (a list or a CPU tensor) on `device` without waiting for the GPU: on CUDA through pinned memory (a
-    copy from pageable memory first waits for every kernel queued, the decode chunk running included)."""
-    host = torch.as_tensor(values)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def prefill_inputs(prompts: list[list[int]], bases: list[int], last_slots: list[int], rows: list[int], pad: int,
@@ -160,14 +153,14 @@ class BatchDecoder:
     """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
 
     A request that arrives while others are being generated joins them at the next chunk boundary (every CHECK_EVERY
-    steps when compiled, every step otherwise): its prompt is prefilled (the prompts waiting at a boundary in one pass
-    of up to PREFILL_TOKENS tokens, one pass a boundary, so the answers being written go on between the passes of a
-    burst, BURST_STEPS steps each, as after a pass that leaves rows free; on a GPU one prompt alone through a CUDA
-    graph captured at load) and copied into a free row of the cache; a finished or cancelled answer frees its row at
-    the next boundary. Each answer streams to its own client with its own sampling settings, stop rules and seed
-    (greedy rows' repetition penalties applied to all rows at once). The host queues a chunk before it reads the
-    previous one's tokens (one chunk behind the GPU, as FastDecoder), so a finished answer costs up to one chunk of
-    wasted steps.
+    steps when compiled, every step otherwise): its prompt is prefilled (the prompts waiting at a boundary in one
+    pass of up to PREFILL_TOKENS tokens, one pass a boundary, so the answers being written go on between the passes
+    of a burst, BURST_STEPS steps each, as after a pass that leaves rows free; on a GPU one prompt alone through a
+    CUDA graph captured at load) and copied into a free row of the cache; a finished or cancelled answer frees its
+    row at the next boundary. Each answer streams to its own client with its own sampling settings, stop rules and
+    seed (the repetition penalties applied to all rows at once, the sampling settings to all sampling rows). The
+    host queues a chunk before it reads the previous one's tokens (one chunk behind the GPU, as FastDecoder), so a
+    finished answer costs up to one chunk of wasted steps.
 
     The cache: every answer holds its prompt and answer in a run of slots of its own, each token at the slot of its
     position, and a decode step writes each row's token at that row's own next slot (DecodeCache with rows_apart;

@@ -509,6 +509,13 @@ def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) ->
     return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
+def on_device(values, device: torch.device) -> torch.Tensor:
+    """`values` (a list or a CPU tensor) on `device` without waiting for the GPU: on CUDA through pinned memory (a
+    copy from pageable memory first waits for every kernel queued, the decode chunk running included)."""
+    host = torch.as_tensor(values)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 @dataclass
 class RowSampling:
     """The sampling settings of some rows of a batch, on the device, one copy for all of them (RowSampling.of):
@@ -522,8 +529,7 @@ class RowSampling:
     def of(cls, gens: list[GenerationSettings], vocab: int, device: torch.device) -> RowSampling:
         top_k = [min(g.top_k, vocab) for g in gens]
         cut = [1 - g.top_p if g.top_p < 1.0 else -1.0 for g in gens]  # (1 - top_p in Python, as the warper does)
-        host = torch.tensor([[g.temperature for g in gens], top_k, cut], dtype=torch.float32).T  # (rows, 3)
-        values = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        values = on_device(torch.tensor([[g.temperature for g in gens], top_k, cut], dtype=torch.float32).T, device)
         return cls(values[:, 0:1], values[:, 1:2].long() if any(top_k) else None, max(top_k),
                    values[:, 2:3] if any(c >= 0 for c in cut) else None)
 
