@@ -17,6 +17,7 @@
     python bench.py serve --dtypes bf16 --clients 64 --burst-steps 8   # a full chunk between a burst's passes
     python bench.py serve --dtypes bf16 --clients 64 --prefill-tokens 8192   # fewer, longer passes in a burst
     python bench.py serve --dtypes bf16 --clients 64 --full-chunk-after-pass  # a full chunk after a burst's first pass
+    python bench.py serve --dtypes bf16 --clients 64 --switch-interval 0.0005  # the GIL handed over every 0.5 ms
     python bench.py serve --dtypes bf16 --clients 64 --profile   # + the 64 clients once more under torch.profiler,
                                                                  # and once more with Python stacks sampled
 
@@ -430,6 +431,8 @@ def child(args) -> int:
         batching.BURST_STEPS = spec.get("burst_steps") or batching.BURST_STEPS
         batching.PREFILL_TOKENS = spec.get("prefill_tokens") or batching.PREFILL_TOKENS
         batching.SHORT_AFTER_PASS = not spec.get("full_chunk_after_pass")
+        if spec.get("switch_interval"):
+            sys.setswitchinterval(spec["switch_interval"])
         result = run_serve(Path(spec["model"]), spec["dtype"], spec["tiny"], spec["clients"], spec["prompt_words"],
                            spec["new_tokens"], Path(spec["result"]), spec["penalty"],
                            Path(spec["profile"]) if spec.get("profile") else None, spec.get("sample", False))
@@ -488,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full-chunk-after-pass", action="store_true",
                         help="serve: a full chunk after a prefill pass that leaves rows free (default: BURST_STEPS "
                              "steps, batching.SHORT_AFTER_PASS), to compare with")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="serve: seconds a thread may hold the GIL while another waits for it "
+                             "(sys.setswitchinterval; Python's default 0.005), in the measuring process")
     parser.add_argument("--penalty", type=float, default=1.0,
                         help="serve: the server's repetition penalty (default 1.0, none; the app's default is 1.1)")
     parser.add_argument("--sample", action="store_true",
@@ -568,6 +574,8 @@ def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: 
     for flag in ("burst_steps", "prefill_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be 1 or more (got {getattr(args, flag)})")
+    if args.switch_interval is not None and not args.switch_interval > 0:
+        parser.error(f"--switch-interval must be more than 0 seconds (got {args.switch_interval})")
     rows: list[dict] = []
     for dtype in args.dtypes if args.dtypes != parser.get_default("dtypes") else ["fp32" if args.tiny else "bf16"]:
         logger.info("serving %s ...", dtype)
@@ -575,6 +583,7 @@ def bench_serving(args, parser: argparse.ArgumentParser, model_path: Path, out: 
                        "clients": args.clients, "prompt_words": 12 if args.tiny else 40, "penalty": args.penalty,
                        "burst_steps": args.burst_steps, "prefill_tokens": args.prefill_tokens,
                        "full_chunk_after_pass": args.full_chunk_after_pass, "sample": args.sample,
+                       "switch_interval": args.switch_interval,
                        "new_tokens": 24 if args.tiny else 256, "log_dir": str(out.parent),
                        "profile": str(out.parent / f"bench-serve-{dtype}-profile.md") if args.profile else None},
                       args.timeout)

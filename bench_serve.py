@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from bench import WORDS, free_port, serving_config
 from profiling import HostTime, StackSampler, profiler, sync, write_profile
 
 logger = logging.getLogger(__name__)
+DEFAULT_SWITCH_INTERVAL = 0.005  # Python's (sys.getswitchinterval)
 
 
 def questions(n: int, words: int) -> list[str]:
@@ -153,7 +155,9 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                                                             "--generation.repetition_penalty", str(penalty)))
     chat, loading = load_for_serving(model_path, cfg, tiny)
     server, serving, port = start_server(chat, cfg)
-    label = f"{dtype} sampled" if sample else dtype  # (the rows' names)
+    label = f"{dtype} sampled" if sample else dtype  # (the rows' names; and the GIL's switch interval where bench.py
+    if sys.getswitchinterval() != DEFAULT_SWITCH_INTERVAL:  # serve --switch-interval set it)
+        label += f", GIL switch {sys.getswitchinterval() * 1e3:g} ms"
     asked = questions(max(clients), prompt_words)
     # one at a time; warms every shape
     alone = [stream_completion(*request) for request in requests(port, asked, new_tokens, chat.name, sample)]

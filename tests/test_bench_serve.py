@@ -100,13 +100,16 @@ def test_serving_bench_tiny(tmp_path):
 @pytest.mark.slow  # a server and client processes (make test leaves it out)
 def test_serving_bench_with_sampling_clients(tmp_path):
     """--sample: the clients sample with the app's default settings, each question with a seed of its own: every
-    answer is sampled (the engine counts it), and each is still the text its question gets alone."""
+    answer is sampled (the engine counts it), and each is still the text its question gets alone. (With a GIL switch
+    interval of 1 ms, which the rows' names say.)"""
     out = tmp_path / "serve.json"
-    run_script("bench.py", "serve", "--tiny", "--sample", "--clients", "4", "--out", str(out))
+    run_script("bench.py", "serve", "--tiny", "--sample", "--clients", "4", "--switch-interval", "0.001",
+               "--out", str(out))
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [r["name"] for r in rows] == ["fp32 sampled 4 client(s)",
-                                         f"fp32 sampled 4 client(s) + a {rows[1]['long_prompt_tokens']}-token prompt "
+    label = "fp32 sampled, GIL switch 1 ms"
+    assert [r["name"] for r in rows] == [f"{label} 4 client(s)",
+                                         f"{label} 4 client(s) + a {rows[1]['long_prompt_tokens']}-token prompt "
                                          f"at {rows[1]['name'].split(' at ')[1]}"]
     assert rows[0]["decoder"]["sampled"] == 4 and rows[1]["decoder"]["sampled"] == 5
     assert rows[0]["same_text_as_alone"] == 4 and rows[1]["same_text_as_alone"] == 4
@@ -121,6 +124,33 @@ def test_serve_scheduling_flags_below_one_are_refused_before_anything_loads(flag
     with pytest.raises(SystemExit) as exit_:
         bench.main(["serve", "--tiny", flag, "0"])
     assert exit_.value.code == 2 and f"{flag} must be 1 or more (got 0)" in capsys.readouterr().err
+
+
+def test_a_switch_interval_of_no_time_is_refused_before_anything_loads(capsys):
+    import bench
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["serve", "--tiny", "--switch-interval", "0"])
+    assert exit_.value.code == 2 and "--switch-interval must be more than 0 seconds (got 0.0)" in capsys.readouterr().err
+
+
+def test_the_switch_interval_reaches_the_measuring_process(monkeypatch, tmp_path):
+    """--switch-interval, the A/B of how long a thread holds the GIL while another waits (the server's threads and
+    the engine's, docs/PERFORMANCE.md): set in the measuring process while its clients run."""
+    import argparse
+    import sys
+
+    import bench
+    import bench_serve
+    specs, seen = [], {}
+    monkeypatch.setattr(bench, "spawn", lambda spec, timeout: specs.append(spec) or [])
+    bench.main(["serve", "--tiny", "--switch-interval", "0.0005", "--out", str(tmp_path / "serve.json")])
+    default = sys.getswitchinterval()
+    monkeypatch.setattr(bench_serve, "run_serve", lambda *args: seen.update(interval=sys.getswitchinterval()) or [])
+    try:
+        assert bench.child(argparse.Namespace(one=json.dumps({**specs[0], "result": str(tmp_path / "rows.json")}))) == 0
+    finally:
+        sys.setswitchinterval(default)
+    assert seen == {"interval": 0.0005} and default == bench_serve.DEFAULT_SWITCH_INTERVAL
 
 
 @pytest.mark.parametrize("flags, short", [([], True), (["--full-chunk-after-pass"], False)], ids=["default", "flag"])
