@@ -5,7 +5,8 @@ and five copies to the device (the engine up to b47ce93, copied here), and `pack
 copied in one piece (the engine since: batching.prefill_inputs). Each with the GPU idle and with ~30 ms of work
 queued (on a GPU), alone and with a thread spinning in Python beside it (the GIL contended, as the server's threads
 contend for it while they take a burst's requests): torch lets go of the GIL around every operator, and each can
-cost a switch interval (5 ms) to get it back. Runs on the CPU too (no queued work there).
+cost a switch interval (5 ms) to get it back; the spinning cases once more with a 0.5 ms interval. Runs on the CPU
+too (no queued work there).
 
     python3 .ci/prefill_inputs_micro.py
 """
@@ -20,6 +21,8 @@ sys.path.insert(0, ".")
 from batching import on_device, prefill_inputs  # noqa: E402
 
 REPEATS = 25  # the first 5 not counted
+SHORT_SWITCH = 0.0005  # the spinning cases again with the GIL handed over after 0.5 ms, not Python's 5 (bench.py serve
+# --switch-interval: 35th session, a burst's first pass took 77-86 ms while the server took the burst's requests)
 PAD = 50256
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +72,7 @@ def run(label: str, form, before) -> None:
         form()
         times.append(time.perf_counter() - start)
     times = times[5:]
-    print(f"{label:44} {form.__name__:9} median {statistics.median(times) * 1e3:8.3f} ms  "
+    print(f"{label:62} {form.__name__:9} median {statistics.median(times) * 1e3:8.3f} ms  "
           f"max {max(times) * 1e3:8.3f} ms", flush=True)
 
 
@@ -83,13 +86,17 @@ if __name__ == "__main__":
         while spinning:
             pass
 
-    for contended in (False, True):
-        if contended:
+    default = sys.getswitchinterval()
+    for contended, interval in ((False, default), (True, default), (True, SHORT_SWITCH)):
+        sys.setswitchinterval(interval)
+        if contended and not spinning:
             spinning = True
             threading.Thread(target=spin, daemon=True).start()
         for busy in ([False, True] if device.type == "cuda" else [False]):
             label = ("GPU busy" if busy else "GPU idle" if device.type == "cuda" else "CPU") + \
-                (", a thread spinning in Python" if contended else "")
+                (", a thread spinning in Python" if contended else "") + \
+                (f", switch {interval * 1e3:g} ms" if interval != default else "")
             for form in (operators, packed):
                 run(label, form, queue_work if busy else lambda: None)
     spinning = False
+    sys.setswitchinterval(default)

@@ -479,6 +479,18 @@ def test_answers_that_sample_add_few_operators_to_a_step(chat_model, monkeypatch
     assert per_step["8 sampled"] - per_step["greedy"] <= 40 + 8 * 3, per_step  # and a few for all of them
 
 
+@pytest.mark.slow  # a fresh interpreter, ~20 s of contended runs (make test leaves it out)
+def test_the_prefill_inputs_micro_benchmark_runs_as_a_gpu_lease_runs_it():
+    """.ci/prefill_inputs_micro.py, which a GPU lease runs first (.ci/gpu tests), runs here on the CPU as it is: both
+    forms of a pass's inputs, alone, beside a thread spinning in Python, and so again with a 0.5 ms switch interval,
+    each a median and a maximum."""
+    from conftest import ROOT, run_script
+    out = run_script(str(ROOT / ".ci" / "prefill_inputs_micro.py")).stdout
+    rows = re.findall(r"^(CPU.*?) +(operators|packed) +median +[\d.]+ ms +max +[\d.]+ ms$", out, re.M)
+    labels = ["CPU", "CPU, a thread spinning in Python", "CPU, a thread spinning in Python, switch 0.5 ms"]
+    assert rows == [(label, form) for label in labels for form in ("operators", "packed")], out
+
+
 @pytest.mark.slow  # a fresh interpreter, 64 answers 20 times (make test leaves it out)
 def test_the_sampling_micro_benchmark_runs_and_counts_few_calls_a_sampled_row():
     """.ci/sampling_micro.py, which a GPU lease runs (.ci/gpu tests), runs here on the CPU as it is and prints, for 64
