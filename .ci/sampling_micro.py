@@ -3,9 +3,10 @@ rows, greedy against the server's default settings (temperature 0.7, top-p 0.9, 
 each answer seeded): the Python-level torch calls a step makes (each a dispatch, and on a GPU a kernel launch; counted
 on the plain path, where no compiled code traces the counting mode) and the host's milliseconds a step, inside
 BatchDecoder's chunks, on the tiny model (its fast path on a GPU, whose steps are CUDA graphs; the plain path on the
-CPU). Three runs of each, 64 answers of 48 tokens. Then what the rows that sample add to a step's device work
-(35th session: 64 sampled rows of Phi-2 took 5.74 ms a step on an H100, greedy ones 4.81): the engine's warp, softmax
-and draw at 64 rows of Phi-2's 51,200 scores, timed, and each operator's share under torch.profiler.
+CPU). Three runs of each, 64 answers of 48 tokens. Then what the server's defaults add to a step's device work (35th
+session: 64 sampled rows with the repetition penalty took 5.74 ms a step on an H100, greedy ones without it 4.81): the
+engine's penalty, and its warp, softmax and draw, at 64 rows of Phi-2's 51,200 scores, each timed, and each operator's
+share under torch.profiler.
 
     python3 .ci/sampling_micro.py
 """
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, ".")
 from config import GenerationSettings  # noqa: E402
-from decoding import RowSampling, draw, warp  # noqa: E402
+from decoding import RowSampling, draw, penalize, remember, warp  # noqa: E402
 from inference import ChatModel  # noqa: E402
 from model_utils import load_tokenizer  # noqa: E402
 
@@ -65,35 +66,46 @@ def measure(chat: ChatModel, gen: GenerationSettings, count: bool) -> float:
 
 
 def sampled_step_work(device: torch.device, gen: GenerationSettings) -> None:
-    """BatchDecoder._draw's device work at ROWS rows of Phi-2's vocabulary, each row its own generator: its time a
-    step (synchronized), then each operator's self time under torch.profiler; 50 steps each on a GPU, 5 on the CPU."""
+    """The device work a step adds for ROWS rows of Phi-2's vocabulary beyond the greedy argmax, as BatchDecoder's
+    chunk does it: the repetition penalty (penalize, then remember the tokens), and _draw's warp, softmax and draw,
+    each row from its own generator. Each part's time a step (synchronized), then each operator's self time for both
+    under torch.profiler; 50 steps each on a GPU, 5 on the CPU."""
     repeats = 50 if device.type == "cuda" else 5
     scores = torch.randn(ROWS, PHI2_VOCAB, device=device, dtype=torch.bfloat16) * 3
+    seen = torch.rand(ROWS, PHI2_VOCAB, device=device) < 0.002  # ~100 tokens a row seen
+    penalty = torch.full((ROWS, 1), gen.repetition_penalty, device=device)
     settings = RowSampling.of([gen] * ROWS, PHI2_VOCAB, device)
     generators = [torch.Generator(device).manual_seed(i) for i in range(ROWS)]
 
-    def step():
+    def penalized():
+        token = penalize(scores.float(), seen, penalty).argmax(-1)
+        remember(seen, token[:, None], PHI2_VOCAB - 1)
+        return token
+
+    def sampled():
         warped = warp(scores.float(), settings)
         fine = torch.isfinite(warped.max(-1).values)
         return draw(torch.where(fine[:, None], warped.softmax(-1), 1.0), generators)
 
-    for _ in range(5):
-        step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    begun = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    sync()
-    print(f"warp, softmax and draw at {ROWS} rows x {PHI2_VOCAB} scores: "
-          f"{(time.perf_counter() - begun) * 1e3 / repeats:.3f} ms a step (wall, synchronized)", flush=True)
+    for name, part in (("the repetition penalty", penalized), ("warp, softmax and draw", sampled)):
+        for _ in range(5):
+            part()
+        sync()
+        begun = time.perf_counter()
+        for _ in range(repeats):
+            part()
+        sync()
+        print(f"{name} at {ROWS} rows x {PHI2_VOCAB} scores: "
+              f"{(time.perf_counter() - begun) * 1e3 / repeats:.3f} ms a step (wall, synchronized)", flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(repeats):
-            step()
+            penalized()
+            sampled()
         sync()
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=50), flush=True)
+    print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=50), flush=True)
 
 
 if __name__ == "__main__":

@@ -495,8 +495,8 @@ def test_the_prefill_inputs_micro_benchmark_runs_as_a_gpu_lease_runs_it():
 def test_the_sampling_micro_benchmark_runs_and_counts_few_calls_a_sampled_row():
     """.ci/sampling_micro.py, which a GPU lease runs (.ci/gpu tests), runs here on the CPU as it is and prints, for 64
     rows, greedy and the server's default (sampled) settings: a step's torch calls and host time, then the sampled
-    rows' own work at Phi-2's vocabulary, timed and by operator. The sampled rows add a few calls a row to a greedy
-    step's (before they were warped together, tens a row: docs/PERFORMANCE.md)."""
+    rows' and the penalty's own work at Phi-2's vocabulary, timed and by operator. The sampled rows add a few calls
+    a row to a greedy step's (before they were warped together, tens a row: docs/PERFORMANCE.md)."""
     from conftest import ROOT, run_script
     out = run_script(str(ROOT / ".ci" / "sampling_micro.py")).stdout
     rows = re.findall(r"^(greedy|the server's defaults \(sampled\)) +(\d+) torch calls a step; host "
@@ -504,7 +504,8 @@ def test_the_sampling_micro_benchmark_runs_and_counts_few_calls_a_sampled_row():
     assert [r[0] for r in rows] == ["greedy", "the server's defaults (sampled)"], out
     (_, greedy, *_), (_, sampled, *times) = rows
     assert int(sampled) - int(greedy) <= 40 + 3 * 64 and all(float(t) > 0 for t in times), out
-    assert re.search(r"^warp, softmax and draw at 64 rows x 51200 scores: [\d.]+ ms a step", out, re.M), out
+    for part in ("the repetition penalty", "warp, softmax and draw"):
+        assert re.search(rf"^{part} at 64 rows x 51200 scores: [\d.]+ ms a step", out, re.M), out
     assert all(re.search(rf"^ +aten::{op} ", out, re.M) for op in ("sort", "topk", "exponential_")), out
 
 
