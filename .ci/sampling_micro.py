@@ -13,10 +13,9 @@ share under torch.profiler.
 import sys
 import time
 
-from torch.profiler import ProfilerActivity, profile
-
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, ".")

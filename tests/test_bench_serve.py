@@ -130,7 +130,8 @@ def test_a_switch_interval_of_no_time_is_refused_before_anything_loads(capsys):
     import bench
     with pytest.raises(SystemExit) as exit_:
         bench.main(["serve", "--tiny", "--switch-interval", "0"])
-    assert exit_.value.code == 2 and "--switch-interval must be more than 0 seconds (got 0.0)" in capsys.readouterr().err
+    refused = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--switch-interval must be more than 0 seconds (got 0.0)" in refused
 
 
 def test_the_switch_interval_reaches_the_measuring_process(monkeypatch, tmp_path):
