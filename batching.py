@@ -21,8 +21,8 @@ import torch
 from transformers import CompileConfig, DynamicCache
 
 from config import GenerationSettings
-from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, draw, logits_processors, on_device,
-                      penalize, prefill_attention, remember, stop_index, warp)
+from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, logits_processors, on_device,
+                      penalize, prefill_attention, remember, sample_rows, stop_index)
 from kv_pool import SlotPool, pool_slots
 from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_bytes_per_token, kv_width,
                         reads_own_slots)
@@ -700,18 +700,16 @@ class BatchDecoder:
         scores were finite into `ok`, from `scores` (rows, vocab; the penalty applied): generate()'s warpers for all
         of them at once (decoding.warp; each row's own processors were tens of operators a row and step,
         docs/PERFORMANCE.md), then a draw from each answer's own generator (decoding.draw), so that each draws what
-        it draws alone. Nothing here waits for the GPU or can assert on it: scores with a NaN or an infinity (their
-        maximum is not finite) draw from a uniform stand-in, and the host fails that answer."""
+        it draws alone (decoding.sample_rows: nothing waits for the GPU; a row whose scores are not finite draws
+        from a stand-in, and the host fails that answer)."""
         key = [len(answers)] + [(i, answers[i]) for i in sampled]
         if self._sampling is None or self._sampling[0] != key:  # (the same rows from one step to the next)
             at = None if len(sampled) == len(answers) else on_device(sampled, self.device)
             settings = RowSampling.of([answers[i].gen for i in sampled], scores.shape[-1], self.device)
             self._sampling = key, at, settings
         _, at, settings = self._sampling
-        warped = warp((scores if at is None else scores[at]).float(), settings)
-        fine = torch.isfinite(warped.max(-1).values)
-        probs = torch.where(fine[:, None], warped.softmax(-1), 1.0)
-        drawn = draw(probs, [answers[i].generator for i in sampled])
+        drawn, fine = sample_rows((scores if at is None else scores[at]).float(), settings,
+                                  [answers[i].generator for i in sampled])
         if at is None:
             token.copy_(drawn)
             ok.copy_(fine)

@@ -155,8 +155,10 @@ def run_serve(model_path: Path, dtype: str, tiny: bool, clients: list[int], prom
                                                             "--generation.repetition_penalty", str(penalty)))
     chat, loading = load_for_serving(model_path, cfg, tiny)
     server, serving, port = start_server(chat, cfg)
-    label = f"{dtype} sampled" if sample else dtype  # (the rows' names; and the GIL's switch interval where bench.py
-    if sys.getswitchinterval() != DEFAULT_SWITCH_INTERVAL:  # serve --switch-interval set it)
+    # the rows' names: the dtype, whether the clients sample, and the GIL's switch interval where bench.py serve
+    # --switch-interval set it
+    label = f"{dtype} sampled" if sample else dtype
+    if sys.getswitchinterval() != DEFAULT_SWITCH_INTERVAL:
         label += f", GIL switch {sys.getswitchinterval() * 1e3:g} ms"
     asked = questions(max(clients), prompt_words)
     # one at a time; warms every shape

@@ -561,6 +561,16 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
     return (probs / wait).argmax(-1)
 
 
+def sample_rows(scores: torch.Tensor, sampling: RowSampling, generators: list[torch.Generator]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token from fp32 scores (rows, vocab), warped with its own settings (warp) and drawn from its own
+    generator (draw), and whether its scores were finite. Nothing waits for the GPU or asserts on it: a row with a
+    NaN or an infinity (its maximum is not finite) draws from a uniform stand-in, for the caller to fail."""
+    warped = warp(scores, sampling)
+    fine = torch.isfinite(warped.max(-1).values)
+    return draw(torch.where(fine[:, None], warped.softmax(-1), 1.0), generators), fine
+
+
 def remember(seen: torch.Tensor, token: torch.Tensor, eos: int) -> None:
     """Mark each row's new token (batch, 1) in `seen` (batch, vocab), the tokens the repetition penalty counts:
     never eos (AnswerRepetitionPenalty's rule)."""

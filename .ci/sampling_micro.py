@@ -5,8 +5,8 @@ on the plain path, where no compiled code traces the counting mode) and the host
 BatchDecoder's chunks, on the tiny model (its fast path on a GPU, whose steps are CUDA graphs; the plain path on the
 CPU). Three runs of each, 64 answers of 48 tokens. Then what the server's defaults add to a step's device work (35th
 session: 64 sampled rows with the repetition penalty took 5.74 ms a step on an H100, greedy ones without it 4.81): the
-engine's penalty, and its warp, softmax and draw, at 64 rows of Phi-2's 51,200 scores, each timed, and each operator's
-share under torch.profiler.
+engine's penalty, and its warp, softmax and draw (decoding.sample_rows), at 64 rows of Phi-2's 51,200 scores, each
+timed, and each operator's share under torch.profiler.
 
     python3 .ci/sampling_micro.py
 """
@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, ".")
 from config import GenerationSettings  # noqa: E402
-from decoding import RowSampling, draw, penalize, remember, warp  # noqa: E402
+from decoding import RowSampling, penalize, remember, sample_rows  # noqa: E402
 from inference import ChatModel  # noqa: E402
 from model_utils import load_tokenizer  # noqa: E402
 
@@ -66,9 +66,9 @@ def measure(chat: ChatModel, gen: GenerationSettings, count: bool) -> float:
 
 def sampled_step_work(device: torch.device, gen: GenerationSettings) -> None:
     """The device work a step adds for ROWS rows of Phi-2's vocabulary beyond the greedy argmax, as BatchDecoder's
-    chunk does it: the repetition penalty (penalize, then remember the tokens), and _draw's warp, softmax and draw,
-    each row from its own generator. Each part's time a step (synchronized), then each operator's self time for both
-    under torch.profiler; 50 steps each on a GPU, 5 on the CPU."""
+    chunk does it: the repetition penalty (penalize, then remember the tokens), and _draw's sample_rows (warp,
+    softmax and draw, each row from its own generator). Each part's time a step (synchronized), then each
+    operator's self time for both under torch.profiler; 50 steps each on a GPU, 5 on the CPU."""
     repeats = 50 if device.type == "cuda" else 5
     scores = torch.randn(ROWS, PHI2_VOCAB, device=device, dtype=torch.bfloat16) * 3
     seen = torch.rand(ROWS, PHI2_VOCAB, device=device) < 0.002  # ~100 tokens a row seen
@@ -82,9 +82,7 @@ def sampled_step_work(device: torch.device, gen: GenerationSettings) -> None:
         return token
 
     def sampled():
-        warped = warp(scores.float(), settings)
-        fine = torch.isfinite(warped.max(-1).values)
-        return draw(torch.where(fine[:, None], warped.softmax(-1), 1.0), generators)
+        return sample_rows(scores.float(), settings, generators)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, part in (("the repetition penalty", penalized), ("warp, softmax and draw", sampled)):

@@ -107,6 +107,23 @@ def test_rows_drawn_together_draw_what_multinomial_draws_row_by_row():
     assert decoding.draw(probs, generators)[4] == 7
 
 
+def test_a_row_whose_scores_are_not_finite_is_flagged_and_the_others_draw_as_alone():
+    """decoding.sample_rows, the engine's draw for its sampled rows: a row with a NaN among its scores is flagged
+    (the host fails that answer alone) and still gets a token in range, without an assert on the device; every
+    other row draws what it draws alone, warped with its settings and from its generator."""
+    gens = [GenerationSettings(temperature=t, top_k=k, top_p=p) for t, k, p in [(0.7, 50, 0.9), (1.0, 0, 1.0),
+                                                                              (1.3, 5, 0.5)]]
+    scores = torch.randn(3, 822, generator=torch.Generator().manual_seed(1)) * 3
+    scores[1, 17] = float("nan")
+    settings = decoding.RowSampling.of(gens, 822, torch.device("cpu"))
+    token, fine = decoding.sample_rows(scores, settings, [torch.Generator().manual_seed(row) for row in range(3)])
+    assert fine.tolist() == [True, False, True] and 0 <= int(token[1]) < 822
+    for row in (0, 2):
+        one = decoding.RowSampling.of(gens[row:row + 1], 822, torch.device("cpu"))
+        alone, _ = decoding.sample_rows(scores[row:row + 1], one, [torch.Generator().manual_seed(row)])
+        assert token[row] == alone[0]
+
+
 def test_one_row_prompts_prefilled_padded_to_their_bucket_keep_their_answers(chat_model):
     """On a GPU a one-row prompt prefills through a CUDA graph made once for all prompts up to its bucket's length,
     padded on the right (decoding._PrefillGraph). The padded prefill, eager on the CPU, must leave every answer as
