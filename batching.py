@@ -360,8 +360,9 @@ class BatchDecoder:
                     # Rows whose answers ended in that chunk are free at the next boundary, once the host has seen
                     # it (waiting for it here would stall every chunk while the queue is full).
                     if group := self._pick():
+                        self._reset_vacated()  # (the rows freed since the last chunk, before any is given out)
                         begun = time.perf_counter()
-                        self._admit(group)
+                        self._admit(group, begun)
                         self.record["admit_s"] += time.perf_counter() - begun
                     # While another pass is ready (the prompts that arrived together did not fit in one), the
                     # running answers get a few steps, not a full chunk: the next pass is queued behind them on the
@@ -553,11 +554,10 @@ class BatchDecoder:
                 sum(a.need for a in joining) <= self._slots.free
         return self.holds(rows, longest)
 
-    def _admit(self, group: list[_Answer]) -> None:
+    def _admit(self, group: list[_Answer], begun: float) -> None:
         """Move `group` into free rows: the cache re-laid out first if the batch needs more rows or longer rows, then
-        the prefill."""
-        self._reset_vacated()
-        begun = time.perf_counter()
+        the prefill. begun: when the caller's admit_s began, where the parts (_spent) begin, so that they account for
+        all of it but the return."""
         active = [a for a in self.rows if a]
         rows = self._rows_for(len(active) + len(group))
         if active:
