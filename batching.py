@@ -24,8 +24,8 @@ from config import GenerationSettings
 from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, logits_processors, on_device,
                       penalize, prefill_attention, remember, sample_rows, stop_index)
 from kv_pool import SlotPool, pool_slots
-from phi_layers import (DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_bytes_per_token, kv_width,
-                        reads_own_slots)
+from phi_layers import (DecodeCache, all_layers, allocated, decode_layout, fuse_phi_layers, kv_buffers,
+                        kv_bytes_per_token, kv_pairs, kv_width, reads_own_slots)
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class BatchDecoder:
         self._closed: ShuttingDown | None = None
         self._durations: list[float] = []  # seconds of the last answers, for Busy's retry_after
         self._caches: dict[tuple[int, int], DecodeCache] = {}  # every (rows, cache size) shape met, on self._kv
-        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # one flat keys and values buffer a layer
+        self._kv: torch.Tensor | None = None  # every layer's flat keys and values buffers (kv_buffers)
         self._kv_numel = 0
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (admit_s) and
@@ -418,12 +418,11 @@ class BatchDecoder:
         one lives until _relayout has moved its rows)."""
         numel = (self.pool + 1 if self.pool is not None else batch * size) * kv_width(self.model.config)
         if numel > self._kv_numel:
-            self._kv = [tuple(torch.zeros(numel, dtype=self.model.dtype, device=self.device) for _ in range(2))
-                        for _ in range(self.model.config.num_hidden_layers)]
+            self._kv = kv_buffers(self.model.config, numel, self.model.dtype, self.device)
             self._kv_numel, self._caches = numel, {}
         key = (batch, size)
         if key not in self._caches:
-            self._caches[key] = allocated(DecodeCache(self.model.config, size, self._kv, rows_apart=True,
+            self._caches[key] = allocated(DecodeCache(self.model.config, size, kv_pairs(self._kv), rows_apart=True,
                                                       pooled=self.pool is not None), self.model, batch)
         return self._caches[key]
 
@@ -431,7 +430,7 @@ class BatchDecoder:
     def kv_bytes(self) -> int:
         """Bytes of KV cache the engine holds now (every shape's cache is a view of them; the pool's from the first
         step)."""
-        return sum(t.numel() * t.element_size() for pair in self._kv for t in pair)
+        return 0 if self._kv is None else self._kv.numel() * self._kv.element_size()
 
     # ------------------------------------------------------------------------------------------------------------
     def capture_prefill_graphs(self) -> None:
@@ -611,9 +610,8 @@ class BatchDecoder:
             answer.base = base
         if source:
             source, target = (on_device(torch.cat(t), self.device) for t in (source, target))
-            for layer in self.cache.layers:
-                for t in (layer.token_keys, layer.token_values):
-                    t[0, target] = t[0, source]  # (the index gathers first: runs may overlap)
+            pool = all_layers(self._kv, self.model.config)
+            pool[:, :, target] = pool[:, :, source]  # every layer at once (the index gathers first: runs may overlap)
         self.record["compactions"] += 1
 
     def _prefill(self, group: list[_Answer], started: float, begun: float) -> None:
@@ -633,23 +631,27 @@ class BatchDecoder:
         bucket = self.prefills.bucket(len(group), max(lengths)) if self.prefill_graphs else None
         begun = self._spent("inputs", begun)
         if bucket is not None:
-            graph = self.prefills[bucket]
-            logits = graph(ids, write_at=0)  # (1, vocab)
-            scratch = [(layer.keys, layer.values) for layer in graph.cache.layers]  # the prompt from slot 0
+            logits = self.prefills[bucket](ids, write_at=0)  # (1, vocab)
+            scratch = self.prefills.held(bucket)  # (layers, 2, 1, bucket, heads, head dim): the prompt from slot 0
             self.record["graph_prefills"] += 1
         else:
             # last: each prompt's last position, a tensor of its own (not a view at an offset that changes from pass
             # to pass, which the compiled pass could guard on)
             with prefill_attention(self.device):
-                logits, scratch = self.group_prefill(ids, last.clone())
+                logits, layers = self.group_prefill(ids, last.clone())
+            # every layer's (prompts, heads, length, head dim) keys and values in one copy, as (layers, 2, prompts,
+            # length, heads, head dim)
+            scratch = torch.stack([t for pair in layers for t in pair]).unflatten(0, (-1, 2)).transpose(3, 4)
         begun = self._spent("pass", begun)
-        for (keys, values), target in zip(scratch, self.cache.layers):  # keys/values: (rows, heads, slots, head dim)
-            if self.pool is not None:  # (prompt tokens, heads, head dim) into the answers' runs of the pool
-                target.token_keys[0, flat] = keys[source_rows, :, slots]
-                target.token_values[0, flat] = values[source_rows, :, slots]
-            else:
-                target.keys[target_rows, :, slots] = keys[source_rows, :, slots]
-                target.values[target_rows, :, slots] = values[source_rows, :, slots]
+        # Each prompt token's keys and values, (layers, 2, tokens, heads, head dim), into its answer's slots: the run
+        # it took in the pool, or its row's region; one gather and one write for every layer (two a layer and tensor
+        # were 128 calls for Phi-2, each able to wait a GIL switch while the server takes requests)
+        prompts = scratch[:, :, source_rows, slots]
+        if self.pool is not None:
+            all_layers(self._kv, self.model.config)[:, :, flat] = prompts
+        else:
+            all_layers(self._kv, self.model.config, len(self.rows), self.cache.layers[0].max_cache_len)[
+                :, :, target_rows, slots] = prompts
         begun = self._spent("scatter", begun)
         # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to
         # best), then the prompts that sample draw theirs, all at once.

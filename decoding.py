@@ -25,7 +25,8 @@ from transformers import (CompileConfig, LogitsProcessor, LogitsProcessorList, S
 from transformers.masking_utils import create_causal_mask
 
 from config import GenerationSettings
-from phi_layers import DecodeCache, allocated, decode_layout, fuse_phi_layers, kv_width, reads_own_slots
+from phi_layers import (DecodeCache, all_layers, allocated, decode_layout, fuse_phi_layers, kv_buffers, kv_pairs,
+                        kv_width, reads_own_slots)
 
 CACHE_BUCKET = 128  # batched static KV caches come in multiples of this many tokens (FastDecoder.cache_size)
 CHECK_EVERY = 8     # fast path: the host looks at new tokens (EOS, stop marker, streaming) every this many steps
@@ -400,13 +401,13 @@ class _PrefillGraph:
 class ScratchPrefills:
     """BatchDecoder's prefill graphs (_PrefillGraph) of one prompt, one for each PREFILL_BUCKETS length, made when
     first asked for: each prefills into a scratch cache of one row that the prompt's keys and values are copied out
-    of. The scratch caches, never in use at the same time, view one (keys, values) pair of buffers a layer, and the
-    graphs share one memory pool."""
+    of. The scratch caches, never in use at the same time, view one (keys, values) pair of buffers a layer, all of
+    them one tensor (kv_buffers: held reads every layer's at once), and the graphs share one memory pool."""
 
     def __init__(self, model):
         self.model = model
         self.graphs: dict[int, _PrefillGraph] = {}
-        self._storage: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._buffers: torch.Tensor | None = None  # the scratch caches' keys and values, every layer (kv_buffers)
         self._pool = None
 
     def bucket(self, prompts: int, width: int) -> int | None:
@@ -420,15 +421,19 @@ class ScratchPrefills:
     def __getitem__(self, bucket: int) -> _PrefillGraph:
         if bucket not in self.graphs:
             model = self.model
-            if self._storage is None:
-                numel = PREFILL_BUCKETS[-1] * kv_width(model.config)
-                self._storage = [tuple(torch.zeros(numel, dtype=model.dtype, device=model.device) for _ in range(2))
-                                 for _ in range(model.config.num_hidden_layers)]
+            if self._buffers is None:
+                self._buffers = kv_buffers(model.config, PREFILL_BUCKETS[-1] * kv_width(model.config), model.dtype,
+                                           model.device)
                 if model.device.type == "cuda":
                     self._pool = torch.cuda.graph_pool_handle()
-            scratch = allocated(DecodeCache(model.config, bucket, storage=self._storage), model, 1)
+            scratch = allocated(DecodeCache(model.config, bucket, storage=kv_pairs(self._buffers)), model, 1)
             self.graphs[bucket] = _PrefillGraph(model, scratch, bucket, self._pool)
         return self.graphs[bucket]
+
+    def held(self, bucket: int) -> torch.Tensor:
+        """What the `bucket` graph's last replay left in its scratch cache, every layer at once: (layers, 2 (keys,
+        values), 1, bucket, heads, head dim), the prompt from slot 0 (all_layers)."""
+        return all_layers(self._buffers, self.model.config, 1, bucket)
 
 
 @dataclass

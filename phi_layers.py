@@ -304,10 +304,40 @@ def allocated(cache: StaticCache, model, batch: int) -> StaticCache:
     return cache
 
 
+def kv_heads(config) -> tuple[int, int]:
+    """The key/value heads and the head dim of one token in one layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
+
+
 def kv_width(config) -> int:
     """Keys (or values) of one token in one layer: key/value heads x head dim."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    heads, head_dim = kv_heads(config)
+    return heads * head_dim
+
+
+def kv_buffers(config, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every layer's flat keys and values buffers as one tensor, (layers, 2, numel): DecodeCache's storage is its
+    pairs (kv_pairs), and a copy into or out of every layer's slots at once is one indexed read or write of
+    all_layers' view, where a pair a layer took two calls a layer (128 for Phi-2; each can wait a GIL switch while the
+    server's threads take requests: docs/PERFORMANCE.md)."""
+    return torch.zeros(config.num_hidden_layers, 2, numel, dtype=dtype, device=device)
+
+
+def kv_pairs(buffers: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """kv_buffers' (keys, values) of each layer, as DecodeCache's storage takes them."""
+    return [(layer[0], layer[1]) for layer in buffers]
+
+
+def all_layers(buffers: torch.Tensor, config, rows: int | None = None, size: int | None = None) -> torch.Tensor:
+    """kv_buffers' slots as every layer's keys and values at once, token-major as DecodeCache stores them: with rows
+    and size, the first rows x size slots as regions, (layers, 2, rows, size, heads, head dim) (a cache of `rows`
+    rows of `size` slots on these buffers, each layer's token_keys/token_values); without, all of them as one pool,
+    (layers, 2, slots, heads, head dim) (a pooled cache)."""
+    heads, head_dim = kv_heads(config)
+    if rows is None:
+        return buffers.view(*buffers.shape[:2], -1, heads, head_dim)
+    return buffers[:, :, :rows * size * heads * head_dim].view(*buffers.shape[:2], rows, size, heads, head_dim)
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from inference import ChatModel
-from phi_layers import DecodeCache, allocated, decode_layout
+from phi_layers import DecodeCache, all_layers, allocated, decode_layout, kv_buffers, kv_pairs, kv_width
 
 
 def test_fused_layers_cost_no_memory_and_save_the_ordinary_model(chat_model, tmp_path):
@@ -45,3 +45,26 @@ def test_a_cache_with_rows_apart_writes_each_row_at_its_own_slot(chat_model):
             assert torch.equal(layer.values[row, :, slot], -keys[row, :, 0])
         assert int((layer.keys != 0).any(-1).any(1).sum()) == 3  # those three slots, nothing else
     assert int(cache.get_seq_length()) == 15 and int(cache.layers[0].cumulative_length) == 15
+
+
+def test_every_layers_slots_at_once_are_each_layers_cache_slots(chat_model):
+    """BatchDecoder copies a prompt's keys and values into every layer's cache in one indexed write (all_layers of
+    the caches' one kv_buffers tensor): what it writes there, for a cache of rows as regions and for a pooled one,
+    is what each layer's cache then holds at those slots, keys and values, and nothing else changes."""
+    model, config = chat_model.model, chat_model.model.config
+    buffers = kv_buffers(config, 3 * 16 * kv_width(config), model.dtype, model.device)
+    regions = allocated(DecodeCache(config, 16, kv_pairs(buffers), rows_apart=True), model, 3)
+    pooled = allocated(DecodeCache(config, 16, kv_pairs(buffers), rows_apart=True, pooled=True), model, 3)
+    layers = config.num_hidden_layers
+    for cache, view, index in ((regions, all_layers(buffers, config, 3, 16), (torch.tensor([2, 2, 0]),
+                                                                           torch.tensor([5, 6, 15]))),
+                               (pooled, all_layers(buffers, config), (torch.tensor([7, 8, 47]),))):
+        buffers.zero_()
+        written = torch.randn(layers, 2, 3, *cache.layers[0].token_keys.shape[2:])
+        view[(slice(None), slice(None), *index)] = written
+        for i, layer in enumerate(cache.layers):
+            for kind, held in enumerate((layer.token_keys, layer.token_values)):
+                rows_slots = index if len(index) == 2 else (torch.zeros(3, dtype=torch.long), *index)
+                assert torch.equal(held[rows_slots], written[i, kind])
+                held[rows_slots] = 0
+                assert not held.any()  # nothing else was written
