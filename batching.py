@@ -23,9 +23,8 @@ from transformers import CompileConfig, DynamicCache
 from config import GenerationSettings
 from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, logits_processors, on_device,
                       penalize, prefill_attention, remember, sample_rows, stop_index)
-from kv_pool import SlotPool, pool_slots
-from phi_layers import (DecodeCache, all_layers, allocated, decode_layout, fuse_phi_layers, kv_buffers,
-                        kv_bytes_per_token, kv_pairs, kv_width, reads_own_slots)
+from kv_pool import KVMemory, pool_slots
+from phi_layers import DecodeCache, decode_layout, fuse_phi_layers, kv_bytes_per_token, reads_own_slots
 
 logger = logging.getLogger(__name__)
 
@@ -233,9 +232,7 @@ class BatchDecoder:
         self._running = False
         self._closed: ShuttingDown | None = None
         self._durations: list[float] = []  # seconds of the last answers, for Busy's retry_after
-        self._caches: dict[tuple[int, int], DecodeCache] = {}  # every (rows, cache size) shape met, on self._kv
-        self._kv: torch.Tensor | None = None  # every layer's flat keys and values buffers (kv_buffers)
-        self._kv_numel = 0
+        self.kv = KVMemory(model, self.pool)  # the caches of every shape, the pool's runs
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (admit_s) and
         # of it waiting for the GPU at a pass's end (prefill_wait_s: for the chunk queued before the pass and the
@@ -273,8 +270,6 @@ class BatchDecoder:
         self._vacated: list[int] = []  # rows freed whose device state is not reset yet (_reset_vacated)
         self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
         self._pass_ready = False  # whether the last _pick left prompts for a next pass (see _serve)
-        # the pool's free slots (the slot after the pool is where free rows write)
-        self._slots = SlotPool(self.pool) if self.pool is not None else None
 
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, ids: list[int], gen: GenerationSettings, sink, seed: int | None = None) -> _Answer:
@@ -409,29 +404,6 @@ class BatchDecoder:
     def _rows_for(self, answers: int) -> int:
         return next(rows for rows in self.shapes if rows >= answers)
 
-    def _cache_for(self, batch: int, size: int) -> DecodeCache:
-        """The (batch, size) cache: a view of one keys and one values buffer a layer that every shape shares, and a
-        compiled shape finds its cache where it was captured. With the pool, the buffers are the pool (and the slot
-        after it), allocated once, and every shape's cache views all of it, `size` being how far its rows reach.
-        Without, the shape's rows are regions from the buffers' start, so the KV memory held is the largest shape
-        used so far; a larger shape replaces the buffers and the caches on the old ones are dropped (the current
-        one lives until _relayout has moved its rows)."""
-        numel = (self.pool + 1 if self.pool is not None else batch * size) * kv_width(self.model.config)
-        if numel > self._kv_numel:
-            self._kv = kv_buffers(self.model.config, numel, self.model.dtype, self.device)
-            self._kv_numel, self._caches = numel, {}
-        key = (batch, size)
-        if key not in self._caches:
-            self._caches[key] = allocated(DecodeCache(self.model.config, size, kv_pairs(self._kv), rows_apart=True,
-                                                      pooled=self.pool is not None), self.model, batch)
-        return self._caches[key]
-
-    @property
-    def kv_bytes(self) -> int:
-        """Bytes of KV cache the engine holds now (every shape's cache is a view of them; the pool's from the first
-        step)."""
-        return 0 if self._kv is None else self._kv.numel() * self._kv.element_size()
-
     # ------------------------------------------------------------------------------------------------------------
     def capture_prefill_graphs(self) -> None:
         """Capture every prefill graph now, on the generation thread where they replay (ChatModel.warm_up): the user
@@ -450,7 +422,7 @@ class BatchDecoder:
         where they were (one block copy per layer), or with the pool, nothing (the rows' slots stay in it)."""
         active = [i for i, a in enumerate(self.rows) if a]
         self._vacated = []  # (the rows' state is rebuilt here)
-        cache = self._cache_for(batch, size)
+        cache = self.kv.cache(batch, size)
         tok = torch.full((batch, 1), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
         pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         limit = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -458,10 +430,7 @@ class BatchDecoder:
         penalty = torch.ones(batch, device=self.device)
         if active:
             n, src = len(active), on_device(active, self.device)
-            held = max(self.rows[i].position for i in active) + 1
-            for old, new in zip(self.cache.layers, cache.layers if self.pool is None else ()):
-                new.keys[:n, :, :held] = old.keys[src, :, :held]  # (a copy: the index gathers)
-                new.values[:n, :, :held] = old.values[src, :, :held]
+            self.kv.move_rows(self.cache, cache, src, max(self.rows[i].position for i in active) + 1)
             tok[:n], pos[:n], limit[:n], seen[:n], penalty[:n] = (
                 t[src] for t in (self.tok, self.pos, self.limit, self.seen, self.penalty))
         # each row reads its slots up to its position, a free row slot 0 (finite, thrown away); rebuilt here, as the
@@ -499,7 +468,7 @@ class BatchDecoder:
         freed at this boundary (_reset_vacated), before anything more is queued."""
         answer, self.rows[row] = self.rows[row], None
         if self.pool is not None:
-            self._release(answer)
+            self.kv.release(answer)
             self._vacated.append(row)
 
     def _reset_vacated(self) -> None:
@@ -550,7 +519,7 @@ class BatchDecoder:
                 longest = max(longest, self.cache.layers[0].max_cache_len)
         if self.pool is not None:
             return self._length(rows, longest) is not None and \
-                sum(a.need for a in joining) <= self._slots.free
+                sum(a.need for a in joining) <= self.kv.slots.free
         return self.holds(rows, longest)
 
     def _admit(self, group: list[_Answer], begun: float) -> None:
@@ -564,8 +533,8 @@ class BatchDecoder:
         size = self._length(rows, max(a.need for a in active + group))
         if not active or rows != len(self.rows) or size > self.cache.layers[0].max_cache_len:
             self._relayout(rows, size)
-        if self.pool is not None:
-            self._place(group)
+        if self.pool is not None and self.kv.place(group, active):
+            self.record["compactions"] += 1
         self._prefill(group, begun, self._spent("layout", begun))
         self._admitting = []
 
@@ -574,45 +543,6 @@ class BatchDecoder:
         now = time.perf_counter()
         self.record[f"admit {part} s"] += now - since
         return now
-
-    # The pool's slots (where it is used): answers take runs of them by need and give them back when they end.
-    def _place(self, group: list[_Answer]) -> None:
-        """A run of the pool's free slots for each answer of `group`, first fit; where no free run holds one, the
-        running answers' slots are moved together first (_fits has checked that enough are free in all)."""
-        for answer in group:
-            answer.base = self._slots.claim(answer.need)
-        if all(answer.base is not None for answer in group):
-            return
-        for answer in group:
-            self._release(answer)
-        self._compact()
-        for answer in group:
-            answer.base = self._slots.claim(answer.need)
-
-    def _release(self, answer: _Answer) -> None:
-        """`answer`'s slots back to the pool, where it has any. Steps queued before may still write them; whatever is
-        queued after (the next answer's prefill there) follows."""
-        if answer.base is not None:
-            self._slots.release(answer.base, answer.need)
-            answer.base = None
-
-    def _compact(self) -> None:
-        """The running answers' slots moved to the pool's start, one run after another, so that its free slots are
-        one run: the slots each has filled (with the steps queued), one gather and scatter per keys and values
-        tensor, queued after the steps that wrote them."""
-        running = [a for a in self.rows if a]
-        source, target = [], []
-        for answer, base in zip(running, self._slots.compact([(a.base, a.need) for a in running])):
-            held = min(answer.position + 1, answer.need)
-            if answer.base != base:
-                source.append(torch.arange(answer.base, answer.base + held))
-                target.append(torch.arange(base, base + held))
-            answer.base = base
-        if source:
-            source, target = (on_device(torch.cat(t), self.device) for t in (source, target))
-            pool = all_layers(self._kv, self.model.config)
-            pool[:, :, target] = pool[:, :, source]  # every layer at once (the index gathers first: runs may overlap)
-        self.record["compactions"] += 1
 
     def _prefill(self, group: list[_Answer], started: float, begun: float) -> None:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
@@ -646,12 +576,7 @@ class BatchDecoder:
         # Each prompt token's keys and values, (layers, 2, tokens, heads, head dim), into its answer's slots: the run
         # it took in the pool, or its row's region; one gather and one write for every layer (two a layer and tensor
         # were 128 calls for Phi-2, each able to wait a GIL switch while the server takes requests)
-        prompts = scratch[:, :, source_rows, slots]
-        if self.pool is not None:
-            all_layers(self._kv, self.model.config)[:, :, flat] = prompts
-        else:
-            all_layers(self._kv, self.model.config, len(self.rows), self.cache.layers[0].max_cache_len)[
-                :, :, target_rows, slots] = prompts
+        self.kv.write_prompts(self.cache, scratch[:, :, source_rows, slots], flat, target_rows, slots)
         begun = self._spent("scatter", begun)
         # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to
         # best), then the prompts that sample draw theirs, all at once.
@@ -838,14 +763,7 @@ class BatchDecoder:
             if answer in self.rows:
                 row = self.rows.index(answer)
                 if isinstance(answer.error, NonFiniteScores):
-                    # Its slots may hold NaN, and a masked slot still multiplies: 0 * NaN is NaN. A later answer in
-                    # these slots would read them (transformers' attention reads the whole row, masked).
-                    for layer in self.cache.layers:
-                        for t in (layer.token_keys, layer.token_values):
-                            if self.pool is not None:
-                                t[0, answer.base:answer.base + answer.need].zero_()
-                            else:
-                                t[row].zero_()
+                    self.kv.clear(self.cache, row, answer)  # (its slots may hold NaN)
                 self._vacate(row)
             self._finish(answer, answer.error)
 

@@ -310,7 +310,7 @@ def profile_clients(pool, calls: list[tuple], profile: Path, host: HostTime) -> 
 def memory(chat) -> dict:
     """The KV cache the engine holds, the process's peak GPU memory so far (GiB; 0 on the CPU) and the slots."""
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    return {"kv_cache_gib": chat.batcher.kv_bytes / 2**30, "peak_gib": peak, "batch_slots": chat.batch_slots}
+    return {"kv_cache_gib": chat.batcher.kv.bytes / 2**30, "peak_gib": peak, "batch_slots": chat.batch_slots}
 
 
 def static_batch(chat, asked: list[str], new_tokens: int) -> dict:

@@ -1,15 +1,22 @@
-"""The KV pool's token slots: which are free, given out as runs by need and taken back.
+"""An engine's KV memory: every layer's keys and values in one tensor that each batch shape's cache views, and, where
+the compiled decode steps read each row's own slots, the pool of token slots that answers take runs of by need.
 
 Where the compiled decode steps read each row's own slots (a GPU with decode_kernels.py's kernels), BatchDecoder keeps
 its KV memory as one pool of token slots a layer, allocated at load (pool_slots), and each answer takes a run of
 exactly its prompt + max_new_tokens slots while it runs (SlotPool, first fit), so 64 short chats take 64 short runs,
 not 64 context windows. Runs and not vLLM's paged blocks: the kernels read each row from one flat start
 (phi_layers.decode_layout), so a run needs no block table in their walk, and what blocks avoid, scattered free space,
-costs one move of the running answers' slots here (compact; the why and the costs: docs/PERFORMANCE.md). This module
-only keeps the books; batching.py moves the tensors.
+costs one move of the running answers' slots here (KVMemory.place; the why and the costs: docs/PERFORMANCE.md).
+Elsewhere (eager steps; transformers' attention, which reads whole rows) each row of a batch is a region of its
+cache. KVMemory holds the tensors and moves them; BatchDecoder decides the batch shapes and which answers run.
 """
 
 from __future__ import annotations
+
+import torch
+
+from decoding import on_device
+from phi_layers import DecodeCache, all_layers, allocated, kv_buffers, kv_pairs, kv_width
 
 
 def pool_slots(slots: int, window: int, kv_budget: int | None, per_token: int) -> int:
@@ -58,3 +65,112 @@ class SlotPool:
             bases[base], at = at, at + need
         self.runs = [(at, self.size - at)] if at < self.size else []
         return [bases[base] for base, _ in held]
+
+
+class KVMemory:
+    """The keys and values of an engine's answers (BatchDecoder's): one kv_buffers tensor for every layer, which each
+    (rows, row length) shape's DecodeCache views (rows_apart), and a compiled shape finds its cache where it was
+    captured. With a pool of `pool` token slots: the buffers are the pool and the slot after it (where free rows
+    write), allocated with the first cache, every shape's cache views all of it, its row length being only how far
+    its rows reach, and each answer holds a run of it (its `base` and `need`) while it runs. Without (pool None): a
+    shape's rows are regions from the buffers' start, so the memory held is the largest shape used so far; a larger
+    shape replaces the buffers and the caches on the old ones are dropped (the current one lives until its rows are
+    moved: move_rows). Every copy into or between slots is one indexed read and write for every layer at once
+    (all_layers)."""
+
+    def __init__(self, model, pool: int | None):
+        self.model, self.config, self.pool = model, model.config, pool
+        self.slots = SlotPool(pool) if pool is not None else None  # the pool's free slots
+        self.buffers: torch.Tensor | None = None  # (layers, 2, numel): kv_buffers
+        self.caches: dict[tuple[int, int], DecodeCache] = {}  # every (rows, row length) shape met, on the buffers
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of KV cache held now (every shape's cache is a view of them; the pool's from the first step)."""
+        return 0 if self.buffers is None else self.buffers.numel() * self.buffers.element_size()
+
+    def cache(self, batch: int, size: int) -> DecodeCache:
+        """The cache of `batch` rows of `size` slots, on the buffers (made larger first where it needs more)."""
+        numel = (self.pool + 1 if self.pool is not None else batch * size) * kv_width(self.config)
+        if self.buffers is None or numel > self.buffers.shape[-1]:
+            self.buffers = kv_buffers(self.config, numel, self.model.dtype, self.model.device)
+            self.caches = {}
+        if (batch, size) not in self.caches:
+            self.caches[batch, size] = allocated(DecodeCache(self.config, size, kv_pairs(self.buffers),
+                                                              rows_apart=True, pooled=self.pool is not None),
+                                                  self.model, batch)
+        return self.caches[batch, size]
+
+    def _all_layers(self, cache: DecodeCache) -> torch.Tensor:
+        """Every layer's slots of `cache` (on the buffers): (layers, 2, slots, heads, head dim) of the pool, or
+        (layers, 2, rows, row length, heads, head dim) of its regions."""
+        if self.pool is not None:
+            return all_layers(self.buffers, self.config)
+        return all_layers(self.buffers, self.config, cache.layers[0].batch_size, cache.layers[0].max_cache_len)
+
+    def write_prompts(self, cache: DecodeCache, prompts: torch.Tensor, pool_slots: torch.Tensor, rows: torch.Tensor,
+                      slots: torch.Tensor) -> None:
+        """Prompt tokens' keys and values, (layers, 2, tokens, heads, head dim), into their answers' slots of
+        `cache`: the pool's `pool_slots` (tokens,), or without a pool, slots `slots` of rows `rows` (tokens,) each.
+        One write for every layer (two a layer and tensor were 128 calls for Phi-2, each able to wait a GIL switch
+        while the server takes requests: docs/PERFORMANCE.md)."""
+        if self.pool is not None:
+            self._all_layers(cache)[:, :, pool_slots] = prompts
+        else:
+            self._all_layers(cache)[:, :, rows, slots] = prompts
+
+    def move_rows(self, old: DecodeCache, new: DecodeCache, rows: torch.Tensor, held: int) -> None:
+        """Without a pool: the first `held` slots of `old`'s rows `rows` into rows 0.. of `new` (a change of shape;
+        both may view the same buffers, so the rows are gathered first). With one, nothing moves: the answers' runs
+        stay where they are in the pool, which every shape views."""
+        if self.pool is None:
+            for source, target in zip(old.layers, new.layers):
+                target.keys[:len(rows), :, :held] = source.keys[rows, :, :held]  # (a copy: the index gathers)
+                target.values[:len(rows), :, :held] = source.values[rows, :, :held]
+
+    def clear(self, cache: DecodeCache, row: int, answer) -> None:
+        """Zeros in the slots `answer` held (its run of the pool, or its row of `cache`): an answer whose scores were
+        not finite may have left NaN there, and a masked slot still multiplies (0 * NaN is NaN), so a later answer
+        there would read them (transformers' attention reads the whole row, masked)."""
+        if self.pool is not None:
+            self._all_layers(cache)[:, :, answer.base:answer.base + answer.need].zero_()
+        else:
+            self._all_layers(cache)[:, :, row].zero_()
+
+    def place(self, joining: list, running: list) -> bool:
+        """A run of the pool's free slots for each answer `joining` (its `base`), first fit; where no free run holds
+        one, the `running` answers' slots are moved together first (the caller has checked that enough are free in
+        all). Returns whether they were moved."""
+        for answer in joining:
+            answer.base = self.slots.claim(answer.need)
+        if all(answer.base is not None for answer in joining):
+            return False
+        for answer in joining:
+            self.release(answer)
+        self._compact(running)
+        for answer in joining:
+            answer.base = self.slots.claim(answer.need)
+        return True
+
+    def release(self, answer) -> None:
+        """`answer`'s slots back to the pool, where it holds any. Steps queued before may still write them; whatever is
+        queued after (the next answer's prefill there) follows."""
+        if answer.base is not None:
+            self.slots.release(answer.base, answer.need)
+            answer.base = None
+
+    def _compact(self, running: list) -> None:
+        """The `running` answers' slots moved to the pool's start, one run after another, so that its free slots are
+        one run: the slots each has filled (its `position` + 1, with the steps queued), one gather and write for
+        every layer, queued after the steps that wrote them."""
+        source, target = [], []
+        for answer, base in zip(running, self.slots.compact([(a.base, a.need) for a in running])):
+            held = min(answer.position + 1, answer.need)
+            if answer.base != base:
+                source.append(torch.arange(answer.base, answer.base + held))
+                target.append(torch.arange(base, base + held))
+            answer.base = base
+        if source:
+            source, target = (on_device(torch.cat(t), self.model.device) for t in (source, target))
+            pool = all_layers(self.buffers, self.config)
+            pool[:, :, target] = pool[:, :, source]  # (the index gathers first: runs may overlap)

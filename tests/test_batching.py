@@ -106,7 +106,7 @@ def test_answers_decoded_together_are_the_answers_alone(chat_model, monkeypatch,
     if fast:
         shapes = {key.split(" x ")[0] for key in chat_model.batcher.record if key.startswith("steps at")}
         assert shapes == {"steps at 1 rows", "steps at 8 rows"}, chat_model.batcher.record
-        assert all(isinstance(cache, DecodeCache) for cache in chat_model.batcher._caches.values())
+        assert all(isinstance(cache, DecodeCache) for cache in chat_model.batcher.kv.caches.values())
     assert steps[0] < 0.5 * steps_alone
 
 
@@ -715,13 +715,13 @@ def test_the_kv_memory_held_is_the_largest_shape_used_not_the_sum(tokenizer):
     per_token = kv_bytes_per_token(chat.model.config, chat.model.dtype)
     ids = chat.prompt_ids(messages, 40)[0]
     finish([chat.start(ids, GenerationSettings(max_new_tokens=n, temperature=0.0)) for n in (12, 12, 40)])
-    assert {rows for rows, _ in batcher._caches} == {1, 8}
-    assert batcher.kv_bytes == 8 * 512 * per_token  # not (8 + 1) x 512
+    assert {rows for rows, _ in batcher.kv.caches} == {1, 8}
+    assert batcher.kv.bytes == 8 * 512 * per_token  # not (8 + 1) x 512
     finish([chat.start(ids, GenerationSettings(max_new_tokens=500, temperature=0.0))])
-    assert batcher.kv_bytes == 8 * 512 * per_token  # one row of 1,024 slots fits in them
+    assert batcher.kv.bytes == 8 * 512 * per_token  # one row of 1,024 slots fits in them
     answers = [chat.start(ids, GenerationSettings(max_new_tokens=n, temperature=0.0)) for n in (500, 12)]
     assert [r.new_tokens for r in finish(answers)] == [500, 12]
-    assert batcher.kv_bytes == 8 * 1024 * per_token  # 8 rows of 1,024 slots did not
+    assert batcher.kv.bytes == 8 * 1024 * per_token  # 8 rows of 1,024 slots did not
 
 
 def test_an_answer_waits_while_the_cache_with_it_would_pass_the_kv_budget(tokenizer):
@@ -759,7 +759,7 @@ def test_an_answer_waits_while_the_cache_with_it_would_pass_the_kv_budget(tokeni
     assert [a.reply.new_tokens for a, _ in short + later] == [30, 30, 30, 700, 30]
     assert order.index("long started") > max(order.index(f"short {i} ended") for i in range(3)), order
     assert order.index("last started") > order.index("long ended"), order
-    assert chat.batcher.kv_bytes == 8 * 512 * per_token
+    assert chat.batcher.kv.bytes == 8 * 512 * per_token
 
 
 @pytest.mark.slow
@@ -809,7 +809,7 @@ def test_answers_take_from_one_kv_pool_only_the_slots_they_need(tokenizer):
     assert {name: (r.text, r.new_tokens) for name, r in replies.items()} == \
         {name: (r.text, r.new_tokens) for name, r in alone.items()}
     assert chat.batcher.most_rows >= 3 and chat.batcher.record["compactions"] >= 1
-    assert chat.batcher.kv_bytes == (4096 + 1) * per_token  # the pool and the slot free rows write
+    assert chat.batcher.kv.bytes == (4096 + 1) * per_token  # the pool and the slot free rows write
 
 
 def test_on_a_gpu_64_short_chats_are_decoded_together_from_24_gb(chat_model):

@@ -1,11 +1,15 @@
-"""kv_pool.py: the KV pool's token slots, given out as runs by need and taken back (BatchDecoder's KV memory where
-the steps read each row's own slots; the engine with it is tested in test_batching.py)."""
+"""kv_pool.py: the KV pool's token slots, given out as runs by need and taken back, and the keys and values in them
+moved with their answers (BatchDecoder's KV memory where the steps read each row's own slots; the engine with it is
+tested in test_batching.py)."""
 
 from __future__ import annotations
 
-import pytest
+from types import SimpleNamespace
 
-from kv_pool import SlotPool, pool_slots
+import pytest
+import torch
+
+from kv_pool import KVMemory, SlotPool, pool_slots
 
 
 def test_answers_take_runs_of_exactly_their_slots_first_fit():
@@ -50,3 +54,33 @@ def test_compacting_a_pool_with_nothing_running_frees_it_all():
                                               (10, 2048)])
 def test_the_pool_holds_every_rows_context_or_what_the_budget_holds_and_always_one_window(budget, expected):
     assert pool_slots(64, 2048, budget, per_token=1000) == expected
+
+
+def test_an_answer_that_needs_a_longer_run_than_any_free_one_moves_the_others_keys_and_values_along(chat_model):
+    """Three answers in a pool of 64 slots; the middle one ends, and a fourth needs more slots than either free run
+    holds: the running answers' runs are moved to the pool's start and the fourth takes the run after them. Every
+    layer's keys and values of each running answer's filled slots go with it (what a later step of that answer
+    reads), and the prompt written for the fourth is where it reads it."""
+    model = chat_model.model
+    memory = KVMemory(model, pool=64)
+    cache = memory.cache(4, 32)
+    first, middle, last = (SimpleNamespace(need=need, position=filled - 1, base=None)
+                           for need, filled in ((10, 6), (20, 20), (10, 9)))
+    assert not memory.place([first, middle, last], [])
+    assert (first.base, middle.base, last.base) == (0, 10, 30)
+    width = cache.layers[0].token_keys.shape[2:]  # (heads, head dim)
+    written = {}
+    for answer in (first, middle, last):
+        filled = answer.position + 1
+        written[id(answer)] = torch.randn(model.config.num_hidden_layers, 2, filled, *width)
+        memory.write_prompts(cache, written[id(answer)], torch.arange(answer.base, answer.base + filled), None, None)
+    memory.release(middle)  # free: slots 10-29 and 40-63, 44 in all, no run of 30
+    joining = SimpleNamespace(need=30, position=-1, base=None)
+    assert memory.place([joining], [first, last])
+    assert (first.base, last.base, joining.base) == (0, 10, 20)
+    prompt = torch.randn(model.config.num_hidden_layers, 2, 5, *width)
+    memory.write_prompts(cache, prompt, torch.arange(20, 25), None, None)
+    for answer, held in ((first, written[id(first)]), (last, written[id(last)]), (joining, prompt)):
+        for i, layer in enumerate(cache.layers):
+            for kind, slots in enumerate((layer.token_keys, layer.token_values)):
+                assert torch.equal(slots[0, answer.base:answer.base + held.shape[2]], held[i, kind])
