@@ -2,9 +2,9 @@
 the compiled decode steps read each row's own slots, the pool of token slots that answers take runs of by need.
 
 Where the compiled decode steps read each row's own slots (a GPU with decode_kernels.py's kernels), BatchDecoder keeps
-its KV memory as one pool of token slots a layer, allocated at load (pool_slots), and each answer takes a run of
-exactly its prompt + max_new_tokens slots while it runs (SlotPool, first fit), so 64 short chats take 64 short runs,
-not 64 context windows. Runs and not vLLM's paged blocks: the kernels read each row from one flat start
+its KV memory as one pool of token slots, sized at load (pool_slots) and taken at the first step, and each answer
+takes a run of exactly its prompt + max_new_tokens slots while it runs (SlotPool, first fit), so 64 short chats take
+64 short runs, not 64 context windows. Runs and not vLLM's paged blocks: the kernels read each row from one flat start
 (phi_layers.decode_layout), so a run needs no block table in their walk, and what blocks avoid, scattered free space,
 costs one move of the running answers' slots here (KVMemory.place; the why and the costs: docs/PERFORMANCE.md).
 Elsewhere (eager steps; transformers' attention, which reads whole rows) each row of a batch is a region of its
