@@ -3,8 +3,8 @@
 BatchDecoder is the engine behind chat (the CLI, the Gradio page, the OpenAI-compatible API, through inference.py's
 ChatModel): one bounded queue, one model step for every answer being written, each answer streamed to its own sink
 with its own settings, stop rules and seed, and one request unable to fail another (the class docstring says how).
-It uses decoding.py's rules and prefill graphs, phi_layers.py's cache and fused layers, and kv_pool.py's books of
-the KV pool's slots.
+It uses decoding.py's rules and prefill graphs, phi_layers.py's cache and fused layers, and kv_pool.py's KV memory
+(the caches' buffers and the pool's runs).
 """
 
 from __future__ import annotations
