@@ -533,7 +533,7 @@ class BatchDecoder:
         size = self._length(rows, max(a.need for a in active + group))
         if not active or rows != len(self.rows) or size > self.cache.layers[0].max_cache_len:
             self._relayout(rows, size)
-        if self.pool is not None and self.kv.place(group, active):
+        if self.pool is not None and self.kv.place(group, active, self.cache):
             self.record["compactions"] += 1
         self._prefill(group, begun, self._spent("layout", begun))
         self._admitting = []
@@ -574,8 +574,9 @@ class BatchDecoder:
             scratch = torch.stack([t for pair in layers for t in pair]).unflatten(0, (-1, 2)).transpose(3, 4)
         begun = self._spent("pass", begun)
         # Each prompt token's keys and values, (layers, 2, tokens, heads, head dim), into its answer's slots: the run
-        # it took in the pool, or its row's region; one gather and one write for every layer (two a layer and tensor
-        # were 128 calls for Phi-2, each able to wait a GIL switch while the server takes requests)
+        # it took in the pool, or its row's region; one gather for every layer, then a write a layer's keys or values
+        # (a gather and a write each were 128 calls for Phi-2, each able to wait a GIL switch while the server takes
+        # requests)
         self.kv.write_prompts(self.cache, scratch[:, :, source_rows, slots], flat, target_rows, slots)
         begun = self._spent("scatter", begun)
         # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to

@@ -1,4 +1,4 @@
-"""An engine's KV memory: every layer's keys and values in one tensor that each batch shape's cache views, and, where
+"""An engine's KV memory: every layer's keys and values buffers, which each batch shape's cache views, and, where
 the compiled decode steps read each row's own slots, the pool of token slots that answers take runs of by need.
 
 Where the compiled decode steps read each row's own slots (a GPU with decode_kernels.py's kernels), BatchDecoder keeps
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from decoding import on_device
-from phi_layers import DecodeCache, all_layers, allocated, kv_buffers, kv_pairs, kv_width
+from phi_layers import DecodeCache, allocated, kv_width
 
 
 def pool_slots(slots: int, window: int, kv_budget: int | None, per_token: int) -> int:
@@ -68,56 +68,57 @@ class SlotPool:
 
 
 class KVMemory:
-    """The keys and values of an engine's answers (BatchDecoder's): one kv_buffers tensor for every layer, which each
-    (rows, row length) shape's DecodeCache views (rows_apart), and a compiled shape finds its cache where it was
+    """The keys and values of an engine's answers (BatchDecoder's): a flat keys and a flat values buffer a layer, which
+    each (rows, row length) shape's DecodeCache views (rows_apart), and a compiled shape finds its cache where it was
     captured. With a pool of `pool` token slots: the buffers are the pool and the slot after it (where free rows
     write), allocated with the first cache, every shape's cache views all of it, its row length being only how far
     its rows reach, and each answer holds a run of it (its `base` and `need`) while it runs. Without (pool None): a
     shape's rows are regions from the buffers' start, so the memory held is the largest shape used so far; a larger
     shape replaces the buffers and the caches on the old ones are dropped (the current one lives until its rows are
-    moved: move_rows). Every copy into or between slots is one indexed read and write for every layer at once
-    (all_layers)."""
+    moved: move_rows).
+
+    A buffer a layer and not one tensor for all of them (phi_layers.kv_buffers, which the prefill graphs' scratch
+    caches share): the compiled decode steps write every layer's cache, and inputs they write that view one tensor
+    gave wrong tokens and an illegal memory access on an H100 (36th session, docs/PERFORMANCE.md)."""
 
     def __init__(self, model, pool: int | None):
         self.model, self.config, self.pool = model, model.config, pool
         self.slots = SlotPool(pool) if pool is not None else None  # the pool's free slots
-        self.buffers: torch.Tensor | None = None  # (layers, 2, numel): kv_buffers
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # a layer's flat (keys, values)
         self.caches: dict[tuple[int, int], DecodeCache] = {}  # every (rows, row length) shape met, on the buffers
+        # each shape's keys and values tensors that write_prompts writes, every layer's, in order: the pool's slots
+        # (slots, heads, head dim), or the regions (rows, row length, heads, head dim)
+        self._targets: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     @property
     def bytes(self) -> int:
         """Bytes of KV cache held now (every shape's cache is a view of them; the pool's from the first step)."""
-        return 0 if self.buffers is None else self.buffers.numel() * self.buffers.element_size()
+        return sum(t.numel() * t.element_size() for pair in self.buffers for t in pair)
 
     def cache(self, batch: int, size: int) -> DecodeCache:
         """The cache of `batch` rows of `size` slots, on the buffers (made larger first where it needs more)."""
         numel = (self.pool + 1 if self.pool is not None else batch * size) * kv_width(self.config)
-        if self.buffers is None or numel > self.buffers.shape[-1]:
-            self.buffers = kv_buffers(self.config, numel, self.model.dtype, self.model.device)
-            self.caches = {}
+        if not self.buffers or numel > self.buffers[0][0].numel():
+            self.buffers = [tuple(torch.zeros(numel, dtype=self.model.dtype, device=self.model.device)
+                                  for _ in range(2)) for _ in range(self.config.num_hidden_layers)]
+            self.caches, self._targets = {}, {}
         if (batch, size) not in self.caches:
-            self.caches[batch, size] = allocated(DecodeCache(self.config, size, kv_pairs(self.buffers),
-                                                              rows_apart=True, pooled=self.pool is not None),
-                                                  self.model, batch)
+            cache = allocated(DecodeCache(self.config, size, self.buffers, rows_apart=True,
+                                          pooled=self.pool is not None), self.model, batch)
+            self.caches[batch, size] = cache
+            self._targets[batch, size] = [t[0] if self.pool is not None else t
+                                          for layer in cache.layers for t in (layer.token_keys, layer.token_values)]
         return self.caches[batch, size]
-
-    def _all_layers(self, cache: DecodeCache) -> torch.Tensor:
-        """Every layer's slots of `cache` (on the buffers): (layers, 2, slots, heads, head dim) of the pool, or
-        (layers, 2, rows, row length, heads, head dim) of its regions."""
-        if self.pool is not None:
-            return all_layers(self.buffers, self.config)
-        return all_layers(self.buffers, self.config, cache.layers[0].batch_size, cache.layers[0].max_cache_len)
 
     def write_prompts(self, cache: DecodeCache, prompts: torch.Tensor, pool_slots: torch.Tensor, rows: torch.Tensor,
                       slots: torch.Tensor) -> None:
         """Prompt tokens' keys and values, (layers, 2, tokens, heads, head dim), into their answers' slots of
         `cache`: the pool's `pool_slots` (tokens,), or without a pool, slots `slots` of rows `rows` (tokens,) each.
-        One write for every layer (two a layer and tensor were 128 calls for Phi-2, each able to wait a GIL switch
-        while the server takes requests: docs/PERFORMANCE.md)."""
-        if self.pool is not None:
-            self._all_layers(cache)[:, :, pool_slots] = prompts
-        else:
-            self._all_layers(cache)[:, :, rows, slots] = prompts
+        One write a layer's keys or values (the prompts' gather was one for all of them)."""
+        at = (pool_slots,) if self.pool is not None else (rows, slots)
+        targets = self._targets[cache.layers[0].batch_size, cache.layers[0].max_cache_len]
+        for target, source in zip(targets, prompts.flatten(0, 1).unbind()):
+            target.index_put_(at, source)
 
     def move_rows(self, old: DecodeCache, new: DecodeCache, rows: torch.Tensor, held: int) -> None:
         """Without a pool: the first `held` slots of `old`'s rows `rows` into rows 0.. of `new` (a change of shape;
@@ -132,22 +133,24 @@ class KVMemory:
         """Zeros in the slots `answer` held (its run of the pool, or its row of `cache`): an answer whose scores were
         not finite may have left NaN there, and a masked slot still multiplies (0 * NaN is NaN), so a later answer
         there would read them (transformers' attention reads the whole row, masked)."""
-        if self.pool is not None:
-            self._all_layers(cache)[:, :, answer.base:answer.base + answer.need].zero_()
-        else:
-            self._all_layers(cache)[:, :, row].zero_()
+        for layer in cache.layers:
+            for t in (layer.token_keys, layer.token_values):
+                if self.pool is not None:
+                    t[0, answer.base:answer.base + answer.need].zero_()
+                else:
+                    t[row].zero_()
 
-    def place(self, joining: list, running: list) -> bool:
+    def place(self, joining: list, running: list, cache: DecodeCache) -> bool:
         """A run of the pool's free slots for each answer `joining` (its `base`), first fit; where no free run holds
-        one, the `running` answers' slots are moved together first (the caller has checked that enough are free in
-        all). Returns whether they were moved."""
+        one, the `running` answers' slots in `cache` are moved together first (the caller has checked that enough
+        are free in all). Returns whether they were moved."""
         for answer in joining:
             answer.base = self.slots.claim(answer.need)
         if all(answer.base is not None for answer in joining):
             return False
         for answer in joining:
             self.release(answer)
-        self._compact(running)
+        self._compact(running, cache)
         for answer in joining:
             answer.base = self.slots.claim(answer.need)
         return True
@@ -159,10 +162,10 @@ class KVMemory:
             self.slots.release(answer.base, answer.need)
             answer.base = None
 
-    def _compact(self, running: list) -> None:
+    def _compact(self, running: list, cache: DecodeCache) -> None:
         """The `running` answers' slots moved to the pool's start, one run after another, so that its free slots are
-        one run: the slots each has filled (its `position` + 1, with the steps queued), one gather and write for
-        every layer, queued after the steps that wrote them."""
+        one run: the slots each has filled (its `position` + 1, with the steps queued), one gather and write a
+        layer's keys or values, queued after the steps that wrote them."""
         source, target = [], []
         for answer, base in zip(running, self.slots.compact([(a.base, a.need) for a in running])):
             held = min(answer.position + 1, answer.need)
@@ -172,5 +175,6 @@ class KVMemory:
             answer.base = base
         if source:
             source, target = (on_device(torch.cat(t), self.model.device) for t in (source, target))
-            pool = all_layers(self.buffers, self.config)
-            pool[:, :, target] = pool[:, :, source]  # (the index gathers first: runs may overlap)
+            for layer in cache.layers:
+                for t in (layer.token_keys, layer.token_values):
+                    t[0, target] = t[0, source]  # (the index gathers first: runs may overlap)

@@ -317,10 +317,11 @@ def kv_width(config) -> int:
 
 
 def kv_buffers(config, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every layer's flat keys and values buffers as one tensor, (layers, 2, numel): DecodeCache's storage is its
-    pairs (kv_pairs), and a copy into or out of every layer's slots at once is one indexed read or write of
-    all_layers' view, where a pair a layer took two calls a layer (128 for Phi-2; each can wait a GIL switch while the
-    server's threads take requests: docs/PERFORMANCE.md)."""
+    """Every layer's flat keys and values buffers as one tensor, (layers, 2, numel), for caches that only eager code
+    and CUDA graphs write (the prefill graphs' scratch caches): DecodeCache's storage is its pairs (kv_pairs), and
+    all_layers reads every layer's slots in one call, where a pair a layer took two calls a layer (64 for Phi-2, each
+    able to wait a GIL switch while the server takes requests). Not for caches the compiled decode steps write: inputs
+    they write that view one tensor gave wrong tokens and an illegal memory access on an H100 (docs/PERFORMANCE.md)."""
     return torch.zeros(config.num_hidden_layers, 2, numel, dtype=dtype, device=device)
 
 
@@ -329,14 +330,10 @@ def kv_pairs(buffers: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer[0], layer[1]) for layer in buffers]
 
 
-def all_layers(buffers: torch.Tensor, config, rows: int | None = None, size: int | None = None) -> torch.Tensor:
-    """kv_buffers' slots as every layer's keys and values at once, token-major as DecodeCache stores them: with rows
-    and size, the first rows x size slots as regions, (layers, 2, rows, size, heads, head dim) (a cache of `rows`
-    rows of `size` slots on these buffers, each layer's token_keys/token_values); without, all of them as one pool,
-    (layers, 2, slots, heads, head dim) (a pooled cache)."""
+def all_layers(buffers: torch.Tensor, config, rows: int, size: int) -> torch.Tensor:
+    """The slots of a cache of `rows` rows of `size` slots on kv_buffers, every layer's keys and values at once,
+    token-major as DecodeCache stores them: (layers, 2, rows, size, heads, head dim)."""
     heads, head_dim = kv_heads(config)
-    if rows is None:
-        return buffers.view(*buffers.shape[:2], -1, heads, head_dim)
     return buffers[:, :, :rows * size * heads * head_dim].view(*buffers.shape[:2], rows, size, heads, head_dim)
 
 

@@ -66,7 +66,7 @@ def test_an_answer_that_needs_a_longer_run_than_any_free_one_moves_the_others_ke
     cache = memory.cache(4, 32)
     first, middle, last = (SimpleNamespace(need=need, position=filled - 1, base=None)
                            for need, filled in ((10, 6), (20, 20), (10, 9)))
-    assert not memory.place([first, middle, last], [])
+    assert not memory.place([first, middle, last], [], cache)
     assert (first.base, middle.base, last.base) == (0, 10, 30)
     width = cache.layers[0].token_keys.shape[2:]  # (heads, head dim)
     written = {}
@@ -76,7 +76,7 @@ def test_an_answer_that_needs_a_longer_run_than_any_free_one_moves_the_others_ke
         memory.write_prompts(cache, written[id(answer)], torch.arange(answer.base, answer.base + filled), None, None)
     memory.release(middle)  # free: slots 10-29 and 40-63, 44 in all, no run of 30
     joining = SimpleNamespace(need=30, position=-1, base=None)
-    assert memory.place([joining], [first, last])
+    assert memory.place([joining], [first, last], cache)
     assert (first.base, last.base, joining.base) == (0, 10, 20)
     prompt = torch.randn(model.config.num_hidden_layers, 2, 5, *width)
     memory.write_prompts(cache, prompt, torch.arange(20, 25), None, None)

@@ -47,24 +47,18 @@ def test_a_cache_with_rows_apart_writes_each_row_at_its_own_slot(chat_model):
     assert int(cache.get_seq_length()) == 15 and int(cache.layers[0].cumulative_length) == 15
 
 
-def test_every_layers_slots_at_once_are_each_layers_cache_slots(chat_model):
-    """BatchDecoder copies a prompt's keys and values into every layer's cache in one indexed write (all_layers of
-    the caches' one kv_buffers tensor): what it writes there, for a cache of rows as regions and for a pooled one,
-    is what each layer's cache then holds at those slots, keys and values, and nothing else changes."""
+def test_every_layers_slots_read_at_once_are_each_layers_cache_slots(chat_model):
+    """BatchDecoder reads a prefill graph's keys and values, every layer's at once, through all_layers of the scratch
+    caches' one kv_buffers tensor: what each layer's cache holds (written as a prefill writes it, keys and values)
+    is what the view shows at those slots, and the view shows nothing else."""
     model, config = chat_model.model, chat_model.model.config
     buffers = kv_buffers(config, 3 * 16 * kv_width(config), model.dtype, model.device)
-    regions = allocated(DecodeCache(config, 16, kv_pairs(buffers), rows_apart=True), model, 3)
-    pooled = allocated(DecodeCache(config, 16, kv_pairs(buffers), rows_apart=True, pooled=True), model, 3)
-    layers = config.num_hidden_layers
-    for cache, view, index in ((regions, all_layers(buffers, config, 3, 16), (torch.tensor([2, 2, 0]),
-                                                                           torch.tensor([5, 6, 15]))),
-                               (pooled, all_layers(buffers, config), (torch.tensor([7, 8, 47]),))):
-        buffers.zero_()
-        written = torch.randn(layers, 2, 3, *cache.layers[0].token_keys.shape[2:])
-        view[(slice(None), slice(None), *index)] = written
-        for i, layer in enumerate(cache.layers):
-            for kind, held in enumerate((layer.token_keys, layer.token_values)):
-                rows_slots = index if len(index) == 2 else (torch.zeros(3, dtype=torch.long), *index)
-                assert torch.equal(held[rows_slots], written[i, kind])
-                held[rows_slots] = 0
-                assert not held.any()  # nothing else was written
+    cache = allocated(DecodeCache(config, 16, kv_pairs(buffers)), model, 3)
+    rows, slots = torch.tensor([2, 2, 0]), torch.tensor([5, 6, 15])
+    written = torch.randn(config.num_hidden_layers, 2, 3, *cache.layers[0].token_keys.shape[2:])
+    for i, layer in enumerate(cache.layers):
+        layer.token_keys[rows, slots], layer.token_values[rows, slots] = written[i, 0], written[i, 1]
+    view = all_layers(buffers, config, 3, 16)
+    assert torch.equal(view[:, :, rows, slots], written)
+    view[:, :, rows, slots] = 0
+    assert not buffers.any()  # nothing else was written
