@@ -568,16 +568,19 @@ class BatchDecoder:
             # last: each prompt's last position, a tensor of its own (not a view at an offset that changes from pass
             # to pass, which the compiled pass could guard on)
             with prefill_attention(self.device):
-                logits, layers = self.group_prefill(ids, last.clone())
-            # every layer's (prompts, heads, length, head dim) keys and values in one copy, as (layers, 2, prompts,
-            # length, heads, head dim)
-            scratch = torch.stack([t for pair in layers for t in pair]).unflatten(0, (-1, 2)).transpose(3, 4)
+                logits, scratch = self.group_prefill(ids, last.clone())
         begun = self._spent("pass", begun)
-        # Each prompt token's keys and values, (layers, 2, tokens, heads, head dim), into its answer's slots: the run
-        # it took in the pool, or its row's region; one gather for every layer, then a write a layer's keys or values
-        # (a gather and a write each were 128 calls for Phi-2, each able to wait a GIL switch while the server takes
-        # requests)
-        self.kv.write_prompts(self.cache, scratch[:, :, source_rows, slots], flat, target_rows, slots)
+        # Each prompt token's keys and values, a layer's keys or values at a time as (tokens, heads, head dim), into
+        # its answer's slots: the run it took in the pool, or its row's region. From a prefill graph, gathered for
+        # every layer at once (its scratch is one tensor): a gather a layer and kind were 64 more calls for Phi-2, each
+        # able to wait a GIL switch while the server takes requests. From a group pass, a gather each, as it is written:
+        # stacking every layer's first added the pass's whole KV to the GPU's peak (2.1 GiB on an H100, 36th session,
+        # docs/PERFORMANCE.md).
+        if bucket is not None:
+            prompts = scratch[:, :, source_rows, slots].flatten(0, 1).unbind()
+        else:
+            prompts = (t[source_rows, :, slots] for pair in scratch for t in pair)
+        self.kv.write_prompts(self.cache, prompts, flat, target_rows, slots)
         begun = self._spent("scatter", begun)
         # First tokens: one argmax for every prompt (as argmax: the first index of the maximum; NaN propagates to
         # best), then the prompts that sample draw theirs, all at once.

@@ -13,6 +13,8 @@ cache. KVMemory holds the tensors and moves them; BatchDecoder decides the batch
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from decoding import on_device
@@ -110,14 +112,14 @@ class KVMemory:
                                           for layer in cache.layers for t in (layer.token_keys, layer.token_values)]
         return self.caches[batch, size]
 
-    def write_prompts(self, cache: DecodeCache, prompts: torch.Tensor, pool_slots: torch.Tensor, rows: torch.Tensor,
-                      slots: torch.Tensor) -> None:
-        """Prompt tokens' keys and values, (layers, 2, tokens, heads, head dim), into their answers' slots of
-        `cache`: the pool's `pool_slots` (tokens,), or without a pool, slots `slots` of rows `rows` (tokens,) each.
-        One write a layer's keys or values (the prompts' gather was one for all of them)."""
+    def write_prompts(self, cache: DecodeCache, prompts: Iterable[torch.Tensor], pool_slots: torch.Tensor,
+                      rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Prompt tokens' keys and values into their answers' slots of `cache`: `prompts` gives each layer's keys,
+        then its values, in the layers' order, each (tokens, heads, head dim); they go to the pool's `pool_slots`
+        (tokens,), or without a pool, to slots `slots` of rows `rows` (tokens,) each. One write a layer's keys or
+        values."""
         at = (pool_slots,) if self.pool is not None else (rows, slots)
-        targets = self._targets[cache.layers[0].batch_size, cache.layers[0].max_cache_len]
-        for target, source in zip(targets, prompts.flatten(0, 1).unbind()):
+        for target, source in zip(self._targets[cache.layers[0].batch_size, cache.layers[0].max_cache_len], prompts):
             target.index_put_(at, source)
 
     def move_rows(self, old: DecodeCache, new: DecodeCache, rows: torch.Tensor, held: int) -> None:

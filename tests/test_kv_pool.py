@@ -73,13 +73,14 @@ def test_an_answer_that_needs_a_longer_run_than_any_free_one_moves_the_others_ke
     for answer in (first, middle, last):
         filled = answer.position + 1
         written[id(answer)] = torch.randn(model.config.num_hidden_layers, 2, filled, *width)
-        memory.write_prompts(cache, written[id(answer)], torch.arange(answer.base, answer.base + filled), None, None)
+        memory.write_prompts(cache, written[id(answer)].flatten(0, 1), torch.arange(answer.base, answer.base + filled),
+                             None, None)
     memory.release(middle)  # free: slots 10-29 and 40-63, 44 in all, no run of 30
     joining = SimpleNamespace(need=30, position=-1, base=None)
     assert memory.place([joining], [first, last], cache)
     assert (first.base, last.base, joining.base) == (0, 10, 20)
     prompt = torch.randn(model.config.num_hidden_layers, 2, 5, *width)
-    memory.write_prompts(cache, prompt, torch.arange(20, 25), None, None)
+    memory.write_prompts(cache, prompt.flatten(0, 1), torch.arange(20, 25), None, None)
     for answer, held in ((first, written[id(first)]), (last, written[id(last)]), (joining, prompt)):
         for i, layer in enumerate(cache.layers):
             for kind, slots in enumerate((layer.token_keys, layer.token_values)):
