@@ -242,11 +242,13 @@ class BatchDecoder:
         # _spent) and freeing rows ("vacate s")
         self.record = Counter()
         # the order the loop ran in since it was last cleared, for benchmarks (how a burst of arrivals was admitted):
-        # ["pass", prompts, 0, begun, handed out] (host times: its admitting began, its first tokens were handed out)
-        # and ["steps", steps, rows, queued] (the first chunk's), a shape's consecutive chunks merged;
+        # ["pass", prompts, 0, begun, handed out, {part: host seconds}] (host times: its admitting began, its first
+        # tokens were handed out; admitting's parts, _spent, and the wait for the GPU, "gpu wait") and ["steps",
+        # steps, rows, queued] (the first chunk's), a shape's consecutive chunks merged;
         # SCHEDULE_EVENTS at most. And when the answers were queued (submit), ARRIVALS_KEPT at most.
         self.schedule: list[list] = []
         self.arrivals: list[float] = []
+        self._parts: dict[str, float] = {}  # the host seconds by part of the pass being admitted (its schedule entry)
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
         # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).
         self.prefill_graphs = self.fused and self.device.type == "cuda" and model.model.layers[0].step_kernels
@@ -526,6 +528,7 @@ class BatchDecoder:
         the prefill. begun: when the caller's admit_s began, where the parts (_spent) begin; returns when the last
         part ended, where admit_s ends, so that the parts account for all of it (a GIL switch in a gap between the
         last part and the caller's clock would be admitting's time and no part's)."""
+        self._parts = {}
         active = [a for a in self.rows if a]
         rows = self._rows_for(len(active) + len(group))
         if active:
@@ -540,9 +543,11 @@ class BatchDecoder:
         return ended
 
     def _spent(self, part: str, since: float) -> float:
-        """The host's seconds since `since` added to admitting's `part` (record["admit <part> s"]); returns now."""
+        """The host's seconds since `since` added to admitting's `part` (record["admit <part> s"], and the pass's
+        own); returns now."""
         now = time.perf_counter()
         self.record[f"admit {part} s"] += now - since
+        self._parts[part] = self._parts.get(part, 0.0) + now - since
         return now
 
     def _prefill(self, group: list[_Answer], started: float, begun: float) -> float:
@@ -609,11 +614,12 @@ class BatchDecoder:
         tokens = to_host(first)  # one wait for the GPU for the whole group
         begun = time.perf_counter()
         self.record["prefill_wait_s"] += begun - issued
+        self._parts["gpu wait"] = begun - issued
         for answer, token in zip(group, tokens):
             self._take(answer, [token])
         handed = self._spent("handing out", begun)
         if event is not None:
-            event.append(handed)
+            event += [handed, self._parts]
         return handed
 
     def _group_prefill(self, ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, list]:

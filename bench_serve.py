@@ -12,13 +12,13 @@ aggregate tokens/s (completion tokens of all clients over the time from sending 
 token (median and worst), the most answers decoded together, how many clients got the same text as when they were alone,
 and where the decoder's time went: prefill passes (prompts), seconds spent admitting answers (prefill, cache moves,
 first tokens) and the mean number of answers in a decode step, and the order a run's first passes and chunks ran in (how
-its burst of arrivals was admitted). After the clients, the same model decodes the most clients' questions as one static
-batch (ChatModel.generate_ids, each answer to the same length), and each row's aggregate is also given as a multiple of
-that figure (x static batch), so the two are measured in one run. Each row also gives the longest wait between two
-pieces of text of any client's answer after its first; a last row streams up to 8 of the questions again while one more
-client sends a prompt of ~1,000 tokens (90% of what the context leaves after the answer, on the tiny model) halfway
-through them: the running answers' longest wait then is what that prefill costs them (beside the same clients' wait
-without it).
+its burst of arrivals was admitted, the first pass's host time by part). After the clients, the same model decodes the
+most clients' questions as one static batch (ChatModel.generate_ids, each answer to the same length), and each row's
+aggregate is also given as a multiple of that figure (x static batch), so the two are measured in one run. Each row
+also gives the longest wait between two pieces of text of any client's answer after its first; a last row streams up
+to 8 of the questions again while one more client sends a prompt of ~1,000 tokens (90% of what the context leaves
+after the answer, on the tiny model) halfway through them: the running answers' longest wait then is what that prefill
+costs them (beside the same clients' wait without it).
 """
 
 from __future__ import annotations
@@ -244,12 +244,12 @@ def schedule(batcher) -> str:
 def timeline(batcher, got: list[dict]) -> dict:
     """When a run's requests reached the engine (BatchDecoder.arrivals: parsed, checked and tokenized) and its first
     prefill passes began and handed out their first tokens (BatchDecoder.schedule), in ms after the run's first
-    request was sent: what its first-text times are made of. (The client processes' perf_counter and the server's
-    are one clock, Linux's CLOCK_MONOTONIC.)"""
+    request was sent, with each pass's host ms by part: what its first-text times are made of. (The client processes'
+    perf_counter and the server's are one clock, Linux's CLOCK_MONOTONIC.)"""
     sent = [g["sent_at"] for g in got]
     first = min(sent)
     arrived = sorted(1000 * (t - first) for t in batcher.arrivals)
-    passes = [[e[1], 1000 * (e[3] - first), 1000 * (e[4] - first)]
+    passes = [[e[1], 1000 * (e[3] - first), 1000 * (e[4] - first), {k: 1000 * v for k, v in e[5].items()}]
               for e in batcher.schedule if e[0] == "pass" and len(e) > 4]
     return {"sent_over_ms": 1000 * (max(sent) - first), "passes_ms": passes,
             "reached_engine_ms": [arrived[0], arrived[len(arrived) // 2], arrived[-1]] if arrived else None}
@@ -372,13 +372,16 @@ def serve_table(rows: list[dict]) -> str:
                      f" | {d.get('prefill_wait_s', 0.0):.3f} | {d.get('admit handing out s', 0.0):.3f} | "
                      f"{d.get('vacate s', 0.0):.3f} | {collector(r)} | {r.get('schedule') or '-'} |")
     # when the requests reached the engine and the first passes ran, after the first request was sent
+    first_parts = (*parts, "gpu wait", "handing out")
     lines += ["", "| clients | requests sent over (ms) | reached the engine (ms after the first was sent): first / "
-              "median / last | prefill passes: prompts, begun - first tokens handed out (ms) |",
-              "| --- | --- | --- | --- |"]
+              "median / last | prefill passes: prompts, begun - first tokens handed out (ms) | the first pass by part "
+              f"(ms): {' / '.join(first_parts)} |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         reached = " / ".join(f"{t:.0f}" for t in r["reached_engine_ms"]) if r.get("reached_engine_ms") else "-"
-        passes = ", ".join(f"P{n} {begun:.0f}-{out:.0f}" for n, begun, out in r.get("passes_ms", [])) or "-"
-        lines.append(f"| {r['name']} | {r.get('sent_over_ms', float('nan')):.0f} | {reached} | {passes} |")
+        passes = r.get("passes_ms") or []
+        spans = ", ".join(f"P{n} {begun:.0f}-{out:.0f}" for n, begun, out, _ in passes) or "-"
+        by_part = " / ".join(f"{passes[0][3].get(p, 0.0):.1f}" for p in first_parts) if passes else "-"
+        lines.append(f"| {r['name']} | {r.get('sent_over_ms', float('nan')):.0f} | {reached} | {spans} | {by_part} |")
     return "\n".join(lines)
 
 

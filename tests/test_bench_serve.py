@@ -76,16 +76,22 @@ def test_serving_bench_tiny(tmp_path):
     assert "P31: a prefill pass of 31 prompts" in json.loads(out.read_text())["table"]
     # when the requests reached the engine and the first passes ran, after the run's first request was sent (the
     # clients' clock and the server's are one): each pass begins once a request is there and hands its first tokens
-    # out after it begins; the last one's begins once the last request is there
+    # out after it begins; the last one's begins once the last request is there; each pass's time from its beginning
+    # to its first tokens handed out is its parts' (admitting's and the wait for the GPU), none left out
     for r in rows + [probe]:
         first, median, last = r["reached_engine_ms"]
         passes = r["passes_ms"]
         assert 0 < first <= median <= last and r["sent_over_ms"] >= 0, r
-        assert [n for n, _, _ in passes] == [int(e[1:]) for e in r["schedule"].split() if e.startswith("P")], r
-        assert passes[0][1] >= first and all(begun < out for _, begun, out in passes), r
+        assert [n for n, _, _, _ in passes] == [int(e[1:]) for e in r["schedule"].split() if e.startswith("P")], r
+        assert passes[0][1] >= first and all(begun < handed for _, begun, handed, _ in passes), r
         assert all(a[2] <= b[1] for a, b in zip(passes, passes[1:])) and passes[-1][1] >= last, r
+        for _, begun, handed, parts in passes:
+            assert set(parts) == {"layout", "inputs", "pass", "scatter", "first tokens", "gpu wait", "handing out"}
+            assert sum(parts.values()) == pytest.approx(handed - begun, rel=1e-6), parts
     assert "| reached the engine (ms after the first was sent): first / median / last |" in \
         json.loads(out.read_text())["table"]
+    assert "| the first pass by part (ms): layout / inputs / pass / scatter / first tokens / gpu wait / handing out |" \
+        in json.loads(out.read_text())["table"]
     # --profile: the 4 clients once more under torch.profiler, which sees the model's products (addmm on the CPU)
     # though they run on the generation thread, not on the thread that started the profiler (it saw none at first)
     profile = (tmp_path / "bench-serve-fp32-profile.md").read_text()
