@@ -42,9 +42,9 @@ from starlette.middleware import Middleware
 
 import openai_api
 from adapter_utils import AdapterError
+from answer_queue import Busy, NonFiniteScores, ShuttingDown
 from config import AppConfig, GenerationSettings, SettingsError, parse_config, request_settings
 from data_utils import Message, PromptTooLong, is_text
-from batching import Busy, NonFiniteScores, ShuttingDown
 from inference import ChatModel, load_chat_model
 from model_utils import ModelLoadError
 

@@ -3,23 +3,23 @@
 BatchDecoder is the engine behind chat (the CLI, the Gradio page, the OpenAI-compatible API, through inference.py's
 ChatModel): one bounded queue, one model step for every answer being written, each answer streamed to its own sink
 with its own settings, stop rules and seed, and one request unable to fail another (the class docstring says how).
-It uses decoding.py's rules and prefill graphs, phi_layers.py's cache and fused layers, and kv_pool.py's KV memory
-(the caches' buffers and the pool's runs).
+It uses answer_queue.py's queue (each answer's place, and its end told to its client once), decoding.py's rules and
+prefill graphs, phi_layers.py's cache and fused layers, and kv_pool.py's KV memory (the caches' buffers and the pool's
+runs).
 """
 
 from __future__ import annotations
 
 import array
 import logging
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
 from transformers import CompileConfig, DynamicCache
 
+from answer_queue import Answer, AnswerQueue, NonFiniteScores, ShuttingDown
 from config import GenerationSettings
 from decoding import (CHECK_EVERY, PREFILL_BUCKETS, RowSampling, ScratchPrefills, logits_processors, on_device,
                       penalize, prefill_attention, remember, sample_rows, stop_index)
@@ -37,7 +37,6 @@ SHORT_AFTER_PASS = True
 ROW_BUCKETS = (1, 8, 16, 32, 64)
 SHORT_ROWS = 8  # shapes of up to this many rows keep 512-slot rows for short answers beside their long ones (__init__)
 SCHEDULE_EVENTS = 12  # the first prefill passes and chunks kept in BatchDecoder.schedule (for benchmarks)
-ARRIVALS_KEPT = 256  # the first answers' arrival times kept in BatchDecoder.arrivals (for benchmarks)
 
 
 def timed_event(device: torch.device) -> torch.cuda.Event | None:
@@ -83,71 +82,6 @@ def to_host(values: torch.Tensor) -> list:
     return host.tolist()
 
 
-class Busy(RuntimeError):
-    """Every place in the queue is taken: the request is turned away now (HTTP 429) rather than waiting unbounded.
-    retry_after: seconds after which a place is likely free."""
-
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class NonFiniteScores(RuntimeError):
-    """The model's scores for one answer were NaN or infinite: that answer is stopped, the others go on."""
-
-
-class ShuttingDown(RuntimeError):
-    """The server is stopping: answers in flight end with this error, new ones are refused."""
-
-
-@dataclass(eq=False)
-class _Answer:
-    """One streamed answer in BatchDecoder: what was asked, and where it stands."""
-    ids: list[int]
-    gen: GenerationSettings
-    sink: object                              # gets put(new token ids) and end(error or None); see submit
-    generator: torch.Generator                # its draws, where it samples: the same as alone, whoever it runs beside
-    cancel: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None        # a failure of this answer alone, found in the batch loop
-    done: bool = False
-    began: float = field(default_factory=time.monotonic)
-    new: list[int] = field(default_factory=list)  # tokens the host has seen
-    queued: int = 0                           # decode steps queued on the device (the host sees them a chunk later)
-    streamed: int = 0
-    base: int | None = None                   # its first slot in the engine's KV pool, where it has one
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.gen.max_new_tokens
-
-    @property
-    def remaining(self) -> int:
-        """Tokens still allowed, by what the host has seen."""
-        return self.max_new_tokens - len(self.new)
-
-    @property
-    def to_queue(self) -> int:
-        """Decode steps still to queue: the first token comes from the prefill, each step gives one more."""
-        return self.max_new_tokens - 1 - self.queued
-
-    @property
-    def last_slot(self) -> int:
-        """The last cache slot its steps write (and the position there): the prompt is in slots [0, prompt), each
-        step writes its input token at that token's position; steps queued past its end rewrite this slot."""
-        return len(self.ids) + self.max_new_tokens - 1
-
-    @property
-    def need(self) -> int:
-        """Cache slots it can fill: its prompt and every token it may be given."""
-        return self.last_slot + 1
-
-    @property
-    def position(self) -> int:
-        """The position of its next input token, the slot the next step writes, counting the steps queued on the
-        device (as the device's pos, capped at last_slot): it has filled the slots before it."""
-        return min(len(self.ids) + self.queued, self.last_slot)
-
-
 class BatchDecoder:
     """Continuous batching: the streamed answers of every user decoded together, one model step for all of them.
 
@@ -175,8 +109,8 @@ class BatchDecoder:
     region of the batch's cache, as long as the longest answer needs, and a change of shape moves the rows (one
     block copy per layer).
 
-    Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order; past that, submit
-    raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a row is free,
+    Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order (AnswerQueue); past
+    that, submit raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a row is free,
     whatever the lengths of the answers running, as long as its slots are free in the pool (or, without one, the
     batch's cache with it stays within `kv_budget` bytes: on a GPU, what its memory holds); else it waits at the
     head of the queue until answers end (one answer alone always runs).
@@ -194,7 +128,10 @@ class BatchDecoder:
     def __init__(self, model, tokenizer, context_window: int, slots: int, compiled: bool, executor, marker: str,
                  max_waiting: int = 32, kv_budget: int | None = None):
         self.model, self.tokenizer, self.context_window, self.marker = model, tokenizer, context_window, marker
-        self.slots, self.executor, self.max_waiting = slots, executor, max_waiting
+        self.slots, self.executor = slots, executor
+        # the answers' places: at most `slots` decoded and `max_waiting` waiting; the batch loop starts on the
+        # generation thread when the first one arrives
+        self.queue = AnswerQueue(slots, max_waiting, lambda: executor().submit(self._serve))
         # bytes the KV cache may take (kv_budget_for; None: no bound), and what a token of every layer takes
         self.kv_budget, self.kv_per_token = kv_budget, kv_bytes_per_token(model.config, model.dtype)
         self.shapes = sorted({b for b in ROW_BUCKETS if b < slots} | {slots})  # batch shapes, rows
@@ -226,12 +163,6 @@ class BatchDecoder:
         # The host looks at new tokens (and admits new answers) every CHECK_EVERY steps on the compiled path, which
         # must not wait for the GPU each token; eager steps (the CPU) wait anyway, so there it streams every token.
         self.check_every = CHECK_EVERY if compiled else 1
-        self._lock = threading.Lock()
-        self._waiting: list[_Answer] = []
-        self._in_flight = 0  # answers submitted and not yet finished: waiting, being admitted or in a row
-        self._running = False
-        self._closed: ShuttingDown | None = None
-        self._durations: list[float] = []  # seconds of the last answers, for Busy's retry_after
         self.kv = KVMemory(model, self.pool)  # the caches of every shape, the pool's runs
         self.most_rows = 0  # the most answers ever decoded together (a record for tests and benchmarks)
         # where the loop's time went, for benchmarks: prefill passes, prompts, seconds admitting answers (admit_s) and
@@ -245,9 +176,8 @@ class BatchDecoder:
         # ["pass", prompts, 0, begun, handed out, {part: host seconds}] (host times: its admitting began, its first
         # tokens were handed out; admitting's parts, _spent, and the wait for the GPU, "gpu wait") and ["steps",
         # steps, rows, queued] (the first chunk's), a shape's consecutive chunks merged;
-        # SCHEDULE_EVENTS at most. And when the answers were queued (submit), ARRIVALS_KEPT at most.
+        # SCHEDULE_EVENTS at most. (When the answers were queued: queue.arrivals.)
         self.schedule: list[list] = []
-        self.arrivals: list[float] = []
         self._parts: dict[str, float] = {}  # the host seconds by part of the pass being admitted (its schedule entry)
         # A prompt that joins alone prefills through a CUDA graph of its padded length, all captured at load, where
         # the one-row step runs the layer kernels (as FastDecoder's); tests set it on the CPU (eager, padded).
@@ -256,10 +186,10 @@ class BatchDecoder:
         self._reset()
 
     def _reset(self) -> None:
-        self.rows: list[_Answer | None] = []
+        self.rows: list[Answer | None] = []
         self.cache: DecodeCache | None = None
         # each row's next input token and its position, which is also the slot the step writes it at (batch, 1);
-        # the last position its steps may take (_Answer.last_slot; 0 for a free row, which stays at slot 0); the
+        # the last position its steps may take (Answer.last_slot; 0 for a free row, which stays at slot 0); the
         # slots each row reads, as an attention mask (batch, cache) and as decode_layout
         self.tok = self.pos = self.limit = self.mask = self.layout = None
         # The repetition penalty, applied to all rows at once (_decode_chunk): the tokens each row's answer holds
@@ -270,11 +200,11 @@ class BatchDecoder:
         # the last queued chunk, not yet looked at: (host tokens, its begin and ready events, its rows, its shape)
         self._pending = None
         self._vacated: list[int] = []  # rows freed whose device state is not reset yet (_reset_vacated)
-        self._admitting: list[_Answer] = []  # answers taken from the queue whose prefill has not finished
+        self._admitting: list[Answer] = []  # answers taken from the queue whose prefill has not finished
         self._pass_ready = False  # whether the last _pick left prompts for a next pass (see _serve)
 
     # ------------------------------------------------------------------------------------------------------------
-    def submit(self, ids: list[int], gen: GenerationSettings, sink, seed: int | None = None) -> _Answer:
+    def submit(self, ids: list[int], gen: GenerationSettings, sink, seed: int | None = None) -> Answer:
         """Queue one answer to prompt `ids`, of up to gen.max_new_tokens tokens; returns its handle (for cancel).
 
         `sink` gets, on the generation thread, put(list of new token ids) as they are decided (cut after the token
@@ -295,60 +225,29 @@ class BatchDecoder:
         # generate()'s processors and warpers for these settings, which warp and penalize apply to all the rows at
         # once: made here for their constructors' checks of the values
         logits_processors(gen, gen.samples, [], self.device, len(ids), self.tokenizer.eos_token_id)
-        answer = _Answer(list(ids), gen, sink, generator)
-        with self._lock:
-            if self._closed is not None:
-                raise self._closed
-            if self._in_flight >= self.slots + self.max_waiting:
-                raise Busy(f"the server is busy: all {self.slots} rows are answering and its queue of "
-                           f"{self.max_waiting} is full", self._retry_after())
-            self._in_flight += 1
-            self._waiting.append(answer)
-            if len(self.arrivals) < ARRIVALS_KEPT:
-                self.arrivals.append(time.perf_counter())
-            if not self._running:
-                self._running = True
-                self.executor().submit(self._serve)
+        answer = Answer(list(ids), gen, sink, generator)
+        self.queue.put(answer)
         return answer
 
-    def _retry_after(self) -> int:
-        """Seconds until a place is likely free: the recent answers' mean time, per slot, for the queue ahead."""
-        mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
-        return max(1, min(60, round(mean * (1 + len(self._waiting) / self.slots))))
-
-    def cancel(self, answer: _Answer) -> None:
+    def cancel(self, answer: Answer) -> None:
         """Stop an answer: one still waiting leaves the queue now; one being written frees its row at the next
         chunk boundary (the host stops looking at its tokens then)."""
-        answer.cancel.set()
-        with self._lock:
-            waiting = answer in self._waiting
-            if waiting:
-                self._waiting.remove(answer)
-        if waiting:
-            self._finish(answer)
+        self.queue.cancel(answer)
 
     def shutdown(self, reason: str = "the server is shutting down") -> None:
         """Refuse new answers and end every answer in flight with ShuttingDown (waiting ones now, the ones being
         written at the loop's next chunk boundary)."""
-        with self._lock:
-            self._closed = ShuttingDown(reason)
-            waiting, self._waiting = self._waiting, []
-        for answer in waiting:
-            self._finish(answer, self._closed)
+        self.queue.close(reason)
 
     def _serve(self) -> None:
         """The batch loop: admit, decode a chunk, hand out its tokens; until no answer is left."""
         try:
             with torch.inference_mode():
                 while True:
-                    with self._lock:
-                        closed = self._closed
-                        if closed is None and not self._waiting and not any(self.rows) and self._pending is None:
-                            self._running = False
-                            self._reset()
-                            return
-                    if closed is not None:  # shutdown: the rows' clients hear of it below
-                        raise closed
+                    if self.queue.stop_if_idle(any(self.rows) or self._pending is not None, self._reset):
+                        return
+                    if self.queue.closed is not None:  # shutdown: the rows' clients hear of it below
+                        raise self.queue.closed
                     self._free_cancelled()
                     # One prefill pass a boundary: the answers being written get a chunk between the passes of a
                     # burst of arrivals, instead of waiting for all of them. Admitted while the last chunk queued
@@ -372,13 +271,8 @@ class BatchDecoder:
                     else:
                         self._flush()
         except BaseException as error:  # every waiting client must hear of it, not hang
-            with self._lock:
-                held = [a for a in self.rows if a]
-                answers = held + [a for a in self._admitting if a not in held] + self._waiting
-                self._waiting, self._running = [], False
-                self._reset()
-            for a in answers:
-                self._finish(a, error=error)
+            held = [a for a in self.rows if a]
+            self.queue.fail_all(held + [a for a in self._admitting if a not in held], error, self._reset)
             if not isinstance(error, ShuttingDown):
                 raise
 
@@ -462,7 +356,7 @@ class BatchDecoder:
         for row, answer in enumerate(self.rows):
             if answer is not None and answer.cancel.is_set():
                 self._vacate(row)
-                self._finish(answer)
+                self.queue.finish(answer)
 
     def _vacate(self, row: int) -> None:
         """Row `row` free, and its answer's slots of the pool; the row's device state is reset with the other rows
@@ -485,22 +379,22 @@ class BatchDecoder:
             self._vacated = []
             self.record["vacate s"] += time.perf_counter() - begun
 
-    def _pick(self) -> list[_Answer]:
+    def _pick(self) -> list[Answer]:
         """The waiting answers that join at this boundary, in arrival order, as many as rows are free; the prompts
         of one group are prefilled in one pass of up to PREFILL_TOKENS padded tokens (the rest join in the next
         pass), so the last of several users who arrive at once does not wait behind the others' prefills."""
-        group: list[_Answer] = []
-        with self._lock:
+        group: list[Answer] = []
+        with self.queue.lock:
             active = [a for a in self.rows if a]
             self._pass_ready = False
-            while self._waiting and len(active) + len(group) < self.slots:
-                head = self._waiting[0]
+            while self.queue.waiting and len(active) + len(group) < self.slots:
+                head = self.queue.waiting[0]
                 if group and (len(group) + 1) * max(len(a.ids) for a in group + [head]) > PREFILL_TOKENS:
                     self._pass_ready = True
                     break
                 if (active or group) and not self._fits(active, group + [head]):
                     break  # it waits for answers to end, and nothing behind it passes it
-                group.append(self._waiting.pop(0))
+                group.append(self.queue.waiting.pop(0))
             self._admitting = group
         return group
 
@@ -509,7 +403,7 @@ class BatchDecoder:
         kv_budget."""
         return self.kv_budget is None or rows * self._length(rows, tokens) * self.kv_per_token <= self.kv_budget
 
-    def _fits(self, active: list[_Answer], joining: list[_Answer]) -> bool:
+    def _fits(self, active: list[Answer], joining: list[Answer]) -> bool:
         """Whether the batch with `joining` holds every answer: in the shape _admit gives it (at least the rows, and
         by need the length, the cache has while answers run), and with the pool, `joining`'s slots among its free
         ones."""
@@ -523,7 +417,7 @@ class BatchDecoder:
                 sum(a.need for a in joining) <= self.kv.slots.free
         return self.holds(rows, longest)
 
-    def _admit(self, group: list[_Answer], begun: float) -> float:
+    def _admit(self, group: list[Answer], begun: float) -> float:
         """Move `group` into free rows: the cache re-laid out first if the batch needs more rows or longer rows, then
         the prefill. begun: when the caller's admit_s began, where the parts (_spent) begin; returns when the last
         part ended, where admit_s ends, so that the parts account for all of it (a GIL switch in a gap between the
@@ -550,7 +444,7 @@ class BatchDecoder:
         self._parts[part] = self._parts.get(part, 0.0) + now - since
         return now
 
-    def _prefill(self, group: list[_Answer], started: float, begun: float) -> float:
+    def _prefill(self, group: list[Answer], started: float, begun: float) -> float:
         """Run the prompts of `group` through the model in one pass (right-padded: causal attention keeps each
         prompt's tokens from seeing the padding after them, so each row computes what it computes alone), copy each
         one's keys and values into a free row of the shared cache, from its slot 0, and choose its first token. One
@@ -634,7 +528,7 @@ class BatchDecoder:
         return logits, [(layer.keys, layer.values) for layer in scratch.layers]
 
     def _draw(self, scores: torch.Tensor, token: torch.Tensor, ok: torch.Tensor, sampled: list[int],
-              answers: list[_Answer | None]) -> None:
+              answers: list[Answer | None]) -> None:
         """The tokens of the rows `sampled` (of answers that sample) drawn into `token` (rows,), and whether their
         scores were finite into `ok`, from `scores` (rows, vocab; the penalty applied): generate()'s warpers for all
         of them at once (decoding.warp; each row's own processors were tens of operators a row and step,
@@ -747,7 +641,7 @@ class BatchDecoder:
             if answer is not None and not answer.done:
                 self._take(answer, new[row])
 
-    def _take(self, answer: _Answer, tokens: list[int]) -> None:
+    def _take(self, answer: Answer, tokens: list[int]) -> None:
         """New tokens of one answer (-1: its scores were not finite): stop rules, handing them over, and the end of
         the answer. Whatever fails here fails this answer alone."""
         stop = None
@@ -777,17 +671,4 @@ class BatchDecoder:
                 if isinstance(answer.error, NonFiniteScores):
                     self.kv.clear(self.cache, row, answer)  # (its slots may hold NaN)
                 self._vacate(row)
-            self._finish(answer, answer.error)
-
-    def _finish(self, answer: _Answer, error: BaseException | None = None) -> None:
-        """The answer's end, told to its sink once; its place in the queue is free again."""
-        with self._lock:
-            if answer.done:
-                return
-            answer.done = True
-            self._in_flight -= 1
-            self._durations = self._durations[-31:] + [time.monotonic() - answer.began]
-        try:
-            answer.sink.end(error)
-        except Exception:  # a sink that fails must not stop the loop for the others
-            logger.exception("the end of an answer could not be handed over")
+            self.queue.finish(answer, answer.error)

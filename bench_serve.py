@@ -232,7 +232,7 @@ def cleared(batcher) -> None:
     batcher.most_rows = 0
     batcher.record.clear()
     batcher.schedule.clear()
-    batcher.arrivals.clear()
+    batcher.queue.arrivals.clear()
 
 
 def schedule(batcher) -> str:
@@ -242,13 +242,13 @@ def schedule(batcher) -> str:
 
 
 def timeline(batcher, got: list[dict]) -> dict:
-    """When a run's requests reached the engine (BatchDecoder.arrivals: parsed, checked and tokenized) and its first
+    """When a run's requests reached the engine (AnswerQueue.arrivals: parsed, checked and tokenized) and its first
     prefill passes began and handed out their first tokens (BatchDecoder.schedule), in ms after the run's first
     request was sent, with each pass's host ms by part: what its first-text times are made of. (The client processes'
     perf_counter and the server's are one clock, Linux's CLOCK_MONOTONIC.)"""
     sent = [g["sent_at"] for g in got]
     first = min(sent)
-    arrived = sorted(1000 * (t - first) for t in batcher.arrivals)
+    arrived = sorted(1000 * (t - first) for t in batcher.queue.arrivals)
     passes = [[e[1], 1000 * (e[3] - first), 1000 * (e[4] - first), {k: 1000 * v for k, v in e[5].items()}]
               for e in batcher.schedule if e[0] == "pass" and len(e) > 4]
     return {"sent_over_ms": 1000 * (max(sent) - first), "passes_ms": passes,

@@ -200,7 +200,7 @@ class ChatModel:
     def start(self, ids: list[int], gen: GenerationSettings, stop: tuple[str, ...] = (), seed: int | None = None,
               turns_dropped: int = 0) -> AnswerStream:
         """Begin generating the answer to prompt ids (from prompt_ids); iterate the result for the growing text.
-        Raises batching.Busy when the queue is full, batching.ShuttingDown after shutdown()."""
+        Raises answer_queue.Busy when the queue is full, answer_queue.ShuttingDown after shutdown()."""
         return AnswerStream(self.batcher, self.tokenizer, ids, gen, stop, seed, turns_dropped)
 
     def stream(self, messages: list[Message], gen: GenerationSettings) -> Iterator[str]:

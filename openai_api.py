@@ -32,10 +32,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
+from answer_queue import Busy, ShuttingDown
 from answers import AnswerStream
 from config import AppConfig, GenerationSettings, SettingsError, request_settings
 from data_utils import BadConversation, PromptTooLong, is_text, normalize_chat
-from batching import Busy, ShuttingDown
 from inference import ChatModel
 
 logger = logging.getLogger(__name__)

@@ -526,13 +526,13 @@ def test_a_waiting_page_request_that_is_cancelled_frees_its_place(endless_server
     running = Client(url, verbose=False).submit("Sing", 200, 0.0, 0.9, api_name="/chat")
     waiting = Client(url, verbose=False).submit("Sing", 200, 0.0, 0.9, api_name="/chat")
     deadline = time.time() + 60
-    while not running.outputs() or chat.batcher._in_flight < 2:  # one row written, one request waiting
+    while not running.outputs() or chat.batcher.queue.in_flight < 2:  # one row written, one request waiting
         assert time.time() < deadline
         time.sleep(0.05)
     with pytest.raises(AppError, match="busy"):  # the one place in the queue is taken
         ask(Client(url, verbose=False), "Sing", max_new_tokens=3)
     waiting.cancel()
-    while chat.batcher._in_flight > 1:  # it left the queue without ever being written
+    while chat.batcher.queue.in_flight > 1:  # it left the queue without ever being written
         assert time.time() < deadline
         time.sleep(0.05)
     running.cancel()

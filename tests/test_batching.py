@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 import decoding
-from batching import Busy, ShuttingDown
+from answer_queue import Busy, ShuttingDown
 from config import GenerationSettings
 from conftest import TINY
 from doubles import GREEDY, PENALIZED, TOGETHER, ScriptedPhi, endless, finish, start_all, tied
