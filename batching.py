@@ -110,10 +110,10 @@ class BatchDecoder:
     block copy per layer).
 
     Admission: at most `slots` answers are decoded and `max_waiting` more wait, in arrival order (AnswerQueue); past
-    that, submit raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a row is free,
-    whatever the lengths of the answers running, as long as its slots are free in the pool (or, without one, the
-    batch's cache with it stays within `kv_budget` bytes: on a GPU, what its memory holds); else it waits at the
-    head of the queue until answers end (one answer alone always runs).
+    that, submit raises Busy at once (the caller answers 429). A waiting answer joins at the first boundary where a
+    row is free, whatever the lengths of the answers running, as long as its slots are free in the pool (or, without
+    one, the batch's cache with it stays within `kv_budget` bytes: on a GPU, what its memory holds); else it waits at
+    the head of the queue until answers end (one answer alone always runs).
 
     One request cannot fail another: what comes from a request (its settings, its sampling processors, its prompt)
     is checked and built in `submit`, in the caller's thread; in the loop, what is done for one answer (its sampled
