@@ -2,8 +2,8 @@
 `slots` answers decoded and `max_waiting` waiting (past that, Busy at once: the caller answers HTTP 429 with
 Retry-After), cancelling, shutting down, and each answer's end told to its client exactly once.
 
-What a client can see of the server's state goes through here, under one lock, from any thread; the batch loop takes
-the waiting answers from here (AnswerQueue.lock and .waiting) and ends them here (finish).
+Any thread may put, cancel or close (under one lock); the batch loop takes the waiting answers from here
+(AnswerQueue.lock and .waiting) and ends every answer here (finish).
 """
 
 from __future__ import annotations
@@ -90,14 +90,14 @@ class Answer:
 
 
 class AnswerQueue:
-    """At most `slots` answers being decoded and `max_waiting` more waiting, in arrival order; `serve` (the batch
-    loop, started on put when none runs) takes them from `waiting` under `lock` and ends each with finish.
+    """At most `slots` answers being decoded and `max_waiting` more waiting, in arrival order. The batch loop, which
+    `start_loop` starts (on put, when none runs), takes them from `waiting` under `lock` and ends each with finish.
 
     An answer counts from put until finish, whether it waits, is being admitted or holds a row, so a cancelled or
     failed answer frees its place exactly once, whichever thread ends it."""
 
-    def __init__(self, slots: int, max_waiting: int, serve: Callable[[], None]):
-        self.slots, self.max_waiting, self._serve = slots, max_waiting, serve
+    def __init__(self, slots: int, max_waiting: int, start_loop: Callable[[], None]):
+        self.slots, self.max_waiting, self._start_loop = slots, max_waiting, start_loop
         self.lock = threading.Lock()
         self.waiting: list[Answer] = []
         self.closed: ShuttingDown | None = None
@@ -125,7 +125,7 @@ class AnswerQueue:
                 self.arrivals.append(time.perf_counter())
             if not self._running:
                 self._running = True
-                self._serve()
+                self._start_loop()
 
     def _retry_after(self) -> int:
         """Seconds until a place is likely free: the recent answers' mean time, per slot, for the queue ahead."""
