@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -120,6 +121,12 @@ def check_adapter_fits(adapter_dir: str | Path, base_name: str, model: torch.nn.
                                    f"{base_name!r}: {name} has {got} features in the adapter but {want} in the base")
 
 
+# peft 0.21.2 reads a model's old `is_gradient_checkpointing` name whenever it wraps one, and transformers 5 answers
+# with this FutureWarning each time: a line every run would show its user about the libraries, not the run. Filtered
+# around the adapter's load here, and for the whole run in train.py (trl wraps the model too).
+PEFT_OLD_NAME_WARNING = r"`is_gradient_checkpointing` is deprecated"
+
+
 # The merge check: merged and unmerged fp32 logits may differ only by rounding. Both compute the same sums in another
 # order (W x + B A x vs (W + B A) x), and fp32 keeps ~7 significant digits (reordering Phi-2's layers moved fp32
 # logits by about a tenth of this: docs/PERFORMANCE.md). A broken merge is far above it: bf16 rounding alone is ~40x
@@ -137,7 +144,9 @@ def merge_adapter(base, adapter_dir: str | Path, tokenizer) -> tuple[torch.nn.Mo
 
     Raises AdapterError when the difference is more than rounding (MERGE_TOLERANCE of the largest |logit|) or not
     finite: the merged model would not be the model that was trained."""
-    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_OLD_NAME_WARNING, category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     peft_model.eval()
     probe = probe_ids(tokenizer).to(base.device)
     with torch.inference_mode():

@@ -33,7 +33,7 @@ from trl import SFTConfig, SFTTrainer
 
 import preferences
 import report_utils
-from adapter_utils import build_lora_config, check_target_modules, log_trainable_parameters
+from adapter_utils import PEFT_OLD_NAME_WARNING, build_lora_config, check_target_modules, log_trainable_parameters
 from checkpoints import newest_complete_checkpoint, save_fsdp_adapter
 from config import Config, DataConfig, QuantizationConfig, TrainingConfig, parse_config, save_config
 from data_utils import DataError, load_conversations, log_stats, tokenize_conversations
@@ -82,8 +82,7 @@ def setup_logging(main_process: bool = True) -> None:
     transformers.logging.set_verbosity_warning()
     datasets.logging.set_verbosity_warning()
     datasets.disable_progress_bars()
-    # peft 0.21.2 reads the model's old `is_gradient_checkpointing` name on every wrap; the new name is in use here.
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=PEFT_OLD_NAME_WARNING, category=FutureWarning)  # (adapter_utils)
 
 
 # ----------------------------------------------------------------------------------------------------------------
