@@ -44,7 +44,8 @@ class ScriptedPhi(PhiForCausalLM):
 
     def _passing(self, module, args, kwargs):
         type(self).calls += 1
-        time.sleep(self.delay)
+        if self.delay:  # (only then: dynamo cannot trace the sleep of a compiled pass, and warns)
+            time.sleep(self.delay)
         # tokens generated before this one, by the position of the last input (BatchDecoder's cache has no one
         # length: each row has its own)
         position_ids, cache = kwargs.get("position_ids"), kwargs.get("past_key_values")

@@ -270,8 +270,6 @@ def test_repetition_penalty_still_counts_the_answers_own_tokens(tokenizer, fast)
     assert chat.generate_ids([ids], limited(no_penalty, 3))[0][:2] == [a, a]
 
 
-# ScriptedPhi sleeps inside the compiled step (its `delay`), which dynamo cannot trace: its warning says so
-@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin `time.sleep")
 def test_both_paths_cut_at_whichever_comes_first_eos_or_the_marker(tokenizer):
     """Within one fast-path chunk, the marker before an EOS ends the answer at the marker, as generate() does."""
     replies = []
