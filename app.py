@@ -348,6 +348,8 @@ def serve_until_stopped(demo: gr.Blocks, app_cfg: AppConfig, model: ChatModel, g
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     launch(demo, app_cfg, model, gen, block=False)
+    logger.info("the chat page: %s, the OpenAI-compatible API: %sv1 (model %r)%s", demo.local_url, demo.local_url,
+                model.name, f"; the public link: {demo.share_url}" if demo.share_url else "")
     while not stop.wait(0.5):
         pass
     logger.info("stopping: ending the answers in flight")
@@ -362,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv, __doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # (gradio's requests to itself at startup)
     try:
         model = load_chat_model(cfg)
     except (AdapterError, ModelLoadError, ValueError) as e:

@@ -515,6 +515,8 @@ def test_a_signal_ends_the_streams_in_flight_with_an_error_and_exits_0(sig):
     for e in events:
         assert e[-1]["error"]["code"] == "shutting_down" and "shutting down" in e[-1]["error"]["message"]
     assert "Traceback" not in output and "stopped" in output
+    # the log says where the API is, and not gradio's own startup requests
+    assert f"OpenAI-compatible API: http://127.0.0.1:{port}/v1" in output and "HTTP Request:" not in output
 
 
 # ----------------------------------------------------------------------------------------------------------------
