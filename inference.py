@@ -358,7 +358,7 @@ def load_chat_model(cfg: Config, allow_pickle: bool = False, warm_up: bool = Tru
         model = load_model_folder(icfg.model, cfg)
     else:
         model = _merge_for_chat(cfg, allow_pickle, device)
-    logger.info("serving on %s in %s, fast decoding %s, %d answers decoded together at most", device, icfg.dtype,
+    logger.info("the model on %s in %s, fast decoding %s, %d answers decoded together at most", device, icfg.dtype,
                 "on" if model.fast else "off", model.batch_slots)
     if warm_up:
         model.warm_up(cfg.generation)

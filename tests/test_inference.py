@@ -93,7 +93,7 @@ def test_a_merged_folder_is_served_as_it_is(smoke_run, tmp_path):
     from_folder = run_script("inference.py", "--inference.model", str(merged), "--training.output_dir",
                              str(tmp_path / "nothing-here"), *question)
     assert from_folder.stdout == from_adapter.stdout and "Paris" in from_folder.stdout
-    assert "merged" not in from_folder.stderr.split("serving on")[0]  # no adapter was merged
+    assert "merged" not in from_folder.stderr.split("the model on")[0]  # no adapter was merged
 
 
 def test_cli_missing_adapter_says_how_to_train(tmp_path):
